@@ -1,0 +1,230 @@
+//! Stored records (prost-encoded) and the merge rules of DESIGN.md section 4. Every
+//! replicated record merges deterministically: last-writer-wins registers compare versions,
+//! which are order-key bytes `(hlc, origin, event_id)`, so every region picks the same
+//! winner whatever order events arrive in.
+
+use prost::Message;
+
+use crate::{Result, StoreError};
+
+/// Decode a stored record, naming the key if it is corrupt.
+pub fn decode<M: Message + Default>(key: &[u8], bytes: &[u8]) -> Result<M> {
+    M::decode(bytes).map_err(|e| StoreError::corrupt(key, e))
+}
+
+/// A last-writer-wins string register.
+#[derive(Clone, PartialEq, Message)]
+pub struct StrReg {
+    #[prost(string, tag = "1")]
+    pub value: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub version: Vec<u8>,
+}
+
+/// A last-writer-wins bool register.
+#[derive(Clone, PartialEq, Message)]
+pub struct BoolReg {
+    #[prost(bool, tag = "1")]
+    pub value: bool,
+    #[prost(bytes = "vec", tag = "2")]
+    pub version: Vec<u8>,
+}
+
+/// A last-writer-wins integer register (roles).
+#[derive(Clone, PartialEq, Message)]
+pub struct IntReg {
+    #[prost(int32, tag = "1")]
+    pub value: i32,
+    #[prost(bytes = "vec", tag = "2")]
+    pub version: Vec<u8>,
+}
+
+/// Registers that carry a version.
+pub trait Versioned {
+    fn version(&self) -> &[u8];
+}
+impl Versioned for StrReg {
+    fn version(&self) -> &[u8] {
+        &self.version
+    }
+}
+impl Versioned for BoolReg {
+    fn version(&self) -> &[u8] {
+        &self.version
+    }
+}
+impl Versioned for IntReg {
+    fn version(&self) -> &[u8] {
+        &self.version
+    }
+}
+
+/// Last writer wins: replace `slot` when `new` is newer. Returns whether it changed.
+pub fn lww<R: Versioned>(slot: &mut Option<R>, new: R) -> bool {
+    match slot {
+        Some(cur) if cur.version() >= new.version() => false,
+        _ => {
+            *slot = Some(new);
+            true
+        }
+    }
+}
+
+/// Max register over byte strings (read indexes, activity, hide marks).
+pub fn max_into(slot: &mut Vec<u8>, new: &[u8]) -> bool {
+    if new > slot.as_slice() {
+        *slot = new.to_vec();
+        true
+    } else {
+        false
+    }
+}
+
+/// One entry of a storage timeline: a message or a message/conversation state change.
+#[derive(Clone, PartialEq, Message)]
+pub struct TimelineEntry {
+    /// `message`, `recall`, `conversation_created`, `member_added`, ...
+    #[prost(string, tag = "1")]
+    pub kind: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub event_id: Vec<u8>,
+    #[prost(string, tag = "3")]
+    pub actor: String,
+    /// HLC physical time of the event, ms since the epoch.
+    #[prost(uint64, tag = "4")]
+    pub at_ms: u64,
+    #[prost(string, tag = "5")]
+    pub msg_type: String,
+    #[prost(string, tag = "6")]
+    pub body_json: String,
+    #[prost(string, tag = "7")]
+    pub client_msg_id: String,
+    /// For state changes: what changed, as JSON (`{"user_ids": [...]}`, `{"message_id": ..}`).
+    #[prost(string, tag = "8")]
+    pub detail_json: String,
+}
+
+/// Where a message lives; its presence also marks the send as applied.
+#[derive(Clone, PartialEq, Message)]
+pub struct MessageLocator {
+    #[prost(string, tag = "1")]
+    pub conversation_id: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub order_key: Vec<u8>,
+    #[prost(string, tag = "3")]
+    pub sender: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct RecallRecord {
+    /// Version of the winning recall (max).
+    #[prost(bytes = "vec", tag = "1")]
+    pub version: Vec<u8>,
+    #[prost(string, tag = "2")]
+    pub actor: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct ConversationRecord {
+    /// `meridian.v1.ConversationKind` as i32; the same for every creator of one id.
+    #[prost(int32, tag = "1")]
+    pub kind: i32,
+    /// The earliest creation wins `created`/`created_by` (a min register).
+    #[prost(bytes = "vec", tag = "2")]
+    pub created: Vec<u8>,
+    #[prost(string, tag = "3")]
+    pub created_by: String,
+    #[prost(message, optional, tag = "4")]
+    pub name: Option<StrReg>,
+    #[prost(message, optional, tag = "5")]
+    pub announcement: Option<StrReg>,
+    #[prost(message, optional, tag = "6")]
+    pub members_can_add: Option<BoolReg>,
+    #[prost(message, optional, tag = "7")]
+    pub dissolved: Option<BoolReg>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct MemberRecord {
+    #[prost(message, optional, tag = "1")]
+    pub member: Option<BoolReg>,
+    /// `meridian.v1.MemberRole` as i32.
+    #[prost(message, optional, tag = "2")]
+    pub role: Option<IntReg>,
+}
+
+impl MemberRecord {
+    pub fn is_member(&self) -> bool {
+        self.member.as_ref().is_some_and(|m| m.value)
+    }
+    pub fn role(&self) -> i32 {
+        self.role.as_ref().map_or(0, |r| r.value)
+    }
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct SettingsRecord {
+    #[prost(message, optional, tag = "1")]
+    pub muted: Option<BoolReg>,
+    #[prost(message, optional, tag = "2")]
+    pub pinned: Option<BoolReg>,
+    /// Version of the latest hide (max register); hidden while no activity is newer.
+    #[prost(bytes = "vec", tag = "3")]
+    pub hidden_at: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct UserRecord {
+    #[prost(message, optional, tag = "1")]
+    pub home_region: Option<StrReg>,
+    #[prost(message, optional, tag = "2")]
+    pub display_name: Option<StrReg>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct DeviceRecord {
+    #[prost(bytes = "vec", tag = "1")]
+    pub version: Vec<u8>,
+    #[prost(bool, tag = "2")]
+    pub active: bool,
+    #[prost(string, tag = "3")]
+    pub platform: String,
+    #[prost(string, tag = "4")]
+    pub token: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct RegionRecord {
+    /// Region serving this region's users; empty when it serves them itself.
+    #[prost(message, optional, tag = "1")]
+    pub serving: Option<StrReg>,
+}
+
+/// The head of one user's inbox in the region serving them.
+#[derive(Clone, PartialEq, Message)]
+pub struct InboxHead {
+    #[prost(string, tag = "1")]
+    pub epoch: String,
+    /// Last seq handed out (0 when empty).
+    #[prost(uint64, tag = "2")]
+    pub head: u64,
+    /// Oldest seq still retained; `head + 1` when every entry has expired.
+    #[prost(uint64, tag = "3")]
+    pub oldest: u64,
+}
+
+/// One inbox (sync timeline) entry.
+#[derive(Clone, PartialEq, Message)]
+pub struct InboxEntry {
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    #[prost(string, tag = "2")]
+    pub conversation_id: String,
+    #[prost(bytes = "vec", tag = "3")]
+    pub order_key: Vec<u8>,
+    /// Local wall time of the append; the TTL counts from here.
+    #[prost(uint64, tag = "4")]
+    pub appended_at_ms: u64,
+    #[prost(message, optional, tag = "5")]
+    pub entry: Option<TimelineEntry>,
+}
