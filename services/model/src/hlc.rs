@@ -99,8 +99,8 @@ impl HybridClock {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::sync::Arc;
     use std::sync::atomic::AtomicI64;
+    use std::sync::Arc;
 
     #[test]
     fn packs_physical_and_logical() {

@@ -5,8 +5,8 @@
 
 use std::fmt;
 
-use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 
 use crate::{EventId, Hlc, ModelError, RegionId};
 
@@ -97,7 +97,11 @@ mod tests {
 
     fn key() -> impl Strategy<Value = OrderKey> {
         (any::<u64>(), "[a-z0-9-]{1,6}", any::<[u8; 16]>()).prop_map(|(h, r, id)| {
-            OrderKey::new(Hlc(h), RegionId::parse(r).unwrap(), EventId::from_bytes(&id).unwrap())
+            OrderKey::new(
+                Hlc(h),
+                RegionId::parse(r).unwrap(),
+                EventId::from_bytes(&id).unwrap(),
+            )
         })
     }
 
@@ -123,7 +127,11 @@ mod tests {
     fn same_hlc_prefix_regions_order_like_strings() {
         let id = EventId::from_bytes(&[0xff; 16]).unwrap();
         let a = OrderKey::new(Hlc(5), RegionId::parse("a").unwrap(), id);
-        let ab = OrderKey::new(Hlc(5), RegionId::parse("ab").unwrap(), EventId::from_bytes(&[0; 16]).unwrap());
+        let ab = OrderKey::new(
+            Hlc(5),
+            RegionId::parse("ab").unwrap(),
+            EventId::from_bytes(&[0; 16]).unwrap(),
+        );
         assert!(a < ab);
         assert!(a.to_bytes() < ab.to_bytes());
     }

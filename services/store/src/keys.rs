@@ -97,7 +97,10 @@ impl Keys {
         self.key(b'R', &[cid.as_str().as_bytes(), msg.as_bytes()])
     }
     pub fn hidden_message(&self, cid: &ConversationId, uid: &UserId, msg: &EventId) -> Vec<u8> {
-        self.key(b'H', &[cid.as_str().as_bytes(), uid.as_str().as_bytes(), msg.as_bytes()])
+        self.key(
+            b'H',
+            &[cid.as_str().as_bytes(), uid.as_str().as_bytes(), msg.as_bytes()],
+        )
     }
     pub fn settings(&self, cid: &ConversationId, uid: &UserId) -> Vec<u8> {
         self.key(b'S', &[cid.as_str().as_bytes(), uid.as_str().as_bytes()])

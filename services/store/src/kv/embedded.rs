@@ -72,10 +72,7 @@ impl Engine for FjallEngine {
     }
 
     fn write_durable(&self, writes: &WriteSet) -> Result<()> {
-        let mut batch = self
-            .db
-            .batch()
-            .durability(Some(fjall::PersistMode::SyncAll));
+        let mut batch = self.db.batch().durability(Some(fjall::PersistMode::SyncAll));
         for (k, v) in writes {
             match v {
                 Some(v) => batch.insert(&self.kv, k.as_slice(), v.as_slice()),
@@ -94,7 +91,11 @@ struct FjallSnapshot {
 impl EngineSnapshot for FjallSnapshot {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         use fjall::Readable;
-        Ok(self.snap.get(&self.kv, key).map_err(backend_err)?.map(|v| v.to_vec()))
+        Ok(self
+            .snap
+            .get(&self.kv, key)
+            .map_err(backend_err)?
+            .map(|v| v.to_vec()))
     }
 
     fn scan(&self, start: &[u8], end: &[u8], limit: usize, order: ScanOrder) -> Result<Vec<KvPair>> {
@@ -152,6 +153,7 @@ impl RedbEngine {
 
 impl Engine for RedbEngine {
     fn snapshot(&self) -> Result<Box<dyn EngineSnapshot>> {
+        use redb::ReadableDatabase;
         let tx = self.db.begin_read().map_err(backend_err)?;
         let table = tx.open_table(REDB_TABLE).map_err(backend_err)?;
         Ok(Box::new(RedbSnapshot { table }))
@@ -382,7 +384,13 @@ impl KvTxn for EmbeddedTxn {
         keys.iter().map(|k| self.read_one(k)).collect()
     }
 
-    async fn scan(&mut self, start: &[u8], end: &[u8], limit: usize, order: ScanOrder) -> Result<Vec<KvPair>> {
+    async fn scan(
+        &mut self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        order: ScanOrder,
+    ) -> Result<Vec<KvPair>> {
         if limit == 0 || start >= end {
             return Ok(Vec::new());
         }

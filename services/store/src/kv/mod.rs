@@ -45,7 +45,8 @@ pub trait KvTxn: Send {
     async fn batch_get(&mut self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>>;
     /// Up to `limit` pairs with `start <= key < end`, ascending for `Forward`, descending
     /// for `Reverse`.
-    async fn scan(&mut self, start: &[u8], end: &[u8], limit: usize, order: ScanOrder) -> Result<Vec<KvPair>>;
+    async fn scan(&mut self, start: &[u8], end: &[u8], limit: usize, order: ScanOrder)
+        -> Result<Vec<KvPair>>;
     async fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<()>;
     async fn delete(&mut self, key: Vec<u8>) -> Result<()>;
     async fn commit(self: Box<Self>) -> Result<()>;

@@ -125,22 +125,37 @@ impl KvTxn for TikvTxn {
         Ok(keys.iter().map(|k| found.get(k).cloned()).collect())
     }
 
-    async fn scan(&mut self, start: &[u8], end: &[u8], limit: usize, order: ScanOrder) -> Result<Vec<KvPair>> {
+    async fn scan(
+        &mut self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        order: ScanOrder,
+    ) -> Result<Vec<KvPair>> {
         let mut out: Vec<KvPair> = Vec::new();
         let (mut lo, mut hi) = (start.to_vec(), end.to_vec());
         while out.len() < limit && lo < hi {
             let want = (limit - out.len()).min(MAX_SCAN);
             let txn = self.txn()?;
-            let page: Vec<KvPair> = match order {
-                ScanOrder::Forward => txn.scan(lo.clone()..hi.clone(), want as u32).await,
-                ScanOrder::Reverse => txn.scan_reverse(lo.clone()..hi.clone(), want as u32).await,
-            }
-            .map_err(map_err)?
-            .map(|p| {
-                let (k, v): (tikv_client::Key, Vec<u8>) = p.into();
-                (Vec::<u8>::from(k), v)
-            })
-            .collect();
+            let pairs: Vec<tikv_client::KvPair> = match order {
+                ScanOrder::Forward => txn
+                    .scan(lo.clone()..hi.clone(), want as u32)
+                    .await
+                    .map_err(map_err)?
+                    .collect(),
+                ScanOrder::Reverse => txn
+                    .scan_reverse(lo.clone()..hi.clone(), want as u32)
+                    .await
+                    .map_err(map_err)?
+                    .collect(),
+            };
+            let page: Vec<KvPair> = pairs
+                .into_iter()
+                .map(|p| {
+                    let (k, v): (tikv_client::Key, Vec<u8>) = p.into();
+                    (Vec::<u8>::from(k), v)
+                })
+                .collect();
             let n = page.len();
             if let Some((last, _)) = page.last() {
                 match order {

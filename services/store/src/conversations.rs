@@ -1,0 +1,264 @@
+//! Conversations: info, members and roles, read indexes, per-user settings, and the
+//! per-user conversation list ordered by recent activity.
+//!
+//! The list is computed when asked: the user's conversation ids (`L/uid/`), then one batch
+//! read of their activity marks, sorted. That keeps a group message at one activity write
+//! instead of one list write per member; a user with thousands of conversations pays a
+//! few thousand point reads per list call instead.
+
+use meridian_model::events::{ConversationKind, MemberRole};
+use meridian_model::{ConversationId, OrderKey, UserId};
+
+use crate::kv::{prefix_end, ScanOrder};
+use crate::records::{decode, ConversationRecord, MemberRecord, SettingsRecord, TimelineEntry};
+use crate::timeline::{HistoryPage, MessageView};
+use crate::{Result, Store};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberView {
+    pub user_id: UserId,
+    /// `owner`, `admin` or `member`.
+    pub role: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationView {
+    pub conversation_id: ConversationId,
+    /// `direct` or `group`.
+    pub kind: &'static str,
+    pub name: String,
+    pub announcement: String,
+    pub members_can_add: bool,
+    pub dissolved: bool,
+    pub created_by: String,
+    pub members: Vec<MemberView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationSummary {
+    pub conversation_id: ConversationId,
+    pub kind: &'static str,
+    pub name: String,
+    pub last_message: Option<MessageView>,
+    pub unread: u32,
+    pub muted: bool,
+    pub pinned: bool,
+    pub member_count: usize,
+    /// Order key bytes of the latest activity (sort key of the list).
+    pub activity: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserSettings {
+    pub muted: bool,
+    pub pinned: bool,
+}
+
+/// Unread counts stop at this many (clients show "999+").
+pub const UNREAD_CAP: usize = 999;
+
+pub fn role_name(role: i32) -> &'static str {
+    match MemberRole::try_from(role) {
+        Ok(MemberRole::Owner) => "owner",
+        Ok(MemberRole::Admin) => "admin",
+        _ => "member",
+    }
+}
+
+fn kind_name(kind: i32) -> &'static str {
+    if kind == ConversationKind::Direct as i32 {
+        "direct"
+    } else {
+        "group"
+    }
+}
+
+impl Store {
+    /// The role of `user` in `cid` if they are a member now.
+    pub async fn member_role(&self, cid: &ConversationId, user: &UserId) -> Result<Option<MemberRole>> {
+        let key = self.keys().member(cid, user);
+        let mut txn = self.kv().begin_read().await?;
+        let Some(b) = txn.get(&key).await? else {
+            return Ok(None);
+        };
+        let rec: MemberRecord = decode(&key, &b)?;
+        Ok(rec
+            .is_member()
+            .then(|| MemberRole::try_from(rec.role()).unwrap_or(MemberRole::Member)))
+    }
+
+    pub async fn conversation(&self, cid: &ConversationId) -> Result<Option<ConversationView>> {
+        let key = self.keys().conversation(cid);
+        let mut txn = self.kv().begin_read().await?;
+        let Some(b) = txn.get(&key).await? else {
+            return Ok(None);
+        };
+        let rec: ConversationRecord = decode(&key, &b)?;
+        let prefix = self.keys().members_prefix(cid);
+        let rows = Store::scan_all(txn.as_mut(), &prefix, &prefix_end(&prefix)).await?;
+        let mut members = Vec::new();
+        for (k, v) in rows {
+            let m: MemberRecord = decode(&k, &v)?;
+            if m.is_member() {
+                members.push(MemberView {
+                    user_id: UserId::parse(String::from_utf8_lossy(&k[prefix.len()..]).into_owned())?,
+                    role: role_name(m.role()),
+                });
+            }
+        }
+        Ok(Some(ConversationView {
+            conversation_id: cid.clone(),
+            kind: kind_name(rec.kind),
+            name: rec.name.map(|r| r.value).unwrap_or_default(),
+            announcement: rec.announcement.map(|r| r.value).unwrap_or_default(),
+            members_can_add: rec.members_can_add.is_some_and(|r| r.value),
+            dissolved: rec.dissolved.is_some_and(|r| r.value),
+            created_by: rec.created_by,
+            members,
+        }))
+    }
+
+    /// Every member's read index ("seen by").
+    pub async fn read_indexes(&self, cid: &ConversationId) -> Result<Vec<(UserId, OrderKey)>> {
+        let prefix = self.keys().read_index_prefix(cid);
+        let mut txn = self.kv().begin_read().await?;
+        let rows = Store::scan_all(txn.as_mut(), &prefix, &prefix_end(&prefix)).await?;
+        rows.into_iter()
+            .map(|(k, v)| {
+                Ok((
+                    UserId::parse(String::from_utf8_lossy(&k[prefix.len()..]).into_owned())?,
+                    OrderKey::from_bytes(&v)?,
+                ))
+            })
+            .collect()
+    }
+
+    pub async fn read_index(&self, cid: &ConversationId, user: &UserId) -> Result<Option<OrderKey>> {
+        let key = self.keys().read_index(cid, user);
+        let mut txn = self.kv().begin_read().await?;
+        match txn.get(&key).await? {
+            Some(v) => Ok(Some(OrderKey::from_bytes(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn settings(&self, cid: &ConversationId, user: &UserId) -> Result<UserSettings> {
+        let key = self.keys().settings(cid, user);
+        let mut txn = self.kv().begin_read().await?;
+        let rec: SettingsRecord = match txn.get(&key).await? {
+            Some(b) => decode(&key, &b)?,
+            None => SettingsRecord::default(),
+        };
+        Ok(UserSettings {
+            muted: rec.muted.is_some_and(|r| r.value),
+            pinned: rec.pinned.is_some_and(|r| r.value),
+        })
+    }
+
+    /// The conversations `user` is a member of and has not hidden, most recent activity
+    /// first, `limit` of them after `after` (the `activity` and id of the previous page's
+    /// last item).
+    pub async fn conversations_for(
+        &self,
+        user: &UserId,
+        limit: usize,
+        after: Option<(&[u8], &ConversationId)>,
+    ) -> Result<(Vec<ConversationSummary>, bool)> {
+        let prefix = self.keys().user_conversations_prefix(user);
+        let mut txn = self.kv().begin_read().await?;
+        let rows = Store::scan_all(txn.as_mut(), &prefix, &prefix_end(&prefix)).await?;
+        let cids: Vec<ConversationId> = rows
+            .iter()
+            .map(|(k, _)| ConversationId::parse(String::from_utf8_lossy(&k[prefix.len()..]).into_owned()))
+            .collect::<std::result::Result<_, _>>()?;
+        let mut lookups = Vec::with_capacity(cids.len() * 4);
+        for c in &cids {
+            lookups.push(self.keys().activity(c));
+            lookups.push(self.keys().member(c, user));
+            lookups.push(self.keys().settings(c, user));
+            lookups.push(self.keys().conversation(c));
+        }
+        let found = txn.batch_get(&lookups).await?;
+        let mut candidates = Vec::new();
+        for (i, c) in cids.into_iter().enumerate() {
+            let activity = found[i * 4].clone().unwrap_or_default();
+            let member = match &found[i * 4 + 1] {
+                Some(b) => decode::<MemberRecord>(&lookups[i * 4 + 1], b)?.is_member(),
+                None => false,
+            };
+            let settings: SettingsRecord = match &found[i * 4 + 2] {
+                Some(b) => decode(&lookups[i * 4 + 2], b)?,
+                None => SettingsRecord::default(),
+            };
+            let conv: ConversationRecord = match &found[i * 4 + 3] {
+                Some(b) => decode(&lookups[i * 4 + 3], b)?,
+                None => continue,
+            };
+            let dissolved = conv.dissolved.as_ref().is_some_and(|d| d.value);
+            let hidden = !settings.hidden_at.is_empty() && settings.hidden_at >= activity;
+            if !member || dissolved || hidden {
+                continue;
+            }
+            candidates.push((activity, c, settings, conv));
+        }
+        // Most recent first; ties by id so pages are stable.
+        candidates.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        if let Some((act, c)) = after {
+            // Strictly after the previous page's last item in (activity desc, id asc) order.
+            candidates.retain(|(a, id, _, _)| a.as_slice() < act || (a.as_slice() == act && id > c));
+        }
+        let more = candidates.len() > limit;
+        candidates.truncate(limit);
+        drop(txn);
+        let mut out = Vec::with_capacity(candidates.len());
+        for (activity, c, settings, conv) in candidates {
+            let last = self
+                .history(&c, user, HistoryPage::Latest, 1)
+                .await?
+                .messages
+                .pop();
+            let unread = self.unread(&c, user).await?;
+            let view = self.conversation(&c).await?;
+            out.push(ConversationSummary {
+                kind: kind_name(conv.kind),
+                name: conv.name.map(|r| r.value).unwrap_or_default(),
+                last_message: last,
+                unread,
+                muted: settings.muted.is_some_and(|r| r.value),
+                pinned: settings.pinned.is_some_and(|r| r.value),
+                member_count: view.map_or(0, |v| v.members.len()),
+                activity,
+                conversation_id: c,
+            });
+        }
+        Ok((out, more))
+    }
+
+    /// Messages after the user's read index not sent by the user, up to `UNREAD_CAP`.
+    pub async fn unread(&self, cid: &ConversationId, user: &UserId) -> Result<u32> {
+        let prefix = self.keys().timeline_prefix(cid);
+        let start = match self.read_index(cid, user).await? {
+            Some(k) => {
+                let mut s = self.keys().timeline(cid, &k);
+                s.push(0);
+                s
+            }
+            None => prefix.clone(),
+        };
+        let mut txn = self.kv().begin_read().await?;
+        let rows = txn
+            .scan(&start, &prefix_end(&prefix), UNREAD_CAP * 2, ScanOrder::Forward)
+            .await?;
+        let mut n = 0u32;
+        for (k, v) in rows {
+            let e: TimelineEntry = decode(&k, &v)?;
+            if e.kind == "message" && e.actor != user.as_str() {
+                n += 1;
+                if n as usize >= UNREAD_CAP {
+                    break;
+                }
+            }
+        }
+        Ok(n)
+    }
+}

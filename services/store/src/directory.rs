@@ -1,0 +1,103 @@
+//! The user directory, serving regions and push devices.
+
+use meridian_model::{RegionId, UserId};
+
+use crate::apply::inbox_epoch;
+use crate::kv::prefix_end;
+use crate::records::{decode, DeviceRecord, RegionRecord, UserRecord};
+use crate::{Result, Store};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserView {
+    pub user_id: UserId,
+    pub home_region: RegionId,
+    pub display_name: String,
+    /// The region serving the user now: its home, or the acting region after a failover.
+    pub serving_region: RegionId,
+    /// The epoch the user's inbox has in the serving region.
+    pub epoch: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceView {
+    pub device_id: String,
+    pub platform: String,
+    pub token: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionServing {
+    pub region: RegionId,
+    pub serving: RegionId,
+    pub epoch: String,
+}
+
+impl Store {
+    pub async fn user(&self, user: &UserId) -> Result<Option<UserView>> {
+        let key = self.keys().user(user);
+        let mut txn = self.kv().begin_read().await?;
+        let Some(bytes) = txn.get(&key).await? else {
+            return Ok(None);
+        };
+        let rec: UserRecord = decode(&key, &bytes)?;
+        let Some(home) = rec.home_region else {
+            return Ok(None);
+        };
+        let home = RegionId::parse(home.value)?;
+        let serving = self.region_serving_in(txn.as_mut(), &home).await?;
+        Ok(Some(UserView {
+            user_id: user.clone(),
+            home_region: home,
+            display_name: rec.display_name.map(|d| d.value).unwrap_or_default(),
+            serving_region: serving.serving,
+            epoch: serving.epoch,
+        }))
+    }
+
+    /// Who serves the users homed in `region`, and their inbox epoch.
+    pub async fn region_serving(&self, region: &RegionId) -> Result<RegionServing> {
+        let mut txn = self.kv().begin_read().await?;
+        self.region_serving_in(txn.as_mut(), region).await
+    }
+
+    async fn region_serving_in(
+        &self,
+        txn: &mut dyn crate::KvTxn,
+        region: &RegionId,
+    ) -> Result<RegionServing> {
+        let key = self.keys().region(region);
+        let rec: RegionRecord = match txn.get(&key).await? {
+            Some(b) => decode(&key, &b)?,
+            None => RegionRecord::default(),
+        };
+        let (serving, version) = match rec.serving {
+            Some(s) if !s.value.is_empty() => (RegionId::parse(s.value)?, s.version),
+            Some(s) => (region.clone(), s.version),
+            None => (region.clone(), Vec::new()),
+        };
+        Ok(RegionServing {
+            region: region.clone(),
+            epoch: inbox_epoch(&serving, &version),
+            serving,
+        })
+    }
+
+    /// The active push devices of a user.
+    pub async fn devices(&self, user: &UserId) -> Result<Vec<DeviceView>> {
+        let prefix = self.keys().devices_prefix(user);
+        let mut txn = self.kv().begin_read().await?;
+        let rows = Store::scan_all(txn.as_mut(), &prefix, &prefix_end(&prefix)).await?;
+        let mut out = Vec::new();
+        for (k, v) in rows {
+            let rec: DeviceRecord = decode(&k, &v)?;
+            if rec.active {
+                out.push(DeviceView {
+                    device_id: String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
+                    platform: rec.platform,
+                    token: rec.token,
+                });
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,189 @@
+//! Sync timelines (inboxes): gap-free seqs from 1 per user in the serving region, an epoch
+//! that changes when the serving region does, and TTL expiry by a background sweeper.
+
+use std::time::Duration;
+
+use meridian_model::UserId;
+use tokio_util::sync::CancellationToken;
+
+use crate::kv::{prefix_end, ScanOrder};
+use crate::records::{decode, InboxEntry, InboxHead};
+use crate::{Result, Store};
+
+/// A page of one inbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InboxPage {
+    pub epoch: String,
+    /// Entries with consecutive seqs starting at `after + 1`.
+    pub entries: Vec<InboxEntry>,
+    /// The last seq in the inbox.
+    pub head: u64,
+    pub has_more: bool,
+}
+
+/// Why a device must resync instead of reading on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncOutcome {
+    Page(InboxPage),
+    /// The epoch differs, or `after` is older than the oldest retained seq (or newer than
+    /// the head): the device resyncs from storage timelines under `epoch`.
+    ResyncRequired {
+        epoch: String,
+    },
+}
+
+impl Eq for InboxPage {}
+
+impl Store {
+    /// The inbox head of a user (None before the first entry in this epoch).
+    pub async fn inbox_head(&self, user: &UserId) -> Result<Option<InboxHead>> {
+        let key = self.keys().inbox_head(user);
+        let mut txn = self.kv().begin_read().await?;
+        match txn.get(&key).await? {
+            Some(b) => Ok(Some(decode(&key, &b)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads up to `limit` entries after `after`. `current_epoch` is the epoch the directory
+    /// gives for the user now (see `Store::user`); a device holding another epoch resyncs.
+    pub async fn read_inbox(
+        &self,
+        user: &UserId,
+        current_epoch: &str,
+        device_epoch: Option<&str>,
+        after: u64,
+        limit: usize,
+    ) -> Result<SyncOutcome> {
+        let resync = || SyncOutcome::ResyncRequired {
+            epoch: current_epoch.to_string(),
+        };
+        if device_epoch.is_some_and(|e| e != current_epoch) {
+            return Ok(resync());
+        }
+        let key = self.keys().inbox_head(user);
+        let mut txn = self.kv().begin_read().await?;
+        let head: InboxHead = match txn.get(&key).await? {
+            Some(b) => decode(&key, &b)?,
+            None => InboxHead {
+                epoch: current_epoch.to_string(),
+                head: 0,
+                oldest: 1,
+            },
+        };
+        if head.epoch != current_epoch {
+            // Nothing appended yet in the new epoch: an empty inbox under it.
+            return Ok(if after == 0 {
+                SyncOutcome::Page(InboxPage {
+                    epoch: current_epoch.to_string(),
+                    entries: Vec::new(),
+                    head: 0,
+                    has_more: false,
+                })
+            } else {
+                resync()
+            });
+        }
+        if after > head.head || after + 1 < head.oldest {
+            return Ok(resync());
+        }
+        let start = self.keys().inbox_entry(user, after + 1);
+        let prefix = self.keys().prefix(b'Y', &[user.as_str().as_bytes()]);
+        let rows = txn
+            .scan(&start, &prefix_end(&prefix), limit, ScanOrder::Forward)
+            .await?;
+        let mut entries = Vec::with_capacity(rows.len());
+        for (k, v) in rows {
+            let e: InboxEntry = decode(&k, &v)?;
+            if e.seq > head.head {
+                break;
+            }
+            entries.push(e);
+        }
+        let last = entries.last().map_or(after, |e| e.seq);
+        Ok(SyncOutcome::Page(InboxPage {
+            epoch: head.epoch,
+            has_more: last < head.head,
+            head: head.head,
+            entries,
+        }))
+    }
+
+    /// Deletes inbox entries appended before `cutoff_ms` and moves each inbox's oldest
+    /// retained seq. Returns how many entries it deleted. An inbox whose head changes while
+    /// it is swept (a concurrent append) is left for the next sweep.
+    pub async fn sweep_expired(&self, cutoff_ms: u64) -> Result<usize> {
+        const PAGE: usize = 256;
+        let family = self.keys().family(b'X');
+        let end = prefix_end(&family);
+        let mut from = family.clone();
+        let mut deleted = 0;
+        loop {
+            let mut txn = self.kv().begin_read().await?;
+            let heads = txn.scan(&from, &end, PAGE, ScanOrder::Forward).await?;
+            txn.rollback().await?;
+            let full = heads.len() == PAGE;
+            for (k, _) in &heads {
+                let user = UserId::parse(String::from_utf8_lossy(&k[family.len()..]).into_owned())?;
+                match self.sweep_one(&user, cutoff_ms).await {
+                    Ok(n) => deleted += n,
+                    Err(e) if e.is_conflict() => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            match heads.last() {
+                Some((k, _)) if full => {
+                    from = k.clone();
+                    from.push(0);
+                }
+                _ => return Ok(deleted),
+            }
+        }
+    }
+
+    async fn sweep_one(&self, user: &UserId, cutoff_ms: u64) -> Result<usize> {
+        const BATCH: usize = 1024;
+        let hkey = self.keys().inbox_head(user);
+        let mut txn = self.kv().begin().await?;
+        let Some(bytes) = txn.get(&hkey).await? else {
+            return Ok(0);
+        };
+        let mut head: InboxHead = decode(&hkey, &bytes)?;
+        let start = self.keys().inbox_entry(user, head.oldest);
+        let end = self.keys().inbox_entry(user, head.head.saturating_add(1));
+        let rows = txn.scan(&start, &end, BATCH, ScanOrder::Forward).await?;
+        let mut deleted = 0;
+        for (k, v) in rows {
+            let e: InboxEntry = decode(&k, &v)?;
+            if e.appended_at_ms >= cutoff_ms {
+                break;
+            }
+            txn.delete(k).await?;
+            head.oldest = e.seq + 1;
+            deleted += 1;
+        }
+        if deleted == 0 {
+            txn.rollback().await?;
+            return Ok(0);
+        }
+        txn.put(hkey, prost::Message::encode_to_vec(&head)).await?;
+        txn.commit().await?;
+        Ok(deleted)
+    }
+}
+
+/// Runs `sweep_expired` every `interval` until `shutdown`, expiring entries older than `ttl`.
+pub async fn run_sweeper(store: Store, ttl: Duration, interval: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let cutoff = crate::apply::now_ms().saturating_sub(ttl.as_millis() as u64);
+        match store.sweep_expired(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "inbox sweep"),
+            Err(e) => tracing::warn!(error = %e, "inbox sweep failed; retrying next interval"),
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! Storage timeline reads: history pages and single messages.
+
+use meridian_model::{ConversationId, EventId, OrderKey, UserId};
+
+use crate::kv::{prefix_end, KvTxn, ScanOrder};
+use crate::records::{decode, MessageLocator, TimelineEntry};
+use crate::{Result, Store};
+
+/// A message as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageView {
+    pub message_id: EventId,
+    pub order_key: OrderKey,
+    pub sender: String,
+    pub msg_type: String,
+    /// `None` once recalled.
+    pub body_json: Option<String>,
+    pub sent_at_ms: u64,
+    pub recalled: bool,
+    pub client_msg_id: String,
+}
+
+/// Which page of history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HistoryPage {
+    /// Up to `limit` messages strictly after the key (`None`: from the beginning).
+    After(Option<OrderKey>),
+    /// The `limit` messages just before the key.
+    Before(OrderKey),
+    /// The latest `limit` messages.
+    Latest,
+}
+
+/// History, oldest first within the page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct History {
+    pub messages: Vec<MessageView>,
+    /// Whether more messages lie beyond the page in the direction read.
+    pub more: bool,
+}
+
+impl Store {
+    /// A page of a conversation's messages as `viewer` sees them (without the ones the
+    /// viewer deleted for themselves, recalled ones as tombstones).
+    pub async fn history(
+        &self,
+        cid: &ConversationId,
+        viewer: &UserId,
+        page: HistoryPage,
+        limit: usize,
+    ) -> Result<History> {
+        let keys = self.keys();
+        let prefix = keys.timeline_prefix(cid);
+        let end = prefix_end(&prefix);
+        let (mut lo, mut hi, order) = match &page {
+            HistoryPage::After(None) => (prefix.clone(), end.clone(), ScanOrder::Forward),
+            HistoryPage::After(Some(k)) => {
+                let mut s = keys.timeline(cid, k);
+                s.push(0);
+                (s, end.clone(), ScanOrder::Forward)
+            }
+            HistoryPage::Before(k) => (prefix.clone(), keys.timeline(cid, k), ScanOrder::Reverse),
+            HistoryPage::Latest => (prefix.clone(), end.clone(), ScanOrder::Reverse),
+        };
+        let mut txn = self.kv().begin_read().await?;
+        let mut out = Vec::new();
+        let mut more = false;
+        // Timelines also hold state changes; page until `limit` messages are found.
+        'pages: loop {
+            let rows = txn.scan(&lo, &hi, limit.max(16), order).await?;
+            let exhausted = rows.len() < limit.max(16);
+            let mut last_key = None;
+            for (k, v) in rows {
+                let entry: TimelineEntry = decode(&k, &v)?;
+                last_key = Some(k.clone());
+                if entry.kind != "message" {
+                    continue;
+                }
+                if out.len() == limit {
+                    more = true;
+                    break 'pages;
+                }
+                let okey = OrderKey::from_bytes(&k[prefix.len()..])?;
+                if let Some(m) = self
+                    .visible_message(txn.as_mut(), cid, viewer, okey, entry)
+                    .await?
+                {
+                    out.push(m);
+                }
+            }
+            match (exhausted, last_key) {
+                (false, Some(k)) => match order {
+                    ScanOrder::Forward => {
+                        lo = k;
+                        lo.push(0);
+                    }
+                    ScanOrder::Reverse => hi = k,
+                },
+                _ => break,
+            }
+        }
+        if order == ScanOrder::Reverse {
+            out.reverse();
+        }
+        Ok(History { messages: out, more })
+    }
+
+    async fn visible_message(
+        &self,
+        txn: &mut dyn KvTxn,
+        cid: &ConversationId,
+        viewer: &UserId,
+        okey: OrderKey,
+        entry: TimelineEntry,
+    ) -> Result<Option<MessageView>> {
+        let id = okey.event_id;
+        let lookups = [
+            self.keys().hidden_message(cid, viewer, &id),
+            self.keys().recall(cid, &id),
+        ];
+        let found = txn.batch_get(&lookups).await?;
+        if found[0].is_some() {
+            return Ok(None);
+        }
+        let recalled = found[1].is_some();
+        Ok(Some(MessageView {
+            message_id: id,
+            sender: entry.actor,
+            msg_type: entry.msg_type,
+            body_json: (!recalled).then_some(entry.body_json),
+            sent_at_ms: entry.at_ms,
+            recalled,
+            client_msg_id: entry.client_msg_id,
+            order_key: okey,
+        }))
+    }
+
+    /// Where a message lives, if it has been applied in this region.
+    pub async fn message_locator(&self, id: &EventId) -> Result<Option<MessageLocator>> {
+        let key = self.keys().message(id);
+        let mut txn = self.kv().begin_read().await?;
+        match txn.get(&key).await? {
+            Some(b) => Ok(Some(decode(&key, &b)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// One message as `viewer` sees it.
+    pub async fn message(
+        &self,
+        cid: &ConversationId,
+        viewer: &UserId,
+        id: &EventId,
+    ) -> Result<Option<MessageView>> {
+        let Some(loc) = self.message_locator(id).await? else {
+            return Ok(None);
+        };
+        if loc.conversation_id != cid.as_str() {
+            return Ok(None);
+        }
+        let okey = OrderKey::from_bytes(&loc.order_key)?;
+        let key = self.keys().timeline(cid, &okey);
+        let mut txn = self.kv().begin_read().await?;
+        let Some(bytes) = txn.get(&key).await? else {
+            return Ok(None);
+        };
+        let entry: TimelineEntry = decode(&key, &bytes)?;
+        self.visible_message(txn.as_mut(), cid, viewer, okey, entry).await
+    }
+
+    /// Storage timeline entries of every kind strictly after `after`, for resync.
+    pub async fn timeline_after(
+        &self,
+        cid: &ConversationId,
+        after: Option<&OrderKey>,
+        limit: usize,
+    ) -> Result<Vec<(OrderKey, TimelineEntry)>> {
+        let prefix = self.keys().timeline_prefix(cid);
+        let start = match after {
+            Some(k) => {
+                let mut s = self.keys().timeline(cid, k);
+                s.push(0);
+                s
+            }
+            None => prefix.clone(),
+        };
+        let mut txn = self.kv().begin_read().await?;
+        let rows = txn
+            .scan(&start, &prefix_end(&prefix), limit, ScanOrder::Forward)
+            .await?;
+        rows.into_iter()
+            .map(|(k, v)| Ok((OrderKey::from_bytes(&k[prefix.len()..])?, decode(&k, &v)?)))
+            .collect()
+    }
+}
