@@ -1,0 +1,127 @@
+//! The gateway's typed configuration: read from the `[gateway]` table of a region file, with
+//! environment overrides applied by the binary, validated once at start.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use meridian_model::RegionId;
+use serde::Deserialize;
+
+use crate::GatewayError;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// The region this gateway serves.
+    pub region: RegionId,
+    /// Where to listen; port 0 picks a free port (tests).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// HS256 key for client tokens (at least 32 bytes).
+    pub jwt_secret: String,
+    /// The key admin calls carry in `X-Admin-Key` (at least 16 bytes).
+    pub admin_key: String,
+    /// Largest accepted request body; 413 above it.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Per-user request rate (token bucket refill per second) and burst.
+    #[serde(default = "default_rate")]
+    pub rate_limit_per_s: f64,
+    #[serde(default = "default_burst")]
+    pub rate_limit_burst: f64,
+    /// How long after sending a sender may recall a message (admins always may).
+    #[serde(default = "default_recall_window")]
+    pub recall_window_s: u64,
+    /// Longest token lifetime `POST /v1/admin/tokens` issues.
+    #[serde(default = "default_max_token_ttl")]
+    pub max_token_ttl_s: u64,
+    /// How long a state change (not a message send) waits for the local applier before
+    /// answering, so a client reads its own write. Messages answer at the PubAck.
+    #[serde(default = "default_read_your_writes")]
+    pub read_your_writes_ms: u64,
+    /// Public endpoint of every region's gateway, for `421 wrong_region` answers.
+    #[serde(default)]
+    pub region_endpoints: BTreeMap<String, String>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+fn default_max_body() -> usize {
+    64 * 1024
+}
+fn default_rate() -> f64 {
+    200.0
+}
+fn default_burst() -> f64 {
+    400.0
+}
+fn default_recall_window() -> u64 {
+    120
+}
+fn default_max_token_ttl() -> u64 {
+    30 * 24 * 3600
+}
+fn default_read_your_writes() -> u64 {
+    3_000
+}
+
+impl GatewayConfig {
+    /// A config with defaults for everything but the region and keys.
+    pub fn new(region: RegionId, jwt_secret: impl Into<String>, admin_key: impl Into<String>) -> Self {
+        Self {
+            region,
+            listen: default_listen(),
+            jwt_secret: jwt_secret.into(),
+            admin_key: admin_key.into(),
+            max_body_bytes: default_max_body(),
+            rate_limit_per_s: default_rate(),
+            rate_limit_burst: default_burst(),
+            recall_window_s: default_recall_window(),
+            max_token_ttl_s: default_max_token_ttl(),
+            read_your_writes_ms: default_read_your_writes(),
+            region_endpoints: BTreeMap::new(),
+        }
+    }
+
+    /// Checks every field; the error names the bad one.
+    pub fn validate(&self) -> Result<(), GatewayError> {
+        let bad = |field: &'static str, reason: String| Err(GatewayError::Config { field, reason });
+        if self.jwt_secret.len() < 32 {
+            return bad("gateway.jwt_secret", "must be at least 32 bytes".into());
+        }
+        if self.admin_key.len() < 16 {
+            return bad("gateway.admin_key", "must be at least 16 bytes".into());
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&self.max_body_bytes) {
+            return bad(
+                "gateway.max_body_bytes",
+                "must be between 1 KiB and 64 MiB".into(),
+            );
+        }
+        if !(self.rate_limit_per_s > 0.0 && self.rate_limit_per_s.is_finite()) {
+            return bad("gateway.rate_limit_per_s", "must be a positive number".into());
+        }
+        if !(self.rate_limit_burst >= 1.0 && self.rate_limit_burst.is_finite()) {
+            return bad("gateway.rate_limit_burst", "must be at least 1".into());
+        }
+        if self.max_token_ttl_s == 0 {
+            return bad("gateway.max_token_ttl_s", "must be positive".into());
+        }
+        for (region, endpoint) in &self.region_endpoints {
+            if RegionId::parse(region.clone()).is_err() {
+                return bad(
+                    "gateway.region_endpoints",
+                    format!("{region:?} is not a region id"),
+                );
+            }
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return bad(
+                    "gateway.region_endpoints",
+                    format!("{endpoint:?} is not an http(s) URL"),
+                );
+            }
+        }
+        Ok(())
+    }
+}

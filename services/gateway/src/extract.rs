@@ -1,0 +1,173 @@
+//! Request extractors that answer bad input with the API's JSON errors instead of axum's
+//! plain-text rejections: bodies (`ApiJson`, with the 413 limit), queries, paths, the
+//! authenticated caller and the admin key.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use bytes::Bytes;
+use meridian_model::{DeviceId, UserId};
+use meridian_store::directory::UserView;
+use serde::de::DeserializeOwned;
+
+use crate::auth::{self, TokenError};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// A JSON body. Oversized → 413 `payload_too_large`; unparsable → 400 `malformed_json`.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e: BytesRejection| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "payload_too_large",
+                        format!("request body exceeds {} bytes", state.cfg.max_body_bytes),
+                    )
+                } else {
+                    ApiError::bad_request("malformed_body", e.body_text())
+                }
+            })?;
+        serde_json::from_slice(&bytes)
+            .map(ApiJson)
+            .map_err(|e| ApiError::bad_request("malformed_json", format!("request body: {e}")))
+    }
+}
+
+/// A query string; bad values → 400 `invalid_argument`.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| ApiQuery(q))
+            .map_err(|e: QueryRejection| ApiError::bad_request("invalid_argument", e.body_text()))
+    }
+}
+
+/// Path parameters; bad values → 400 `invalid_argument`.
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(p)| ApiPath(p))
+            .map_err(|e: PathRejection| ApiError::bad_request("invalid_argument", e.body_text()))
+    }
+}
+
+/// The authenticated user of a client call, served by this region, within its rate limit.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user: UserId,
+    pub device: DeviceId,
+    pub view: UserView,
+}
+
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let token = bearer(parts).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
+        let claims = auth::verify(state.cfg.jwt_secret.as_bytes(), &token, auth::now_s()).map_err(|e| {
+            state.metrics.auth_failures.inc();
+            match e {
+                TokenError::Expired => ApiError::unauthorized("token has expired"),
+                other => ApiError::unauthorized(other.to_string()),
+            }
+        })?;
+        let user = UserId::parse(claims.sub)
+            .map_err(|_| ApiError::unauthorized("token subject is not a user id"))?;
+        let device = DeviceId::parse(claims.dev)
+            .map_err(|_| ApiError::unauthorized("token device is not a device id"))?;
+        if let Err(wait) = state.limiter.check(user.as_str()) {
+            state.metrics.rate_limited.inc();
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many requests; slow down",
+            )
+            .retry_after(wait.as_secs().max(1)));
+        }
+        let view = state
+            .store
+            .user(&user)
+            .await?
+            .ok_or_else(|| ApiError::forbidden("the user of this token is not provisioned"))?;
+        if view.serving_region != state.cfg.region {
+            let region = view.serving_region.to_string();
+            let endpoint = state
+                .cfg
+                .region_endpoints
+                .get(&region)
+                .cloned()
+                .unwrap_or_default();
+            return Err(ApiError::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                "wrong_region",
+                format!("this user is served by region {region}"),
+            )
+            .with("region", region)
+            .with("endpoint", endpoint));
+        }
+        Ok(Caller { user, device, view })
+    }
+}
+
+/// The token from `Authorization: Bearer`, or `?token=` (browsers cannot set headers on a
+/// WebSocket, so the query form is accepted on `/v1/ws` only: elsewhere it would end up in
+/// access logs).
+fn bearer(parts: &Parts) -> Option<String> {
+    if let Some(h) = parts.headers.get(axum::http::header::AUTHORIZATION) {
+        let h = h.to_str().ok()?;
+        let (scheme, token) = h.split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_string());
+    }
+    if parts.uri.path() == "/v1/ws" {
+        let q = parts.uri.query()?;
+        return q
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == "token")
+            .map(|(_, v)| v.to_string());
+    }
+    None
+}
+
+/// An admin call: `X-Admin-Key` must match.
+pub struct Admin;
+
+impl FromRequestParts<Arc<AppState>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let given = parts
+            .headers
+            .get("x-admin-key")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| ApiError::unauthorized("missing X-Admin-Key"))?;
+        if auth::admin_key_matches(&state.cfg.admin_key, given) {
+            Ok(Admin)
+        } else {
+            state.metrics.auth_failures.inc();
+            Err(ApiError::unauthorized("wrong admin key"))
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Meridian's gateway: the HTTP + WebSocket API of one region (API.md). It validates and
+//! authorizes, stamps events (id, HLC, origin) and publishes them to the region's stream,
+//! answers reads from the region's store, and delivers inbox entries live over WebSockets.
+//! It knows nothing of key layouts: reads go through `meridian_store::Store`'s views.
+//!
+//! # Layout
+//! - [`config`]: `GatewayConfig`, validated at start.
+//! - [`auth`]: HS256 tokens and the admin key.
+//! - [`extract`]: extractors answering bad input with JSON errors (body limit, auth, 421).
+//! - [`error`]: `ApiError` (the one place errors become statuses) and `GatewayError`.
+//! - [`state`]: shared state, publishing, read-your-writes waits, rate limits, counters.
+//! - [`routes`]: the route table (router and OpenAPI from one list) and the handlers.
+//! - [`ws`]: the WebSocket: replay, live entries in seq order with gap fill, sends, typing.
+//! - [`live`]: presence of this gateway's connections.
+//! - [`render`]: store views as API JSON.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod extract;
+pub mod live;
+pub mod render;
+pub mod routes;
+pub mod state;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::Router;
+use meridian_bus::Bus;
+use meridian_model::HybridClock;
+use meridian_store::Store;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::GatewayConfig;
+pub use error::{ApiError, GatewayError};
+use state::{AppState, GatewayMetrics, RateLimiter};
+
+/// Renders extra Prometheus text into `/metrics` (the applier's counters when it runs in
+/// the same process).
+pub type MetricsRenderer = Box<dyn Fn(&mut String) + Send + Sync>;
+
+/// A gateway bound to its port, not yet serving.
+pub struct Gateway {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl Gateway {
+    pub async fn bind(
+        cfg: GatewayConfig,
+        store: Store,
+        bus: Bus,
+        shutdown: CancellationToken,
+    ) -> Result<Gateway, GatewayError> {
+        cfg.validate()?;
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| GatewayError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let state = AppState {
+            limiter: RateLimiter::new(cfg.rate_limit_per_s, cfg.rate_limit_burst),
+            cfg,
+            store,
+            bus,
+            clock: HybridClock::new(),
+            hub: live::Hub::default(),
+            metrics: GatewayMetrics::default(),
+            started: Instant::now(),
+            shutdown,
+            extra_metrics: Vec::new(),
+        };
+        Ok(Gateway { listener, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn add_metrics(&mut self, render: MetricsRenderer) {
+        self.state.extra_metrics.push(render);
+    }
+
+    /// Serves until `shutdown`; then stops accepting, lets requests in flight finish (their
+    /// publishes complete) and closes WebSockets.
+    pub async fn run(self) -> Result<(), GatewayError> {
+        let shutdown = self.state.shutdown.clone();
+        let app = router(Arc::new(self.state));
+        tracing::info!(addr = %self.listener.local_addr().map_err(GatewayError::Serve)?, "gateway listening");
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .map_err(GatewayError::Serve)
+    }
+}
+
+/// Binds and serves until `shutdown`.
+pub async fn run(
+    cfg: GatewayConfig,
+    store: Store,
+    bus: Bus,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
+    Gateway::bind(cfg, store, bus, shutdown).await?.run().await
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    routes::routes()
+        .fallback(|| async { ApiError::not_found("not_found", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
+        })
+        .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_responses,
+        ))
+        .with_state(state)
+}
+
+async fn count_responses(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    s.metrics.requests.inc();
+    let resp = next.run(req).await;
+    if resp.status().is_client_error() {
+        s.metrics.responses_4xx.inc();
+    } else if resp.status().is_server_error() {
+        s.metrics.responses_5xx.inc();
+    }
+    resp
+}

@@ -1,0 +1,136 @@
+//! Store views rendered as the JSON of API.md. Times are milliseconds since the Unix epoch.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use meridian_model::{ConversationId, EventId, OrderKey};
+use meridian_store::conversations::{ConversationSummary, ConversationView};
+use meridian_store::records::InboxEntry;
+use meridian_store::timeline::MessageView;
+use serde_json::{json, Map, Value};
+
+use crate::error::ApiError;
+
+/// A stored message body is JSON the gateway validated before publishing; should one ever
+/// fail to parse, it is shown as a string rather than failing the whole page.
+fn body_value(body_json: &str) -> Value {
+    serde_json::from_str(body_json).unwrap_or_else(|_| Value::String(body_json.to_string()))
+}
+
+pub fn message(m: &MessageView) -> Value {
+    json!({
+        "message_id": m.message_id.to_string(),
+        "cursor": m.order_key.cursor().as_str(),
+        "sender": m.sender,
+        "type": m.msg_type,
+        "body": m.body_json.as_deref().map(body_value),
+        "sent_at": m.sent_at_ms,
+        "recalled": m.recalled,
+        "client_msg_id": m.client_msg_id,
+    })
+}
+
+pub fn conversation(v: &ConversationView) -> Value {
+    json!({
+        "conversation_id": v.conversation_id.as_str(),
+        "kind": v.kind,
+        "name": v.name,
+        "announcement": v.announcement,
+        "members_can_add": v.members_can_add,
+        "created_by": v.created_by,
+        "member_count": v.members.len(),
+        "members": v.members.iter().map(|m| json!({"user_id": m.user_id.as_str(), "role": m.role})).collect::<Vec<_>>(),
+    })
+}
+
+pub fn summary(s: &ConversationSummary) -> Value {
+    json!({
+        "conversation_id": s.conversation_id.as_str(),
+        "kind": s.kind,
+        "name": s.name,
+        "last_message": s.last_message.as_ref().map(message),
+        "unread": s.unread,
+        "muted": s.muted,
+        "pinned": s.pinned,
+        "member_count": s.member_count,
+    })
+}
+
+/// A sync entry: `seq`, `conversation_id`, `kind`, `cursor`, `actor`, `at`; a message also
+/// carries the history fields at the top level; a state change its details.
+pub fn inbox_entry(e: &InboxEntry) -> Value {
+    let mut out = Map::new();
+    out.insert("seq".into(), json!(e.seq));
+    out.insert("conversation_id".into(), json!(e.conversation_id));
+    let cursor = OrderKey::from_bytes(&e.order_key)
+        .ok()
+        .map(|k| k.cursor().as_str().to_string());
+    out.insert("cursor".into(), json!(cursor));
+    let Some(t) = &e.entry else {
+        out.insert("kind".into(), json!("unknown"));
+        return Value::Object(out);
+    };
+    out.insert("kind".into(), json!(t.kind));
+    out.insert("actor".into(), json!(t.actor));
+    out.insert("at".into(), json!(t.at_ms));
+    if t.kind == "message" {
+        let id = EventId::from_bytes(&t.event_id)
+            .map(|i| i.to_string())
+            .unwrap_or_default();
+        out.insert("message_id".into(), json!(id));
+        out.insert("sender".into(), json!(t.actor));
+        out.insert("type".into(), json!(t.msg_type));
+        out.insert("body".into(), body_value(&t.body_json));
+        out.insert("sent_at".into(), json!(t.at_ms));
+        out.insert("client_msg_id".into(), json!(t.client_msg_id));
+    }
+    if let Ok(Value::Object(detail)) = serde_json::from_str::<Value>(&t.detail_json) {
+        for (k, v) in detail {
+            out.entry(k).or_insert(v);
+        }
+    }
+    Value::Object(out)
+}
+
+/// The conversation list cursor: the last item's activity key and id.
+pub fn list_cursor(activity: &[u8], cid: &ConversationId) -> String {
+    let mut b = Vec::with_capacity(2 + activity.len() + cid.as_str().len());
+    b.extend_from_slice(&(activity.len() as u16).to_be_bytes());
+    b.extend_from_slice(activity);
+    b.extend_from_slice(cid.as_str().as_bytes());
+    URL_SAFE_NO_PAD.encode(b)
+}
+
+pub fn parse_list_cursor(s: &str) -> Result<(Vec<u8>, ConversationId), ApiError> {
+    let bad = || {
+        ApiError::bad_request("invalid_argument", "cursor is not one this service issued")
+            .with("field", "cursor")
+    };
+    let b = URL_SAFE_NO_PAD.decode(s).map_err(|_| bad())?;
+    if b.len() < 2 {
+        return Err(bad());
+    }
+    let n = u16::from_be_bytes([b[0], b[1]]) as usize;
+    if b.len() < 2 + n {
+        return Err(bad());
+    }
+    let cid = std::str::from_utf8(&b[2 + n..]).map_err(|_| bad())?;
+    let cid = ConversationId::parse(cid.to_string()).map_err(|_| bad())?;
+    Ok((b[2..2 + n].to_vec(), cid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_cursor_round_trips_and_rejects_garbage() {
+        let cid = ConversationId::new_group();
+        let c = list_cursor(b"\x01\x02activity", &cid);
+        assert_eq!(
+            parse_list_cursor(&c).unwrap(),
+            (b"\x01\x02activity".to_vec(), cid)
+        );
+        assert!(parse_list_cursor("!!").is_err());
+        assert!(parse_list_cursor(&URL_SAFE_NO_PAD.encode([0, 9, 1])).is_err());
+    }
+}

@@ -1,0 +1,277 @@
+//! Messages: send (idempotent by client_msg_id), history pages, recall, delete-for-me,
+//! read indexes.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use meridian_model::events::{self, event_envelope::Body, MemberRole};
+use meridian_model::{Cursor, EventId, OrderKey};
+use meridian_store::timeline::HistoryPage;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::conversations::{require_active, require_member};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiJson, ApiPath, ApiQuery, Caller};
+use crate::render;
+use crate::state::AppState;
+
+const MAX_CLIENT_MSG_ID: usize = 128;
+const MAX_TYPE: usize = 32;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendMessage {
+    pub client_msg_id: String,
+    #[serde(rename = "type", default = "default_type")]
+    pub msg_type: String,
+    pub body: Value,
+}
+
+fn default_type() -> String {
+    "text".into()
+}
+
+/// Validates, publishes and answers a send; shared by POST and the WebSocket `send` frame.
+/// A retry with the same client_msg_id answers with the original message id and cursor.
+pub async fn send_message(s: &AppState, caller: &Caller, cid: &str, req: SendMessage) -> ApiResult<Value> {
+    let (cid, _) = require_member(s, cid, &caller.user).await?;
+    if req.client_msg_id.is_empty()
+        || req.client_msg_id.len() > MAX_CLIENT_MSG_ID
+        || req.client_msg_id.chars().any(|c| c.is_control())
+    {
+        return Err(ApiError::bad_request(
+            "invalid_argument",
+            format!("client_msg_id must be 1-{MAX_CLIENT_MSG_ID} bytes without control characters"),
+        )
+        .with("field", "client_msg_id"));
+    }
+    if req.msg_type.is_empty()
+        || req.msg_type.len() > MAX_TYPE
+        || !req
+            .msg_type
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-/".contains(c))
+    {
+        return Err(ApiError::bad_request(
+            "invalid_argument",
+            format!("type must be 1-{MAX_TYPE} characters of [A-Za-z0-9_.-/]"),
+        )
+        .with("field", "type"));
+    }
+    if !req.body.is_object() {
+        return Err(
+            ApiError::bad_request("invalid_argument", "body must be a JSON object").with("field", "body"),
+        );
+    }
+    let event_id = EventId::for_message(&caller.user, &req.client_msg_id);
+    // Already applied (a retry later than the stream's duplicate window): answer from the
+    // store, publish nothing.
+    if let Some(loc) = s.store.message_locator(&event_id).await? {
+        let key = OrderKey::from_bytes(&loc.order_key)?;
+        return Ok(accepted(&event_id, &key));
+    }
+    require_active(s, &cid).await?;
+    let published = s
+        .publish(
+            Some(caller),
+            event_id,
+            Body::MessageSent(events::MessageSent {
+                conversation_id: cid.to_string(),
+                client_msg_id: req.client_msg_id,
+                msg_type: req.msg_type,
+                body_json: req.body.to_string(),
+            }),
+        )
+        .await?;
+    Ok(accepted(&event_id, &published.order_key()?))
+}
+
+fn accepted(id: &EventId, key: &OrderKey) -> Value {
+    json!({
+        "message_id": id.to_string(),
+        "cursor": key.cursor().as_str(),
+        "accepted_at": key.hlc.physical_ms(),
+    })
+}
+
+pub async fn post(
+    caller: Caller,
+    State(s): State<Arc<AppState>>,
+    ApiPath(cid): ApiPath<String>,
+    ApiJson(req): ApiJson<SendMessage>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let body = send_message(&s, &caller, &cid, req).await?;
+    Ok((StatusCode::ACCEPTED, Json(body)))
+}
+
+#[derive(Deserialize)]
+pub struct HistoryQuery {
+    after: Option<String>,
+    before: Option<String>,
+    limit: Option<usize>,
+}
+
+fn parse_cursor(c: &str, field: &'static str) -> ApiResult<OrderKey> {
+    Cursor::parse(c).map_err(|e| ApiError::from(e).with("field", field))
+}
+
+pub async fn history(
+    caller: Caller,
+    State(s): State<Arc<AppState>>,
+    ApiPath(cid): ApiPath<String>,
+    ApiQuery(q): ApiQuery<HistoryQuery>,
+) -> ApiResult<Json<Value>> {
+    let (cid, _) = require_member(&s, &cid, &caller.user).await?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(
+            ApiError::bad_request("invalid_argument", "limit must be between 1 and 200")
+                .with("field", "limit"),
+        );
+    }
+    let page = match (q.after.as_deref(), q.before.as_deref()) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "invalid_argument",
+                "give after or before, not both",
+            ));
+        }
+        (Some(""), None) => HistoryPage::After(None),
+        (Some(a), None) => HistoryPage::After(Some(parse_cursor(a, "after")?)),
+        (None, Some(b)) => HistoryPage::Before(parse_cursor(b, "before")?),
+        (None, None) => HistoryPage::Latest,
+    };
+    let forward = matches!(page, HistoryPage::After(_));
+    let h = s.store.history(&cid, &caller.user, page, limit).await?;
+    // next_cursor continues in the direction read: forward after the last message, or
+    // backward before the first.
+    let edge = if forward {
+        h.messages.last()
+    } else {
+        h.messages.first()
+    };
+    let next = if h.more {
+        edge.map(|m| m.order_key.cursor().as_str().to_string())
+    } else {
+        None
+    };
+    Ok(Json(json!({
+        "messages": h.messages.iter().map(render::message).collect::<Vec<_>>(),
+        "next_cursor": next,
+    })))
+}
+
+pub async fn recall(
+    caller: Caller,
+    State(s): State<Arc<AppState>>,
+    ApiPath((cid, mid)): ApiPath<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let (cid, role) = require_member(&s, &cid, &caller.user).await?;
+    let mid = EventId::parse(&mid)?;
+    let msg = s
+        .store
+        .message(&cid, &caller.user, &mid)
+        .await?
+        .ok_or_else(|| ApiError::not_found("message_not_found", "no such message"))?;
+    if !msg.recalled {
+        let is_admin = !cid.is_direct() && role >= MemberRole::Admin;
+        if !is_admin {
+            if msg.sender != caller.user.as_str() {
+                return Err(ApiError::forbidden(
+                    "only the sender or a group admin may recall a message",
+                ));
+            }
+            let age_ms = crate::auth::now_s()
+                .saturating_mul(1000)
+                .saturating_sub(msg.sent_at_ms);
+            if age_ms > s.cfg.recall_window_s * 1000 {
+                return Err(ApiError::forbidden(format!(
+                    "messages can be recalled within {} s of sending",
+                    s.cfg.recall_window_s
+                ))
+                .with("error_detail", "recall_window_passed"));
+            }
+        }
+        s.publish_and_apply(
+            Some(&caller),
+            Body::MessageRecalled(events::MessageRecalled {
+                conversation_id: cid.to_string(),
+                message_id: mid.as_bytes().to_vec(),
+            }),
+        )
+        .await?;
+    }
+    Ok(Json(json!({"message_id": mid.to_string(), "recalled": true})))
+}
+
+pub async fn delete_for_me(
+    caller: Caller,
+    State(s): State<Arc<AppState>>,
+    ApiPath((cid, mid)): ApiPath<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let (cid, _) = require_member(&s, &cid, &caller.user).await?;
+    let mid = EventId::parse(&mid)?;
+    if s.store.message(&cid, &caller.user, &mid).await?.is_none() {
+        return Err(ApiError::not_found("message_not_found", "no such message"));
+    }
+    s.publish_and_apply(
+        Some(&caller),
+        Body::MessageDeletedForMe(events::MessageDeletedForMe {
+            conversation_id: cid.to_string(),
+            message_id: mid.as_bytes().to_vec(),
+            user_id: caller.user.to_string(),
+        }),
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutRead {
+    cursor: String,
+}
+
+pub async fn put_read(
+    caller: Caller,
+    State(s): State<Arc<AppState>>,
+    ApiPath(cid): ApiPath<String>,
+    ApiJson(req): ApiJson<PutRead>,
+) -> ApiResult<Json<Value>> {
+    let (cid, _) = require_member(&s, &cid, &caller.user).await?;
+    let key = parse_cursor(&req.cursor, "cursor")?;
+    let current = s.store.read_index(&cid, &caller.user).await?;
+    // A max register: an older cursor is accepted and changes nothing.
+    if current.as_ref().is_none_or(|c| *c < key) {
+        s.publish_and_apply(
+            Some(&caller),
+            Body::ReadIndexSet(events::ReadIndexSet {
+                conversation_id: cid.to_string(),
+                user_id: caller.user.to_string(),
+                order_key: key.to_bytes(),
+            }),
+        )
+        .await?;
+    }
+    let now = s
+        .store
+        .read_index(&cid, &caller.user)
+        .await?
+        .map(|k| k.cursor().as_str().to_string());
+    Ok(Json(json!({"conversation_id": cid.as_str(), "cursor": now})))
+}
+
+pub async fn get_read(
+    caller: Caller,
+    State(s): State<Arc<AppState>>,
+    ApiPath(cid): ApiPath<String>,
+) -> ApiResult<Json<Value>> {
+    let (cid, _) = require_member(&s, &cid, &caller.user).await?;
+    let rows = s.store.read_indexes(&cid).await?;
+    Ok(Json(json!({
+        "members": rows.iter().map(|(u, k)| json!({"user_id": u.as_str(), "cursor": k.cursor().as_str()})).collect::<Vec<_>>(),
+    })))
+}

@@ -1,0 +1,73 @@
+//! Health, readiness, metrics and the OpenAPI document.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::state::AppState;
+
+/// Readiness fails when the applier is further behind the stream than this.
+const READY_MAX_APPLY_LAG: u64 = 10_000;
+
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+pub async fn readyz(State(s): State<Arc<AppState>>) -> (StatusCode, Json<Value>) {
+    let stream = s.bus.stream();
+    let store = s.store.checkpoint(&stream).await;
+    let nats = s.bus.ping().await;
+    let last = s.bus.stream_state(&stream).await.map(|st| st.last_seq);
+    let mut problems = Vec::new();
+    if let Err(e) = &store {
+        problems.push(format!("store: {e}"));
+    }
+    if let Err(e) = &nats {
+        problems.push(format!("nats: {e}"));
+    }
+    let lag = match (&store, &last) {
+        (Ok(applied), Ok(last)) => Some(last.saturating_sub(*applied)),
+        _ => None,
+    };
+    if lag.is_some_and(|l| l > READY_MAX_APPLY_LAG) {
+        problems.push(format!(
+            "apply lag {} above {READY_MAX_APPLY_LAG}",
+            lag.unwrap_or(0)
+        ));
+    }
+    let status = if problems.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({
+            "status": if problems.is_empty() { "ready" } else { "not_ready" },
+            "region": s.cfg.region.as_str(),
+            "apply_lag": lag,
+            "problems": problems,
+        })),
+    )
+}
+
+pub async fn metrics(State(s): State<Arc<AppState>>) -> impl IntoResponse {
+    let mut out = String::new();
+    s.metrics.render(&mut out);
+    out.push_str(&format!(
+        "# HELP meridian_gateway_online_users users with an open WebSocket here\n# TYPE meridian_gateway_online_users gauge\nmeridian_gateway_online_users {}\n",
+        s.hub.online_users()
+    ));
+    for extra in &s.extra_metrics {
+        extra(&mut out);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+pub async fn openapi() -> Json<Value> {
+    Json(super::openapi_document())
+}

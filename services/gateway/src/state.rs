@@ -1,0 +1,268 @@
+//! What every handler shares: config, store, bus, the clock that stamps events, the live
+//! delivery hub, the rate limiter and the counters.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use meridian_bus::{Bus, PublishAck};
+use meridian_model::events::{event_envelope::Body, EventEnvelope};
+use meridian_model::{EventId, HybridClock, OrderKey};
+use meridian_store::Store;
+
+use crate::error::ApiResult;
+use crate::extract::Caller;
+use crate::live::Hub;
+use crate::GatewayConfig;
+
+pub struct AppState {
+    pub cfg: GatewayConfig,
+    pub store: Store,
+    pub bus: Bus,
+    pub clock: HybridClock,
+    pub hub: Hub,
+    pub limiter: RateLimiter,
+    pub metrics: GatewayMetrics,
+    pub started: Instant,
+    /// Cancelled when the gateway stops; WebSockets close on it.
+    pub shutdown: tokio_util::sync::CancellationToken,
+    pub extra_metrics: Vec<crate::MetricsRenderer>,
+}
+
+/// An event the stream has acknowledged.
+pub struct Published {
+    pub envelope: EventEnvelope,
+    pub ack: PublishAck,
+}
+
+impl Published {
+    pub fn order_key(&self) -> ApiResult<OrderKey> {
+        Ok(OrderKey::new(
+            meridian_model::Hlc(self.envelope.hlc),
+            meridian_model::RegionId::parse(self.envelope.origin_region.clone())?,
+            EventId::from_bytes(&self.envelope.event_id)?,
+        ))
+    }
+}
+
+impl AppState {
+    /// Stamps and publishes one event for `actor` (None: the admin); returns after the PubAck.
+    pub async fn publish(
+        &self,
+        actor: Option<&Caller>,
+        event_id: EventId,
+        body: Body,
+    ) -> ApiResult<Published> {
+        let envelope = EventEnvelope {
+            event_id: event_id.as_bytes().to_vec(),
+            origin_region: self.cfg.region.to_string(),
+            hlc: self.clock.now().0,
+            actor: actor.map_or_else(|| "admin".to_string(), |c| c.user.to_string()),
+            actor_device: actor.map(|c| c.device.to_string()).unwrap_or_default(),
+            body: Some(body),
+            ..Default::default()
+        };
+        let ack = self.bus.publish_event(&envelope).await?;
+        self.metrics.published.inc();
+        if ack.duplicate {
+            // The stream already holds this event id (a retried send): answer with what it
+            // holds, so the retry gets the original message id *and* cursor.
+            self.metrics.duplicate_publishes.inc();
+            let original = self.bus.get_event(ack.stream_seq).await?;
+            return Ok(Published {
+                envelope: original,
+                ack,
+            });
+        }
+        Ok(Published { envelope, ack })
+    }
+
+    /// Publishes a state change and waits (bounded) until the local applier has applied it,
+    /// so the caller's next read sees it. The event is durable either way.
+    pub async fn publish_and_apply(&self, actor: Option<&Caller>, body: Body) -> ApiResult<Published> {
+        let p = self.publish(actor, EventId::new_v7(), body).await?;
+        self.wait_applied(p.ack.stream_seq).await;
+        Ok(p)
+    }
+
+    /// Waits until the region's own stream is applied through `seq`, at most
+    /// `read_your_writes_ms`.
+    pub async fn wait_applied(&self, seq: u64) {
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.read_your_writes_ms);
+        let stream = self.bus.stream();
+        let mut pause = Duration::from_millis(1);
+        while Instant::now() < deadline {
+            match self.store.checkpoint(&stream).await {
+                Ok(cp) if cp >= seq => return,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "reading the apply checkpoint failed"),
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+        tracing::warn!(seq, "applier did not catch up in time; answering anyway");
+    }
+}
+
+/// Per-user token buckets.
+pub struct RateLimiter {
+    per_s: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    pub fn new(per_s: f64, burst: f64) -> Self {
+        Self {
+            per_s,
+            burst,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one token for `key`, or says how long until one is available.
+    pub fn check(&self, key: &str) -> Result<(), Duration> {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() > 100_000 {
+            // Forget users whose buckets have refilled: they are indistinguishable from new.
+            let (per_s, burst) = (self.per_s, self.burst);
+            buckets.retain(|_, (tokens, at)| *tokens + now.duration_since(*at).as_secs_f64() * per_s < burst);
+        }
+        let (tokens, at) = buckets.entry(key.to_string()).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_s).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - *tokens) / self.per_s))
+        }
+    }
+}
+
+/// A monotonically increasing counter for /metrics.
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Default)]
+pub struct GatewayMetrics {
+    pub requests: Counter,
+    pub responses_4xx: Counter,
+    pub responses_5xx: Counter,
+    pub auth_failures: Counter,
+    pub rate_limited: Counter,
+    pub published: Counter,
+    pub duplicate_publishes: Counter,
+    pub ws_connections: Counter,
+    pub ws_entries_sent: Counter,
+    pub ws_gap_fills: Counter,
+}
+
+impl GatewayMetrics {
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let rows: [(&str, &str, &str, &Counter); 10] = [
+            (
+                "meridian_gateway_requests_total",
+                "counter",
+                "HTTP requests received",
+                &self.requests,
+            ),
+            (
+                "meridian_gateway_responses_4xx_total",
+                "counter",
+                "4xx answers",
+                &self.responses_4xx,
+            ),
+            (
+                "meridian_gateway_responses_5xx_total",
+                "counter",
+                "5xx answers",
+                &self.responses_5xx,
+            ),
+            (
+                "meridian_gateway_auth_failures_total",
+                "counter",
+                "rejected tokens and admin keys",
+                &self.auth_failures,
+            ),
+            (
+                "meridian_gateway_rate_limited_total",
+                "counter",
+                "429 answers",
+                &self.rate_limited,
+            ),
+            (
+                "meridian_gateway_published_total",
+                "counter",
+                "events acknowledged by the stream",
+                &self.published,
+            ),
+            (
+                "meridian_gateway_duplicate_publishes_total",
+                "counter",
+                "publishes the stream deduplicated",
+                &self.duplicate_publishes,
+            ),
+            (
+                "meridian_gateway_ws_connections",
+                "gauge",
+                "open WebSockets",
+                &self.ws_connections,
+            ),
+            (
+                "meridian_gateway_ws_entries_sent_total",
+                "counter",
+                "inbox entries sent over WebSockets",
+                &self.ws_entries_sent,
+            ),
+            (
+                "meridian_gateway_ws_gap_fills_total",
+                "counter",
+                "gaps filled from the store",
+                &self.ws_gap_fills,
+            ),
+        ];
+        for (name, kind, help, c) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                c.get()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limiter_allows_burst_then_refuses() {
+        let l = RateLimiter::new(1.0, 3.0);
+        assert!(l.check("a").is_ok());
+        assert!(l.check("a").is_ok());
+        assert!(l.check("a").is_ok());
+        let wait = l.check("a").unwrap_err();
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
+        // Buckets are per user.
+        assert!(l.check("b").is_ok());
+    }
+}

@@ -1,0 +1,326 @@
+//! `GET /v1/ws`: live delivery and sends over one WebSocket.
+//!
+//! Each connection subscribes to its user's delivery subject *before* replaying from the
+//! store, so nothing published during the replay is missed; entries at or below the last
+//! seq sent are dropped, and a jump past it is filled from the store first. Entries
+//! therefore leave in seq order with no gaps and no repeats, whatever NATS does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::Response;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use meridian_model::UserId;
+use meridian_store::records::InboxEntry;
+use prost::Message as _;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::extract::Caller;
+use crate::routes::messages::{send_message, SendMessage};
+use crate::routes::sync::inbox_page;
+use crate::state::AppState;
+
+/// Sends one connection may have waiting for their PubAck at once.
+const MAX_SENDS_IN_FLIGHT: usize = 64;
+/// Replay and gap-fill page size.
+const PAGE: usize = 500;
+/// Largest frame a client may send.
+const MAX_FRAME: usize = 256 * 1024;
+
+pub async fn upgrade(caller: Caller, State(s): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
+    let shutdown = s.shutdown.clone();
+    ws.max_message_size(MAX_FRAME.max(s.cfg.max_body_bytes * 2))
+        .on_upgrade(move |socket| async move {
+            let conn = Connection {
+                s,
+                caller,
+                socket,
+                last_seq: None,
+                epoch: None,
+            };
+            conn.run(shutdown).await
+        })
+}
+
+/// The typing subject of a user: beside the delivery subject, never stored.
+pub fn ephemeral_subject(s: &AppState, user: &UserId) -> String {
+    format!("{}.eph", s.bus.delivery_subject(user))
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+enum ClientFrame {
+    Hello {
+        #[serde(default)]
+        after: u64,
+        #[serde(default)]
+        epoch: Option<String>,
+    },
+    Send {
+        #[serde(rename = "ref", default)]
+        reference: Value,
+        conversation_id: String,
+        #[serde(flatten)]
+        message: SendMessage,
+    },
+    Typing {
+        conversation_id: String,
+    },
+    Ping,
+}
+
+struct Connection {
+    s: Arc<AppState>,
+    caller: Caller,
+    socket: WebSocket,
+    /// The last seq sent; `None` until the first entry or `hello`.
+    last_seq: Option<u64>,
+    epoch: Option<String>,
+}
+
+type SendResult = (Value, Result<Value, ApiError>);
+
+impl Connection {
+    async fn run(mut self, shutdown: tokio_util::sync::CancellationToken) {
+        let s = self.s.clone();
+        let user = self.caller.user.clone();
+        s.hub.connected(&user);
+        s.metrics.ws_connections.inc();
+        if let Err(e) = self.serve(shutdown).await {
+            tracing::debug!(user = %user, reason = %e, "websocket closed");
+        }
+        s.metrics.ws_connections.dec();
+        s.hub.disconnected(&user);
+    }
+
+    async fn serve(&mut self, shutdown: tokio_util::sync::CancellationToken) -> Result<(), String> {
+        let subject = self.s.bus.delivery_subject(&self.caller.user);
+        let mut entries = self.s.bus.subscribe(subject).await.map_err(|e| e.to_string())?;
+        let mut ephemeral = self
+            .s
+            .bus
+            .subscribe(ephemeral_subject(&self.s, &self.caller.user))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut sends: FuturesUnordered<futures::future::BoxFuture<'static, SendResult>> =
+            FuturesUnordered::new();
+        let mut keepalive = tokio::time::interval(Duration::from_secs(30));
+        keepalive.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let _ = self.socket.send(Message::Close(None)).await;
+                    return Ok(());
+                }
+                frame = self.socket.recv() => {
+                    let Some(Ok(frame)) = frame else { return Err("client went away".into()) };
+                    match frame {
+                        Message::Text(t) => {
+                            if let Some(fut) = self.client_frame(t.as_str()).await? {
+                                if sends.len() >= MAX_SENDS_IN_FLIGHT {
+                                    // Push back: finish one before taking more.
+                                    if let Some((r, res)) = sends.next().await {
+                                        self.send_answer(r, res).await?;
+                                    }
+                                }
+                                sends.push(fut);
+                            }
+                        }
+                        Message::Binary(_) => self.error(Value::Null, ApiError::bad_request("malformed_frame", "frames are JSON text")).await?,
+                        Message::Close(_) => return Ok(()),
+                        Message::Ping(_) | Message::Pong(_) => {}
+                    }
+                }
+                Some(msg) = entries.next() => {
+                    match InboxEntry::decode(msg.payload.as_ref()) {
+                        Ok(entry) => self.live_entry(entry).await?,
+                        Err(e) => tracing::warn!(error = %e, "undecodable delivery"),
+                    }
+                }
+                Some(msg) = ephemeral.next() => {
+                    if let Ok(text) = std::str::from_utf8(&msg.payload) {
+                        self.write(text.to_string()).await?;
+                    }
+                }
+                Some((r, res)) = sends.next(), if !sends.is_empty() => self.send_answer(r, res).await?,
+                _ = keepalive.tick() => {
+                    self.socket.send(Message::Ping(Default::default())).await.map_err(|e| e.to_string())?;
+                }
+            }
+        }
+    }
+
+    /// Handles a text frame; a send returns the future that publishes it.
+    async fn client_frame(
+        &mut self,
+        text: &str,
+    ) -> Result<Option<futures::future::BoxFuture<'static, SendResult>>, String> {
+        let frame: ClientFrame = match serde_json::from_str(text) {
+            Ok(f) => f,
+            Err(e) => {
+                let reference = serde_json::from_str::<Value>(text)
+                    .ok()
+                    .and_then(|v| v.get("ref").cloned())
+                    .unwrap_or(Value::Null);
+                self.error(
+                    reference,
+                    ApiError::bad_request("malformed_frame", format!("frame: {e}")),
+                )
+                .await?;
+                return Ok(None);
+            }
+        };
+        match frame {
+            ClientFrame::Ping => self.write(json!({"op": "pong"}).to_string()).await?,
+            ClientFrame::Hello { after, epoch } => {
+                self.epoch = epoch;
+                self.last_seq = Some(after);
+                self.catch_up(None).await?;
+            }
+            ClientFrame::Send {
+                reference,
+                conversation_id,
+                message,
+            } => {
+                let s = self.s.clone();
+                let caller = self.caller.clone();
+                return Ok(Some(Box::pin(async move {
+                    let res = send_message(&s, &caller, &conversation_id, message).await;
+                    (reference, res)
+                })));
+            }
+            ClientFrame::Typing { conversation_id } => self.typing(&conversation_id).await?,
+        }
+        Ok(None)
+    }
+
+    async fn send_answer(&mut self, reference: Value, res: Result<Value, ApiError>) -> Result<(), String> {
+        match res {
+            Ok(mut ack) => {
+                ack["op"] = json!("ack");
+                ack["ref"] = reference;
+                self.write(ack.to_string()).await
+            }
+            Err(e) => self.error(reference, e).await,
+        }
+    }
+
+    async fn error(&mut self, reference: Value, e: ApiError) -> Result<(), String> {
+        let mut body = serde_json::Map::new();
+        body.insert("op".into(), json!("error"));
+        body.insert("ref".into(), reference);
+        body.insert("error".into(), json!(e.code));
+        body.insert("message".into(), json!(e.message));
+        body.insert("status".into(), json!(e.status.as_u16()));
+        body.extend(e.extra);
+        self.write(Value::Object(body).to_string()).await
+    }
+
+    async fn live_entry(&mut self, entry: InboxEntry) -> Result<(), String> {
+        match self.last_seq {
+            // No hello yet: go live from here.
+            None => {
+                self.last_seq = Some(entry.seq);
+                self.send_entry(&entry).await
+            }
+            Some(last) if entry.seq <= last => Ok(()),
+            Some(last) if entry.seq == last + 1 => {
+                self.last_seq = Some(entry.seq);
+                self.send_entry(&entry).await
+            }
+            Some(_) => {
+                self.s.metrics.ws_gap_fills.inc();
+                self.catch_up(Some(entry.seq)).await
+            }
+        }
+    }
+
+    /// Sends everything after `last_seq` from the store (through `upto` when given).
+    async fn catch_up(&mut self, upto: Option<u64>) -> Result<(), String> {
+        loop {
+            let after = self.last_seq.unwrap_or(0);
+            if upto.is_some_and(|u| after >= u) {
+                return Ok(());
+            }
+            let page = inbox_page(&self.s, &self.caller, self.epoch.as_deref(), after, PAGE)
+                .await
+                .map_err(|e| e.message)?;
+            let page = match page {
+                Ok(p) => p,
+                Err(epoch) => {
+                    let frame = json!({"op": "resync_required", "epoch": epoch});
+                    self.write(frame.to_string()).await?;
+                    // Follow the new epoch from its head: the client resyncs and says hello.
+                    self.epoch = Some(epoch);
+                    self.last_seq = self
+                        .s
+                        .store
+                        .inbox_head(&self.caller.user)
+                        .await
+                        .ok()
+                        .flatten()
+                        .map(|h| h.head);
+                    return Ok(());
+                }
+            };
+            if self.epoch.is_none() {
+                self.epoch = page["epoch"].as_str().map(str::to_string);
+            }
+            let entries = page["entries"].as_array().cloned().unwrap_or_default();
+            for mut e in entries {
+                let seq = e["seq"].as_u64().unwrap_or(0);
+                e["op"] = json!("entry");
+                self.write(e.to_string()).await?;
+                self.s.metrics.ws_entries_sent.inc();
+                self.last_seq = Some(seq);
+            }
+            if !page["has_more"].as_bool().unwrap_or(false) {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn send_entry(&mut self, entry: &InboxEntry) -> Result<(), String> {
+        let mut v = crate::render::inbox_entry(entry);
+        v["op"] = json!("entry");
+        self.s.metrics.ws_entries_sent.inc();
+        self.write(v.to_string()).await
+    }
+
+    async fn typing(&mut self, cid: &str) -> Result<(), String> {
+        let s = self.s.clone();
+        let Ok((cid, _)) = crate::routes::conversations::require_member(&s, cid, &self.caller.user).await
+        else {
+            return self.error(Value::Null, ApiError::conversation_not_found()).await;
+        };
+        let Ok(Some(view)) = s.store.conversation(&cid).await else {
+            return Ok(());
+        };
+        // Typing in very large groups is noise, and each frame would cost one publish per member.
+        if view.members.len() > 100 {
+            return Ok(());
+        }
+        let frame =
+            json!({"op": "typing", "conversation_id": cid.as_str(), "user_id": self.caller.user.as_str()})
+                .to_string();
+        for m in view.members.iter().filter(|m| m.user_id != self.caller.user) {
+            let _ = s
+                .bus
+                .publish_ephemeral(ephemeral_subject(&s, &m.user_id), frame.clone().into())
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn write(&mut self, text: String) -> Result<(), String> {
+        self.socket
+            .send(Message::Text(text.into()))
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
