@@ -52,7 +52,10 @@ impl TestRegion {
         tweak(&mut cfg);
         cfg.validate()?;
         let running = region::start(cfg.clone(), Roles::ALL).await?;
-        let base = format!("http://{}", running.gateway_addr.context("gateway address")?);
+        let addr = running.gateway_addr.context("gateway address")?;
+        // A restart binds the same port, so clients reconnect to the same URL.
+        cfg.gateway.listen = addr;
+        let base = format!("http://{addr}");
         Ok(TestRegion {
             nats,
             cfg,
@@ -63,7 +66,7 @@ impl TestRegion {
         })
     }
 
-    /// Stops the region in order and starts it again on the same store and stream (new port).
+    /// Stops the region in order and starts it again on the same store, stream and port.
     pub async fn restart(&mut self) -> Result<()> {
         if let Some(r) = self.region.take() {
             r.stop().await?;

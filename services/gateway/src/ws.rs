@@ -252,19 +252,12 @@ impl Connection {
                 .map_err(|e| e.message)?;
             let page = match page {
                 Ok(p) => p,
-                Err(epoch) => {
-                    let frame = json!({"op": "resync_required", "epoch": epoch});
+                Err((epoch, head)) => {
+                    let frame = json!({"op": "resync_required", "epoch": epoch, "head": head});
                     self.write(frame.to_string()).await?;
-                    // Follow the new epoch from its head: the client resyncs and says hello.
+                    // Follow the new epoch from its head while the client resyncs.
                     self.epoch = Some(epoch);
-                    self.last_seq = self
-                        .s
-                        .store
-                        .inbox_head(&self.caller.user)
-                        .await
-                        .ok()
-                        .flatten()
-                        .map(|h| h.head);
+                    self.last_seq = Some(head);
                     return Ok(());
                 }
             };

@@ -38,14 +38,14 @@ pub struct SyncQuery {
 
 pub const MAX_SYNC_LIMIT: usize = 1_000;
 
-/// One page of the caller's inbox, or `None` when the device must resync.
+/// One page of the caller's inbox, or the epoch and head to resync to.
 pub async fn inbox_page(
     s: &AppState,
     caller: &Caller,
     epoch: Option<&str>,
     after: u64,
     limit: usize,
-) -> ApiResult<Result<Value, String>> {
+) -> ApiResult<Result<Value, (String, u64)>> {
     // The epoch is read fresh: a failover since the caller authenticated changes it.
     let current = s
         .store
@@ -65,17 +65,27 @@ pub async fn inbox_page(
             "head": p.head,
             "has_more": p.has_more,
         }))),
-        SyncOutcome::ResyncRequired { epoch } => Ok(Err(epoch)),
+        SyncOutcome::ResyncRequired { epoch } => {
+            // Where the device continues from after resyncing: the head of the current epoch.
+            let head = s
+                .store
+                .inbox_head(&caller.user)
+                .await?
+                .filter(|h| h.epoch == epoch)
+                .map_or(0, |h| h.head);
+            Ok(Err((epoch, head)))
+        }
     }
 }
 
-pub fn resync_required(epoch: String) -> ApiError {
+pub fn resync_required(epoch: String, head: u64) -> ApiError {
     ApiError::new(
         StatusCode::CONFLICT,
         "resync_required",
         "this checkpoint cannot be continued: resync from the storage timelines",
     )
     .with("epoch", epoch)
+    .with("head", head)
 }
 
 pub async fn sync(
@@ -93,7 +103,7 @@ pub async fn sync(
     }
     match inbox_page(&s, &caller, q.epoch.as_deref(), q.after, limit).await? {
         Ok(page) => Ok(Json(page)),
-        Err(epoch) => Err(resync_required(epoch)),
+        Err((epoch, head)) => Err(resync_required(epoch, head)),
     }
 }
 

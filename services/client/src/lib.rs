@@ -1,0 +1,408 @@
+//! Meridian's Rust client SDK: typed calls over the HTTP API, sends that retry with the same
+//! `client_msg_id` until they are acknowledged, and a WebSocket sync loop that keeps the
+//! device checkpoint, detects gaps, reconnects with backoff and reports when a resync is due.
+//!
+//! A ten-line chat program:
+//!
+//! ```no_run
+//! # async fn chat() -> Result<(), meridian_client::ClientError> {
+//! use meridian_client::{Client, Checkpoint, SyncEvent};
+//! let ann = Client::new("http://127.0.0.1:7001", "<ann's token>");
+//! let cid = ann.create_direct("bob").await?.conversation_id;
+//! ann.send_text(&cid, "hello bob").await?;
+//! let mut sync = ann.sync(Checkpoint::default());
+//! while let Some(event) = sync.next().await {
+//!     if let SyncEvent::Entry(e) = event? { println!("{}: {}", e.sender.unwrap_or_default(), e.body); }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - this file: [`Client`] (typed calls), [`ClientError`], the response types.
+//! - [`sync`]: [`SyncStream`], the WebSocket sync loop, and [`Checkpoint`].
+
+pub mod sync;
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+pub use sync::{Checkpoint, SyncEvent, SyncStream};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error body.
+    #[error("{status} {code}: {message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+        body: Value,
+    },
+    /// The device's checkpoint cannot be continued: resync from the storage timelines.
+    #[error("resync required (epoch {epoch}, head {head})")]
+    ResyncRequired { epoch: String, head: u64 },
+    #[error("transport: {0}")]
+    Transport(String),
+    #[error("unexpected response: {0}")]
+    Decode(String),
+}
+
+impl ClientError {
+    /// Whether the same call may succeed later (transport failures, 5xx, 429).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Transport(_) => true,
+            ClientError::Api { status, .. } => *status >= 500 || *status == 429,
+            _ => false,
+        }
+    }
+}
+
+/// The 202 answer to a send.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Accepted {
+    pub message_id: String,
+    pub cursor: String,
+    pub accepted_at: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Conversation {
+    pub conversation_id: String,
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub member_count: usize,
+    #[serde(default)]
+    pub members: Vec<Member>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Member {
+    pub user_id: String,
+    pub role: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ConversationSummary {
+    pub conversation_id: String,
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+    pub last_message: Option<Message>,
+    pub unread: u32,
+    pub muted: bool,
+    pub pinned: bool,
+    pub member_count: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct Message {
+    pub message_id: String,
+    pub cursor: String,
+    pub sender: String,
+    #[serde(rename = "type")]
+    pub msg_type: String,
+    pub body: Option<Value>,
+    pub sent_at: u64,
+    pub recalled: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+/// One inbox entry. `kind` names the event; a message carries its fields.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct Entry {
+    pub seq: u64,
+    pub conversation_id: String,
+    pub kind: String,
+    pub cursor: Option<String>,
+    pub message_id: Option<String>,
+    pub sender: Option<String>,
+    #[serde(default)]
+    pub body: Value,
+    pub sent_at: Option<u64>,
+    /// Every field as sent (state-change details included).
+    #[serde(skip)]
+    pub raw: Value,
+}
+
+impl Entry {
+    pub(crate) fn from_value(v: Value) -> Result<Entry, ClientError> {
+        let mut e: Entry =
+            serde_json::from_value(v.clone()).map_err(|e| ClientError::Decode(e.to_string()))?;
+        e.raw = v;
+        Ok(e)
+    }
+}
+
+/// A page of the inbox.
+#[derive(Debug, Clone)]
+pub struct SyncPage {
+    pub epoch: String,
+    pub entries: Vec<Entry>,
+    pub head: u64,
+    pub has_more: bool,
+}
+
+/// How sends retry: attempts and the backoff between them.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub first_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 20,
+            first_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A user's connection to their region's gateway. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+    retry: RetryPolicy,
+}
+
+impl Client {
+    pub fn new(base_url: impl Into<String>, token: impl Into<String>) -> Client {
+        Client {
+            base: base_url.into().trim_end_matches('/').to_string(),
+            token: token.into(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap_or_default(),
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Client {
+        self.retry = retry;
+        self
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// One call; error bodies become [`ClientError::Api`].
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let value: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(format!("{status}: {e}")))?
+        };
+        if status < 400 {
+            return Ok(value);
+        }
+        let code = value["error"].as_str().unwrap_or_default().to_string();
+        if code == "resync_required" {
+            return Err(ClientError::ResyncRequired {
+                epoch: value["epoch"].as_str().unwrap_or_default().to_string(),
+                head: value["head"].as_u64().unwrap_or(0),
+            });
+        }
+        Err(ClientError::Api {
+            status,
+            message: value["message"].as_str().unwrap_or_default().to_string(),
+            code,
+            body: value,
+        })
+    }
+
+    async fn typed<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<T, ClientError> {
+        let v = self.call(method, path, body).await?;
+        serde_json::from_value(v).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    pub async fn me(&self) -> Result<Value, ClientError> {
+        self.call(reqwest::Method::GET, "/v1/me", None).await
+    }
+
+    pub async fn create_direct(&self, other: &str) -> Result<Conversation, ClientError> {
+        let body = json!({"kind": "direct", "members": [other]});
+        self.typed(reqwest::Method::POST, "/v1/conversations", Some(&body))
+            .await
+    }
+
+    pub async fn create_group(&self, name: &str, members: &[&str]) -> Result<Conversation, ClientError> {
+        let body = json!({"kind": "group", "name": name, "members": members});
+        self.typed(reqwest::Method::POST, "/v1/conversations", Some(&body))
+            .await
+    }
+
+    pub async fn conversation(&self, cid: &str) -> Result<Conversation, ClientError> {
+        self.typed(reqwest::Method::GET, &format!("/v1/conversations/{cid}"), None)
+            .await
+    }
+
+    pub async fn conversations(
+        &self,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page<ConversationSummary>, ClientError> {
+        let path = format!(
+            "/v1/conversations?limit={limit}&cursor={}",
+            cursor.unwrap_or_default()
+        );
+        let v = self.call(reqwest::Method::GET, &path, None).await?;
+        page(v, "conversations")
+    }
+
+    /// Sends with a fresh client_msg_id, retrying it until acknowledged.
+    pub async fn send_text(&self, cid: &str, text: &str) -> Result<Accepted, ClientError> {
+        let id = uuid::Uuid::now_v7().to_string();
+        self.send(cid, &id, "text", &json!({"text": text})).await
+    }
+
+    /// Sends, retrying transport failures, 5xx and 429 with the same `client_msg_id`: the
+    /// server stores the message once however many attempts reach it.
+    pub async fn send(
+        &self,
+        cid: &str,
+        client_msg_id: &str,
+        msg_type: &str,
+        body: &Value,
+    ) -> Result<Accepted, ClientError> {
+        let req = json!({"client_msg_id": client_msg_id, "type": msg_type, "body": body});
+        let path = format!("/v1/conversations/{cid}/messages");
+        let mut backoff = self.retry.first_backoff;
+        let mut attempt = 1;
+        loop {
+            match self.typed(reqwest::Method::POST, &path, Some(&req)).await {
+                Err(e) if e.is_retryable() && attempt < self.retry.attempts => {
+                    tracing::debug!(error = %e, attempt, "send failed; retrying with the same client_msg_id");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.retry.max_backoff);
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// History after a cursor (`Some("")`: from the beginning), before one, or the latest.
+    pub async fn history(
+        &self,
+        cid: &str,
+        after: Option<&str>,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<Message>, ClientError> {
+        let mut path = format!("/v1/conversations/{cid}/messages?limit={limit}");
+        if let Some(a) = after {
+            path.push_str(&format!("&after={a}"));
+        }
+        if let Some(b) = before {
+            path.push_str(&format!("&before={b}"));
+        }
+        let v = self.call(reqwest::Method::GET, &path, None).await?;
+        page(v, "messages")
+    }
+
+    pub async fn mark_read(&self, cid: &str, cursor: &str) -> Result<(), ClientError> {
+        let body = json!({"cursor": cursor});
+        self.call(
+            reqwest::Method::PUT,
+            &format!("/v1/conversations/{cid}/read"),
+            Some(&body),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn recall(&self, cid: &str, message_id: &str) -> Result<(), ClientError> {
+        let path = format!("/v1/conversations/{cid}/messages/{message_id}/recall");
+        self.call(reqwest::Method::POST, &path, Some(&json!({})))
+            .await
+            .map(|_| ())
+    }
+
+    /// One inbox page after `after`; [`ClientError::ResyncRequired`] when the epoch moved on
+    /// or `after` fell out of the inbox TTL.
+    pub async fn sync_page(
+        &self,
+        after: u64,
+        epoch: Option<&str>,
+        limit: usize,
+    ) -> Result<SyncPage, ClientError> {
+        let path = format!(
+            "/v1/sync?after={after}&limit={limit}&epoch={}",
+            epoch.unwrap_or_default()
+        );
+        let v = self.call(reqwest::Method::GET, &path, None).await?;
+        let entries = v["entries"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .map(Entry::from_value)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(SyncPage {
+            epoch: v["epoch"].as_str().unwrap_or_default().to_string(),
+            entries,
+            head: v["head"].as_u64().unwrap_or(0),
+            has_more: v["has_more"].as_bool().unwrap_or(false),
+        })
+    }
+
+    /// The WebSocket sync loop from `checkpoint` (see [`SyncStream`]).
+    pub fn sync(&self, checkpoint: Checkpoint) -> SyncStream {
+        SyncStream::new(self.clone(), checkpoint)
+    }
+}
+
+fn page<T: DeserializeOwned>(v: Value, field: &str) -> Result<Page<T>, ClientError> {
+    let items = serde_json::from_value(v[field].clone()).map_err(|e| ClientError::Decode(e.to_string()))?;
+    Ok(Page {
+        items,
+        next_cursor: v["next_cursor"].as_str().map(str::to_string),
+    })
+}

@@ -1,0 +1,239 @@
+//! The WebSocket sync loop.
+//!
+//! A background task owns the socket. It says `hello` from the device checkpoint, hands
+//! entries out in seq order exactly once, pulls any gap over HTTP before going on, reconnects
+//! with backoff when the socket drops, and reports [`SyncEvent::ResyncRequired`] when the
+//! checkpoint cannot be continued (the inbox epoch changed, or the checkpoint fell out of the
+//! TTL): the app then re-reads its conversations' storage timelines, while the loop carries on
+//! from the new epoch's head.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use crate::{Client, ClientError, Entry};
+
+/// Where a device is in its inbox. Persist it (it is `Serialize`) to resume after restarts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub epoch: Option<String>,
+    /// The last seq the app received.
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SyncEvent {
+    /// The next inbox entry (seq = checkpoint + 1).
+    Entry(Entry),
+    /// Resync from the storage timelines; the loop continues from `head` of `epoch`.
+    ResyncRequired { epoch: String, head: u64 },
+    /// Ephemeral frames (typing, presence) and answers to sends made on this socket.
+    Signal(Value),
+    /// The socket dropped; the loop reconnects by itself.
+    Disconnected(String),
+}
+
+/// Entries buffered between the socket task and the app.
+const BUFFER: usize = 1024;
+const GAP_PAGE: usize = 500;
+
+/// The app's end of the sync loop. Dropping it stops the loop.
+pub struct SyncStream {
+    rx: mpsc::Receiver<Result<SyncEvent, ClientError>>,
+    checkpoint: Arc<Mutex<Checkpoint>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SyncStream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl SyncStream {
+    pub(crate) fn new(client: Client, checkpoint: Checkpoint) -> SyncStream {
+        let (tx, rx) = mpsc::channel(BUFFER);
+        let checkpoint = Arc::new(Mutex::new(checkpoint));
+        let task = tokio::spawn(run(client, checkpoint.clone(), tx));
+        SyncStream { rx, checkpoint, task }
+    }
+
+    /// The next event; `None` only if the loop ended (it runs until dropped).
+    pub async fn next(&mut self) -> Option<Result<SyncEvent, ClientError>> {
+        self.rx.recv().await
+    }
+
+    /// The checkpoint after the last entry handed out.
+    pub fn checkpoint(&self) -> Checkpoint {
+        self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+struct Loop {
+    client: Client,
+    checkpoint: Arc<Mutex<Checkpoint>>,
+    tx: mpsc::Sender<Result<SyncEvent, ClientError>>,
+}
+
+async fn run(
+    client: Client,
+    checkpoint: Arc<Mutex<Checkpoint>>,
+    tx: mpsc::Sender<Result<SyncEvent, ClientError>>,
+) {
+    let l = Loop {
+        client,
+        checkpoint,
+        tx,
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match l.session().await {
+            Ok(()) => return, // the app went away
+            Err(e) => {
+                if l.tx
+                    .send(Ok(SyncEvent::Disconnected(e.to_string())))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                // Permanent errors (a bad token) are reported and retried slowly.
+                if let ClientError::Api { status, .. } = &e {
+                    if *status < 500 && *status != 429 {
+                        let _ = l.tx.send(Err(e)).await;
+                        backoff = Duration::from_secs(30);
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+impl Loop {
+    fn cp(&self) -> Checkpoint {
+        self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_cp(&self, cp: Checkpoint) {
+        *self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = cp;
+    }
+
+    /// Emits an event; `Err` when the app dropped the stream.
+    async fn emit(&self, ev: SyncEvent) -> Result<(), ()> {
+        self.tx.send(Ok(ev)).await.map_err(|_| ())
+    }
+
+    /// One connection's life. `Ok(())` means the app is gone; errors mean reconnect.
+    async fn session(&self) -> Result<(), ClientError> {
+        // Check the checkpoint over HTTP first: it learns the epoch and turns a stale
+        // checkpoint into a resync before anything is streamed.
+        if self.catch_up(None).await.is_err() {
+            return Ok(());
+        }
+        let ws_url = format!(
+            "{}/v1/ws?token={}",
+            self.client.base_url().replacen("http", "ws", 1),
+            self.client.token()
+        );
+        let (mut socket, _) = tokio_tungstenite::connect_async(ws_url)
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let cp = self.cp();
+        socket
+            .send(WsMessage::text(
+                json!({"op": "hello", "after": cp.seq, "epoch": cp.epoch}).to_string(),
+            ))
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        while let Some(frame) = socket.next().await {
+            let frame = frame.map_err(|e| ClientError::Transport(e.to_string()))?;
+            let WsMessage::Text(text) = frame else { continue };
+            let v: Value =
+                serde_json::from_str(text.as_str()).map_err(|e| ClientError::Decode(e.to_string()))?;
+            let gone = match v["op"].as_str() {
+                Some("entry") => {
+                    let entry = Entry::from_value(v)?;
+                    let last = self.cp().seq;
+                    if entry.seq <= last {
+                        Ok(()) // already handed out
+                    } else if entry.seq == last + 1 {
+                        self.deliver(entry).await
+                    } else {
+                        // A gap: pull what is missing before this entry.
+                        match self.catch_up(Some(entry.seq - 1)).await {
+                            Ok(()) if self.cp().seq + 1 == entry.seq => self.deliver(entry).await,
+                            other => other,
+                        }
+                    }
+                }
+                Some("resync_required") => {
+                    let epoch = v["epoch"].as_str().unwrap_or_default().to_string();
+                    let head = v["head"].as_u64().unwrap_or(0);
+                    self.resync(epoch, head).await
+                }
+                _ => self.emit(SyncEvent::Signal(v)).await,
+            };
+            if gone.is_err() {
+                return Ok(());
+            }
+        }
+        Err(ClientError::Transport("socket closed".into()))
+    }
+
+    async fn deliver(&self, entry: Entry) -> Result<(), ()> {
+        let mut cp = self.cp();
+        cp.seq = entry.seq;
+        self.set_cp(cp);
+        self.emit(SyncEvent::Entry(entry)).await
+    }
+
+    async fn resync(&self, epoch: String, head: u64) -> Result<(), ()> {
+        self.set_cp(Checkpoint {
+            epoch: Some(epoch.clone()),
+            seq: head,
+        });
+        self.emit(SyncEvent::ResyncRequired { epoch, head }).await
+    }
+
+    /// Pulls entries over HTTP after the checkpoint, through `upto` (or to the head).
+    /// Transport errors are logged and left to the socket; `Err` means the app is gone.
+    async fn catch_up(&self, upto: Option<u64>) -> Result<(), ()> {
+        loop {
+            let cp = self.cp();
+            if upto.is_some_and(|u| cp.seq >= u) {
+                return Ok(());
+            }
+            match self.client.sync_page(cp.seq, cp.epoch.as_deref(), GAP_PAGE).await {
+                Ok(page) => {
+                    if cp.epoch.is_none() {
+                        self.set_cp(Checkpoint {
+                            epoch: Some(page.epoch.clone()),
+                            seq: cp.seq,
+                        });
+                    }
+                    for e in page.entries {
+                        if upto.is_some_and(|u| e.seq > u) {
+                            return Ok(());
+                        }
+                        self.deliver(e).await?;
+                    }
+                    if !page.has_more {
+                        return Ok(());
+                    }
+                }
+                Err(ClientError::ResyncRequired { epoch, head }) => return self.resync(epoch, head).await,
+                Err(e) => {
+                    tracing::debug!(error = %e, "catch-up over HTTP failed");
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
