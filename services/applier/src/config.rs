@@ -1,0 +1,147 @@
+use meridian_model::RegionId;
+use serde::{Deserialize, Serialize};
+
+use crate::ApplierError;
+
+/// How a region applies its streams.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApplierConfig {
+    /// The region doing the applying: it fans out to the inboxes of the users it serves.
+    pub region: RegionId,
+    /// Most events per store transaction.
+    #[serde(default = "default_batch_max")]
+    pub batch_max: usize,
+    /// How long to wait for the first event of a batch before looking again; a lone event
+    /// is applied as soon as it arrives, this only bounds the idle poll.
+    #[serde(default = "default_batch_wait_ms")]
+    pub batch_wait_ms: u64,
+    /// Groups with more members than this use read diffusion (DESIGN.md section 1).
+    #[serde(default = "default_read_diffusion_threshold")]
+    pub read_diffusion_threshold: usize,
+    /// Read diffusion gives a member at most one "conversation advanced" entry per window.
+    #[serde(default = "default_coalesce_window_ms")]
+    pub coalesce_window_ms: u64,
+    /// The durable consumer name on every stream the applier reads.
+    #[serde(default = "default_durable_name")]
+    pub durable_name: String,
+    /// Streams to apply; empty means the region's own stream only.
+    #[serde(default)]
+    pub streams: Vec<String>,
+}
+
+fn default_batch_max() -> usize {
+    512
+}
+fn default_batch_wait_ms() -> u64 {
+    20
+}
+fn default_read_diffusion_threshold() -> usize {
+    500
+}
+fn default_coalesce_window_ms() -> u64 {
+    1_000
+}
+fn default_durable_name() -> String {
+    "applier".into()
+}
+
+impl ApplierConfig {
+    pub fn new(region: RegionId) -> Self {
+        Self {
+            region,
+            batch_max: default_batch_max(),
+            batch_wait_ms: default_batch_wait_ms(),
+            read_diffusion_threshold: default_read_diffusion_threshold(),
+            coalesce_window_ms: default_coalesce_window_ms(),
+            durable_name: default_durable_name(),
+            streams: Vec::new(),
+        }
+    }
+
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), ApplierError> {
+        if !(1..=10_000).contains(&self.batch_max) {
+            return Err(ApplierError::config("batch_max", "must be 1-10000"));
+        }
+        // Zero would spin: every empty poll would return at once.
+        if !(1..=60_000).contains(&self.batch_wait_ms) {
+            return Err(ApplierError::config("batch_wait_ms", "must be 1-60000"));
+        }
+        if self.read_diffusion_threshold == 0 {
+            return Err(ApplierError::config(
+                "read_diffusion_threshold",
+                "must be positive",
+            ));
+        }
+        if !is_name(&self.durable_name) {
+            return Err(ApplierError::config(
+                "durable_name",
+                "must be 1-64 characters of [A-Za-z0-9_-]",
+            ));
+        }
+        for (i, s) in self.streams.iter().enumerate() {
+            if !is_name(s) {
+                return Err(ApplierError::config(
+                    "streams",
+                    format!("{s:?} is not a stream name"),
+                ));
+            }
+            if self.streams[..i].contains(s) {
+                return Err(ApplierError::config("streams", format!("{s} is listed twice")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// JetStream stream and consumer names: no '.', '*', '>' or whitespace; we keep to a
+/// conservative alphabet.
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(c: &ApplierConfig) -> &'static str {
+        match c.validate() {
+            Err(ApplierError::Config { field, .. }) => field,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let c = ApplierConfig::new(RegionId::parse("eu").unwrap());
+        c.validate().unwrap();
+        let parsed: ApplierConfig = serde_json::from_str(r#"{"region":"eu"}"#).unwrap();
+        assert_eq!(parsed.batch_max, 512);
+        assert_eq!(parsed.batch_wait_ms, 20);
+        assert_eq!(parsed.durable_name, "applier");
+        assert!(parsed.streams.is_empty());
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let base = ApplierConfig::new(RegionId::parse("eu").unwrap());
+        let mut c = base.clone();
+        c.batch_max = 0;
+        assert_eq!(field(&c), "batch_max");
+        let mut c = base.clone();
+        c.batch_wait_ms = 0;
+        assert_eq!(field(&c), "batch_wait_ms");
+        let mut c = base.clone();
+        c.durable_name = "a.b".into();
+        assert_eq!(field(&c), "durable_name");
+        let mut c = base.clone();
+        c.streams = vec!["SYNC_EU".into(), "SYNC_EU".into()];
+        assert_eq!(field(&c), "streams");
+        let mut c = base;
+        c.read_diffusion_threshold = 0;
+        assert_eq!(field(&c), "read_diffusion_threshold");
+    }
+}

@@ -1,0 +1,305 @@
+//! The applier: consumes the region's own stream (and, later, its mirrors of other regions'
+//! streams), applies each batch to the store exactly once, and hands the inbox entries it
+//! appended to live delivery.
+//!
+//! Exactly once rests on the store, not on NATS acks (DESIGN.md sections 3 and 4): every
+//! batch commits its effects together with the stream checkpoint in one transaction, and
+//! the store skips anything at or below the checkpoint. The consumer is positioned from that
+//! checkpoint at start, acks only after the commit, and whatever NATS redelivers after a
+//! restart is skipped.
+//!
+//! # Layout
+//! - `config`: [`ApplierConfig`] and its validation.
+//! - `metrics`: [`ApplierMetrics`], atomics shared with whoever exports them.
+//! - this file: [`run`] / [`run_with_metrics`], one owned, cancellable task per stream, and
+//!   the per-stream loop (pull, apply, ack, deliver).
+
+mod config;
+mod metrics;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meridian_bus::{Bus, BusError, EventConsumer, ReceivedEvent};
+use meridian_store::{ApplyConfig, ApplyReport, SequencedEvent, Store, StoreError};
+use prost::Message as _;
+use thiserror::Error;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use config::ApplierConfig;
+pub use metrics::ApplierMetrics;
+
+#[derive(Debug, Error)]
+pub enum ApplierError {
+    #[error("invalid applier config field `{field}`: {reason}")]
+    Config { field: &'static str, reason: String },
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stream task panicked or was aborted.
+    #[error("applier task failed: {0}")]
+    Task(String),
+}
+
+impl ApplierError {
+    pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
+        ApplierError::Config {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Runs the applier until `shutdown` with fresh metrics. See [`run_with_metrics`].
+pub async fn run(
+    cfg: ApplierConfig,
+    bus: Bus,
+    store: Store,
+    shutdown: CancellationToken,
+) -> Result<(), ApplierError> {
+    run_with_metrics(cfg, bus, store, Arc::new(ApplierMetrics::default()), shutdown).await
+}
+
+/// Runs one task per stream (`cfg.streams`, or the bus's own stream when empty) until
+/// `shutdown` is cancelled. Each task finishes the batch it is applying before it exits.
+/// NATS and store outages are waited out with backoff, never returned; an error means a
+/// bad config or a task that died, and stops the other streams too.
+pub async fn run_with_metrics(
+    cfg: ApplierConfig,
+    bus: Bus,
+    store: Store,
+    metrics: Arc<ApplierMetrics>,
+    shutdown: CancellationToken,
+) -> Result<(), ApplierError> {
+    cfg.validate()?;
+    if &cfg.region != bus.region() {
+        return Err(ApplierError::config(
+            "region",
+            format!(
+                "applier region {} differs from the bus region {}",
+                cfg.region,
+                bus.region()
+            ),
+        ));
+    }
+    let streams = if cfg.streams.is_empty() {
+        vec![bus.stream()]
+    } else {
+        cfg.streams.clone()
+    };
+    let apply_cfg = ApplyConfig {
+        region: cfg.region.clone(),
+        read_diffusion_threshold: cfg.read_diffusion_threshold,
+        coalesce_window_ms: cfg.coalesce_window_ms,
+    };
+    // A child token: a failing stream stops its siblings without cancelling the caller's.
+    let stop = shutdown.child_token();
+    let mut tasks = JoinSet::new();
+    for stream in streams {
+        let worker = StreamWorker {
+            cfg: cfg.clone(),
+            apply_cfg: apply_cfg.clone(),
+            bus: bus.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            stream,
+            stop: stop.clone(),
+        };
+        tasks.spawn(worker.run());
+    }
+    let mut result = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        let outcome = joined
+            .map_err(|e| ApplierError::Task(e.to_string()))
+            .and_then(|r| r);
+        if let Err(e) = outcome {
+            tracing::error!(error = %e, "applier stream task failed; stopping the applier");
+            stop.cancel();
+            if result.is_ok() {
+                result = Err(e);
+            }
+        }
+    }
+    result
+}
+
+/// One stream's loop.
+struct StreamWorker {
+    cfg: ApplierConfig,
+    apply_cfg: ApplyConfig,
+    bus: Bus,
+    store: Store,
+    metrics: Arc<ApplierMetrics>,
+    stream: String,
+    stop: CancellationToken,
+}
+
+/// Waits out failures: 100 ms doubling to 5 s, reset after a success.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff(Duration::from_millis(100))
+    }
+    fn reset(&mut self) {
+        self.0 = Duration::from_millis(100);
+    }
+    /// Sleeps, or returns false at once if `stop` fires first.
+    async fn sleep(&mut self, stop: &CancellationToken) -> bool {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        tokio::select! {
+            _ = stop.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+}
+
+impl StreamWorker {
+    async fn run(self) -> Result<(), ApplierError> {
+        let Some(mut consumer) = self.open().await? else {
+            return Ok(());
+        };
+        tracing::info!(stream = %self.stream, next = ?consumer.expected_seq(), "applier consuming");
+        let wait = Duration::from_millis(self.cfg.batch_wait_ms);
+        let mut backoff = Backoff::new();
+        loop {
+            // `biased`: once stop is asked for, no new batch is started.
+            let next = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return Ok(()),
+                next = consumer.next_batch(self.cfg.batch_max, wait) => next,
+            };
+            let mut batch = match next {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::warn!(stream = %self.stream, error = %e, "pulling events failed; retrying");
+                    if !backoff.sleep(&self.stop).await {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            backoff.reset();
+            if batch.is_empty() {
+                continue;
+            }
+            let Some(report) = self.apply(&mut batch).await else {
+                // Stopped while the store was failing: nothing committed, nothing acked;
+                // the next run starts again from the checkpoint.
+                return Ok(());
+            };
+            // Acks only tidy the server's view; a lost one means a redelivery the store skips.
+            if let Err(e) = consumer.ack(&batch).await {
+                tracing::debug!(stream = %self.stream, error = %e, "ack failed");
+            }
+            self.metrics.record_batch(&self.stream, &report);
+            self.deliver(report).await;
+        }
+    }
+
+    /// Positions a consumer right after the store's checkpoint. `None` if stopped first.
+    async fn open(&self) -> Result<Option<EventConsumer>, ApplierError> {
+        let mut backoff = Backoff::new();
+        let own = self.stream == self.bus.stream();
+        let mut ensured = !own;
+        loop {
+            let attempt = async {
+                if !ensured {
+                    // The applier may start before any gateway: make sure its own stream
+                    // exists. Mirrors are provisioned elsewhere.
+                    self.bus.ensure_stream().await?;
+                    ensured = true;
+                }
+                let checkpoint = self.store.checkpoint(&self.stream).await?;
+                if let Ok(state) = self.bus.stream_state(&self.stream).await {
+                    if checkpoint > state.last_seq {
+                        tracing::error!(
+                            stream = %self.stream, checkpoint, last_seq = state.last_seq,
+                            "store checkpoint is beyond the end of the stream (was the stream recreated?); \
+                             events up to the checkpoint will be skipped"
+                        );
+                    }
+                }
+                let consumer = self
+                    .bus
+                    .event_consumer_after(&self.stream, &self.cfg.durable_name, checkpoint)
+                    .await?;
+                Ok::<_, ApplierError>(consumer)
+            };
+            match attempt.await {
+                Ok(consumer) => return Ok(Some(consumer)),
+                Err(ApplierError::Bus(BusError::Config { field, reason })) => {
+                    return Err(ApplierError::config(field, reason));
+                }
+                Err(e) => {
+                    tracing::warn!(stream = %self.stream, error = %e, "applier cannot start consuming yet; retrying");
+                    if !backoff.sleep(&self.stop).await {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies `batch` in one store transaction, retrying the same batch until it commits.
+    /// `None` if stopped while the store was failing.
+    async fn apply(&self, batch: &mut [ReceivedEvent]) -> Option<ApplyReport> {
+        let events: Vec<SequencedEvent> = batch
+            .iter_mut()
+            .map(|r| SequencedEvent {
+                stream_seq: r.stream_seq,
+                // An undecodable payload still takes its place: the default envelope has no
+                // event id, which the store rejects (logged, counted) while moving the
+                // checkpoint past it, so a bad message can never wedge the stream.
+                envelope: r.envelope.take().unwrap_or_else(|| {
+                    self.metrics.record_undecodable();
+                    tracing::warn!(stream = %self.stream, seq = r.stream_seq, "undecodable event skipped");
+                    Default::default()
+                }),
+            })
+            .collect();
+        let (first, last) = (events[0].stream_seq, events[events.len() - 1].stream_seq);
+        let mut backoff = Backoff::new();
+        loop {
+            match self
+                .store
+                .apply_batch(&self.apply_cfg, &self.stream, &events)
+                .await
+            {
+                Ok(report) => {
+                    tracing::debug!(
+                        stream = %self.stream, first, last, applied = report.applied,
+                        duplicates = report.duplicates, skipped = report.below_checkpoint,
+                        "batch applied"
+                    );
+                    return Some(report);
+                }
+                Err(e) => {
+                    self.metrics.record_store_retry();
+                    tracing::warn!(stream = %self.stream, first, last, error = %e, "applying batch failed; retrying it");
+                    if !backoff.sleep(&self.stop).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands each appended inbox entry to live delivery. Best effort: a device that misses
+    /// one sees the seq gap and reads it from the store.
+    async fn deliver(&self, report: ApplyReport) {
+        for d in report.deliveries {
+            let payload = bytes::Bytes::from(d.entry.encode_to_vec());
+            match self.bus.publish_delivery(&d.user, payload).await {
+                Ok(()) => self.metrics.record_delivery(true),
+                Err(e) => {
+                    self.metrics.record_delivery(false);
+                    tracing::debug!(user = %d.user, error = %e, "live delivery dropped");
+                }
+            }
+        }
+    }
+}

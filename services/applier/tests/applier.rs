@@ -1,0 +1,445 @@
+//! The applier against a real nats-server and the embedded store.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use futures::StreamExt;
+use meridian_applier::{ApplierConfig, ApplierMetrics};
+use meridian_bus::testing::{unique_prefix, NatsServer};
+use meridian_bus::{Bus, BusConfig};
+use meridian_model::events::{self, event_envelope::Body, EventEnvelope};
+use meridian_model::{ConversationId, EventId, HybridClock, RegionId, UserId};
+use meridian_store::inbox::SyncOutcome;
+use meridian_store::kv::embedded::{EmbeddedStore, EngineKind};
+use meridian_store::records::InboxEntry;
+use meridian_store::timeline::HistoryPage;
+use meridian_store::Store;
+use prost::Message as _;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const REGION: &str = "eu-west";
+
+fn region() -> RegionId {
+    RegionId::parse(REGION).unwrap()
+}
+fn user(s: &str) -> UserId {
+    UserId::parse(s).unwrap()
+}
+
+/// One test's world: a nats-server, a bus under a unique prefix, an embedded store.
+struct World {
+    server: NatsServer,
+    bus: Bus,
+    store: Store,
+    _dir: tempfile::TempDir,
+}
+
+impl World {
+    async fn new() -> Result<World> {
+        let server = NatsServer::start()?;
+        let mut cfg = BusConfig::new(server.url(), region());
+        cfg.prefix = unique_prefix();
+        let bus = Bus::connect(cfg).await?;
+        bus.ensure_stream().await?;
+        let dir = tempfile::tempdir()?;
+        let kv = EmbeddedStore::open(dir.path(), EngineKind::Fjall)?;
+        let store = Store::new(Arc::new(kv), unique_prefix().as_bytes());
+        Ok(World {
+            server,
+            bus,
+            store,
+            _dir: dir,
+        })
+    }
+
+    fn start_applier(&self) -> Applier {
+        let metrics = Arc::new(ApplierMetrics::default());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(meridian_applier::run_with_metrics(
+            ApplierConfig::new(region()),
+            self.bus.clone(),
+            self.store.clone(),
+            metrics.clone(),
+            stop.clone(),
+        ));
+        Applier { metrics, stop, task }
+    }
+
+    async fn messages(&self, cid: &ConversationId, viewer: &str) -> Result<Vec<EventId>> {
+        let h = self
+            .store
+            .history(cid, &user(viewer), HistoryPage::After(None), 10_000)
+            .await?;
+        Ok(h.messages.into_iter().map(|m| m.message_id).collect())
+    }
+
+    /// Every entry of `u`'s inbox, checking the seqs run 1, 2, 3... without holes.
+    async fn inbox(&self, u: &str) -> Result<Vec<InboxEntry>> {
+        let view = self.store.user(&user(u)).await?.context("user not applied")?;
+        let page = match self
+            .store
+            .read_inbox(&user(u), &view.epoch, None, 0, 100_000)
+            .await?
+        {
+            SyncOutcome::Page(p) => p,
+            other => bail!("unexpected {other:?}"),
+        };
+        for (i, e) in page.entries.iter().enumerate() {
+            ensure!(
+                e.seq == i as u64 + 1,
+                "inbox seqs not consecutive at {i}: {}",
+                e.seq
+            );
+        }
+        ensure!(
+            page.head == page.entries.len() as u64,
+            "head {} vs {} entries",
+            page.head,
+            page.entries.len()
+        );
+        Ok(page.entries)
+    }
+}
+
+struct Applier {
+    metrics: Arc<ApplierMetrics>,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), meridian_applier::ApplierError>>,
+}
+
+impl Applier {
+    async fn stop(self) -> Result<Arc<ApplierMetrics>> {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .context("applier did not stop")???;
+        Ok(self.metrics)
+    }
+}
+
+/// Makes events as a gateway of REGION would.
+struct Events {
+    clock: HybridClock,
+}
+
+impl Events {
+    fn new() -> Self {
+        Events {
+            clock: HybridClock::new(),
+        }
+    }
+
+    fn envelope(&self, actor: &str, id: EventId, body: Body) -> EventEnvelope {
+        EventEnvelope {
+            event_id: id.as_bytes().to_vec(),
+            origin_region: REGION.into(),
+            hlc: self.clock.now().0,
+            actor: actor.into(),
+            actor_device: "d1".into(),
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+            tracestate: String::new(),
+            body: Some(body),
+        }
+    }
+
+    fn user(&self, id: &str) -> EventEnvelope {
+        self.envelope(
+            "admin",
+            EventId::new_v7(),
+            Body::UserUpserted(events::UserUpserted {
+                user_id: id.into(),
+                home_region: REGION.into(),
+                display_name: id.to_uppercase(),
+            }),
+        )
+    }
+
+    fn direct(&self, a: &str, b: &str) -> (ConversationId, EventEnvelope) {
+        let cid = ConversationId::direct(&user(a), &user(b));
+        let grant = |u: &str| events::MemberGrant {
+            user_id: u.into(),
+            role: events::MemberRole::Member as i32,
+        };
+        let ev = self.envelope(
+            a,
+            EventId::new_v7(),
+            Body::ConversationCreated(events::ConversationCreated {
+                conversation_id: cid.to_string(),
+                kind: events::ConversationKind::Direct as i32,
+                name: String::new(),
+                members: vec![grant(a), grant(b)],
+            }),
+        );
+        (cid, ev)
+    }
+
+    fn message(&self, sender: &str, cid: &ConversationId, n: usize) -> EventEnvelope {
+        let client_msg_id = format!("m{n}");
+        self.envelope(
+            sender,
+            EventId::for_message(&user(sender), &client_msg_id),
+            Body::MessageSent(events::MessageSent {
+                conversation_id: cid.to_string(),
+                client_msg_id,
+                msg_type: "text".into(),
+                body_json: format!("{{\"text\":\"hello {n}\"}}"),
+            }),
+        )
+    }
+}
+
+/// Polls `check` until it returns true or `within` passes.
+async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn id(env: &EventEnvelope) -> EventId {
+    EventId::from_bytes(&env.event_id).unwrap()
+}
+
+/// Users ann and bob and their direct conversation.
+async fn setup(w: &World, ev: &Events) -> Result<ConversationId> {
+    let (cid, created) = ev.direct("ann", "bob");
+    w.bus
+        .publish_events(&[ev.user("ann"), ev.user("bob.smith"), ev.user("bob")])
+        .await?;
+    w.bus.publish_event(&created).await?;
+    Ok(cid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applies_events_and_delivers_inbox_entries_live() -> Result<()> {
+    let w = World::new().await?;
+    let ev = Events::new();
+    let mut deliveries = w.bus.subscribe(w.bus.delivery_wildcard()).await?;
+    w.bus.client().flush().await?;
+    let applier = w.start_applier();
+
+    let cid = setup(&w, &ev).await?;
+    let sent: Vec<EventEnvelope> = (0..5).map(|n| ev.message("ann", &cid, n)).collect();
+    w.bus.publish_events(&sent).await?;
+
+    eventually(Duration::from_secs(15), "5 messages in history", || async {
+        Ok(w.messages(&cid, "ann").await?.len() == 5)
+    })
+    .await?;
+    let want: Vec<EventId> = sent.iter().map(id).collect();
+    assert_eq!(w.messages(&cid, "bob").await?, want);
+
+    // Both inboxes: the conversation's creation, then the five messages.
+    for u in ["ann", "bob"] {
+        let inbox = w.inbox(u).await?;
+        assert_eq!(inbox.len(), 6, "{u}");
+        let kinds: Vec<&str> = inbox
+            .iter()
+            .map(|e| e.entry.as_ref().unwrap().kind.as_str())
+            .collect();
+        assert_eq!(kinds[1..], ["message"; 5]);
+    }
+
+    // Every appended entry went out live, on the recipient's delivery subject.
+    let mut got: Vec<(UserId, InboxEntry)> = Vec::new();
+    while got.len() < 12 {
+        let msg = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
+            .await
+            .context("deliveries stopped")?
+            .context("subscription ended")?;
+        let u = w
+            .bus
+            .delivery_user(&msg.subject)
+            .context("not a delivery subject")?;
+        got.push((u, InboxEntry::decode(msg.payload.as_ref())?));
+    }
+    for u in ["ann", "bob"] {
+        let live: Vec<InboxEntry> = got
+            .iter()
+            .filter(|(g, _)| g.as_str() == u)
+            .map(|(_, e)| e.clone())
+            .collect();
+        assert_eq!(live, w.inbox(u).await?, "{u}");
+    }
+
+    let metrics = applier.stop().await?;
+    assert_eq!(metrics.applied.load(Ordering::Relaxed), 4 + 5);
+    assert_eq!(metrics.deliveries.load(Ordering::Relaxed), 12);
+    assert_eq!(metrics.checkpoint(&w.bus.stream()), Some(9));
+    assert_eq!(w.store.checkpoint(&w.bus.stream()).await?, 9);
+    assert!(metrics
+        .render_prometheus()
+        .contains("meridian_applier_applied_total 9"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_of_nats_mid_stream_applies_every_event_once() -> Result<()> {
+    const N: usize = 300;
+    let mut w = World::new().await?;
+    let ev = Events::new();
+    let applier = w.start_applier();
+    let cid = setup(&w, &ev).await?;
+    let sent: Vec<EventEnvelope> = (0..N).map(|n| ev.message("ann", &cid, n)).collect();
+
+    let (progress_tx, mut progress_rx) = tokio::sync::mpsc::channel::<usize>(N);
+    let publisher = tokio::spawn({
+        let bus = w.bus.clone();
+        let sent = sent.clone();
+        async move {
+            for (i, chunk) in sent.chunks(4).enumerate() {
+                bus.publish_events(chunk).await?;
+                progress_tx.send((i + 1) * 4).await.ok();
+            }
+            Ok::<_, meridian_bus::BusError>(())
+        }
+    });
+    while let Some(done) = progress_rx.recv().await {
+        if done >= N / 3 {
+            break;
+        }
+    }
+    let applied_at_kill = w.store.checkpoint(&w.bus.stream()).await?;
+    w.server.restart()?;
+    tokio::spawn(async move { while progress_rx.recv().await.is_some() {} });
+    publisher.await??;
+    eprintln!("nats killed with {applied_at_kill} of {} events applied", 4 + N);
+
+    eventually(Duration::from_secs(60), "every message applied", || async {
+        Ok(w.messages(&cid, "ann").await?.len() >= N)
+    })
+    .await?;
+    let history = w.messages(&cid, "bob").await?;
+    assert_eq!(
+        history,
+        sent.iter().map(id).collect::<Vec<_>>(),
+        "each message once, in order"
+    );
+    for u in ["ann", "bob"] {
+        let inbox = w.inbox(u).await?;
+        assert_eq!(inbox.len(), 1 + N, "{u}: creation + every message, once");
+        let ids: HashSet<Vec<u8>> = inbox
+            .iter()
+            .map(|e| e.entry.as_ref().unwrap().event_id.clone())
+            .collect();
+        assert_eq!(ids.len(), inbox.len(), "{u}: no entry twice");
+    }
+    let state = w.bus.stream_state(&w.bus.stream()).await?;
+    assert_eq!(state.messages, (4 + N) as u64, "the stream holds each event once");
+    let metrics = applier.stop().await?;
+    assert_eq!(metrics.applied.load(Ordering::Relaxed), (4 + N) as u64);
+    assert_eq!(metrics.duplicates.load(Ordering::Relaxed), 0);
+    eprintln!(
+        "redeliveries skipped by the checkpoint: {}",
+        metrics.below_checkpoint.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_applier_restart_resumes_without_duplicate_effects() -> Result<()> {
+    const N: usize = 200;
+    let w = World::new().await?;
+    let ev = Events::new();
+    let first = w.start_applier();
+    let cid = setup(&w, &ev).await?;
+    let sent: Vec<EventEnvelope> = (0..N).map(|n| ev.message("bob", &cid, n)).collect();
+    let publisher = tokio::spawn({
+        let bus = w.bus.clone();
+        let sent = sent.clone();
+        async move {
+            for chunk in sent.chunks(5) {
+                bus.publish_events(chunk).await?;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok::<_, meridian_bus::BusError>(())
+        }
+    });
+    eventually(Duration::from_secs(15), "some messages applied", || async {
+        Ok(w.messages(&cid, "ann").await?.len() >= N / 4)
+    })
+    .await?;
+    let m1 = first.stop().await?;
+    let at_stop = w.store.checkpoint(&w.bus.stream()).await?;
+
+    let second = w.start_applier();
+    publisher.await??;
+    eventually(Duration::from_secs(30), "every message applied", || async {
+        Ok(w.messages(&cid, "ann").await?.len() >= N)
+    })
+    .await?;
+    assert_eq!(
+        w.messages(&cid, "ann").await?,
+        sent.iter().map(id).collect::<Vec<_>>()
+    );
+    for u in ["ann", "bob"] {
+        assert_eq!(w.inbox(u).await?.len(), 1 + N, "{u}");
+    }
+    let m2 = second.stop().await?;
+    let applied = m1.applied.load(Ordering::Relaxed) + m2.applied.load(Ordering::Relaxed);
+    assert_eq!(
+        applied,
+        (4 + N) as u64,
+        "every event applied by exactly one of the two runs"
+    );
+    assert_eq!(m1.checkpoint(&w.bus.stream()), Some(at_stop));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_messages_move_the_checkpoint_without_wedging() -> Result<()> {
+    let w = World::new().await?;
+    let ev = Events::new();
+    let applier = w.start_applier();
+    let subject = format!("{}sync.{}.events", w.bus.config().prefix, REGION);
+    w.bus
+        .jetstream()
+        .publish(subject, bytes::Bytes::from_static(b"\xff\xfe not an envelope"))
+        .await?
+        .await?;
+    let cid = setup(&w, &ev).await?;
+    w.bus.publish_event(&ev.message("ann", &cid, 1)).await?;
+    eventually(
+        Duration::from_secs(15),
+        "the message after the bad one",
+        || async { Ok(w.messages(&cid, "bob").await?.len() == 1) },
+    )
+    .await?;
+    assert_eq!(w.store.checkpoint(&w.bus.stream()).await?, 6);
+    let m = applier.stop().await?;
+    assert_eq!(m.undecodable.load(Ordering::Relaxed), 1);
+    assert_eq!(m.rejected.load(Ordering::Relaxed), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_mismatch_is_a_config_error() -> Result<()> {
+    let w = World::new().await?;
+    let cfg = ApplierConfig::new(RegionId::parse("elsewhere")?);
+    let err = meridian_applier::run(cfg, w.bus.clone(), w.store.clone(), CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            meridian_applier::ApplierError::Config { field: "region", .. }
+        ),
+        "{err}"
+    );
+    Ok(())
+}

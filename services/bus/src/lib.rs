@@ -1,0 +1,571 @@
+//! Meridian's bus: the region's JetStream stream of events, and the core NATS subjects live
+//! delivery and ephemeral signals (typing, presence) travel on.
+//!
+//! # Layout
+//! - [`config`]: [`BusConfig`], [`Durability`], and [`nats_server_config`], the nats-server
+//!   config text the launcher and the test harness write.
+//! - this file: [`Bus`], a cheap-to-clone handle: connect with retry, stream provisioning,
+//!   publishing events with JetStream dedup and W3C trace headers (retrying through NATS
+//!   restarts with the same message id), delivery subjects, ephemeral publish/subscribe.
+//! - [`consumer`]: [`EventConsumer`], a durable pull consumer that hands out events in
+//!   stream order without holes, realigning itself with the server after restarts.
+//! - `error`: [`BusError`].
+//! - [`testing`] (feature `testing`): a real nats-server process per test.
+
+pub mod config;
+pub mod consumer;
+mod error;
+mod read;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+use meridian_model::events::EventEnvelope;
+use meridian_model::{EventId, RegionId, UserId};
+use prost::Message as _;
+use tokio::time::Instant;
+
+pub use config::{nats_server_config, BusConfig, Durability};
+pub use consumer::{EventConsumer, ReceivedEvent};
+pub use error::BusError;
+
+/// W3C trace context header names (lower case, as the spec writes them).
+pub const TRACEPARENT: &str = "traceparent";
+pub const TRACESTATE: &str = "tracestate";
+/// JetStream's dedup header.
+pub const MSG_ID: &str = "Nats-Msg-Id";
+
+/// How long one publish attempt waits for its PubAck before it is sent again. Short enough
+/// that a publish caught by a NATS restart is retried soon after the server is back.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// JetStream API requests (stream and consumer management).
+const API_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pipelined publishes in flight at once; below async-nats' ack-permit limit (5000), which
+/// would otherwise stall sends waiting for acks nobody is reading yet.
+const PIPELINE_WINDOW: usize = 1024;
+/// A live delivery is best effort: a slow or absent connection must not hold up the applier.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What JetStream answered for one published event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishAck {
+    pub stream: String,
+    pub stream_seq: u64,
+    /// The server had already stored this event id within the duplicate window; `stream_seq`
+    /// is then the sequence of the original. It can also be set when an earlier attempt of
+    /// the same call was stored but its ack was lost to a reconnect: either way the event is
+    /// in the stream once.
+    pub duplicate: bool,
+}
+
+/// A stream's extent, for tests, lag and readiness.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamState {
+    pub messages: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub consumer_count: usize,
+}
+
+/// The region's bus. Cheap to clone: clones share one NATS connection.
+#[derive(Clone)]
+pub struct Bus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: BusConfig,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream: String,
+    events_subject: Subject,
+    /// Counts reconnects (see `connect`).
+    reconnects: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Bus {
+    /// Connects, retrying the initial connect for up to `publish_timeout_s` (the server may
+    /// be starting alongside us). Afterwards the client reconnects forever on its own.
+    pub async fn connect(cfg: BusConfig) -> Result<Bus, BusError> {
+        cfg.validate()?;
+        let deadline = Instant::now() + Duration::from_secs(cfg.publish_timeout_s);
+        let mut backoff = Backoff::new();
+        let (reconnects_tx, reconnects) = tokio::sync::watch::channel(0u64);
+        let reconnects_tx = Arc::new(reconnects_tx);
+        let disconnected = Arc::new(AtomicBool::new(false));
+        let client = loop {
+            let reconnects_tx = reconnects_tx.clone();
+            let disconnected = disconnected.clone();
+            let opts = async_nats::ConnectOptions::new()
+                .name(format!("meridian-{}", cfg.region))
+                .max_reconnects(None)
+                .connection_timeout(Duration::from_secs(2))
+                // The default backs off to 4 s; capping at 1 s gets publishers going again
+                // soon after a NATS restart, which is the outage we expect most.
+                .reconnect_delay_callback(|attempts| {
+                    Duration::from_millis(2u64.saturating_pow(attempts.min(10) as u32))
+                        .min(Duration::from_secs(1))
+                })
+                .event_callback(move |event| {
+                    let reconnects_tx = reconnects_tx.clone();
+                    let disconnected = disconnected.clone();
+                    async move {
+                        match event {
+                            async_nats::Event::Connected => {
+                                tracing::info!("NATS connected");
+                                // Only a reconnect counts: publishes waiting for acks from
+                                // the lost connection are then resent at once.
+                                if disconnected.swap(false, Ordering::SeqCst) {
+                                    reconnects_tx.send_modify(|n| *n += 1);
+                                }
+                            }
+                            async_nats::Event::Disconnected => {
+                                disconnected.store(true, Ordering::SeqCst);
+                                tracing::warn!("NATS disconnected; reconnecting");
+                            }
+                            other => tracing::warn!(event = %other, "NATS event"),
+                        }
+                    }
+                });
+            match opts.connect(cfg.nats_url.as_str()).await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() + backoff.peek() < deadline => {
+                    tracing::warn!(url = %cfg.nats_url, error = %e, "NATS connect failed; retrying");
+                    backoff.sleep().await;
+                }
+                Err(e) => {
+                    return Err(BusError::Unavailable(format!("connect to {}: {e}", cfg.nats_url)));
+                }
+            }
+        };
+        let js = jetstream::ContextBuilder::new()
+            .timeout(API_TIMEOUT)
+            .build(client.clone());
+        let stream = cfg.stream_name(&cfg.region);
+        let events_subject = Subject::from(cfg.events_subject(&cfg.region));
+        Ok(Bus {
+            inner: Arc::new(Inner {
+                cfg,
+                client,
+                js,
+                stream,
+                events_subject,
+                reconnects,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &BusConfig {
+        &self.inner.cfg
+    }
+
+    pub fn region(&self) -> &RegionId {
+        &self.inner.cfg.region
+    }
+
+    /// The name of this region's own stream.
+    pub fn stream(&self) -> String {
+        self.inner.stream.clone()
+    }
+
+    /// The name of `region`'s stream under this bus's prefix (a mirror, for other regions).
+    pub fn stream_for(&self, region: &RegionId) -> String {
+        self.inner.cfg.stream_name(region)
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.inner.js
+    }
+
+    /// Creates the region's stream, or updates it to the configured limits. File storage:
+    /// the stream is the durable record of every acknowledged event.
+    pub async fn ensure_stream(&self) -> Result<(), BusError> {
+        let cfg = &self.inner.cfg;
+        let config = jetstream::stream::Config {
+            name: self.inner.stream.clone(),
+            description: Some(format!("Meridian events stamped in region {}", cfg.region)),
+            subjects: vec![cfg.stream_subjects(&cfg.region)],
+            storage: jetstream::stream::StorageType::File,
+            retention: jetstream::stream::RetentionPolicy::Limits,
+            duplicate_window: Duration::from_secs(cfg.duplicate_window_s),
+            max_age: Duration::from_secs(cfg.max_age_s),
+            max_bytes: cfg.max_bytes,
+            // Discard old: a full stream must keep taking new events; the applier and the
+            // mirrors are expected to keep up with far more than `max_bytes` of lead.
+            discard: jetstream::stream::DiscardPolicy::Old,
+            // Deleting single events would punch holes that consumers take for lost events.
+            deny_delete: true,
+            allow_direct: true,
+            ..Default::default()
+        };
+        self.with_api_retry("create or update stream", || {
+            let config = config.clone();
+            async move { self.inner.js.create_or_update_stream(config).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The extent of `stream`.
+    pub async fn stream_state(&self, stream: &str) -> Result<StreamState, BusError> {
+        let s = self
+            .with_api_retry("get stream", || self.inner.js.get_stream_no_info(stream))
+            .await?;
+        let info = self.with_api_retry("stream info", || s.get_info()).await?;
+        Ok(StreamState {
+            messages: info.state.messages,
+            first_seq: info.state.first_sequence,
+            last_seq: info.state.last_sequence,
+            consumer_count: info.state.consumer_count,
+        })
+    }
+
+    /// Publishes one event to the region's stream and returns once JetStream has acked it.
+    /// Through connection loss, timeouts and "no responders" (a restarting server) it
+    /// resends with the same `Nats-Msg-Id` until `publish_timeout_s`, so the stream ends up
+    /// holding the event exactly once.
+    pub async fn publish_event(&self, env: &EventEnvelope) -> Result<PublishAck, BusError> {
+        let mut acks = self.publish_events(std::slice::from_ref(env)).await?;
+        Ok(acks.remove(0))
+    }
+
+    /// Publishes many events pipelined: all are sent before their acks are awaited, so one
+    /// fsync (under `Durability::Disk`) covers many. Same retry semantics as
+    /// [`Bus::publish_event`]. Events that need a retry are resent after the ones that went
+    /// through, so if a server loses an unacked event mid-batch, the stream order can differ
+    /// from the slice order; order keys, not stream order, order the timelines.
+    pub async fn publish_events(&self, envs: &[EventEnvelope]) -> Result<Vec<PublishAck>, BusError> {
+        let prepared = envs.iter().map(prepare).collect::<Result<Vec<_>, _>>()?;
+        let deadline = Instant::now() + Duration::from_secs(self.inner.cfg.publish_timeout_s);
+        let mut acks: Vec<Option<PublishAck>> = vec![None; envs.len()];
+        let mut backoff = Backoff::new();
+        loop {
+            let todo: Vec<usize> = (0..acks.len()).filter(|&i| acks[i].is_none()).collect();
+            if todo.is_empty() {
+                return Ok(acks.into_iter().map(|a| a.expect("every slot acked")).collect());
+            }
+            let mut last_error = String::new();
+            for window in todo.chunks(PIPELINE_WINDOW) {
+                let results = self.publish_window(&prepared, window, deadline).await;
+                for (&i, result) in window.iter().zip(results) {
+                    match result {
+                        Ok(ack) => acks[i] = Some(ack),
+                        Err(Attempt::Retry(e)) => last_error = e,
+                        Err(Attempt::Fatal(e)) => return Err(e),
+                    }
+                }
+            }
+            if acks.iter().all(Option::is_some) {
+                continue;
+            }
+            if Instant::now() + backoff.peek() >= deadline {
+                return Err(BusError::Unavailable(format!(
+                    "publish to {} not acked within {} s: {last_error}",
+                    self.inner.stream, self.inner.cfg.publish_timeout_s
+                )));
+            }
+            tracing::warn!(stream = %self.inner.stream, error = %last_error, "publish not acked; retrying with the same ids");
+            backoff.sleep().await;
+        }
+    }
+
+    /// Sends the events at `window` without waiting, then collects their acks.
+    async fn publish_window(
+        &self,
+        prepared: &[Prepared],
+        window: &[usize],
+        deadline: Instant,
+    ) -> Vec<Result<PublishAck, Attempt>> {
+        let generation = *self.inner.reconnects.borrow();
+        let mut pending = Vec::with_capacity(window.len());
+        for &i in window {
+            let p = &prepared[i];
+            let msg = PublishMessage::build()
+                .payload(p.payload.clone())
+                .headers(p.headers.clone());
+            let sent = tokio::time::timeout(
+                ATTEMPT_TIMEOUT,
+                self.inner.js.send_publish(self.inner.events_subject.clone(), msg),
+            )
+            .await;
+            pending.push(match sent {
+                Ok(Ok(fut)) => Ok(fut),
+                Ok(Err(e)) => Err(classify(e)),
+                Err(_) => Err(Attempt::Retry("send timed out".into())),
+            });
+        }
+        let acks = pending.into_iter().map(|p| async move {
+            let fut = p?;
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(100));
+            // An ack owed by a connection that has since been replaced never comes: resend
+            // as soon as the client is back rather than sitting out the attempt timeout.
+            let mut reconnects = self.inner.reconnects.clone();
+            let reconnected = async move {
+                if reconnects.wait_for(|n| *n > generation).await.is_err() {
+                    futures::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                acked = tokio::time::timeout(left.min(ATTEMPT_TIMEOUT), fut) => match acked {
+                    Ok(Ok(ack)) => Ok(PublishAck {
+                        stream: ack.stream,
+                        stream_seq: ack.sequence,
+                        duplicate: ack.duplicate,
+                    }),
+                    Ok(Err(e)) => Err(classify(e)),
+                    Err(_) => Err(Attempt::Retry("ack timed out".into())),
+                },
+                _ = reconnected => Err(Attempt::Retry("reconnected before the ack arrived".into())),
+            }
+        });
+        futures::future::join_all(acks).await
+    }
+
+    /// A durable pull consumer on `stream` (own or mirror) resuming where its acks left off.
+    /// See [`EventConsumer`] for how it stays gap-free.
+    pub async fn event_consumer(&self, stream: &str, durable: &str) -> Result<EventConsumer, BusError> {
+        EventConsumer::open(self.clone(), stream, durable, None).await
+    }
+
+    /// A durable pull consumer on `stream` positioned right after `after_seq`: the applier
+    /// passes its store checkpoint, which (not the consumer's acks, DESIGN.md section 3)
+    /// decides what is new.
+    pub async fn event_consumer_after(
+        &self,
+        stream: &str,
+        durable: &str,
+        after_seq: u64,
+    ) -> Result<EventConsumer, BusError> {
+        EventConsumer::open(self.clone(), stream, durable, Some(after_seq)).await
+    }
+
+    /// Publishes a live delivery for `user` on core NATS (no JetStream: a missed delivery is
+    /// gap-filled from the store by the device). Gives up after a second.
+    pub async fn publish_delivery(&self, user: &UserId, payload: Bytes) -> Result<(), BusError> {
+        let subject = self.delivery_subject(user);
+        match tokio::time::timeout(DELIVERY_TIMEOUT, self.inner.client.publish(subject, payload)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(BusError::Unavailable(format!("publish delivery: {e}"))),
+            Err(_) => Err(BusError::Unavailable("publish delivery timed out".into())),
+        }
+    }
+
+    /// `{prefix}deliver.{region}.{user}` with the user id encoded as one subject token:
+    /// user ids may contain '.', which would split the token, so '.' is written as '~'
+    /// (not in the user id alphabet `[A-Za-z0-9_.-]`, so the encoding is reversible, and
+    /// legal in NATS subjects). See [`Bus::delivery_user`] for the reverse.
+    pub fn delivery_subject(&self, user: &UserId) -> String {
+        format!("{}{}", self.delivery_base(), encode_user_token(user))
+    }
+
+    /// Matches every delivery subject of this region.
+    pub fn delivery_wildcard(&self) -> String {
+        format!("{}*", self.delivery_base())
+    }
+
+    /// The user a delivery subject (from [`Bus::delivery_wildcard`]) is for.
+    pub fn delivery_user(&self, subject: &str) -> Option<UserId> {
+        let token = subject.strip_prefix(&self.delivery_base())?;
+        decode_user_token(token)
+    }
+
+    fn delivery_base(&self) -> String {
+        format!("{}deliver.{}.", self.inner.cfg.prefix, self.inner.cfg.region)
+    }
+
+    /// `suffix` under this bus's prefix: for subjects other roles define (typing, presence),
+    /// so tests sharing a server stay apart.
+    pub fn subject(&self, suffix: &str) -> String {
+        format!("{}{}", self.inner.cfg.prefix, suffix)
+    }
+
+    pub async fn subscribe(&self, subject: String) -> Result<async_nats::Subscriber, BusError> {
+        self.inner
+            .client
+            .subscribe(subject)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("subscribe: {e}")))
+    }
+
+    /// Core NATS publish for signals nobody needs to keep (typing, presence).
+    pub async fn publish_ephemeral(&self, subject: String, payload: Bytes) -> Result<(), BusError> {
+        match tokio::time::timeout(DELIVERY_TIMEOUT, self.inner.client.publish(subject, payload)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(BusError::Unavailable(format!("publish: {e}"))),
+            Err(_) => Err(BusError::Unavailable("publish timed out".into())),
+        }
+    }
+
+    /// A round trip to the server, for readiness checks.
+    pub async fn ping(&self) -> Result<(), BusError> {
+        if self.inner.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(BusError::Unavailable("not connected".into()));
+        }
+        match tokio::time::timeout(Duration::from_secs(2), self.inner.client.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(BusError::Unavailable(format!("flush: {e}"))),
+            Err(_) => Err(BusError::Unavailable("flush timed out".into())),
+        }
+    }
+
+    /// Runs a JetStream API call, retrying transient failures (a server that is restarting
+    /// answers "no responders" or not at all) until `publish_timeout_s`.
+    pub(crate) async fn with_api_retry<T, E, F, Fut>(&self, what: &str, mut call: F) -> Result<T, BusError>
+    where
+        E: std::fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(self.inner.cfg.publish_timeout_s);
+        let mut backoff = Backoff::new();
+        loop {
+            match call().await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    let text = e.to_string();
+                    if !is_transient_api_error(&text) {
+                        return Err(BusError::nats(what, text));
+                    }
+                    if Instant::now() + backoff.peek() >= deadline {
+                        return Err(BusError::Unavailable(format!("{what}: {text}")));
+                    }
+                    tracing::debug!(what, error = %text, "JetStream API call failed; retrying");
+                    backoff.sleep().await;
+                }
+            }
+        }
+    }
+}
+
+/// async-nats reports API failures as errors whose kinds differ per call; their text is
+/// the one thing they share. Timeouts, missing responders and 503s (JetStream not ready
+/// yet after a restart) are worth retrying; a 4xx answer (bad config, not found) is not.
+fn is_transient_api_error(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    t.contains("timed out")
+        || t.contains("timeout")
+        || t.contains("no responders")
+        || t.contains("code 503")
+        || t.contains("temporarily unavailable")
+        || t.contains("broken pipe")
+        || t.contains("disconnected")
+        || t.contains("connection")
+}
+
+/// One event ready to send: its bytes and headers are built once and reused by every retry,
+/// so a retry is byte-for-byte the same publish.
+struct Prepared {
+    payload: Bytes,
+    headers: HeaderMap,
+}
+
+fn prepare(env: &EventEnvelope) -> Result<Prepared, BusError> {
+    let id = EventId::from_bytes(&env.event_id).map_err(|e| BusError::InvalidEvent(e.to_string()))?;
+    let mut headers = HeaderMap::new();
+    headers.insert(MSG_ID, id.to_string().as_str());
+    if !env.traceparent.is_empty() {
+        headers.insert(TRACEPARENT, env.traceparent.as_str());
+    }
+    if !env.tracestate.is_empty() {
+        headers.insert(TRACESTATE, env.tracestate.as_str());
+    }
+    Ok(Prepared {
+        payload: Bytes::from(env.encode_to_vec()),
+        headers,
+    })
+}
+
+enum Attempt {
+    Retry(String),
+    Fatal(BusError),
+}
+
+fn classify(e: jetstream::context::PublishError) -> Attempt {
+    match e.kind() {
+        PublishErrorKind::TimedOut
+        | PublishErrorKind::BrokenPipe
+        | PublishErrorKind::StreamNotFound
+        | PublishErrorKind::MaxAckPending => Attempt::Retry(e.to_string()),
+        PublishErrorKind::MaxPayloadExceeded
+        | PublishErrorKind::WrongLastMessageId
+        | PublishErrorKind::WrongLastSequence => Attempt::Fatal(BusError::nats("publish", e)),
+        PublishErrorKind::Other => {
+            // An API error in the ack: 503 means JetStream is not ready (yet); anything else
+            // is the server refusing this message, which a resend will not change.
+            let api = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<jetstream::Error>());
+            match api {
+                Some(api) if api.code() != 503 => Attempt::Fatal(BusError::nats("publish", &e)),
+                _ => Attempt::Retry(e.to_string()),
+            }
+        }
+        #[allow(unreachable_patterns)]
+        _ => Attempt::Retry(e.to_string()),
+    }
+}
+
+fn encode_user_token(user: &UserId) -> String {
+    user.as_str().replace('.', "~")
+}
+
+fn decode_user_token(token: &str) -> Option<UserId> {
+    if token.contains('.') {
+        return None;
+    }
+    UserId::parse(token.replace('~', ".")).ok()
+}
+
+/// Exponential backoff from 50 ms to 1 s: quick enough to catch a restarted server within
+/// a second or so, slow enough not to spin.
+pub(crate) struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Self {
+            next: Duration::from_millis(50),
+        }
+    }
+
+    pub(crate) fn peek(&self) -> Duration {
+        self.next
+    }
+
+    pub(crate) async fn sleep(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_tokens_round_trip() {
+        for u in ["ann", "ann.b", "a.b.c", "x-y_z", ".lead", "trail."] {
+            let user = UserId::parse(u).unwrap();
+            let token = encode_user_token(&user);
+            assert!(!token.contains('.'), "{token}");
+            assert_eq!(decode_user_token(&token), Some(user));
+        }
+    }
+
+    #[test]
+    fn envelopes_without_a_valid_id_are_refused() {
+        let env = EventEnvelope::default();
+        assert!(matches!(prepare(&env), Err(BusError::InvalidEvent(_))));
+    }
+}
