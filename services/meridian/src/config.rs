@@ -1,0 +1,251 @@
+//! The region file (`regions/<r>.toml`): one table per role, plus environment overrides.
+//!
+//! The top-level `region` is copied into every role table, so a file names its region once.
+//! Any field can be overridden from the environment as `MERIDIAN__<TABLE>__<FIELD>=value`
+//! (for example `MERIDIAN__GATEWAY__LISTEN=0.0.0.0:8080`, `MERIDIAN__STORE=tikv://pd:2379`);
+//! values are parsed as TOML when they parse, else taken as strings.
+
+use std::path::Path;
+
+use meridian_applier::ApplierConfig;
+use meridian_bus::BusConfig;
+use meridian_gateway::GatewayConfig;
+use meridian_model::RegionId;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid config field {field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+/// Secrets in the example region files start with this; a config holding it is rejected.
+pub const PLACEHOLDER: &str = "REPLACE_ME";
+
+/// Everything one region process needs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionConfig {
+    pub region: RegionId,
+    /// Store URL: `embedded://DIR` (fjall), `embedded://DIR?engine=redb`, or `tikv://pd,...`.
+    pub store: String,
+    /// Inbox entries older than this are swept (DESIGN.md: 7 days by default).
+    #[serde(default = "default_inbox_ttl_s")]
+    pub inbox_ttl_s: u64,
+    #[serde(default = "default_sweep_interval_s")]
+    pub sweep_interval_s: u64,
+    pub bus: BusConfig,
+    pub gateway: GatewayConfig,
+    #[serde(default = "default_applier")]
+    pub applier: ApplierConfig,
+}
+
+fn default_inbox_ttl_s() -> u64 {
+    7 * 24 * 3600
+}
+fn default_sweep_interval_s() -> u64 {
+    60
+}
+fn default_applier() -> ApplierConfig {
+    // Replaced by the region-injected table in `from_toml`; present so serde has a default.
+    ApplierConfig::new(RegionId::parse("unset").expect("valid region id"))
+}
+
+impl RegionConfig {
+    /// Reads a region file and applies `MERIDIAN__...` overrides from `env`.
+    pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string(), env)
+    }
+
+    pub fn from_toml(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let parse_err = |message: String| ConfigError::Parse {
+            path: origin.to_string(),
+            message,
+        };
+        let mut doc: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+        for (key, value) in env {
+            let Some(path) = key.strip_prefix("MERIDIAN__") else {
+                continue;
+            };
+            let parts: Vec<String> = path.split("__").map(|p| p.to_ascii_lowercase()).collect();
+            let parsed = format!("v = {value}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or(toml::Value::String(value));
+            set_path(&mut doc, &parts, parsed);
+        }
+        let region = doc.get("region").cloned().ok_or_else(|| ConfigError::Invalid {
+            field: "region".into(),
+            reason: "missing".into(),
+        })?;
+        for table in ["bus", "gateway", "applier"] {
+            let t = doc
+                .entry(table)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::Table(t) = t {
+                t.entry("region").or_insert(region.clone());
+            }
+        }
+        let cfg: RegionConfig = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks the whole file; the error names the bad field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &str, reason: String| ConfigError::Invalid {
+            field: field.to_string(),
+            reason,
+        };
+        for (table, r) in [
+            ("bus.region", &self.bus.region),
+            ("gateway.region", &self.gateway.region),
+            ("applier.region", &self.applier.region),
+        ] {
+            if *r != self.region {
+                return Err(invalid(table, format!("{r} differs from region {}", self.region)));
+            }
+        }
+        if !(self.store.starts_with("embedded://") || self.store.starts_with("tikv://")) {
+            return Err(invalid(
+                "store",
+                format!("{:?} is neither embedded://DIR nor tikv://PD,...", self.store),
+            ));
+        }
+        if self.inbox_ttl_s < 60 {
+            return Err(invalid("inbox_ttl_s", "must be at least 60".into()));
+        }
+        if self.sweep_interval_s == 0 {
+            return Err(invalid("sweep_interval_s", "must be positive".into()));
+        }
+        // The example files in regions/ ship keys as placeholders that must fail here, before
+        // anything connects, with the field and its override variable named.
+        for (field, value, var) in [
+            (
+                "gateway.jwt_secret",
+                &self.gateway.jwt_secret,
+                "MERIDIAN__GATEWAY__JWT_SECRET",
+            ),
+            (
+                "gateway.admin_key",
+                &self.gateway.admin_key,
+                "MERIDIAN__GATEWAY__ADMIN_KEY",
+            ),
+        ] {
+            if value.starts_with(PLACEHOLDER) {
+                return Err(invalid(
+                    field,
+                    format!("is still the example placeholder; set it in the file or with {var}"),
+                ));
+            }
+        }
+        self.bus.validate().map_err(|e| invalid("bus", e.to_string()))?;
+        self.gateway
+            .validate()
+            .map_err(|e| invalid("gateway", e.to_string()))?;
+        self.applier
+            .validate()
+            .map_err(|e| invalid("applier", e.to_string()))?;
+        Ok(())
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    match path {
+        [] => {}
+        [last] => {
+            table.insert(last.clone(), value);
+        }
+        [first, rest @ ..] => {
+            let child = table
+                .entry(first.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if !child.is_table() {
+                *child = toml::Value::Table(toml::Table::new());
+            }
+            if let toml::Value::Table(t) = child {
+                set_path(t, rest, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"
+region = "us"
+store = "embedded://.data/us"
+[bus]
+nats_url = "nats://127.0.0.1:4222"
+[gateway]
+listen = "127.0.0.1:8080"
+jwt_secret = "0123456789abcdef0123456789abcdef"
+admin_key = "admin-key-admin-key"
+"#;
+
+    #[test]
+    fn region_is_injected_and_env_overrides_apply() {
+        let env = vec![
+            (
+                "MERIDIAN__GATEWAY__LISTEN".to_string(),
+                "0.0.0.0:9999".to_string(),
+            ),
+            ("MERIDIAN__APPLIER__BATCH_MAX".to_string(), "64".to_string()),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ];
+        let cfg = RegionConfig::from_toml(FILE, "test", env).unwrap();
+        assert_eq!(cfg.gateway.region.as_str(), "us");
+        assert_eq!(cfg.applier.region.as_str(), "us");
+        assert_eq!(cfg.gateway.listen.port(), 9999);
+        assert_eq!(cfg.applier.batch_max, 64);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let env = vec![("MERIDIAN__GATEWAY__JWT_SECRET".to_string(), "short".to_string())];
+        let err = RegionConfig::from_toml(FILE, "test", env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("jwt_secret"), "{err}");
+        let err = RegionConfig::from_toml(&FILE.replace("embedded://", "s3://"), "test", vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("store"), "{err}");
+        let placeholder = FILE.replace("admin-key-admin-key", "REPLACE_ME-with-a-long-random-key");
+        let err = RegionConfig::from_toml(&placeholder, "test", vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("gateway.admin_key") && err.contains("MERIDIAN__GATEWAY__ADMIN_KEY"),
+            "{err}"
+        );
+        let env = vec![(
+            "MERIDIAN__GATEWAY__ADMIN_KEY".to_string(),
+            "a-real-admin-key-123".to_string(),
+        )];
+        RegionConfig::from_toml(&placeholder, "test", env).unwrap();
+        let err = RegionConfig::from_toml(&FILE.replace("listen", "lisen"), "test", vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lisen"), "{err}");
+    }
+}

@@ -1,0 +1,13 @@
+//! The `meridian` binary's library: everything but argument parsing, so tests and the
+//! launcher start roles in-process from the same code the binary runs.
+//!
+//! # Layout
+//! - [`config`]: `RegionConfig`, the region file (`regions/<r>.toml`) with env overrides.
+//! - [`region`]: one region process: store + bus + gateway + applier + sweeper, ordered stop.
+//! - [`up`]: `meridian up`, a local deployment: a nats-server and a region process per
+//!   region, supervised, stopped in order.
+
+pub mod bench;
+pub mod config;
+pub mod region;
+pub mod up;

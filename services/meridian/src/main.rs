@@ -1,0 +1,186 @@
+//! The `meridian` binary: parses arguments and calls the library (`meridian::up`,
+//! `meridian::region`). SIGTERM or SIGINT stops the running command in order; a second one
+//! exits at once.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use meridian::config::RegionConfig;
+use meridian::region::{self, Roles};
+use meridian::up::{self, UpOptions};
+use meridian_model::RegionId;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "meridian", version, about = "Meridian: a multi-region IM backend")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a local deployment in the foreground: per region a nats-server and a region
+    /// process over the embedded store, restarted when they die. Region i uses ports
+    /// PORT_BASE+10*i (nats) and PORT_BASE+10*i+1 (gateway).
+    Up(UpArgs),
+    /// Run every role of a region (gateway, applier, inbox sweeper) in this process; the
+    /// only choice with the embedded store, which one process opens at a time.
+    Region(RoleArgs),
+    /// Run only the gateway of a region (needs a shared store: tikv://).
+    Gateway(RoleArgs),
+    /// Run only the applier (and inbox sweeper) of a region (needs a shared store: tikv://).
+    Applier(RoleArgs),
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Regions to run, comma-separated (e.g. us,eu).
+    #[arg(long, value_delimiter = ',', required = true)]
+    regions: Vec<String>,
+    /// Where every region keeps its data, logs and config; kept across runs.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// The key admin calls carry in X-Admin-Key (at least 16 characters).
+    #[arg(long, env = "MERIDIAN_ADMIN_KEY", hide_env_values = true)]
+    admin_key: String,
+    /// First port of the first region's block of 10.
+    #[arg(long, default_value_t = 7000)]
+    port_base: u16,
+    /// The nats-server binary [default: $MERIDIAN_NATS_SERVER, else .tools/bin/nats-server
+    /// of this repository, installed by deploy/install-nats.sh]
+    #[arg(long)]
+    nats_server: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RoleArgs {
+    /// The region file (regions/<region>.toml); MERIDIAN__<TABLE>__<FIELD> variables
+    /// override its fields.
+    #[arg(long)]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("Error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The cause chain on one line is the message; a backtrace (anyhow's Debug output
+            // when RUST_BACKTRACE is set) would bury it for an operator.
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        // Region processes under `up` write to log files: no colour codes there.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+
+    let shutdown = CancellationToken::new();
+    let signals = tokio::spawn(watch_signals(shutdown.clone()));
+    let result = match cli.command {
+        Cmd::Up(args) => run_up(args, shutdown.clone()).await,
+        Cmd::Region(args) => run_roles(&args.config, Roles::ALL, "region", shutdown.clone()).await,
+        Cmd::Gateway(args) => {
+            let roles = Roles {
+                gateway: true,
+                applier: false,
+            };
+            run_roles(&args.config, roles, "gateway", shutdown.clone()).await
+        }
+        Cmd::Applier(args) => {
+            let roles = Roles {
+                gateway: false,
+                applier: true,
+            };
+            run_roles(&args.config, roles, "applier", shutdown.clone()).await
+        }
+    };
+    signals.abort();
+    result
+}
+
+async fn run_up(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let regions = args
+        .regions
+        .iter()
+        .map(|r| RegionId::parse(r.trim()).with_context(|| format!("--regions: {r:?}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let opts = UpOptions {
+        regions,
+        data_dir: args.data_dir,
+        admin_key: args.admin_key,
+        port_base: args.port_base,
+        nats_server: args.nats_server,
+        exe: None,
+    };
+    up::run(opts, shutdown).await.context("meridian up")
+}
+
+async fn run_roles(
+    config: &Path,
+    roles: Roles,
+    command: &str,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let cfg = RegionConfig::load(config, std::env::vars())
+        .with_context(|| format!("loading region file {}", config.display()))?;
+    if roles != Roles::ALL && !cfg.store.starts_with("tikv://") {
+        bail!(
+            "`meridian {command}` runs one role, which needs a store shared between processes \
+             (tikv://...); {} uses {:?}, which one process opens at a time: run \
+             `meridian region --config {}` instead",
+            config.display(),
+            cfg.store,
+            config.display()
+        );
+    }
+    let region = cfg.region.clone();
+    region::run(cfg, roles, shutdown)
+        .await
+        .with_context(|| format!("region {region}"))
+}
+
+/// The first SIGTERM/SIGINT cancels `shutdown` (ordered stop); a second exits at once, for
+/// when the ordered stop hangs and the operator insists.
+async fn watch_signals(shutdown: CancellationToken) {
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot install signal handlers; stop with SIGKILL");
+            return;
+        }
+    };
+    for n in 0.. {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        if n == 0 {
+            tracing::info!("stopping (a second signal exits at once)");
+            shutdown.cancel();
+        } else {
+            tracing::warn!("second signal: exiting without finishing the ordered stop");
+            std::process::exit(130);
+        }
+    }
+}

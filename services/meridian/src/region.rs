@@ -1,0 +1,192 @@
+//! One region process: the store, the bus, and the roles over them (gateway, applier, inbox
+//! sweeper), started in order and stopped in order.
+//!
+//! Stop order: the gateway stops accepting and finishes requests in flight (their publishes
+//! complete or fail back to the client), then the applier commits the batch it holds, then
+//! the sweeper (which runs where the applier runs) ends, and the store is closed last when
+//! its handles drop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meridian_applier::ApplierMetrics;
+use meridian_bus::Bus;
+use meridian_gateway::Gateway;
+use meridian_store::Store;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RegionConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    #[error("store: {0}")]
+    Store(#[from] meridian_store::StoreError),
+    #[error("bus: {0}")]
+    Bus(#[from] meridian_bus::BusError),
+    #[error("gateway: {0}")]
+    Gateway(#[from] meridian_gateway::GatewayError),
+    #[error("applier: {0}")]
+    Applier(#[from] meridian_applier::ApplierError),
+    #[error("role task {0} panicked")]
+    Panicked(&'static str),
+}
+
+/// Which roles this process runs (an embedded store can be opened by one process only, so
+/// with it a region runs both in one process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub gateway: bool,
+    pub applier: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles {
+        gateway: true,
+        applier: true,
+    };
+}
+
+/// A started region.
+pub struct RunningRegion {
+    /// Where the gateway listens, when it runs here.
+    pub gateway_addr: Option<SocketAddr>,
+    pub store: Store,
+    pub bus: Bus,
+    gateway: Option<(CancellationToken, JoinHandle<Result<(), RegionError>>)>,
+    applier: Option<(CancellationToken, JoinHandle<Result<(), RegionError>>)>,
+    sweeper: Option<(CancellationToken, JoinHandle<()>)>,
+}
+
+/// Opens the store, connects the bus (creating the stream), and starts the roles.
+pub async fn start(cfg: RegionConfig, roles: Roles) -> Result<RunningRegion, RegionError> {
+    let store = Store::open(&cfg.store, b"").await?;
+    let bus = Bus::connect(cfg.bus.clone()).await?;
+    bus.ensure_stream().await?;
+
+    let applier_metrics = Arc::new(ApplierMetrics::default());
+    let applier = if roles.applier {
+        let token = CancellationToken::new();
+        let task = tokio::spawn(meridian_applier::run_with_metrics(
+            cfg.applier.clone(),
+            bus.clone(),
+            store.clone(),
+            applier_metrics.clone(),
+            token.clone(),
+        ));
+        let task = tokio::spawn(async move {
+            task.await
+                .map_err(|_| RegionError::Panicked("applier"))?
+                .map_err(RegionError::from)
+        });
+        Some((token, task))
+    } else {
+        None
+    };
+
+    let (gateway, gateway_addr) = if roles.gateway {
+        let token = CancellationToken::new();
+        let mut gw = match Gateway::bind(cfg.gateway.clone(), store.clone(), bus.clone(), token.clone()).await
+        {
+            Ok(gw) => gw,
+            Err(e) => {
+                // The applier is already running: stop it rather than leave it detached
+                // (in-process callers such as tests would otherwise keep it alive).
+                if let Some((token, task)) = applier {
+                    token.cancel();
+                    let _ = task.await;
+                }
+                return Err(e.into());
+            }
+        };
+        let addr = gw.local_addr();
+        if roles.applier {
+            let m = applier_metrics.clone();
+            gw.add_metrics(Box::new(move |out| out.push_str(&m.render_prometheus())));
+        }
+        let task = tokio::spawn(gw.run());
+        let task = tokio::spawn(async move {
+            task.await
+                .map_err(|_| RegionError::Panicked("gateway"))?
+                .map_err(RegionError::from)
+        });
+        (Some((token, task)), Some(addr))
+    } else {
+        (None, None)
+    };
+
+    // The sweeper deletes inbox entries, which only the applier writes: running it with the
+    // applier gives a region exactly as many sweepers as appliers, instead of one more per
+    // gateway replica racing them on the same keys.
+    let sweeper = roles.applier.then(|| {
+        let token = CancellationToken::new();
+        let task = tokio::spawn(meridian_store::inbox::run_sweeper(
+            store.clone(),
+            Duration::from_secs(cfg.inbox_ttl_s),
+            Duration::from_secs(cfg.sweep_interval_s),
+            token.clone(),
+        ));
+        (token, task)
+    });
+    tracing::info!(region = %cfg.region, gateway = ?gateway_addr, applier = roles.applier, "region started");
+    Ok(RunningRegion {
+        gateway_addr,
+        store,
+        bus,
+        gateway,
+        applier,
+        sweeper,
+    })
+}
+
+impl RunningRegion {
+    /// Stops the roles in order: gateway, applier, sweeper. Returns the first role error.
+    pub async fn stop(self) -> Result<(), RegionError> {
+        let mut first_err = None;
+        for (name, role) in [("gateway", self.gateway), ("applier", self.applier)] {
+            if let Some((token, task)) = role {
+                token.cancel();
+                match task.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(role = name, error = %e, "role ended with an error");
+                        first_err.get_or_insert(e);
+                    }
+                    Err(_) => {
+                        first_err.get_or_insert(RegionError::Panicked(name));
+                    }
+                }
+            }
+        }
+        if let Some((token, task)) = self.sweeper {
+            token.cancel();
+            let _ = task.await;
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Resolves when a role ends on its own (roles run until stopped, so that is a failure).
+    pub async fn failed(&self) -> &'static str {
+        loop {
+            if self.gateway.as_ref().is_some_and(|(_, t)| t.is_finished()) {
+                return "gateway";
+            }
+            if self.applier.as_ref().is_some_and(|(_, t)| t.is_finished()) {
+                return "applier";
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Runs a region until `shutdown`, then stops it in order. A role that dies on its own
+/// stops the process with an error, so a supervisor (`meridian up`, systemd) restarts it.
+pub async fn run(cfg: RegionConfig, roles: Roles, shutdown: CancellationToken) -> Result<(), RegionError> {
+    let region = start(cfg, roles).await?;
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        role = region.failed() => tracing::error!(role, "a role stopped unexpectedly; stopping the region"),
+    }
+    region.stop().await
+}

@@ -1,0 +1,456 @@
+//! `meridian up` as an operator runs it: real nats-server and region processes. The
+//! durability drill: a client keeps sending (retrying each message with the same
+//! client_msg_id until it is accepted) while the region process and then the nats-server are
+//! killed with SIGKILL; the launcher restarts them, and every accepted message ends up in the
+//! history and in the recipient's inbox exactly once, the inbox without gaps. Then SIGTERM
+//! stops the whole deployment, leaving no process behind.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const ADMIN_KEY: &str = "up-test-admin-key-0123456789";
+const MESSAGES: usize = 200;
+/// Kill the region process once this many messages were accepted, the nats-server at the
+/// second mark: both outages then fall inside the send loop.
+const KILL_REGION_AT: usize = 40;
+const KILL_NATS_AT: usize = 110;
+
+/// A `meridian up` process; dropping it SIGKILLs the launcher (its children die with it,
+/// PR_SET_PDEATHSIG) and any pid cluster.json still names, so a failed test leaves nothing.
+struct Up {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Up {
+    fn start(port_base: u16) -> Result<Up> {
+        let dir = tempfile::Builder::new().prefix("meridian-up-").tempdir()?;
+        let log = std::fs::File::create(dir.path().join("up.log"))?;
+        let child = Command::new(env!("CARGO_BIN_EXE_meridian"))
+            .args(["up", "--regions", "us", "--admin-key", ADMIN_KEY, "--port-base"])
+            .arg(port_base.to_string())
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn meridian up")?;
+        Ok(Up { child, dir })
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn cluster(&self) -> Option<Value> {
+        let text = std::fs::read_to_string(self.data().join("cluster.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn pid(&self, which: &str) -> Result<i32> {
+        let c = self.cluster().context("cluster.json missing")?;
+        let pid = c["regions"]["us"]["pids"][which]
+            .as_i64()
+            .context("pid missing")?;
+        Ok(pid as i32)
+    }
+
+    /// Waits for cluster.json (written once the region answers /readyz).
+    async fn wait_cluster(&mut self, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(c) = self.cluster() {
+                return Ok(c);
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("meridian up exited early with {status}");
+            }
+            ensure!(Instant::now() < deadline, "no cluster.json within {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until cluster.json names a `which` pid other than `old`.
+    async fn wait_new_pid(&self, which: &str, old: i32, timeout: Duration) -> Result<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(pid) = self.pid(which) {
+                if pid != old && pid != 0 {
+                    return Ok(pid);
+                }
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{which} not restarted within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn tail(&self, rel: &str, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join(rel)).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for f in ["up.log", "data/us/region.log", "data/us/nats.log"] {
+                eprintln!("--- {f} ---\n{}", self.tail(f, 40));
+            }
+        }
+        let pids: Vec<i32> = ["region", "nats"]
+            .iter()
+            .filter_map(|w| self.pid(w).ok())
+            .collect();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for pid in pids {
+            if alive(pid) {
+                signal(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+fn signal(pid: i32, sig: libc::c_int) {
+    // SAFETY: kill(2) with a plain pid and a valid signal number.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// Whether `pid` is a live process (a zombie counts as gone: it has exited).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
+        Err(_) => false,
+    }
+}
+
+/// A port block in 20000-40000 whose nats and gateway ports are free right now.
+fn port_base() -> u16 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    // RandomState is seeded from the OS per process: concurrent test runs pick apart.
+    let mut seed = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    for _ in 0..50 {
+        let base = 20_000 + (seed % 2_000) as u16 * 10;
+        if (base..base + 2).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            return base;
+        }
+        seed = seed.rotate_left(17).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    panic!("no free port block found");
+}
+
+struct Api {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    async fn call(&self, req: reqwest::RequestBuilder) -> Result<(StatusCode, Value)> {
+        let resp = req.send().await?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).with_context(|| format!("{status}: {text}"))?
+        };
+        Ok((status, body))
+    }
+
+    async fn admin_put_user(&self, user: &str) -> Result<()> {
+        let req = self
+            .http
+            .put(format!("{}/v1/admin/users/{user}", self.base))
+            .header("X-Admin-Key", ADMIN_KEY)
+            .json(&json!({"home_region": "us"}));
+        let (st, body) = self.call(req).await?;
+        ensure!(st == StatusCode::OK, "provision {user}: {st} {body}");
+        Ok(())
+    }
+
+    async fn token(&self, user: &str, device: &str) -> Result<String> {
+        let req = self
+            .http
+            .post(format!("{}/v1/admin/tokens", self.base))
+            .header("X-Admin-Key", ADMIN_KEY)
+            .json(&json!({"user_id": user, "device_id": device, "ttl_s": 3600}));
+        let (st, body) = self.call(req).await?;
+        ensure!(st == StatusCode::OK, "token for {user}: {st} {body}");
+        Ok(body["token"].as_str().context("token")?.to_string())
+    }
+
+    /// Sends one message, retrying with the same client_msg_id through the outages the drill
+    /// causes (refused connections, timeouts, 5xx, 421/429) until it is accepted.
+    async fn send_until_accepted(
+        &self,
+        token: &str,
+        cid: &str,
+        n: usize,
+        deadline: Instant,
+    ) -> Result<String> {
+        let url = format!("{}/v1/conversations/{cid}/messages", self.base);
+        let body = json!({"client_msg_id": format!("m-{n}"), "type": "text", "body": {"text": format!("message {n}")}});
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let outcome = self
+                .call(self.http.post(&url).bearer_auth(token).json(&body))
+                .await;
+            match outcome {
+                Ok((StatusCode::ACCEPTED, b)) => {
+                    return Ok(b["message_id"].as_str().context("message_id")?.to_string());
+                }
+                Ok((st, b))
+                    if st.is_server_error()
+                        || st == StatusCode::MISDIRECTED_REQUEST
+                        || st == StatusCode::TOO_MANY_REQUESTS =>
+                {
+                    eprintln!("send m-{n}: {st} {b}; retrying");
+                }
+                Ok((st, b)) => bail!("send m-{n}: unexpected {st} {b}"),
+                // Connection refused or reset, or a timeout: the region is restarting.
+                Err(e) => eprintln!("send m-{n}: {e}; retrying"),
+            }
+            ensure!(Instant::now() < deadline, "m-{n} not accepted in time");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// The whole history of `cid`, oldest first, paging forward.
+    async fn history(&self, token: &str, cid: &str) -> Result<Vec<Value>> {
+        let url = format!("{}/v1/conversations/{cid}/messages", self.base);
+        let mut after = String::new();
+        let mut all = Vec::new();
+        loop {
+            let req = self
+                .http
+                .get(&url)
+                .bearer_auth(token)
+                .query(&[("after", after.as_str()), ("limit", "200")]);
+            let (st, body) = self.call(req).await?;
+            ensure!(st == StatusCode::OK, "history: {st} {body}");
+            all.extend(body["messages"].as_array().context("messages")?.iter().cloned());
+            match body["next_cursor"].as_str() {
+                Some(c) => after = c.to_string(),
+                None => return Ok(all),
+            }
+        }
+    }
+
+    async fn sync(&self, token: &str) -> Result<Vec<Value>> {
+        let req = self
+            .http
+            .get(format!("{}/v1/sync", self.base))
+            .bearer_auth(token)
+            .query(&[("after", "0"), ("limit", "1000")]);
+        let (st, body) = self.call(req).await?;
+        ensure!(st == StatusCode::OK, "sync: {st} {body}");
+        ensure!(body["has_more"] != true, "more than one sync page: {body}");
+        Ok(body["entries"].as_array().context("entries")?.clone())
+    }
+}
+
+/// Counts each message id in `ids`; fails unless every accepted id occurs exactly once and
+/// nothing else does.
+fn exactly_once<'a>(ids: impl Iterator<Item = &'a str>, accepted: &BTreeSet<String>) -> Result<()> {
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for id in ids {
+        *seen.entry(id).or_default() += 1;
+    }
+    let doubled: Vec<_> = seen.iter().filter(|(_, &n)| n > 1).collect();
+    ensure!(doubled.is_empty(), "duplicated: {doubled:?}");
+    let missing: Vec<_> = accepted
+        .iter()
+        .filter(|id| !seen.contains_key(id.as_str()))
+        .collect();
+    ensure!(missing.is_empty(), "accepted but missing: {missing:?}");
+    let extra: Vec<_> = seen.keys().filter(|id| !accepted.contains(**id)).collect();
+    ensure!(extra.is_empty(), "never accepted: {extra:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_survives_kill_9_of_region_and_nats_and_stops_cleanly() -> Result<()> {
+    let started = Instant::now();
+    let port_base = port_base();
+    eprintln!("port base {port_base}");
+    let mut up = Up::start(port_base)?;
+    let cluster = up.wait_cluster(Duration::from_secs(60)).await?;
+    let base = cluster["regions"]["us"]["endpoint"]
+        .as_str()
+        .context("endpoint")?
+        .to_string();
+    assert_eq!(cluster["admin_key"], ADMIN_KEY);
+    let secret = std::fs::read_to_string(cluster["jwt_secret_file"].as_str().context("secret file")?)?;
+    assert!(
+        secret.trim().len() >= 64,
+        "jwt_secret holds 32 random bytes as hex"
+    );
+
+    let api = Arc::new(Api {
+        http: reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .build()?,
+        base,
+    });
+    api.admin_put_user("ann").await?;
+    api.admin_put_user("bob").await?;
+    let ann = api.token("ann", "laptop").await?;
+    let bob = api.token("bob", "phone").await?;
+    let req = api
+        .http
+        .post(format!("{}/v1/conversations", api.base))
+        .bearer_auth(&ann)
+        .json(&json!({"kind": "direct", "members": ["bob"]}));
+    let (st, body) = api.call(req).await?;
+    ensure!(st == StatusCode::CREATED, "create conversation: {st} {body}");
+    let cid = body["conversation_id"]
+        .as_str()
+        .context("conversation_id")?
+        .to_string();
+
+    // The sender: one message after another, each retried until accepted.
+    let acked = Arc::new(AtomicUsize::new(0));
+    let sender = {
+        let (api, ann, cid, acked) = (api.clone(), ann.clone(), cid.clone(), acked.clone());
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(40);
+            let mut ids = Vec::with_capacity(MESSAGES);
+            for n in 0..MESSAGES {
+                ids.push(api.send_until_accepted(&ann, &cid, n, deadline).await?);
+                acked.fetch_add(1, Ordering::SeqCst);
+                // Paced so the kills land mid-stream.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            anyhow::Ok(ids)
+        })
+    };
+    let wait_acked = |n: usize| {
+        let acked = acked.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while acked.load(Ordering::SeqCst) < n {
+                ensure!(
+                    Instant::now() < deadline,
+                    "sending stalled below {n} accepted messages"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            anyhow::Ok(())
+        }
+    };
+
+    wait_acked(KILL_REGION_AT).await?;
+    let region_pid = up.pid("region")?;
+    signal(region_pid, libc::SIGKILL);
+    let killed = Instant::now();
+    let new_region = up
+        .wait_new_pid("region", region_pid, Duration::from_secs(10))
+        .await?;
+    eprintln!(
+        "region {region_pid} killed; restarted as {new_region} after {:?}",
+        killed.elapsed()
+    );
+    ensure!(
+        killed.elapsed() < Duration::from_secs(3),
+        "restart took {:?}",
+        killed.elapsed()
+    );
+
+    wait_acked(KILL_NATS_AT).await?;
+    let nats_pid = up.pid("nats")?;
+    signal(nats_pid, libc::SIGKILL);
+    let new_nats = up.wait_new_pid("nats", nats_pid, Duration::from_secs(10)).await?;
+    eprintln!("nats {nats_pid} killed; restarted as {new_nats}");
+
+    let ids = sender.await??;
+    let accepted: BTreeSet<String> = ids.iter().cloned().collect();
+    assert_eq!(
+        accepted.len(),
+        MESSAGES,
+        "every client_msg_id got its own message id"
+    );
+    eprintln!("{MESSAGES} messages accepted after {:?}", started.elapsed());
+
+    // The applier may still be catching up: poll until complete, then check exactly-once.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let history = loop {
+        let h = api.history(&bob, &cid).await?;
+        if h.len() >= MESSAGES || Instant::now() > deadline {
+            break h;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    exactly_once(
+        history.iter().map(|m| m["message_id"].as_str().unwrap_or("?")),
+        &accepted,
+    )
+    .context("history")?;
+
+    let entries = loop {
+        let e = api.sync(&bob).await?;
+        let messages = e.iter().filter(|e| e["kind"] == "message").count();
+        if messages >= MESSAGES || Instant::now() > deadline {
+            break e;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for (i, e) in entries.iter().enumerate() {
+        ensure!(
+            e["seq"] == i as u64 + 1,
+            "inbox seqs not consecutive from 1 at {i}: {e}"
+        );
+    }
+    exactly_once(
+        entries
+            .iter()
+            .filter(|e| e["kind"] == "message")
+            .map(|e| e["message_id"].as_str().unwrap_or("?")),
+        &accepted,
+    )
+    .context("bob's inbox")?;
+
+    // SIGTERM: an ordered stop, exit 0, no process left.
+    let pids = [up.pid("region")?, up.pid("nats")?];
+    signal(up.child.id() as i32, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = up.child.try_wait()? {
+            break status;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "meridian up did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "meridian up exited with {status}");
+    for pid in pids {
+        assert!(!alive(pid), "process {pid} outlived meridian up");
+    }
+    let log = up.tail("up.log", 200);
+    assert!(log.contains("meridian up: stopped"), "{log}");
+    eprintln!("drill finished in {:?}", started.elapsed());
+    Ok(())
+}
