@@ -51,10 +51,10 @@ fn default_max_body() -> usize {
     64 * 1024
 }
 fn default_rate() -> f64 {
-    200.0
+    500.0
 }
 fn default_burst() -> f64 {
-    400.0
+    1_000.0
 }
 fn default_recall_window() -> u64 {
     120

@@ -60,6 +60,8 @@ pub struct BenchOptions {
     pub out: PathBuf,
     /// How long to wait for stragglers after a step.
     pub drain: Duration,
+    /// A CI-sized run: W2 with small groups.
+    pub smoke: bool,
 }
 
 impl BenchOptions {
@@ -76,6 +78,7 @@ impl BenchOptions {
             idle_connections: 50_000,
             out,
             drain: Duration::from_secs(10),
+            smoke: false,
         }
     }
 }
@@ -179,6 +182,7 @@ impl Target {
         Ok(t["token"].as_str().unwrap_or_default().to_string())
     }
 
+    /// A client call; a 429 is waited out (Retry-After) and retried, as a real client would.
     async fn user_call(
         &self,
         token: &str,
@@ -186,20 +190,34 @@ impl Target {
         path: &str,
         body: Value,
     ) -> Result<Value, BenchError> {
-        let resp = self
-            .http
-            .request(method, format!("{}{path}", self.endpoint))
-            .bearer_auth(token)
-            .json(&body)
-            .send()
-            .await
-            .map_err(setup_err)?;
-        let status = resp.status();
-        let v: Value = resp.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            return Err(BenchError::Setup(format!("{path}: {status} {v}")));
+        let mut attempt = 0;
+        loop {
+            let resp = self
+                .http
+                .request(method.clone(), format!("{}{path}", self.endpoint))
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .map_err(setup_err)?;
+            let status = resp.status();
+            if status.as_u16() == 429 && attempt < 30 {
+                let wait = resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(1);
+                attempt += 1;
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+                continue;
+            }
+            let v: Value = resp.json().await.unwrap_or(Value::Null);
+            if !status.is_success() {
+                return Err(BenchError::Setup(format!("{path}: {status} {v}")));
+            }
+            return Ok(v);
         }
-        Ok(v)
     }
 
     /// utime + stime of every deployment process, in seconds.
@@ -774,8 +792,14 @@ async fn w2(
     stop: &CancellationToken,
 ) -> Result<Vec<StepResult>, BenchError> {
     let mut rows = Vec::new();
-    for (size, senders, rate) in [(50usize, 10usize, 200u64), (1_000, 10, 20)] {
-        eprintln!("W2: group of {size} ({senders} senders), {rate} msg/s...");
+    // (members, senders, message rates): deliveries/s = rate x (members - 1).
+    let plan: Vec<(usize, usize, Vec<u64>)> = if opts.smoke {
+        vec![(10, 3, vec![20])]
+    } else {
+        vec![(50, 10, vec![200, 1_000, 2_000]), (1_000, 10, vec![10, 50])]
+    };
+    for (size, senders, rates) in plan {
+        eprintln!("W2: group of {size} ({senders} senders), rates {rates:?} msg/s...");
         let users = provision(target, &format!("{run_id}w2g{size}u"), size).await?;
         let shared = Arc::new(Shared {
             base: Instant::now(),
@@ -810,25 +834,30 @@ async fn w2(
             )
             .await?;
         let cid = g["conversation_id"].as_str().unwrap_or_default().to_string();
-        let tag = format!("{run_id}w2g{size}_");
-        let cpu0 = target.cpu_seconds();
-        let outcome = open_loop(
-            target,
-            &conns,
-            &shared,
-            &tag,
-            rate,
-            opts.step,
-            false,
-            opts.drain,
-            stop,
-            |rng| (rng.gen_range(0..senders), cid.clone(), size as u64 - 1),
-        )
-        .await;
-        let cpu = target.cpu_seconds() - cpu0;
-        let row = finish_step(&shared, "W2", format!("group {size}"), rate, outcome, cpu);
-        print_row(&row);
-        rows.push(row);
+        for rate in rates {
+            let tag = format!("{run_id}w2g{size}r{rate}_");
+            let cpu0 = target.cpu_seconds();
+            let outcome = open_loop(
+                target,
+                &conns,
+                &shared,
+                &tag,
+                rate,
+                opts.step,
+                false,
+                opts.drain,
+                stop,
+                |rng| (rng.gen_range(0..senders), cid.clone(), size as u64 - 1),
+            )
+            .await;
+            let cpu = target.cpu_seconds() - cpu0;
+            let row = finish_step(&shared, "W2", format!("group {size} @{rate}"), rate, outcome, cpu);
+            print_row(&row);
+            rows.push(row);
+            if stop.is_cancelled() {
+                break;
+            }
+        }
         conn_stop.cancel();
     }
     Ok(rows)

@@ -7,6 +7,9 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
+use std::time::Duration;
+
+use meridian::bench::{self, BenchOptions};
 use meridian::config::RegionConfig;
 use meridian::region::{self, Roles};
 use meridian::up::{self, UpOptions};
@@ -34,6 +37,44 @@ enum Cmd {
     Gateway(RoleArgs),
     /// Run only the applier (and inbox sweeper) of a region (needs a shared store: tikv://).
     Applier(RoleArgs),
+    /// The load generator: drive a deployment (its cluster.json) or one it starts, print a
+    /// table while it runs and write a JSON report (docs/benchmarks.md explains the workloads).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// A running deployment's cluster.json; without it, a one-region deployment is started
+    /// in a temporary directory for the run.
+    #[arg(long)]
+    cluster: Option<PathBuf>,
+    /// Workloads: w1 (one-to-one), w2 (groups), w3 (offline then sync), w4 (idle sockets).
+    #[arg(long, value_delimiter = ',', default_value = "w1,w2,w3,w4")]
+    workloads: Vec<String>,
+    /// W1 aggregate send rates, msg/s.
+    #[arg(long, value_delimiter = ',', default_value = "1000,2000,5000,10000,20000")]
+    rates: Vec<u64>,
+    /// Seconds per W1/W2 step.
+    #[arg(long, default_value_t = 30)]
+    step_secs: u64,
+    /// W1 users online.
+    #[arg(long, default_value_t = 200)]
+    users: usize,
+    /// W1 sends over HTTP instead of the WebSocket.
+    #[arg(long)]
+    http: bool,
+    /// W4 idle WebSockets.
+    #[arg(long, default_value_t = 50_000)]
+    idle: usize,
+    /// Seconds to wait for stragglers after each step.
+    #[arg(long, default_value_t = 10)]
+    drain_secs: u64,
+    /// Where the JSON report goes.
+    #[arg(long, default_value = "bench.json")]
+    out: PathBuf,
+    /// A quick run for CI: every workload, tiny sizes.
+    #[arg(long)]
+    smoke: bool,
 }
 
 #[derive(Args)]
@@ -66,6 +107,7 @@ struct RoleArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -114,6 +156,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             run_roles(&args.config, roles, "applier", shutdown.clone()).await
         }
+        Cmd::Bench(args) => run_bench(args, shutdown.clone()).await,
     };
     signals.abort();
     result
@@ -134,6 +177,68 @@ async fn run_up(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()>
         exe: None,
     };
     up::run(opts, shutdown).await.context("meridian up")
+}
+
+async fn run_bench(args: BenchArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let mut opts = BenchOptions::full(PathBuf::new(), args.out);
+    opts.workloads = args.workloads;
+    opts.rates = args.rates;
+    opts.step = Duration::from_secs(args.step_secs);
+    opts.users = args.users;
+    opts.over_http = args.http;
+    opts.idle_connections = args.idle;
+    opts.drain = Duration::from_secs(args.drain_secs);
+    if args.smoke {
+        opts.rates = vec![200];
+        opts.step = Duration::from_secs(3);
+        opts.users = 20;
+        opts.idle_connections = 200;
+        opts.drain = Duration::from_secs(10);
+        opts.smoke = true;
+    }
+    // Without a deployment to drive, start one (its processes are children, measured by pid).
+    let mut started = None;
+    opts.cluster = match args.cluster {
+        Some(c) => c,
+        None => {
+            let dir = tempfile::tempdir().context("temporary data dir")?;
+            let port_base = 20_000 + (std::process::id() % 2_000) as u16 * 10;
+            let up_opts = UpOptions {
+                regions: vec![RegionId::parse("us")?],
+                data_dir: dir.path().to_path_buf(),
+                admin_key: format!("bench-{:016x}", rand::random::<u64>()),
+                port_base,
+                nats_server: None,
+                exe: None,
+            };
+            let token = shutdown.child_token();
+            let task = tokio::spawn(up::run(up_opts, token.clone()));
+            let cluster = dir.path().join("cluster.json");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            while !cluster.exists() {
+                if task.is_finished() || tokio::time::Instant::now() > deadline {
+                    token.cancel();
+                    let r = task.await;
+                    bail!("the deployment for the bench did not start: {r:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            started = Some((dir, token, task));
+            cluster
+        }
+    };
+    let result = bench::run(opts, command, shutdown.clone()).await.context("bench");
+    if let Some((_dir, token, task)) = started {
+        token.cancel();
+        let _ = task.await;
+    }
+    let report = result?;
+    let lost: u64 = report.steps.iter().map(|s| s.undelivered + s.duplicates).sum();
+    if args.smoke && lost > 0 {
+        bail!("smoke run lost or duplicated {lost} deliveries");
+    }
+    Ok(())
 }
 
 async fn run_roles(
@@ -181,6 +286,22 @@ async fn watch_signals(shutdown: CancellationToken) {
         } else {
             tracing::warn!("second signal: exiting without finishing the ordered stop");
             std::process::exit(130);
+        }
+    }
+}
+
+/// Lifts the open-file limit to its hard maximum: every WebSocket is a descriptor, and the
+/// default soft limit (often 1024) would cap a gateway, or the bench, far below its capacity.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
 }

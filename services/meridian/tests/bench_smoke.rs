@@ -1,0 +1,31 @@
+//! CI's bench smoke: `meridian bench --smoke` starts its own one-region deployment, runs every
+//! workload at tiny sizes, and must deliver everything exactly once. (Speed is not asserted
+//! here: figures come from full runs, in docs/benchmarks.md.)
+
+use std::process::Command;
+
+#[test]
+fn bench_smoke_runs_every_workload_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bench.json");
+    let status = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["bench", "--smoke", "--out"])
+        .arg(&out)
+        .current_dir(dir.path())
+        .status()
+        .expect("run meridian bench");
+    assert!(status.success(), "meridian bench --smoke failed: {status}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let steps = report["steps"].as_array().unwrap();
+    let workloads: Vec<&str> = steps.iter().map(|s| s["workload"].as_str().unwrap()).collect();
+    for w in ["W1", "W2", "W3", "W4"] {
+        assert!(workloads.contains(&w), "{w} missing from {workloads:?}");
+    }
+    for s in steps {
+        assert_eq!(s["undelivered"], 0, "{s}");
+        assert_eq!(s["duplicates"], 0, "{s}");
+        assert!(s["delivered"].as_u64().unwrap() > 0, "{s}");
+    }
+    let w1 = steps.iter().find(|s| s["workload"] == "W1").unwrap();
+    assert!(w1["p99_ms"].as_f64().unwrap() > 0.0, "latencies were measured: {w1}");
+}
