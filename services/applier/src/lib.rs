@@ -12,16 +12,19 @@
 //! - `config`: [`ApplierConfig`] and its validation.
 //! - `metrics`: [`ApplierMetrics`], atomics shared with whoever exports them.
 //! - this file: [`run`] / [`run_with_metrics`], one owned, cancellable task per stream, and
-//!   the per-stream loop (pull, apply, ack, deliver).
+//!   the per-stream loop (pull, apply, ack, deliver), with one "apply" span per event whose
+//!   deliveries carry its `traceparent` on to the gateways (meridian-telemetry).
 
 mod config;
 mod metrics;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_bus::{Bus, BusError, EventConsumer, ReceivedEvent};
 use meridian_store::{ApplyConfig, ApplyReport, SequencedEvent, Store, StoreError};
+use meridian_telemetry::{Role, RoleSpan, SpanKind};
 use prost::Message as _;
 use thiserror::Error;
 use tokio::task::JoinSet;
@@ -186,6 +189,9 @@ impl StreamWorker {
             if batch.is_empty() {
                 continue;
             }
+            // Started before the transaction so each span covers the apply and the live
+            // deliveries of its event; they end when `spans` drops.
+            let spans = EventSpans::start(&self.stream, &batch);
             let Some(report) = self.apply(&mut batch).await else {
                 // Stopped while the store was failing: nothing committed, nothing acked;
                 // the next run starts again from the checkpoint.
@@ -196,7 +202,7 @@ impl StreamWorker {
                 tracing::debug!(stream = %self.stream, error = %e, "ack failed");
             }
             self.metrics.record_batch(&self.stream, &report);
-            self.deliver(report).await;
+            self.deliver(report, &spans).await;
         }
     }
 
@@ -288,18 +294,61 @@ impl StreamWorker {
         }
     }
 
-    /// Hands each appended inbox entry to live delivery. Best effort: a device that misses
-    /// one sees the seq gap and reads it from the store.
-    async fn deliver(&self, report: ApplyReport) {
+    /// Hands each appended inbox entry to live delivery, in the trace of the event that
+    /// produced it. Best effort: a device that misses one sees the seq gap and reads it from
+    /// the store.
+    async fn deliver(&self, report: ApplyReport, spans: &EventSpans) {
         for d in report.deliveries {
+            let span = d.entry.entry.as_ref().and_then(|e| spans.get(&e.event_id));
+            let traceparent = span.map(RoleSpan::traceparent);
             let payload = bytes::Bytes::from(d.entry.encode_to_vec());
-            match self.bus.publish_delivery(&d.user, payload).await {
+            match self
+                .bus
+                .publish_delivery_traced(&d.user, payload, traceparent.as_deref())
+                .await
+            {
                 Ok(()) => self.metrics.record_delivery(true),
                 Err(e) => {
                     self.metrics.record_delivery(false);
-                    tracing::debug!(user = %d.user, error = %e, "live delivery dropped");
+                    tracing::debug!(
+                        user = %d.user, error = %e,
+                        trace_id = span.map(RoleSpan::trace_id).unwrap_or_default(),
+                        "live delivery dropped"
+                    );
                 }
             }
         }
+    }
+}
+
+/// One "apply" span per event of a batch, each continuing the trace the event was published
+/// in (its `traceparent` header, else the envelope's copy), keyed by event id so the
+/// deliveries an event produced can be published in its trace.
+struct EventSpans(HashMap<Vec<u8>, RoleSpan>);
+
+impl EventSpans {
+    fn start(stream: &str, batch: &[ReceivedEvent]) -> EventSpans {
+        let mut spans = HashMap::with_capacity(batch.len());
+        for r in batch {
+            // An undecodable event has no id to match deliveries with, and produces none.
+            let Some(env) = r.envelope.as_ref() else { continue };
+            let parent = r
+                .traceparent
+                .as_deref()
+                .or((!env.traceparent.is_empty()).then_some(env.traceparent.as_str()));
+            let mut span =
+                meridian_telemetry::start_with_kind(Role::Applier, "apply", SpanKind::Consumer, parent);
+            span.set_attribute("messaging.destination.name", stream.to_string());
+            span.set_attribute("messaging.message.id", r.msg_id.clone().unwrap_or_default());
+            span.set_attribute("meridian.stream_seq", r.stream_seq as i64);
+            span.set_attribute("meridian.origin_region", env.origin_region.clone());
+            tracing::trace!(stream, seq = r.stream_seq, trace_id = %span.trace_id(), "applying event");
+            spans.insert(env.event_id.clone(), span);
+        }
+        EventSpans(spans)
+    }
+
+    fn get(&self, event_id: &[u8]) -> Option<&RoleSpan> {
+        self.0.get(event_id)
     }
 }

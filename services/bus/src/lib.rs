@@ -26,6 +26,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
+use futures::FutureExt as _;
 use meridian_model::events::EventEnvelope;
 use meridian_model::{EventId, RegionId, UserId};
 use prost::Message as _;
@@ -354,8 +355,30 @@ impl Bus {
     /// Publishes a live delivery for `user` on core NATS (no JetStream: a missed delivery is
     /// gap-filled from the store by the device). Gives up after a second.
     pub async fn publish_delivery(&self, user: &UserId, payload: Bytes) -> Result<(), BusError> {
+        self.publish_delivery_traced(user, payload, None).await
+    }
+
+    /// [`Bus::publish_delivery`] with the trace context of the span that produced it in a
+    /// `traceparent` header, so whoever delivers it (a WebSocket, push) continues the trace.
+    pub async fn publish_delivery_traced(
+        &self,
+        user: &UserId,
+        payload: Bytes,
+        traceparent: Option<&str>,
+    ) -> Result<(), BusError> {
         let subject = self.delivery_subject(user);
-        match tokio::time::timeout(DELIVERY_TIMEOUT, self.inner.client.publish(subject, payload)).await {
+        let publish = match traceparent.filter(|t| !t.is_empty()) {
+            Some(tp) => {
+                let mut headers = HeaderMap::new();
+                headers.insert(TRACEPARENT, tp);
+                self.inner
+                    .client
+                    .publish_with_headers(subject, headers, payload)
+                    .left_future()
+            }
+            None => self.inner.client.publish(subject, payload).right_future(),
+        };
+        match tokio::time::timeout(DELIVERY_TIMEOUT, publish).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(BusError::Unavailable(format!("publish delivery: {e}"))),
             Err(_) => Err(BusError::Unavailable("publish delivery timed out".into())),

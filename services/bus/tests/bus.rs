@@ -330,6 +330,40 @@ async fn delivery_subjects_carry_dotted_user_ids_as_one_token() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traced_deliveries_carry_their_traceparent_header() -> Result<()> {
+    let server = NatsServer::start()?;
+    let bus = bus(&server).await?;
+    let bob = UserId::parse("bob")?;
+    let mut sub = bus.subscribe(bus.delivery_subject(&bob)).await?;
+    bus.client().flush().await?;
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    bus.publish_delivery_traced(&bob, "traced".into(), Some(tp))
+        .await?;
+    bus.publish_delivery_traced(&bob, "untraced".into(), None).await?;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let msg = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .context("delivery did not arrive")?
+            .context("subscription ended")?;
+        let header = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(meridian_bus::TRACEPARENT))
+            .map(|v| v.as_str().to_string());
+        got.push((String::from_utf8(msg.payload.to_vec())?, header));
+    }
+    assert_eq!(
+        got,
+        [
+            ("traced".to_string(), Some(tp.to_string())),
+            ("untraced".to_string(), None)
+        ]
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_gives_up_with_unavailable_when_nats_stays_down() -> Result<()> {
     let mut server = NatsServer::start()?;
     let mut cfg = config(&server);

@@ -28,7 +28,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
@@ -36,8 +36,10 @@ use axum::Router;
 use meridian_bus::Bus;
 use meridian_model::HybridClock;
 use meridian_store::Store;
+use meridian_telemetry::{Role, SpanKind};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 pub use config::GatewayConfig;
 pub use error::{ApiError, GatewayError};
@@ -126,11 +128,54 @@ pub fn router(state: Arc<AppState>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes))
+        .layer(axum::middleware::from_fn(trace_requests))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             count_responses,
         ))
         .with_state(state)
+}
+
+/// One span per request ("HTTP <method> <route>"), joining the caller's trace when the request
+/// carries a valid `traceparent`. Handlers run with it current, so [`AppState::publish`]
+/// parents its "publish" span on it; log lines inside carry its `trace_id`.
+async fn trace_requests(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string());
+    // Probes and scrapes come every few seconds from every replica: as traces they would
+    // only crowd out the ones worth looking at.
+    if matches!(route.as_deref(), Some("/healthz" | "/readyz" | "/metrics")) {
+        return next.run(req).await;
+    }
+    let method = req.method().clone();
+    let name = match &route {
+        Some(r) => format!("HTTP {method} {r}"),
+        None => format!("HTTP {method}"),
+    };
+    let parent = req
+        .headers()
+        .get(meridian_telemetry::TRACEPARENT)
+        .and_then(|v| v.to_str().ok());
+    let mut span = meridian_telemetry::start_with_kind(Role::Gateway, name, SpanKind::Server, parent);
+    span.set_attribute("http.request.method", method.to_string());
+    if let Some(r) = route.clone() {
+        span.set_attribute("http.route", r);
+    }
+    let log = tracing::info_span!(
+        "http",
+        %method,
+        route = route.as_deref().unwrap_or(""),
+        trace_id = %span.trace_id()
+    );
+    let resp = span.scope(next.run(req)).instrument(log).await;
+    let status = resp.status();
+    span.set_attribute("http.response.status_code", i64::from(status.as_u16()));
+    if status.is_server_error() {
+        span.set_error(status.to_string());
+    }
+    resp
 }
 
 async fn count_responses(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {

@@ -10,6 +10,7 @@ use meridian_bus::{Bus, PublishAck};
 use meridian_model::events::{event_envelope::Body, EventEnvelope};
 use meridian_model::{EventId, HybridClock, OrderKey};
 use meridian_store::Store;
+use meridian_telemetry::{Role, SpanKind};
 
 use crate::error::ApiResult;
 use crate::extract::Caller;
@@ -48,11 +49,34 @@ impl Published {
 
 impl AppState {
     /// Stamps and publishes one event for `actor` (None: the admin); returns after the PubAck.
+    /// The event travels in a "publish" span, a child of the request's (or WebSocket frame's)
+    /// span current here, whose `traceparent` the envelope carries to the applier.
     pub async fn publish(
         &self,
         actor: Option<&Caller>,
         event_id: EventId,
         body: Body,
+    ) -> ApiResult<Published> {
+        let mut span = meridian_telemetry::start_in_current(Role::Gateway, "publish", SpanKind::Producer);
+        span.set_attribute("messaging.destination.name", self.bus.stream());
+        span.set_attribute("messaging.message.id", event_id.to_string());
+        let result = self.publish_in(actor, event_id, body, span.traceparent()).await;
+        match &result {
+            Ok(p) => {
+                span.set_attribute("meridian.stream_seq", p.ack.stream_seq as i64);
+                span.set_attribute("meridian.duplicate", p.ack.duplicate);
+            }
+            Err(e) => span.set_error(e.message.clone()),
+        }
+        result
+    }
+
+    async fn publish_in(
+        &self,
+        actor: Option<&Caller>,
+        event_id: EventId,
+        body: Body,
+        traceparent: String,
     ) -> ApiResult<Published> {
         let envelope = EventEnvelope {
             event_id: event_id.as_bytes().to_vec(),
@@ -61,10 +85,15 @@ impl AppState {
             actor: actor.map_or_else(|| "admin".to_string(), |c| c.user.to_string()),
             actor_device: actor.map(|c| c.device.to_string()).unwrap_or_default(),
             body: Some(body),
+            traceparent,
             ..Default::default()
         };
         let ack = self.bus.publish_event(&envelope).await?;
         self.metrics.published.inc();
+        tracing::debug!(
+            event_id = %event_id, stream_seq = ack.stream_seq, duplicate = ack.duplicate,
+            "published"
+        );
         if ack.duplicate {
             // The stream already holds this event id (a retried send): answer with what it
             // holds, so the retry gets the original message id *and* cursor.

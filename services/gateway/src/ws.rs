@@ -4,6 +4,10 @@
 //! store, so nothing published during the replay is missed; entries at or below the last
 //! seq sent are dropped, and a jump past it is filled from the store first. Entries
 //! therefore leave in seq order with no gaps and no repeats, whatever NATS does.
+//!
+//! Tracing: a `send` frame is a "WS send" span (joining the frame's optional `traceparent`
+//! field), and each live delivery a "WS deliver" span continuing the trace named by the
+//! delivery's `traceparent` NATS header, so one trace runs from the send to the devices.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,9 +19,11 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use meridian_model::UserId;
 use meridian_store::records::InboxEntry;
+use meridian_telemetry::{Role, SpanKind};
 use prost::Message as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tracing::Instrument as _;
 
 use crate::error::ApiError;
 use crate::extract::Caller;
@@ -65,6 +71,9 @@ enum ClientFrame {
         #[serde(rename = "ref", default)]
         reference: Value,
         conversation_id: String,
+        /// Optional W3C trace context: the send joins the client's trace.
+        #[serde(default)]
+        traceparent: Option<String>,
         #[serde(flatten)]
         message: SendMessage,
     },
@@ -138,7 +147,25 @@ impl Connection {
                 }
                 Some(msg) = entries.next() => {
                     match InboxEntry::decode(msg.payload.as_ref()) {
-                        Ok(entry) => self.live_entry(entry).await?,
+                        Ok(entry) => {
+                            // The last hop of the message's trace: the applier put its "apply"
+                            // span's context on the delivery.
+                            let parent = msg
+                                .headers
+                                .as_ref()
+                                .and_then(|h| h.get(meridian_telemetry::TRACEPARENT))
+                                .map(|v| v.as_str());
+                            let mut span = meridian_telemetry::start_with_kind(
+                                Role::Gateway,
+                                "WS deliver",
+                                SpanKind::Consumer,
+                                parent,
+                            );
+                            span.set_attribute("meridian.user", self.caller.user.to_string());
+                            span.set_attribute("meridian.inbox_seq", entry.seq as i64);
+                            let log = span.log_span();
+                            span.scope(self.live_entry(entry)).instrument(log).await?;
+                        }
                         Err(e) => tracing::warn!(error = %e, "undecodable delivery"),
                     }
                 }
@@ -185,14 +212,35 @@ impl Connection {
             ClientFrame::Send {
                 reference,
                 conversation_id,
+                traceparent,
                 message,
             } => {
                 let s = self.s.clone();
                 let caller = self.caller.clone();
-                return Ok(Some(Box::pin(async move {
-                    let res = send_message(&s, &caller, &conversation_id, message).await;
-                    (reference, res)
-                })));
+                // Like an HTTP request: the frame's span is current while it is published.
+                let mut span = meridian_telemetry::start_with_kind(
+                    Role::Gateway,
+                    "WS send",
+                    SpanKind::Server,
+                    traceparent.as_deref(),
+                );
+                let log = span.log_span();
+                return Ok(Some(Box::pin(
+                    async move {
+                        let res = span
+                            .scope(send_message(&s, &caller, &conversation_id, message))
+                            .await;
+                        if let Err(e) = &res {
+                            span.set_attribute("meridian.error", e.code);
+                            // As for HTTP: a refused send is the client's error, not ours.
+                            if e.status.is_server_error() {
+                                span.set_error(e.message.clone());
+                            }
+                        }
+                        (reference, res)
+                    }
+                    .instrument(log),
+                )));
             }
             ClientFrame::Typing { conversation_id } => self.typing(&conversation_id).await?,
         }
