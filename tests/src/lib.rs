@@ -48,6 +48,7 @@ impl TestRegion {
             bus,
             gateway: GatewayConfig::new(region.clone(), JWT_SECRET, ADMIN_KEY),
             applier: meridian_applier::ApplierConfig::new(region),
+            push: None,
         };
         tweak(&mut cfg);
         cfg.validate()?;

@@ -75,7 +75,7 @@ impl Gateway {
             store,
             bus,
             clock: HybridClock::new(),
-            hub: live::Hub::default(),
+            hub: Arc::new(live::Hub::default()),
             metrics: GatewayMetrics::default(),
             started: Instant::now(),
             shutdown,
@@ -90,6 +90,11 @@ impl Gateway {
             .expect("a bound listener has an address")
     }
 
+    /// Who is connected here: the region process hands it to push as its presence source.
+    pub fn hub(&self) -> Arc<live::Hub> {
+        self.state.hub.clone()
+    }
+
     pub fn add_metrics(&mut self, render: MetricsRenderer) {
         self.state.extra_metrics.push(render);
     }
@@ -100,7 +105,14 @@ impl Gateway {
         let shutdown = self.state.shutdown.clone();
         let app = router(Arc::new(self.state));
         tracing::info!(addr = %self.listener.local_addr().map_err(GatewayError::Serve)?, "gateway listening");
-        axum::serve(self.listener, app)
+        // Small frames in both directions: without TCP_NODELAY, Nagle's algorithm meeting
+        // the peer's delayed ACK holds a live entry back for up to 40 ms.
+        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
+        axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
             .map_err(GatewayError::Serve)

@@ -22,7 +22,7 @@ pub struct AppState {
     pub store: Store,
     pub bus: Bus,
     pub clock: HybridClock,
-    pub hub: Hub,
+    pub hub: std::sync::Arc<Hub>,
     pub limiter: RateLimiter,
     pub metrics: GatewayMetrics,
     pub started: Instant,

@@ -40,7 +40,11 @@ const MAX_FRAME: usize = 256 * 1024;
 
 pub async fn upgrade(caller: Caller, State(s): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
     let shutdown = s.shutdown.clone();
+    // tungstenite's default 128 KiB read buffer per socket would cost ~6 GiB at 50k idle
+    // connections; frames are small, and a bigger one just takes a few more reads.
     ws.max_message_size(MAX_FRAME.max(s.cfg.max_body_bytes * 2))
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
             let conn = Connection {
                 s,

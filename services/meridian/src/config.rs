@@ -11,6 +11,7 @@ use meridian_applier::ApplierConfig;
 use meridian_bus::BusConfig;
 use meridian_gateway::GatewayConfig;
 use meridian_model::RegionId;
+use meridian_push::{PushConfig, WEBHOOK_URL_ENV};
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,10 @@ pub struct RegionConfig {
     pub gateway: GatewayConfig,
     #[serde(default = "default_applier")]
     pub applier: ApplierConfig,
+    /// Offline push; on when the file has a `[push]` table or MERIDIAN_PUSH_WEBHOOK_URL is
+    /// set (which `meridian up` passes on to its region processes).
+    #[serde(default)]
+    pub push: Option<PushConfig>,
 }
 
 fn default_inbox_ttl_s() -> u64 {
@@ -77,7 +82,12 @@ impl RegionConfig {
         let mut doc: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+        let mut webhook = None;
         for (key, value) in env {
+            if key == WEBHOOK_URL_ENV {
+                webhook = Some(value);
+                continue;
+            }
             let Some(path) = key.strip_prefix("MERIDIAN__") else {
                 continue;
             };
@@ -93,6 +103,13 @@ impl RegionConfig {
             field: "region".into(),
             reason: "missing".into(),
         })?;
+        if webhook.as_deref().is_some_and(|w| !w.trim().is_empty()) {
+            doc.entry("push")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        }
+        if let Some(toml::Value::Table(t)) = doc.get_mut("push") {
+            t.entry("region").or_insert(region.clone());
+        }
         for table in ["bus", "gateway", "applier"] {
             let t = doc
                 .entry(table)
@@ -101,9 +118,10 @@ impl RegionConfig {
                 t.entry("region").or_insert(region.clone());
             }
         }
-        let cfg: RegionConfig = toml::Value::Table(doc)
+        let mut cfg: RegionConfig = toml::Value::Table(doc)
             .try_into()
             .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+        cfg.push = cfg.push.map(|p| p.with_webhook_override(webhook));
         cfg.validate()?;
         Ok(cfg)
     }
@@ -160,6 +178,15 @@ impl RegionConfig {
         self.gateway
             .validate()
             .map_err(|e| invalid("gateway", e.to_string()))?;
+        if let Some(p) = &self.push {
+            if p.region != self.region {
+                return Err(invalid(
+                    "push.region",
+                    format!("{} differs from region {}", p.region, self.region),
+                ));
+            }
+            p.validate().map_err(|e| invalid("push", e.to_string()))?;
+        }
         self.applier
             .validate()
             .map_err(|e| invalid("applier", e.to_string()))?;

@@ -137,6 +137,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
+    // Exports spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set; a no-op otherwise.
+    let telemetry = match meridian_telemetry::init() {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!(error = %e, "trace export disabled");
+            None
+        }
+    };
     let shutdown = CancellationToken::new();
     let signals = tokio::spawn(watch_signals(shutdown.clone()));
     let result = match cli.command {
@@ -159,6 +167,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Bench(args) => run_bench(args, shutdown.clone()).await,
     };
     signals.abort();
+    // Last in the ordered stop: flush the spans the roles ended (blocking, hence the thread).
+    if let Some(t) = telemetry {
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
     result
 }
 

@@ -29,6 +29,8 @@ pub enum RegionError {
     Gateway(#[from] meridian_gateway::GatewayError),
     #[error("applier: {0}")]
     Applier(#[from] meridian_applier::ApplierError),
+    #[error("push: {0}")]
+    Push(#[from] meridian_push::PushError),
     #[error("role task {0} panicked")]
     Panicked(&'static str),
 }
@@ -56,6 +58,7 @@ pub struct RunningRegion {
     pub bus: Bus,
     gateway: Option<(CancellationToken, JoinHandle<Result<(), RegionError>>)>,
     applier: Option<(CancellationToken, JoinHandle<Result<(), RegionError>>)>,
+    push: Option<(CancellationToken, JoinHandle<Result<(), RegionError>>)>,
     sweeper: Option<(CancellationToken, JoinHandle<()>)>,
 }
 
@@ -85,6 +88,8 @@ pub async fn start(cfg: RegionConfig, roles: Roles) -> Result<RunningRegion, Reg
         None
     };
 
+    let push_metrics = Arc::new(meridian_push::PushMetrics::default());
+    let mut push = None;
     let (gateway, gateway_addr) = if roles.gateway {
         let token = CancellationToken::new();
         let mut gw = match Gateway::bind(cfg.gateway.clone(), store.clone(), bus.clone(), token.clone()).await
@@ -104,6 +109,30 @@ pub async fn start(cfg: RegionConfig, roles: Roles) -> Result<RunningRegion, Reg
         if roles.applier {
             let m = applier_metrics.clone();
             gw.add_metrics(Box::new(move |out| out.push_str(&m.render_prometheus())));
+        }
+        // Push runs beside the gateway: "offline" means no WebSocket open here, and the
+        // gateway's hub is what knows that.
+        if let Some(push_cfg) = cfg.push.clone() {
+            let m = push_metrics.clone();
+            gw.add_metrics(Box::new(move |out| out.push_str(&m.render_prometheus())));
+            let hub = gw.hub();
+            let presence: Arc<dyn meridian_push::Presence> =
+                Arc::new(move |u: &meridian_model::UserId| hub.presence(u).0);
+            let token = CancellationToken::new();
+            let task = tokio::spawn(meridian_push::run(
+                push_cfg,
+                bus.clone(),
+                store.clone(),
+                presence,
+                push_metrics.clone(),
+                token.clone(),
+            ));
+            let task = tokio::spawn(async move {
+                task.await
+                    .map_err(|_| RegionError::Panicked("push"))?
+                    .map_err(RegionError::from)
+            });
+            push = Some((token, task));
         }
         let task = tokio::spawn(gw.run());
         let task = tokio::spawn(async move {
@@ -136,6 +165,7 @@ pub async fn start(cfg: RegionConfig, roles: Roles) -> Result<RunningRegion, Reg
         bus,
         gateway,
         applier,
+        push,
         sweeper,
     })
 }
@@ -144,7 +174,13 @@ impl RunningRegion {
     /// Stops the roles in order: gateway, applier, sweeper. Returns the first role error.
     pub async fn stop(self) -> Result<(), RegionError> {
         let mut first_err = None;
-        for (name, role) in [("gateway", self.gateway), ("applier", self.applier)] {
+        // Data flows gateway -> bus -> applier -> store -> push: stop in that order, so each
+        // role drains what the one before it already handed on.
+        for (name, role) in [
+            ("gateway", self.gateway),
+            ("applier", self.applier),
+            ("push", self.push),
+        ] {
             if let Some((token, task)) = role {
                 token.cancel();
                 match task.await {
@@ -174,6 +210,9 @@ impl RunningRegion {
             }
             if self.applier.as_ref().is_some_and(|(_, t)| t.is_finished()) {
                 return "applier";
+            }
+            if self.push.as_ref().is_some_and(|(_, t)| t.is_finished()) {
+                return "push";
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

@@ -27,5 +27,8 @@ fn bench_smoke_runs_every_workload_and_loses_nothing() {
         assert!(s["delivered"].as_u64().unwrap() > 0, "{s}");
     }
     let w1 = steps.iter().find(|s| s["workload"] == "W1").unwrap();
-    assert!(w1["p99_ms"].as_f64().unwrap() > 0.0, "latencies were measured: {w1}");
+    assert!(
+        w1["p99_ms"].as_f64().unwrap() > 0.0,
+        "latencies were measured: {w1}"
+    );
 }

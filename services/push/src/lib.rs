@@ -166,7 +166,26 @@ pub async fn run(
                         continue;
                     }
                 };
-                tasks.spawn(dispatcher.clone().handle(user, entry));
+                // One span per entry, joined to the message's trace (the applier put the
+                // apply span's traceparent on the delivery).
+                let parent = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(meridian_telemetry::TRACEPARENT))
+                    .map(|v| v.as_str().to_string());
+                let mut span = meridian_telemetry::start_with_kind(
+                    meridian_telemetry::Role::Push,
+                    "push notify",
+                    meridian_telemetry::SpanKind::Consumer,
+                    parent.as_deref(),
+                );
+                span.set_attribute("meridian.inbox_seq", entry.seq as i64);
+                let work = dispatcher.clone().handle(user, entry);
+                tasks.spawn(async move {
+                    let log = span.log_span();
+                    tracing::Instrument::instrument(span.scope(work), log).await;
+                    span.end();
+                });
             }
         }
         metrics.set_in_flight(tasks.len());

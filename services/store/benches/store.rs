@@ -31,7 +31,11 @@ fn env(kind: EngineKind) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let kv = Arc::new(EmbeddedStore::open(dir.path(), kind).unwrap());
     Env {
-        rt: tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap(),
+        rt: tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap(),
         store: Store::new(kv, b""),
         clock: HybridClock::new(),
         seq: AtomicU64::new(0),
@@ -57,7 +61,11 @@ impl Env {
         self.envelope(
             "admin",
             EventId::new_v7(),
-            Body::UserUpserted(events::UserUpserted { user_id: u.into(), home_region: "us".into(), display_name: String::new() }),
+            Body::UserUpserted(events::UserUpserted {
+                user_id: u.into(),
+                home_region: "us".into(),
+                display_name: String::new(),
+            }),
         )
     }
     fn message(&self, sender: &str, cid: &ConversationId) -> SequencedEvent {
@@ -75,7 +83,9 @@ impl Env {
     }
     fn apply(&self, evs: &[SequencedEvent]) {
         let cfg = ApplyConfig::new(RegionId::parse("us").unwrap());
-        self.rt.block_on(self.store.apply_batch(&cfg, "SYNC_US", evs)).unwrap();
+        self.rt
+            .block_on(self.store.apply_batch(&cfg, "SYNC_US", evs))
+            .unwrap();
     }
 }
 
@@ -94,8 +104,14 @@ fn append(c: &mut Criterion) {
                 kind: events::ConversationKind::Direct as i32,
                 name: String::new(),
                 members: vec![
-                    events::MemberGrant { user_id: "ann".into(), role: 1 },
-                    events::MemberGrant { user_id: "bob".into(), role: 1 },
+                    events::MemberGrant {
+                        user_id: "ann".into(),
+                        role: 1,
+                    },
+                    events::MemberGrant {
+                        user_id: "bob".into(),
+                        role: 1,
+                    },
                 ],
             }),
         );
@@ -139,7 +155,9 @@ fn reverse_read(c: &mut Criterion) {
                             body_json: "x".repeat(100),
                             ..Default::default()
                         };
-                        t.put(e.store.keys().timeline(cid, &key), entry.encode_to_vec()).await.unwrap();
+                        t.put(e.store.keys().timeline(cid, &key), entry.encode_to_vec())
+                            .await
+                            .unwrap();
                     }
                 }
                 t.commit().await.unwrap();
@@ -150,7 +168,9 @@ fn reverse_read(c: &mut Criterion) {
         c.bench_function(&format!("reverse_read/{name}"), |bench| {
             bench.iter(|| {
                 let cid = &cids[rng.gen_range(0..TIMELINES)];
-                let h = e.rt.block_on(e.store.history(cid, &viewer, HistoryPage::Latest, 50)).unwrap();
+                let h =
+                    e.rt.block_on(e.store.history(cid, &viewer, HistoryPage::Latest, 50))
+                        .unwrap();
                 assert_eq!(h.messages.len(), 50);
             })
         });
@@ -163,7 +183,10 @@ fn fan_out(c: &mut Criterion) {
         let cid = ConversationId::new_group();
         let mut setup: Vec<SequencedEvent> = (0..500).map(|i| e.user(&format!("u{i}"))).collect();
         let members = (0..500)
-            .map(|i| events::MemberGrant { user_id: format!("u{i}"), role: if i == 0 { 3 } else { 1 } })
+            .map(|i| events::MemberGrant {
+                user_id: format!("u{i}"),
+                role: if i == 0 { 3 } else { 1 },
+            })
             .collect();
         setup.push(e.envelope(
             "u0",
@@ -180,7 +203,11 @@ fn fan_out(c: &mut Criterion) {
         g.sample_size(20);
         g.throughput(Throughput::Elements(500));
         g.bench_function(name, |bench| {
-            bench.iter_batched(|| vec![e.message("u1", &cid)], |evs| e.apply(&evs), BatchSize::SmallInput)
+            bench.iter_batched(
+                || vec![e.message("u1", &cid)],
+                |evs| e.apply(&evs),
+                BatchSize::SmallInput,
+            )
         });
         g.finish();
     }
