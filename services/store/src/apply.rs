@@ -187,6 +187,23 @@ impl Store {
     }
 }
 
+/// User ids never contain `\n`, so a newline-joined list is unambiguous.
+fn encode_member_list(members: &[UserId]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(members.len() * 12);
+    for m in members {
+        out.extend_from_slice(m.as_str().as_bytes());
+        out.push(b'\n');
+    }
+    out
+}
+
+pub(crate) fn decode_member_list(b: &[u8]) -> Result<Vec<UserId>> {
+    b.split(|c| *c == b'\n')
+        .filter(|s| !s.is_empty())
+        .map(|s| Ok(UserId::parse(String::from_utf8_lossy(s).into_owned())?))
+        .collect()
+}
+
 pub(crate) fn decode_u64(key: &[u8], v: &[u8]) -> Result<u64> {
     let arr: [u8; 8] = v
         .try_into()
@@ -373,8 +390,16 @@ impl Planner<'_> {
         Ok(())
     }
 
-    /// Current members of a conversation, sorted.
+    /// Current members of a conversation, sorted: from the derived member list when the
+    /// conversation has one, else by scanning its member records.
     async fn members(&mut self, cid: &ConversationId) -> Result<Vec<UserId>> {
+        if let Some(list) = self.get(&self.keys.member_list(cid)).await? {
+            return decode_member_list(&list);
+        }
+        self.scan_members(cid).await
+    }
+
+    async fn scan_members(&mut self, cid: &ConversationId) -> Result<Vec<UserId>> {
         let prefix = self.keys.members_prefix(cid);
         let end = prefix_end(&prefix);
         let mut out = BTreeSet::new();
@@ -426,6 +451,16 @@ impl Planner<'_> {
         }
         if changed {
             self.put_record(key, &rec);
+            // Keep the derived list equal to the set of member records that say "member"
+            // (the LWW winner, whatever order events arrive in). The list is read through
+            // the transaction, so a concurrent change conflicts instead of being lost.
+            let mut members = self.members(cid).await?;
+            members.retain(|m| m != user);
+            if rec.is_member() {
+                members.push(user.clone());
+                members.sort();
+            }
+            self.put(self.keys.member_list(cid), encode_member_list(&members));
         }
         if member {
             self.put(self.keys.user_conversation(user, cid), Vec::new());

@@ -87,6 +87,30 @@ impl Store {
             .then(|| MemberRole::try_from(rec.role()).unwrap_or(MemberRole::Member)))
     }
 
+    /// The derived member list fan-out reads (`None` for conversations from before it
+    /// existed, which fan out by scanning member records). Equal to the members of
+    /// [`Store::conversation`]; the property tests hold it to that.
+    pub async fn fan_out_members(&self, cid: &ConversationId) -> Result<Option<Vec<UserId>>> {
+        let key = self.keys().member_list(cid);
+        let mut txn = self.kv().begin_read().await?;
+        match txn.get(&key).await? {
+            Some(b) => Ok(Some(crate::apply::decode_member_list(&b)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether the conversation was dissolved (`None`: unknown here). One point read, for
+    /// the send path, which must not pay for the member scan of [`Store::conversation`].
+    pub async fn is_dissolved(&self, cid: &ConversationId) -> Result<Option<bool>> {
+        let key = self.keys().conversation(cid);
+        let mut txn = self.kv().begin_read().await?;
+        let Some(b) = txn.get(&key).await? else {
+            return Ok(None);
+        };
+        let rec: ConversationRecord = decode(&key, &b)?;
+        Ok(Some(rec.dissolved.is_some_and(|r| r.value)))
+    }
+
     pub async fn conversation(&self, cid: &ConversationId) -> Result<Option<ConversationView>> {
         let key = self.keys().conversation(cid);
         let mut txn = self.kv().begin_read().await?;

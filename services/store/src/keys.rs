@@ -24,7 +24,9 @@
 //! Derived or region-local families (not in the digest):
 //! `L/uid/cid` the user's conversations, `A/cid` last activity, `E/event_id` applied
 //! events, `P/stream` applied checkpoints, `X/uid` inbox head, `Y/uid/seq` inbox entries,
-//! `W/uid/cid` read-diffusion coalescing window.
+//! `W/uid/cid` read-diffusion coalescing window, `N/cid` the current member list (derived
+//! from `B/cid/*` in the same transactions that change it, so fan-out is one point read
+//! instead of a range scan; conversations from before it existed fall back to the scan).
 
 use meridian_model::{ConversationId, EventId, OrderKey, RegionId, UserId};
 
@@ -146,6 +148,9 @@ impl Keys {
     }
 
     /// The last `/`-separated part of a key below `prefix`.
+    pub fn member_list(&self, cid: &ConversationId) -> Vec<u8> {
+        self.key(b'N', &[cid.as_str().as_bytes()])
+    }
     pub fn suffix<'a>(&self, prefix: &[u8], key: &'a [u8]) -> &'a [u8] {
         &key[prefix.len().min(key.len())..]
     }

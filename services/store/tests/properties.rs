@@ -214,6 +214,15 @@ proptest! {
             }
             assert_eq!(reference.digest().await.unwrap(), shuffled.digest().await.unwrap());
             assert_eq!(reference.conversation_digest(&g).await.unwrap(), shuffled.conversation_digest(&g).await.unwrap());
+            // The derived member list that fan-out reads agrees with the member records.
+            for store in [&reference, &shuffled] {
+                let mut from_records: Vec<String> = store.conversation(&g).await.unwrap().unwrap()
+                    .members.iter().map(|m| m.user_id.to_string()).collect();
+                from_records.sort();
+                let derived: Vec<String> = store.fan_out_members(&g).await.unwrap().unwrap()
+                    .iter().map(|u| u.to_string()).collect();
+                assert_eq!(derived, from_records);
+            }
         });
     }
 

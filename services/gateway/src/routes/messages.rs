@@ -12,7 +12,7 @@ use meridian_store::timeline::HistoryPage;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::conversations::{require_active, require_member};
+use super::conversations::require_member;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use crate::render;
@@ -73,7 +73,17 @@ pub async fn send_message(s: &AppState, caller: &Caller, cid: &str, req: SendMes
         let key = OrderKey::from_bytes(&loc.order_key)?;
         return Ok(accepted(&event_id, &key));
     }
-    require_active(s, &cid).await?;
+    match s.store.is_dissolved(&cid).await? {
+        None => return Err(ApiError::conversation_not_found()),
+        Some(true) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conversation_dissolved",
+                "the group was dissolved",
+            ))
+        }
+        Some(false) => {}
+    }
     let published = s
         .publish(
             Some(caller),
