@@ -172,14 +172,41 @@ impl Target {
             json!({"home_region": "us"}),
         )
         .await?;
-        let t = self
-            .admin(
-                reqwest::Method::POST,
-                "/v1/admin/tokens",
-                json!({"user_id": user, "device_id": "bench", "ttl_s": 86400}),
-            )
-            .await?;
-        Ok(t["token"].as_str().unwrap_or_default().to_string())
+        // The user exists once the applier has caught up; a loaded deployment may answer
+        // the PUT before that, so the token is retried for a while.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let minted = self
+                .admin(
+                    reqwest::Method::POST,
+                    "/v1/admin/tokens",
+                    json!({"user_id": user, "device_id": "bench", "ttl_s": 86400}),
+                )
+                .await;
+            match minted {
+                Ok(t) => return Ok(t["token"].as_str().unwrap_or_default().to_string()),
+                Err(e) if Instant::now() < deadline && e.to_string().contains("user_not_found") => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits (bounded) until the region has applied everything in its stream, so one
+    /// workload's backlog does not count against the next.
+    async fn wait_idle(&self, limit: Duration) -> Option<u64> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let lag = match self.http.get(format!("{}/readyz", self.endpoint)).send().await {
+                Ok(r) => r.json::<Value>().await.ok().and_then(|v| v["apply_lag"].as_u64()),
+                Err(_) => None,
+            };
+            if lag == Some(0) || Instant::now() > deadline {
+                return lag;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     /// A client call; a 429 is waited out (Retry-After) and retried, as a real client would.
@@ -453,6 +480,10 @@ pub async fn run(
     );
     print_header();
     for w in &opts.workloads {
+        match target.wait_idle(Duration::from_secs(300)).await {
+            Some(0) => {}
+            lag => eprintln!("{w}: starting with an apply backlog of {lag:?} events"),
+        }
         let rows = match w.as_str() {
             "w1" => w1(&target, &opts, &run_id, &stop).await?,
             "w2" => w2(&target, &opts, &run_id, &stop).await?,
@@ -614,6 +645,14 @@ async fn open_loop(
     stop: &CancellationToken,
     mut pick: impl FnMut(&mut rand::rngs::ThreadRng) -> (usize, String, u64),
 ) -> StepOutcome {
+    // Each step starts from an idle server: an overloaded step's backlog is its own result.
+    if let Some(lag) = target
+        .wait_idle(Duration::from_secs(300))
+        .await
+        .filter(|l| *l > 0)
+    {
+        eprintln!("  .. {tag}: starting with an apply backlog of {lag} events");
+    }
     *shared.step_tag.lock().unwrap_or_else(|p| p.into_inner()) = tag.to_string();
     let total = (rate as f64 * duration.as_secs_f64()) as u64;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);

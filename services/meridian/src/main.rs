@@ -302,16 +302,34 @@ async fn watch_signals(shutdown: CancellationToken) {
     }
 }
 
-/// Lifts the open-file limit to its hard maximum: every WebSocket is a descriptor, and the
-/// default soft limit (often 1024) would cap a gateway, or the bench, far below its capacity.
+/// Lifts the open-file limit: every WebSocket is a descriptor, and the default limits
+/// (often 1024 soft, 20k hard) would cap a gateway, or the bench, far below its capacity.
+/// Privileged processes may raise the hard limit too (up to the kernel's `nr_open`).
 fn raise_fd_limit() {
+    let nr_open: libc::rlim_t = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1 << 20);
+    let want = nr_open.min(1 << 20);
     // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer.
     unsafe {
         let mut lim = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
         };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_max < want {
+            let raised = libc::rlimit {
+                rlim_cur: want,
+                rlim_max: want,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return;
+            }
+        }
+        if lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
