@@ -299,9 +299,22 @@ impl Connection {
             if upto.is_some_and(|u| after >= u) {
                 return Ok(());
             }
-            let page = inbox_page(&self.s, &self.caller, self.epoch.as_deref(), after, PAGE)
-                .await
-                .map_err(|e| e.message)?;
+            // This socket may outlive a failover: read the current epoch each page.
+            let current = match self.s.store.user(&self.caller.user).await {
+                Ok(Some(v)) => v.epoch,
+                Ok(None) => self.caller.view.epoch.clone(),
+                Err(e) => return Err(e.to_string()),
+            };
+            let page = inbox_page(
+                &self.s,
+                &self.caller,
+                &current,
+                self.epoch.as_deref(),
+                after,
+                PAGE,
+            )
+            .await
+            .map_err(|e| e.message)?;
             let page = match page {
                 Ok(p) => p,
                 Err((epoch, head)) => {

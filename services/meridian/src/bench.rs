@@ -311,6 +311,23 @@ struct Shared {
 }
 
 impl Shared {
+    fn new() -> Arc<Shared> {
+        Arc::new(Shared {
+            base: Instant::now(),
+            tally: Mutex::default(),
+            step_tag: Mutex::default(),
+            received: AtomicU64::new(0),
+        })
+    }
+
+    /// `me` received message `id`, sent at `sent_us`, at `now_us`.
+    fn record(&self, id: &str, me: &str, sent_us: u64, now_us: u64) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+        let mut tally = self.tally.lock().unwrap_or_else(|p| p.into_inner());
+        tally.latencies_us.push(now_us.saturating_sub(sent_us));
+        *tally.seen.entry(format!("{id}>{me}")).or_default() += 1;
+    }
+
     fn now_us(&self) -> u64 {
         self.base.elapsed().as_micros() as u64
     }
@@ -328,7 +345,6 @@ async fn connect(
     user: String,
     token: String,
     shared: Arc<Shared>,
-    acks: Arc<AtomicU64>,
     stop: CancellationToken,
 ) -> Result<Conn, BenchError> {
     let url = format!(
@@ -396,10 +412,7 @@ async fn connect(
                     if !id.starts_with(&tag) {
                         continue;
                     }
-                    shared.received.fetch_add(1, Ordering::Relaxed);
-                    let mut tally = shared.tally.lock().unwrap_or_else(|p| p.into_inner());
-                    tally.latencies_us.push(now.saturating_sub(sent));
-                    *tally.seen.entry(format!("{id}>{me}")).or_default() += 1;
+                    shared.record(id, &me, sent, now);
                 }
                 Some("entry") if v["kind"] == "conversation_advanced" => {
                     // Read diffusion: the inbox only says the group moved on; pull the
@@ -428,20 +441,33 @@ async fn connect(
                         if !id.starts_with(&tag) {
                             continue;
                         }
-                        shared.received.fetch_add(1, Ordering::Relaxed);
-                        let mut tally = shared.tally.lock().unwrap_or_else(|p| p.into_inner());
-                        tally.latencies_us.push(now.saturating_sub(sent));
-                        *tally.seen.entry(format!("{id}>{me}")).or_default() += 1;
+                        shared.record(id, &me, sent, now);
                     }
-                }
-                Some("ack") => {
-                    acks.fetch_add(1, Ordering::Relaxed);
                 }
                 _ => {}
             }
         }
     });
     Ok(Conn { user, token, tx })
+}
+
+/// One WebSocket per user, opened 32 at a time, in `users` order.
+async fn connect_all(
+    target: &Target,
+    users: &[(String, String)],
+    shared: &Arc<Shared>,
+    stop: &CancellationToken,
+) -> Result<Vec<Conn>, BenchError> {
+    futures::stream::iter(
+        users
+            .iter()
+            .map(|(u, t)| connect(target, u.clone(), t.clone(), shared.clone(), stop.clone())),
+    )
+    .buffered(32)
+    .collect::<Vec<_>>()
+    .await
+    .into_iter()
+    .collect()
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -732,28 +758,9 @@ async fn w1(
         opts.users
     );
     let users = provision(target, &format!("{run_id}w1u"), opts.users).await?;
-    let shared = Arc::new(Shared {
-        base: Instant::now(),
-        tally: Mutex::default(),
-        step_tag: Mutex::default(),
-        received: AtomicU64::new(0),
-    });
-    let acks = Arc::new(AtomicU64::new(0));
+    let shared = Shared::new();
     let conn_stop = stop.child_token();
-    let mut conns = Vec::new();
-    for (u, t) in &users {
-        conns.push(
-            connect(
-                target,
-                u.clone(),
-                t.clone(),
-                shared.clone(),
-                acks.clone(),
-                conn_stop.clone(),
-            )
-            .await?,
-        );
-    }
+    let conns = connect_all(target, &users, &shared, &conn_stop).await?;
     // Every pair gets its direct conversation up front (a send needs one to exist).
     let n = conns.len();
     let pairs: Vec<(usize, usize)> = (0..n).flat_map(|a| (a + 1..n).map(move |b| (a, b))).collect();
@@ -840,29 +847,9 @@ async fn w2(
     for (size, senders, rates) in plan {
         eprintln!("W2: group of {size} ({senders} senders), rates {rates:?} msg/s...");
         let users = provision(target, &format!("{run_id}w2g{size}u"), size).await?;
-        let shared = Arc::new(Shared {
-            base: Instant::now(),
-            tally: Mutex::default(),
-            step_tag: Mutex::default(),
-            received: AtomicU64::new(0),
-        });
-        let acks = Arc::new(AtomicU64::new(0));
+        let shared = Shared::new();
         let conn_stop = stop.child_token();
-        let conns: Vec<Conn> = futures::stream::iter(users.iter().map(|(u, t)| {
-            connect(
-                target,
-                u.clone(),
-                t.clone(),
-                shared.clone(),
-                acks.clone(),
-                conn_stop.clone(),
-            )
-        }))
-        .buffered(32)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()?;
+        let conns = connect_all(target, &users, &shared, &conn_stop).await?;
         let members: Vec<&str> = users[1..].iter().map(|(u, _)| u.as_str()).collect();
         let g = target
             .user_call(

@@ -37,6 +37,21 @@ pub async fn require_member(
     }
 }
 
+/// The caller's role in a group (`cid` must name a group: direct conversations have two
+/// fixed members, no roles and no settings, so `why` explains the 400).
+async fn require_group_member(
+    s: &AppState,
+    cid: &str,
+    user: &UserId,
+    why: &str,
+) -> ApiResult<(ConversationId, MemberRole)> {
+    let (cid, role) = require_member(s, cid, user).await?;
+    if cid.is_direct() {
+        return Err(ApiError::bad_request("not_a_group", why));
+    }
+    Ok((cid, role))
+}
+
 /// Refuses writes to a dissolved group.
 pub async fn require_active(
     s: &AppState,
@@ -273,13 +288,13 @@ pub async fn update(
     ApiPath(cid): ApiPath<String>,
     ApiJson(req): ApiJson<UpdateConversation>,
 ) -> ApiResult<Json<Value>> {
-    let (cid, role) = require_member(&s, &cid, &caller.user).await?;
-    if cid.is_direct() {
-        return Err(ApiError::bad_request(
-            "not_a_group",
-            "direct conversations have no settings to update",
-        ));
-    }
+    let (cid, role) = require_group_member(
+        &s,
+        &cid,
+        &caller.user,
+        "direct conversations have no settings to update",
+    )
+    .await?;
     if role < MemberRole::Admin {
         return Err(ApiError::forbidden(
             "only the owner or an admin may update the group",
@@ -350,13 +365,13 @@ pub async fn add_members(
     ApiPath(cid): ApiPath<String>,
     ApiJson(req): ApiJson<AddMembers>,
 ) -> ApiResult<Json<Value>> {
-    let (cid, role) = require_member(&s, &cid, &caller.user).await?;
-    if cid.is_direct() {
-        return Err(ApiError::bad_request(
-            "not_a_group",
-            "direct conversations have exactly two members",
-        ));
-    }
+    let (cid, role) = require_group_member(
+        &s,
+        &cid,
+        &caller.user,
+        "direct conversations have exactly two members",
+    )
+    .await?;
     let view = require_active(&s, &cid).await?;
     if role < MemberRole::Admin && !view.members_can_add {
         return Err(ApiError::forbidden(
@@ -392,13 +407,13 @@ pub async fn remove_member(
     State(s): State<Arc<AppState>>,
     ApiPath((cid, uid)): ApiPath<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    let (cid, role) = require_member(&s, &cid, &caller.user).await?;
-    if cid.is_direct() {
-        return Err(ApiError::bad_request(
-            "not_a_group",
-            "direct conversations have exactly two members",
-        ));
-    }
+    let (cid, role) = require_group_member(
+        &s,
+        &cid,
+        &caller.user,
+        "direct conversations have exactly two members",
+    )
+    .await?;
     require_active(&s, &cid).await?;
     let target = UserId::parse(uid)?;
     let target_role = s
@@ -441,13 +456,8 @@ pub async fn change_role(
     ApiPath((cid, uid)): ApiPath<(String, String)>,
     ApiJson(req): ApiJson<ChangeRole>,
 ) -> ApiResult<Json<Value>> {
-    let (cid, role) = require_member(&s, &cid, &caller.user).await?;
-    if cid.is_direct() {
-        return Err(ApiError::bad_request(
-            "not_a_group",
-            "direct conversations have no roles",
-        ));
-    }
+    let (cid, role) =
+        require_group_member(&s, &cid, &caller.user, "direct conversations have no roles").await?;
     if role != MemberRole::Owner {
         return Err(ApiError::forbidden("only the owner may change roles"));
     }

@@ -38,25 +38,21 @@ pub struct SyncQuery {
 
 pub const MAX_SYNC_LIMIT: usize = 1_000;
 
-/// One page of the caller's inbox, or the epoch and head to resync to.
+/// One page of the caller's inbox, or the epoch and head to resync to. `current` is the
+/// inbox epoch the directory gives now: a request's own read of the caller is fresh enough,
+/// a long-lived WebSocket must read it again (a failover changes it).
 pub async fn inbox_page(
     s: &AppState,
     caller: &Caller,
+    current: &str,
     epoch: Option<&str>,
     after: u64,
     limit: usize,
 ) -> ApiResult<Result<Value, (String, u64)>> {
-    // The epoch is read fresh: a failover since the caller authenticated changes it.
-    let current = s
-        .store
-        .user(&caller.user)
-        .await?
-        .map(|v| v.epoch)
-        .unwrap_or_else(|| caller.view.epoch.clone());
     let epoch = epoch.filter(|e| !e.is_empty());
     match s
         .store
-        .read_inbox(&caller.user, &current, epoch, after, limit)
+        .read_inbox(&caller.user, current, epoch, after, limit)
         .await?
     {
         SyncOutcome::Page(p) => Ok(Ok(json!({
@@ -101,7 +97,16 @@ pub async fn sync(
         )
         .with("field", "limit"));
     }
-    match inbox_page(&s, &caller, q.epoch.as_deref(), q.after, limit).await? {
+    match inbox_page(
+        &s,
+        &caller,
+        &caller.view.epoch,
+        q.epoch.as_deref(),
+        q.after,
+        limit,
+    )
+    .await?
+    {
         Ok(page) => Ok(Json(page)),
         Err((epoch, head)) => Err(resync_required(epoch, head)),
     }
