@@ -118,15 +118,27 @@ pub async fn start(cfg: RegionConfig, roles: Roles) -> Result<RunningRegion, Reg
             let hub = gw.hub();
             let presence: Arc<dyn meridian_push::Presence> =
                 Arc::new(move |u: &meridian_model::UserId| hub.presence(u).0);
-            let token = CancellationToken::new();
-            let task = tokio::spawn(meridian_push::run(
+            // Subscribed before the gateway serves, so no delivery precedes push.
+            let started = meridian_push::Push::start(
                 push_cfg,
                 bus.clone(),
                 store.clone(),
                 presence,
                 push_metrics.clone(),
-                token.clone(),
-            ));
+            )
+            .await;
+            let started = match started {
+                Ok(p) => p,
+                Err(e) => {
+                    if let Some((token, task)) = applier {
+                        token.cancel();
+                        let _ = task.await;
+                    }
+                    return Err(e.into());
+                }
+            };
+            let token = CancellationToken::new();
+            let task = tokio::spawn(started.run(token.clone()));
             let task = tokio::spawn(async move {
                 task.await
                     .map_err(|_| RegionError::Panicked("push"))?

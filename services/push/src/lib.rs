@@ -101,13 +101,7 @@ impl PushError {
     }
 }
 
-/// Runs offline push until `shutdown` is cancelled.
-///
-/// Each delivery becomes one owned task; at most `cfg.concurrency` run at once, and while
-/// that many are busy the loop stops reading (NATS buffers, then drops as a slow consumer,
-/// which costs pushes, never messages). Provider requests in flight are bounded by the same
-/// number. On shutdown it unsubscribes, lets tasks under way finish for up to
-/// `cfg.shutdown_grace_ms`, then aborts the rest and returns `Ok`.
+/// Runs offline push until `shutdown` is cancelled: [`Push::start`] then [`Push::run`].
 pub async fn run(
     cfg: PushConfig,
     bus: Bus,
@@ -116,102 +110,154 @@ pub async fn run(
     metrics: Arc<PushMetrics>,
     shutdown: CancellationToken,
 ) -> Result<(), PushError> {
-    cfg.validate()?;
-    if &cfg.region != bus.region() {
-        return Err(PushError::config(
-            "region",
-            format!(
-                "push region {} differs from the bus region {}",
-                cfg.region,
-                bus.region()
-            ),
-        ));
-    }
-    let concurrency = cfg.concurrency;
-    let grace = Duration::from_millis(cfg.shutdown_grace_ms);
-    let dispatcher = Arc::new(dispatch::Dispatcher::new(cfg, store, presence, metrics.clone())?);
-    let mut sub = bus.subscribe(bus.delivery_wildcard()).await?;
-    tracing::info!(subject = %bus.delivery_wildcard(), "push: watching deliveries");
+    Push::start(cfg, bus, store, presence, metrics)
+        .await?
+        .run(shutdown)
+        .await
+}
 
-    let mut tasks: JoinSet<()> = JoinSet::new();
-    let mut result = Ok(());
-    loop {
-        // Backpressure: a full set is drained by one before another message is read.
-        if tasks.len() >= concurrency {
+/// Offline push, subscribed and ready to run.
+pub struct Push {
+    bus: Bus,
+    sub: async_nats::Subscriber,
+    dispatcher: Arc<dispatch::Dispatcher>,
+    metrics: Arc<PushMetrics>,
+    concurrency: usize,
+    grace: Duration,
+}
+
+impl Push {
+    /// Validates, builds the provider clients and subscribes to the region's deliveries.
+    /// Returns once the server has the subscription: deliveries are core NATS, so anything
+    /// published before that would never reach push (callers start push before traffic).
+    pub async fn start(
+        cfg: PushConfig,
+        bus: Bus,
+        store: Store,
+        presence: Arc<dyn Presence>,
+        metrics: Arc<PushMetrics>,
+    ) -> Result<Push, PushError> {
+        cfg.validate()?;
+        if &cfg.region != bus.region() {
+            return Err(PushError::config(
+                "region",
+                format!(
+                    "push region {} differs from the bus region {}",
+                    cfg.region,
+                    bus.region()
+                ),
+            ));
+        }
+        let concurrency = cfg.concurrency;
+        let grace = Duration::from_millis(cfg.shutdown_grace_ms);
+        let dispatcher = Arc::new(dispatch::Dispatcher::new(cfg, store, presence, metrics.clone())?);
+        let sub = bus.subscribe(bus.delivery_wildcard()).await?;
+        bus.ping().await?;
+        tracing::info!(subject = %bus.delivery_wildcard(), "push: watching deliveries");
+        Ok(Push {
+            bus,
+            sub,
+            dispatcher,
+            metrics,
+            concurrency,
+            grace,
+        })
+    }
+
+    /// Each delivery becomes one owned task; at most `cfg.concurrency` run at once, and while
+    /// that many are busy the loop stops reading (NATS buffers, then drops as a slow
+    /// consumer, which costs pushes, never messages). Provider requests in flight are bounded
+    /// by the same number. On shutdown it unsubscribes, lets tasks under way finish for up to
+    /// `cfg.shutdown_grace_ms`, then aborts the rest and returns `Ok`.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), PushError> {
+        let Push {
+            bus,
+            mut sub,
+            dispatcher,
+            metrics,
+            concurrency,
+            grace,
+        } = self;
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut result = Ok(());
+        loop {
+            // Backpressure: a full set is drained by one before another message is read.
+            if tasks.len() >= concurrency {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    Some(joined) = tasks.join_next() => reap(joined),
+                }
+                continue;
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some(joined) = tasks.join_next() => reap(joined),
-            }
-            continue;
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            Some(joined) = tasks.join_next(), if !tasks.is_empty() => reap(joined),
-            msg = sub.next() => {
-                let Some(msg) = msg else {
-                    result = Err(PushError::SubscriptionClosed);
-                    break;
-                };
-                metrics.record_entry();
-                let Some(user) = bus.delivery_user(msg.subject.as_str()) else {
-                    metrics.record_undecodable();
-                    tracing::warn!(subject = %msg.subject, "push: delivery subject names no user");
-                    continue;
-                };
-                let entry = match InboxEntry::decode(msg.payload) {
-                    Ok(e) => e,
-                    Err(e) => {
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => reap(joined),
+                msg = sub.next() => {
+                    let Some(msg) = msg else {
+                        result = Err(PushError::SubscriptionClosed);
+                        break;
+                    };
+                    metrics.record_entry();
+                    let Some(user) = bus.delivery_user(msg.subject.as_str()) else {
                         metrics.record_undecodable();
-                        tracing::warn!(%user, error = %e, "push: delivery is not an inbox entry");
+                        tracing::warn!(subject = %msg.subject, "push: delivery subject names no user");
                         continue;
-                    }
-                };
-                // One span per entry, joined to the message's trace (the applier put the
-                // apply span's traceparent on the delivery).
-                let parent = msg
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(meridian_telemetry::TRACEPARENT))
-                    .map(|v| v.as_str().to_string());
-                let mut span = meridian_telemetry::start_with_kind(
-                    meridian_telemetry::Role::Push,
-                    "push notify",
-                    meridian_telemetry::SpanKind::Consumer,
-                    parent.as_deref(),
-                );
-                span.set_attribute("meridian.inbox_seq", entry.seq as i64);
-                let work = dispatcher.clone().handle(user, entry);
-                tasks.spawn(async move {
-                    let log = span.log_span();
-                    tracing::Instrument::instrument(span.scope(work), log).await;
-                    span.end();
-                });
+                    };
+                    let entry = match InboxEntry::decode(msg.payload) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            metrics.record_undecodable();
+                            tracing::warn!(%user, error = %e, "push: delivery is not an inbox entry");
+                            continue;
+                        }
+                    };
+                    // One span per entry, joined to the message's trace (the applier put the
+                    // apply span's traceparent on the delivery).
+                    let parent = msg
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(meridian_telemetry::TRACEPARENT))
+                        .map(|v| v.as_str().to_string());
+                    let mut span = meridian_telemetry::start_with_kind(
+                        meridian_telemetry::Role::Push,
+                        "push notify",
+                        meridian_telemetry::SpanKind::Consumer,
+                        parent.as_deref(),
+                    );
+                    span.set_attribute("meridian.inbox_seq", entry.seq as i64);
+                    let work = dispatcher.clone().handle(user, entry);
+                    tasks.spawn(async move {
+                        let log = span.log_span();
+                        tracing::Instrument::instrument(span.scope(work), log).await;
+                        span.end();
+                    });
+                }
             }
+            metrics.set_in_flight(tasks.len());
         }
-        metrics.set_in_flight(tasks.len());
-    }
 
-    // Stop the server sending us more; what is already buffered is dropped with `sub`.
-    if let Err(e) = sub.unsubscribe().await {
-        tracing::debug!(error = %e, "push: unsubscribe failed (the connection is going anyway)");
-    }
-    drop(sub);
-    let drained = tokio::time::timeout(grace, async {
-        while let Some(joined) = tasks.join_next().await {
-            reap(joined);
+        // Stop the server sending us more; what is already buffered is dropped with `sub`.
+        if let Err(e) = sub.unsubscribe().await {
+            tracing::debug!(error = %e, "push: unsubscribe failed (the connection is going anyway)");
         }
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(
-            abandoned = tasks.len(),
-            "push: notifications still under way at the end of the shutdown grace; abandoning them"
-        );
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
+        drop(sub);
+        let drained = tokio::time::timeout(grace, async {
+            while let Some(joined) = tasks.join_next().await {
+                reap(joined);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                abandoned = tasks.len(),
+                "push: notifications still under way at the end of the shutdown grace; abandoning them"
+            );
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+        metrics.set_in_flight(0);
+        result
     }
-    metrics.set_in_flight(0);
-    result
 }
 
 /// A task that panicked is a bug, but one entry's bug must not stop everyone's pushes.
