@@ -344,10 +344,8 @@ impl Connection {
     }
 
     async fn send_entry(&mut self, entry: &InboxEntry) -> Result<(), String> {
-        let mut v = crate::render::inbox_entry(entry);
-        v["op"] = json!("entry");
         self.s.metrics.ws_entries_sent.inc();
-        self.write(v.to_string()).await
+        self.write(crate::render::entry_frame(entry)).await
     }
 
     async fn typing(&mut self, cid: &str) -> Result<(), String> {

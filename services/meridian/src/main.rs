@@ -14,6 +14,10 @@ use meridian::config::RegionConfig;
 use meridian::region::{self, Roles};
 use meridian::up::{self, UpOptions};
 use meridian_model::RegionId;
+
+// glibc malloc/free were ~15 % of the region process in the W1 profile (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 

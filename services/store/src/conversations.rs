@@ -6,13 +6,51 @@
 //! instead of one list write per member; a user with thousands of conversations pays a
 //! few thousand point reads per list call instead.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
+
 use meridian_model::events::{ConversationKind, MemberRole};
-use meridian_model::{ConversationId, OrderKey, UserId};
+use meridian_model::{ConversationId, EventId, OrderKey, UserId};
 
 use crate::kv::{prefix_end, ScanOrder};
-use crate::records::{decode, ConversationRecord, MemberRecord, SettingsRecord, TimelineEntry};
+use crate::records::{
+    decode, ConversationRecord, MemberRecord, MessageLocator, SettingsRecord, TimelineEntry,
+};
 use crate::timeline::{HistoryPage, MessageView};
 use crate::{Result, Store};
+
+/// What a send needs to know before it publishes, read from one snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SendCheck {
+    /// The sender's role, `None` when not a member (or no such conversation).
+    pub role: Option<MemberRole>,
+    /// Whether the group was dissolved (direct conversations never are).
+    pub dissolved: bool,
+    /// Set when the message was already applied: a late retry answers from it.
+    pub applied: Option<MessageLocator>,
+}
+
+/// Member keys of direct conversations seen to exist. A direct conversation's two members
+/// never change (only groups add, remove or dissolve), so a positive answer stays true and
+/// the send path can skip two point reads per message. Bounded: cleared when full.
+#[derive(Default)]
+pub(crate) struct DirectMemberCache(Mutex<HashSet<Vec<u8>>>);
+
+impl DirectMemberCache {
+    const CAPACITY: usize = 200_000;
+
+    fn contains(&self, key: &[u8]) -> bool {
+        self.0.lock().expect("direct member cache").contains(key)
+    }
+
+    fn insert(&self, key: Vec<u8>) {
+        let mut set = self.0.lock().expect("direct member cache");
+        if set.len() >= Self::CAPACITY {
+            set.clear();
+        }
+        set.insert(key);
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberView {
@@ -87,6 +125,62 @@ impl Store {
             .then(|| MemberRole::try_from(rec.role()).unwrap_or(MemberRole::Member)))
     }
 
+    /// Membership, dissolution and an earlier application of message `id`, in one read
+    /// snapshot (one point read for a direct conversation already seen).
+    pub async fn send_check(&self, cid: &ConversationId, sender: &UserId, id: &EventId) -> Result<SendCheck> {
+        let member_key = self.keys().member(cid, sender);
+        let locator_key = self.keys().message(id);
+        let mut txn = self.kv().begin_read().await?;
+        let known_direct = cid.is_direct() && self.direct_members.contains(&member_key);
+        if known_direct {
+            let applied = match txn.get(&locator_key).await? {
+                Some(b) => Some(decode(&locator_key, &b)?),
+                None => None,
+            };
+            return Ok(SendCheck {
+                role: Some(MemberRole::Member),
+                dissolved: false,
+                applied,
+            });
+        }
+        let conv_key = self.keys().conversation(cid);
+        let found = txn
+            .batch_get(&[member_key.clone(), conv_key.clone(), locator_key.clone()])
+            .await?;
+        let [member, conv, locator]: [Option<Vec<u8>>; 3] = found
+            .try_into()
+            .map_err(|_| crate::StoreError::Backend("batch_get returned the wrong count".into()))?;
+        let role = match (member, &conv) {
+            // A member record without the conversation record cannot happen through the
+            // applier; treat it as no conversation.
+            (Some(b), Some(_)) => {
+                let rec: MemberRecord = decode(&member_key, &b)?;
+                rec.is_member()
+                    .then(|| MemberRole::try_from(rec.role()).unwrap_or(MemberRole::Member))
+            }
+            _ => None,
+        };
+        let dissolved = match &conv {
+            Some(b) => {
+                let rec: ConversationRecord = decode(&conv_key, b)?;
+                rec.dissolved.is_some_and(|r| r.value)
+            }
+            None => false,
+        };
+        if role.is_some() && cid.is_direct() {
+            self.direct_members.insert(member_key);
+        }
+        let applied = match locator {
+            Some(b) => Some(decode(&locator_key, &b)?),
+            None => None,
+        };
+        Ok(SendCheck {
+            role,
+            dissolved,
+            applied,
+        })
+    }
+
     /// The derived member list fan-out reads (`None` for conversations from before it
     /// existed, which fan out by scanning member records). Equal to the members of
     /// [`Store::conversation`]; the property tests hold it to that.
@@ -97,18 +191,6 @@ impl Store {
             Some(b) => Ok(Some(crate::apply::decode_member_list(&b)?)),
             None => Ok(None),
         }
-    }
-
-    /// Whether the conversation was dissolved (`None`: unknown here). One point read, for
-    /// the send path, which must not pay for the member scan of [`Store::conversation`].
-    pub async fn is_dissolved(&self, cid: &ConversationId) -> Result<Option<bool>> {
-        let key = self.keys().conversation(cid);
-        let mut txn = self.kv().begin_read().await?;
-        let Some(b) = txn.get(&key).await? else {
-            return Ok(None);
-        };
-        let rec: ConversationRecord = decode(&key, &b)?;
-        Ok(Some(rec.dissolved.is_some_and(|r| r.value)))
     }
 
     pub async fn conversation(&self, cid: &ConversationId) -> Result<Option<ConversationView>> {

@@ -40,6 +40,8 @@ use keys::Keys;
 pub struct Store {
     kv: Arc<dyn KvStore>,
     keys: Keys,
+    /// Member keys of direct conversations known to exist: see [`Store::send_check`].
+    direct_members: Arc<conversations::DirectMemberCache>,
 }
 
 impl Store {
@@ -52,6 +54,7 @@ impl Store {
         Self {
             kv,
             keys: Keys::new(namespace),
+            direct_members: Default::default(),
         }
     }
 

@@ -539,3 +539,61 @@ async fn malformed_events_are_recorded_not_fatal() {
         assert!(store.user(&user("bob")).await.unwrap().is_some());
     }
 }
+
+#[tokio::test]
+async fn send_check_answers_membership_dissolution_and_earlier_sends() {
+    for b in backends().await {
+        let store = b.store();
+        let us = EventFactory::new("us");
+        let (direct, create) = us.direct("ann", "bob");
+        let group = ConversationId::new_group();
+        let sent = us.message("ann", &direct, "c1", "hi");
+        let sent_id = EventId::from_bytes(&sent.event_id).unwrap();
+        let evs = vec![
+            us.user("ann", "us"),
+            us.user("bob", "us"),
+            us.user("cat", "us"),
+            create,
+            us.group("ann", &group, &["bob"]),
+            sent,
+        ];
+        store
+            .apply_batch(&cfg("us"), "S", &sequenced(&evs, 1))
+            .await
+            .unwrap();
+        let fresh = EventId::for_message(&user("ann"), "c2");
+        // Twice: the second answer for a direct member comes from the member cache.
+        for _ in 0..2 {
+            let c = store.send_check(&direct, &user("ann"), &fresh).await.unwrap();
+            assert_eq!(c.role, Some(events::MemberRole::Member), "{}", b.name);
+            assert!(!c.dissolved && c.applied.is_none(), "{}", b.name);
+            let c = store.send_check(&direct, &user("cat"), &fresh).await.unwrap();
+            assert_eq!(
+                c.role, None,
+                "{}: cat is not in ann and bob's conversation",
+                b.name
+            );
+        }
+        let again = store.send_check(&direct, &user("ann"), &sent_id).await.unwrap();
+        let loc = again.applied.expect("the applied send is found");
+        assert_eq!(loc.conversation_id, direct.as_str(), "{}", b.name);
+        let unknown = ConversationId::new_group();
+        let c = store.send_check(&unknown, &user("ann"), &fresh).await.unwrap();
+        assert_eq!((c.role, c.dissolved), (None, false), "{}", b.name);
+
+        let c = store.send_check(&group, &user("bob"), &fresh).await.unwrap();
+        assert_eq!((c.role, c.dissolved), (Some(events::MemberRole::Member), false));
+        let dissolve = us.body(
+            "ann",
+            Body::ConversationDissolved(events::ConversationDissolved {
+                conversation_id: group.to_string(),
+            }),
+        );
+        store
+            .apply_batch(&cfg("us"), "S", &sequenced(&[dissolve], 7))
+            .await
+            .unwrap();
+        let c = store.send_check(&group, &user("bob"), &fresh).await.unwrap();
+        assert!(c.dissolved, "{}: the group was dissolved", b.name);
+    }
+}

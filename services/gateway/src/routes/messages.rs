@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use meridian_model::events::{self, event_envelope::Body, MemberRole};
-use meridian_model::{Cursor, EventId, OrderKey};
+use meridian_model::{ConversationId, Cursor, EventId, OrderKey};
 use meridian_store::timeline::HistoryPage;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -37,7 +37,7 @@ fn default_type() -> String {
 /// Validates, publishes and answers a send; shared by POST and the WebSocket `send` frame.
 /// A retry with the same client_msg_id answers with the original message id and cursor.
 pub async fn send_message(s: &AppState, caller: &Caller, cid: &str, req: SendMessage) -> ApiResult<Value> {
-    let (cid, _) = require_member(s, cid, &caller.user).await?;
+    let cid = ConversationId::parse(cid.to_string())?;
     if req.client_msg_id.is_empty()
         || req.client_msg_id.len() > MAX_CLIENT_MSG_ID
         || req.client_msg_id.chars().any(|c| c.is_control())
@@ -67,22 +67,23 @@ pub async fn send_message(s: &AppState, caller: &Caller, cid: &str, req: SendMes
         );
     }
     let event_id = EventId::for_message(&caller.user, &req.client_msg_id);
+    // Membership, dissolution and an earlier application, from one snapshot.
+    let check = s.store.send_check(&cid, &caller.user, &event_id).await?;
+    if check.role.is_none() {
+        return Err(ApiError::conversation_not_found());
+    }
     // Already applied (a retry later than the stream's duplicate window): answer from the
     // store, publish nothing.
-    if let Some(loc) = s.store.message_locator(&event_id).await? {
+    if let Some(loc) = check.applied {
         let key = OrderKey::from_bytes(&loc.order_key)?;
         return Ok(accepted(&event_id, &key));
     }
-    match s.store.is_dissolved(&cid).await? {
-        None => return Err(ApiError::conversation_not_found()),
-        Some(true) => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "conversation_dissolved",
-                "the group was dissolved",
-            ))
-        }
-        Some(false) => {}
+    if check.dissolved {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conversation_dissolved",
+            "the group was dissolved",
+        ));
     }
     let published = s
         .publish(
