@@ -385,22 +385,39 @@ impl Bus {
         }
     }
 
-    /// `{prefix}deliver.{region}.{user}` with the user id encoded as one subject token:
+    /// `{prefix}deliver.{region}.{user}.e` with the user id encoded as one subject token:
     /// user ids may contain '.', which would split the token, so '.' is written as '~'
     /// (not in the user id alphabet `[A-Za-z0-9_.-]`, so the encoding is reversible, and
     /// legal in NATS subjects). See [`Bus::delivery_user`] for the reverse.
     pub fn delivery_subject(&self, user: &UserId) -> String {
-        format!("{}{}", self.delivery_base(), encode_user_token(user))
+        format!("{}{}.e", self.delivery_base(), encode_user_token(user))
     }
 
-    /// Matches every delivery subject of this region.
+    /// `{prefix}deliver.{region}.{user}.t`: ephemeral frames for a user's sockets (typing),
+    /// never stored, never pushed.
+    pub fn ephemeral_subject(&self, user: &UserId) -> String {
+        format!("{}{}.t", self.delivery_base(), encode_user_token(user))
+    }
+
+    /// Both of a user's subjects, for one subscription per WebSocket: each subscription
+    /// costs the gateway a channel (~6 KiB) and the server an interest entry, per socket.
+    pub fn user_subjects(&self, user: &UserId) -> String {
+        format!("{}{}.*", self.delivery_base(), encode_user_token(user))
+    }
+
+    /// Whether a message from [`Bus::user_subjects`] is an ephemeral frame.
+    pub fn is_ephemeral_subject(subject: &str) -> bool {
+        subject.ends_with(".t")
+    }
+
+    /// Matches every delivery subject of this region (not the ephemeral ones).
     pub fn delivery_wildcard(&self) -> String {
-        format!("{}*", self.delivery_base())
+        format!("{}*.e", self.delivery_base())
     }
 
     /// The user a delivery subject (from [`Bus::delivery_wildcard`]) is for.
     pub fn delivery_user(&self, subject: &str) -> Option<UserId> {
-        let token = subject.strip_prefix(&self.delivery_base())?;
+        let token = subject.strip_prefix(&self.delivery_base())?.strip_suffix(".e")?;
         decode_user_token(token)
     }
 

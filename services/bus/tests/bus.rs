@@ -318,7 +318,7 @@ async fn delivery_subjects_carry_dotted_user_ids_as_one_token() -> Result<()> {
             .context("subscription ended")?;
         let subject = msg.subject.to_string();
         assert_eq!(subject, bus.delivery_subject(&UserId::parse(*u)?));
-        assert_eq!(subject.matches('.').count(), 2, "{subject}");
+        assert_eq!(subject.matches('.').count(), 3, "{subject}");
         assert_eq!(bus.delivery_user(&subject).map(String::from).as_deref(), Some(*u));
         assert_eq!(msg.payload.as_ref(), u.as_bytes());
     }

@@ -17,7 +17,7 @@ use axum::extract::State;
 use axum::response::Response;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use meridian_model::UserId;
+use meridian_bus::Bus;
 use meridian_store::records::InboxEntry;
 use meridian_telemetry::{Role, SpanKind};
 use prost::Message as _;
@@ -55,11 +55,6 @@ pub async fn upgrade(caller: Caller, State(s): State<Arc<AppState>>, ws: WebSock
             };
             conn.run(shutdown).await
         })
-}
-
-/// The typing subject of a user: beside the delivery subject, never stored.
-pub fn ephemeral_subject(s: &AppState, user: &UserId) -> String {
-    format!("{}.eph", s.bus.delivery_subject(user))
 }
 
 #[derive(Deserialize)]
@@ -112,14 +107,9 @@ impl Connection {
     }
 
     async fn serve(&mut self, shutdown: tokio_util::sync::CancellationToken) -> Result<(), String> {
-        let subject = self.s.bus.delivery_subject(&self.caller.user);
+        // One subscription for the user's entries and ephemeral frames alike.
+        let subject = self.s.bus.user_subjects(&self.caller.user);
         let mut entries = self.s.bus.subscribe(subject).await.map_err(|e| e.to_string())?;
-        let mut ephemeral = self
-            .s
-            .bus
-            .subscribe(ephemeral_subject(&self.s, &self.caller.user))
-            .await
-            .map_err(|e| e.to_string())?;
         let mut sends: FuturesUnordered<futures::future::BoxFuture<'static, SendResult>> =
             FuturesUnordered::new();
         let mut keepalive = tokio::time::interval(Duration::from_secs(30));
@@ -150,6 +140,12 @@ impl Connection {
                     }
                 }
                 Some(msg) = entries.next() => {
+                    if Bus::is_ephemeral_subject(&msg.subject) {
+                        if let Ok(text) = std::str::from_utf8(&msg.payload) {
+                            self.write(text.to_string()).await?;
+                        }
+                        continue;
+                    }
                     match InboxEntry::decode(msg.payload.as_ref()) {
                         Ok(entry) => {
                             // The last hop of the message's trace: the applier put its "apply"
@@ -171,11 +167,6 @@ impl Connection {
                             span.scope(self.live_entry(entry)).instrument(log).await?;
                         }
                         Err(e) => tracing::warn!(error = %e, "undecodable delivery"),
-                    }
-                }
-                Some(msg) = ephemeral.next() => {
-                    if let Ok(text) = std::str::from_utf8(&msg.payload) {
-                        self.write(text.to_string()).await?;
                     }
                 }
                 Some((r, res)) = sends.next(), if !sends.is_empty() => self.send_answer(r, res).await?,
@@ -367,7 +358,7 @@ impl Connection {
         for m in view.members.iter().filter(|m| m.user_id != self.caller.user) {
             let _ = s
                 .bus
-                .publish_ephemeral(ephemeral_subject(&s, &m.user_id), frame.clone().into())
+                .publish_ephemeral(s.bus.ephemeral_subject(&m.user_id), frame.clone().into())
                 .await;
         }
         Ok(())

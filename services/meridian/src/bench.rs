@@ -1008,7 +1008,9 @@ async fn w4(
 ) -> Result<Vec<StepResult>, BenchError> {
     let n = opts.idle_connections;
     eprintln!("W4: opening {n} idle WebSockets...");
-    let (_, token) = provision(target, &format!("{run_id}w4u"), 1).await?.remove(0);
+    // Spread over users, one per 250 sockets: each user's requests (upgrades included) are
+    // rate limited, and a real fleet is many users with a few devices each.
+    let users = provision(target, &format!("{run_id}w4u"), n.div_ceil(250).max(1)).await?;
     let rss0 = target.rss_kib();
     let host = target.endpoint.trim_start_matches("http://").to_string();
     let addr: std::net::SocketAddr = tokio::net::lookup_host(&host)
@@ -1018,6 +1020,8 @@ async fn w4(
         .ok_or_else(|| setup_err("no address"))?;
     let mut sockets = Vec::with_capacity(n);
     let mut failed = 0u64;
+    // Why connections failed, by reason: the machine's limits (ports, descriptors) show here.
+    let mut failures: std::collections::BTreeMap<String, u64> = Default::default();
     let started = Instant::now();
     for i in 0..n {
         if stop.is_cancelled() {
@@ -1025,21 +1029,27 @@ async fn w4(
         }
         let src = std::net::Ipv4Addr::new(127, 0, 1 + (i / 20_000) as u8, 1);
         let sock = tokio::net::TcpSocket::new_v4().map_err(setup_err)?;
-        if sock.bind(std::net::SocketAddr::from((src, 0))).is_err() {
+        if let Err(e) = sock.bind(std::net::SocketAddr::from((src, 0))) {
             failed += 1;
+            *failures.entry(format!("bind: {e}")).or_default() += 1;
             continue;
         }
         let stream = match sock.connect(addr).await {
             Ok(s) => s,
-            Err(_) => {
+            Err(e) => {
                 failed += 1;
+                *failures.entry(format!("connect: {e}")).or_default() += 1;
                 continue;
             }
         };
+        let token = &users[i % users.len()].1;
         let url = format!("ws://{host}/v1/ws?token={token}");
         match tokio_tungstenite::client_async(url, stream).await {
             Ok((ws, _)) => sockets.push(ws),
-            Err(_) => failed += 1,
+            Err(e) => {
+                failed += 1;
+                *failures.entry(format!("handshake: {e}")).or_default() += 1;
+            }
         }
         if i % 5_000 == 4_999 {
             eprintln!("  .. {} open, {failed} failed", sockets.len());
@@ -1077,6 +1087,9 @@ async fn w4(
         rss0 / 1024,
         rss1 / 1024
     );
+    for (why, count) in &failures {
+        println!("W4: {count} failed: {why}");
+    }
     Ok(vec![row])
 }
 
