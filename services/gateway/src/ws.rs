@@ -16,7 +16,7 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
 use futures::stream::FuturesUnordered;
-use futures::StreamExt;
+use futures::{FutureExt as _, SinkExt as _, StreamExt};
 use meridian_bus::Bus;
 use meridian_store::records::InboxEntry;
 use meridian_telemetry::{Role, SpanKind};
@@ -35,6 +35,8 @@ use crate::state::AppState;
 const MAX_SENDS_IN_FLIGHT: usize = 64;
 /// Replay and gap-fill page size.
 const PAGE: usize = 500;
+/// Deliveries already waiting that one turn of the serve loop takes before it flushes.
+const DELIVERY_BATCH: usize = 64;
 /// Largest frame a client may send.
 const MAX_FRAME: usize = 256 * 1024;
 
@@ -44,7 +46,8 @@ pub async fn upgrade(caller: Caller, State(s): State<Arc<AppState>>, ws: WebSock
     // connections; frames are small, and a bigger one just takes a few more reads.
     ws.max_message_size(MAX_FRAME.max(s.cfg.max_body_bytes * 2))
         .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
+        // Frames are fed and flushed once per turn; the buffer is allocated on first use.
+        .write_buffer_size(16 * 1024)
         .on_upgrade(move |socket| async move {
             let conn = Connection {
                 s,
@@ -140,41 +143,56 @@ impl Connection {
                     }
                 }
                 Some(msg) = entries.next() => {
-                    if Bus::is_ephemeral_subject(&msg.subject) {
-                        if let Ok(text) = std::str::from_utf8(&msg.payload) {
-                            self.write(text.to_string()).await?;
+                    self.delivery(msg).await?;
+                    // Take whatever else is already waiting, so a burst leaves in one write.
+                    for _ in 0..DELIVERY_BATCH {
+                        match entries.next().now_or_never() {
+                            Some(Some(msg)) => self.delivery(msg).await?,
+                            _ => break,
                         }
-                        continue;
-                    }
-                    match InboxEntry::decode(msg.payload.as_ref()) {
-                        Ok(entry) => {
-                            // The last hop of the message's trace: the applier put its "apply"
-                            // span's context on the delivery.
-                            let parent = msg
-                                .headers
-                                .as_ref()
-                                .and_then(|h| h.get(meridian_telemetry::TRACEPARENT))
-                                .map(|v| v.as_str());
-                            let mut span = meridian_telemetry::start_with_kind(
-                                Role::Gateway,
-                                "WS deliver",
-                                SpanKind::Consumer,
-                                parent,
-                            );
-                            span.set_attribute("meridian.user", self.caller.user.to_string());
-                            span.set_attribute("meridian.inbox_seq", entry.seq as i64);
-                            let log = span.log_span();
-                            span.scope(self.live_entry(entry)).instrument(log).await?;
-                        }
-                        Err(e) => tracing::warn!(error = %e, "undecodable delivery"),
                     }
                 }
                 Some((r, res)) = sends.next(), if !sends.is_empty() => self.send_answer(r, res).await?,
                 _ = keepalive.tick() => {
-                    self.socket.send(Message::Ping(Default::default())).await.map_err(|e| e.to_string())?;
+                    self.socket.feed(Message::Ping(Default::default())).await.map_err(|e| e.to_string())?;
                 }
             }
+            // Frames are fed, not sent: one flush (one write to the socket) per turn.
+            self.socket.flush().await.map_err(|e| e.to_string())?;
         }
+    }
+
+    /// One message from the user's subjects: an ephemeral frame, or an inbox entry.
+    async fn delivery(&mut self, msg: async_nats::Message) -> Result<(), String> {
+        if Bus::is_ephemeral_subject(&msg.subject) {
+            if let Ok(text) = std::str::from_utf8(&msg.payload) {
+                self.write(text.to_string()).await?;
+            }
+            return Ok(());
+        }
+        let entry = match InboxEntry::decode(msg.payload.as_ref()) {
+            Ok(entry) => entry,
+            Err(e) => {
+                tracing::warn!(error = %e, "undecodable delivery");
+                return Ok(());
+            }
+        };
+        if !meridian_telemetry::exporting() {
+            return self.live_entry(entry).await;
+        }
+        // The last hop of the message's trace: the applier put its "apply" span's context
+        // on the delivery.
+        let parent = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(meridian_telemetry::TRACEPARENT))
+            .map(|v| v.as_str());
+        let mut span =
+            meridian_telemetry::start_with_kind(Role::Gateway, "WS deliver", SpanKind::Consumer, parent);
+        span.set_attribute("meridian.user", self.caller.user.to_string());
+        span.set_attribute("meridian.inbox_seq", entry.seq as i64);
+        let log = span.log_span();
+        span.scope(self.live_entry(entry)).instrument(log).await
     }
 
     /// Handles a text frame; a send returns the future that publishes it.
@@ -364,9 +382,10 @@ impl Connection {
         Ok(())
     }
 
+    /// Queues a frame; the serve loop flushes once per turn.
     async fn write(&mut self, text: String) -> Result<(), String> {
         self.socket
-            .send(Message::Text(text.into()))
+            .feed(Message::Text(text.into()))
             .await
             .map_err(|e| e.to_string())
     }
