@@ -1022,35 +1022,57 @@ async fn w4(
     let mut failed = 0u64;
     // Why connections failed, by reason: the machine's limits (ports, descriptors) show here.
     let mut failures: std::collections::BTreeMap<String, u64> = Default::default();
+    const GIVE_UP_AFTER: usize = 50;
+    let mut consecutive_failures = 0;
     let started = Instant::now();
     for i in 0..n {
         if stop.is_cancelled() {
             break;
         }
         let src = std::net::Ipv4Addr::new(127, 0, 1 + (i / 20_000) as u8, 1);
-        let sock = tokio::net::TcpSocket::new_v4().map_err(setup_err)?;
-        if let Err(e) = sock.bind(std::net::SocketAddr::from((src, 0))) {
-            failed += 1;
-            *failures.entry(format!("bind: {e}")).or_default() += 1;
-            continue;
-        }
-        let stream = match sock.connect(addr).await {
-            Ok(s) => s,
+        let sock = match tokio::net::TcpSocket::new_v4() {
+            Ok(sock) => sock,
             Err(e) => {
-                failed += 1;
-                *failures.entry(format!("connect: {e}")).or_default() += 1;
-                continue;
+                // Out of descriptors here: the rest would fail the same way.
+                let rest = (n - i) as u64;
+                failed += rest;
+                *failures.entry(format!("generator socket: {e}")).or_default() += rest;
+                break;
             }
         };
         let token = &users[i % users.len()].1;
         let url = format!("ws://{host}/v1/ws?token={token}");
-        match tokio_tungstenite::client_async(url, stream).await {
-            Ok((ws, _)) => sockets.push(ws),
-            Err(e) => {
-                failed += 1;
-                *failures.entry(format!("handshake: {e}")).or_default() += 1;
+        // A server out of descriptors leaves connections unaccepted in its backlog: without
+        // a deadline the generator would wait on them forever.
+        let open = async {
+            sock.bind(std::net::SocketAddr::from((src, 0)))
+                .map_err(|e| format!("bind: {e}"))?;
+            let stream = sock.connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+            tokio_tungstenite::client_async(url, stream)
+                .await
+                .map_err(|e| format!("handshake: {e}"))
+        };
+        let why = match tokio::time::timeout(Duration::from_secs(5), open).await {
+            Ok(Ok((ws, _))) => {
+                sockets.push(ws);
+                consecutive_failures = 0;
+                continue;
             }
+            Ok(Err(why)) => why,
+            Err(_) => "no answer within 5 s".to_string(),
+        };
+        failed += 1;
+        consecutive_failures += 1;
+        if consecutive_failures >= GIVE_UP_AFTER {
+            // A limit was reached (descriptors, ports): the rest would fail the same way.
+            let rest = (n - i) as u64;
+            failed += rest - 1;
+            *failures
+                .entry(format!("{why} (and every later one)"))
+                .or_default() += rest;
+            break;
         }
+        *failures.entry(why).or_default() += 1;
         if i % 5_000 == 4_999 {
             eprintln!("  .. {} open, {failed} failed", sockets.len());
         }

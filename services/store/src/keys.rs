@@ -107,6 +107,7 @@ impl Keys {
     pub fn settings(&self, cid: &ConversationId, uid: &UserId) -> Vec<u8> {
         self.key(b'S', &[cid.as_str().as_bytes(), uid.as_str().as_bytes()])
     }
+    /// A message's locator; also the applied marker of its `MessageSent` event.
     pub fn message(&self, msg: &EventId) -> Vec<u8> {
         self.key(b'M', &[msg.as_bytes()])
     }
@@ -131,6 +132,7 @@ impl Keys {
     pub fn activity(&self, cid: &ConversationId) -> Vec<u8> {
         self.key(b'A', &[cid.as_str().as_bytes()])
     }
+    /// The applied marker of every event but `MessageSent` (see [`Keys::message`]).
     pub fn applied_event(&self, id: &EventId) -> Vec<u8> {
         self.key(b'E', &[id.as_bytes()])
     }
