@@ -1,13 +1,15 @@
 //! `GET /v1/ws`: live delivery and sends over one WebSocket.
 //!
-//! Each connection subscribes to its user's delivery subject *before* replaying from the
-//! store, so nothing published during the replay is missed; entries at or below the last
+//! Each connection subscribes to its user's subjects (entries and typing, one subscription)
+//! *before* replaying from the store, so nothing published during the replay is missed; entries at or below the last
 //! seq sent are dropped, and a jump past it is filled from the store first. Entries
 //! therefore leave in seq order with no gaps and no repeats, whatever NATS does.
 //!
 //! Tracing: a `send` frame is a "WS send" span (joining the frame's optional `traceparent`
 //! field), and each live delivery a "WS deliver" span continuing the trace named by the
 //! delivery's `traceparent` NATS header, so one trace runs from the send to the devices.
+//! Delivery spans are made only while an exporter is installed: there is one per device per
+//! message, and unexported they would only cost.
 
 use std::sync::Arc;
 use std::time::Duration;
