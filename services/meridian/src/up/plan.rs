@@ -1,0 +1,269 @@
+//! Where everything goes: ports, directories, generated files and the nats-server binary,
+//! all checked before anything starts.
+
+use super::*;
+
+/// Where everything goes, checked before anything starts.
+pub(super) struct Layout {
+    pub(super) data_dir: PathBuf,
+    pub(super) regions: Vec<Arc<RegionPlan>>,
+}
+
+pub(super) struct RegionPlan {
+    pub(super) region: RegionId,
+    pub(super) dir: PathBuf,
+    pub(super) nats_port: u16,
+    pub(super) gateway_port: u16,
+}
+
+impl Layout {
+    pub(super) fn new(opts: &UpOptions) -> Result<Layout, UpError> {
+        let invalid = |option, reason: String| Err(UpError::Invalid { option, reason });
+        if opts.regions.is_empty() {
+            return invalid("--regions", "name at least one region".into());
+        }
+        for (i, r) in opts.regions.iter().enumerate() {
+            if opts.regions[..i].contains(r) {
+                return invalid("--regions", format!("{r} is listed twice"));
+            }
+        }
+        if opts.admin_key.chars().count() < MIN_ADMIN_KEY {
+            return invalid(
+                "--admin-key",
+                format!(
+                    "must be at least {MIN_ADMIN_KEY} characters (got {}); admin calls carry it \
+                     in X-Admin-Key",
+                    opts.admin_key.chars().count()
+                ),
+            );
+        }
+        let blocks = u32::try_from(opts.regions.len()).unwrap_or(u32::MAX);
+        let last_port = u32::from(opts.port_base) + u32::from(PORTS_PER_REGION) * blocks - 1;
+        if opts.port_base < 1024 || last_port > u32::from(u16::MAX) {
+            return invalid(
+                "--port-base",
+                format!(
+                    "{} regions need ports {}..={last_port}, which must lie in 1024..=65535",
+                    opts.regions.len(),
+                    opts.port_base
+                ),
+            );
+        }
+        std::fs::create_dir_all(&opts.data_dir)
+            .map_err(io_err(format!("cannot create {}", opts.data_dir.display())))?;
+        // Absolute, so the region processes find their store whatever their cwd.
+        let data_dir = opts
+            .data_dir
+            .canonicalize()
+            .map_err(io_err(format!("cannot resolve {}", opts.data_dir.display())))?;
+        // The store URL ends its path at '?' (options follow), and the nats config quotes
+        // paths, so only '?' is a problem.
+        if data_dir.to_string_lossy().contains('?') {
+            return invalid(
+                "--data-dir",
+                format!("{} must not contain '?'", data_dir.display()),
+            );
+        }
+        let regions = opts
+            .regions
+            .iter()
+            .enumerate()
+            .map(|(i, region)| {
+                let base = opts.port_base + PORTS_PER_REGION * i as u16;
+                Arc::new(RegionPlan {
+                    region: region.clone(),
+                    dir: data_dir.join(region.as_str()),
+                    nats_port: base,
+                    gateway_port: base + 1,
+                })
+            })
+            .collect();
+        Ok(Layout { data_dir, regions })
+    }
+}
+
+impl RegionPlan {
+    pub(super) fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.gateway_port)
+    }
+    pub(super) fn nats_url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.nats_port)
+    }
+    pub(super) fn nats_conf(&self) -> PathBuf {
+        self.dir.join("nats.conf")
+    }
+    pub(super) fn nats_log(&self) -> PathBuf {
+        self.dir.join("nats.log")
+    }
+    pub(super) fn region_toml(&self) -> PathBuf {
+        self.dir.join("region.toml")
+    }
+    pub(super) fn region_log(&self) -> PathBuf {
+        self.dir.join("region.log")
+    }
+
+    /// Writes nats.conf and region.toml, regenerated on every start so a changed port base
+    /// or key takes effect; the data directories they point at are kept.
+    pub(super) fn write_files(
+        &self,
+        jwt_secret: &str,
+        admin_key: &str,
+        endpoints: &BTreeMap<String, String>,
+    ) -> Result<(), UpError> {
+        std::fs::create_dir_all(&self.dir)
+            .map_err(io_err(format!("cannot create {}", self.dir.display())))?;
+        let conf = nats_server_config(
+            &self.dir.join("jetstream"),
+            self.nats_port,
+            Durability::Process,
+            &format!("meridian-{}", self.region),
+        );
+        write_file(&self.nats_conf(), conf.as_bytes(), 0o644)?;
+
+        let mut gateway = toml::Table::new();
+        gateway.insert("listen".into(), format!("127.0.0.1:{}", self.gateway_port).into());
+        gateway.insert("jwt_secret".into(), jwt_secret.into());
+        gateway.insert("admin_key".into(), admin_key.into());
+        let endpoints: toml::Table = endpoints
+            .iter()
+            .map(|(r, e)| (r.clone(), toml::Value::from(e.as_str())))
+            .collect();
+        gateway.insert("region_endpoints".into(), endpoints.into());
+        let mut bus = toml::Table::new();
+        bus.insert("nats_url".into(), self.nats_url().into());
+        let mut doc = toml::Table::new();
+        doc.insert("region".into(), self.region.as_str().into());
+        let store = format!("embedded://{}", self.dir.join("store").display());
+        doc.insert("store".into(), store.into());
+        doc.insert("bus".into(), bus.into());
+        doc.insert("gateway".into(), gateway.into());
+        // Every applier field at its default; listed so the file shows where to tune it.
+        doc.insert("applier".into(), toml::Table::new().into());
+        let body = toml::to_string(&doc).map_err(|e| UpError::Invalid {
+            option: "region file",
+            reason: e.to_string(),
+        })?;
+        let text = format!(
+            "# Written by `meridian up` at every start; edit the flags, not this file.\n\
+             # Run by hand with: meridian region --config {}\n{body}",
+            self.region_toml().display()
+        );
+        let path = self.region_toml();
+        // Checked here so a bad flag fails in the launcher with the field named, instead of
+        // as a crash loop of the region process.
+        RegionConfig::from_toml(&text, &path.display().to_string(), Vec::new()).map_err(|source| {
+            UpError::Config {
+                path: path.display().to_string(),
+                source,
+            }
+        })?;
+        write_file(&path, text.as_bytes(), 0o600)
+    }
+}
+
+/// Writes `path` (via a temporary file and a rename, so no reader sees half of it) with
+/// `mode` permissions from the start.
+pub(super) fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), UpError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let result = (|| {
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(contents)?;
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(io_err(format!("cannot write {}", path.display())))
+}
+
+pub(super) fn check_port_free(port: u16, what: &str, region: &RegionId) -> Result<(), UpError> {
+    std::net::TcpListener::bind(("127.0.0.1", port))
+        .map(drop)
+        .map_err(|e| UpError::Invalid {
+            option: "--port-base",
+            reason: format!(
+                "port {port} ({what} of region {region}) is not free: {e}; is another `meridian up` \
+                 running? Stop it or choose another --port-base"
+            ),
+        })
+}
+
+/// Finds nats-server: the flag, then `$MERIDIAN_NATS_SERVER`, then `.tools/bin/nats-server`
+/// in an ancestor of the executable (`target/{debug,release}/meridian` sits two levels under
+/// the repository) or of the working directory.
+pub fn resolve_nats_server(flag: Option<&Path>) -> Result<PathBuf, UpError> {
+    let named = flag.map(|p| (p.to_path_buf(), "--nats-server")).or_else(|| {
+        std::env::var_os("MERIDIAN_NATS_SERVER")
+            .filter(|v| !v.is_empty())
+            .map(|v| (PathBuf::from(v), "MERIDIAN_NATS_SERVER"))
+    });
+    if let Some((path, source)) = named {
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(UpError::NatsMissing {
+                tried: format!("{source} names {}, which is not a file", path.display()),
+            })
+        };
+    }
+    let mut starts = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        starts.push(exe);
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        starts.push(cwd);
+    }
+    let mut tried = Vec::new();
+    for start in &starts {
+        for dir in start.ancestors().skip(1) {
+            let candidate = dir.join(".tools/bin/nats-server");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+            if dir.join("Cargo.toml").is_file() && dir.join("deploy").is_dir() {
+                // The repository root: looking further up would find someone else's.
+                tried.push(candidate.display().to_string());
+                break;
+            }
+        }
+    }
+    if tried.is_empty() {
+        tried.push("no repository with .tools/bin/nats-server above the executable or cwd".into());
+    }
+    Err(UpError::NatsMissing {
+        tried: tried.join(", "),
+    })
+}
+
+/// Reads the HS256 key, or makes one: it must outlive runs so issued tokens stay valid.
+pub(super) fn load_or_create_jwt_secret(path: &Path) -> Result<String, UpError> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => {
+            let s = s.trim().to_string();
+            if s.len() < 32 {
+                return Err(UpError::Invalid {
+                    option: "jwt_secret",
+                    reason: format!(
+                        "{} holds fewer than 32 characters; delete it to have a new key generated \
+                         (tokens issued with the old one stop working)",
+                        path.display()
+                    ),
+                });
+            }
+            Ok(s)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            use rand::RngCore as _;
+            let mut key = [0u8; JWT_SECRET_BYTES];
+            rand::rngs::OsRng.fill_bytes(&mut key);
+            let secret = hex::encode(key);
+            write_file(path, format!("{secret}\n").as_bytes(), 0o600)?;
+            Ok(secret)
+        }
+        Err(e) => Err(io_err(format!("cannot read {}", path.display()))(e)),
+    }
+}

@@ -1,0 +1,221 @@
+//! After start: `cluster.json`, the ready banner, and restarting whichever child dies.
+
+use super::*;
+
+/// `cluster.json`: what a client or a test needs to find the deployment.
+#[derive(Serialize)]
+pub(super) struct ClusterDoc {
+    pub(super) admin_key: String,
+    pub(super) jwt_secret_file: String,
+    pub(super) data_dir: String,
+    pub(super) launcher_pid: u32,
+    pub(super) regions: BTreeMap<String, RegionEntry>,
+}
+
+#[derive(Serialize)]
+pub(super) struct RegionEntry {
+    pub(super) endpoint: String,
+    pub(super) nats: String,
+    pub(super) pids: Pids,
+}
+
+#[derive(Serialize)]
+pub(super) struct Pids {
+    pub(super) nats: u32,
+    pub(super) region: u32,
+}
+
+pub(super) struct Cluster {
+    pub(super) path: PathBuf,
+    pub(super) doc: tokio::sync::Mutex<ClusterDoc>,
+}
+
+impl Cluster {
+    pub(super) async fn write(&self) -> Result<(), UpError> {
+        let doc = self.doc.lock().await;
+        let mut text = serde_json::to_string_pretty(&*doc).expect("plain data serializes");
+        text.push('\n');
+        // Under the lock: two supervisors restarting at once must not interleave renames
+        // with stale contents. 0600: the file holds the admin key.
+        write_file(&self.path, text.as_bytes(), 0o600)
+    }
+
+    pub(super) async fn set_pid(&self, region: &RegionId, what: &str, pid: u32) {
+        {
+            let mut doc = self.doc.lock().await;
+            if let Some(entry) = doc.regions.get_mut(region.as_str()) {
+                if what == "nats-server" {
+                    entry.pids.nats = pid;
+                } else {
+                    entry.pids.region = pid;
+                }
+            }
+        }
+        if let Err(e) = self.write().await {
+            tracing::error!(error = %e, "cannot rewrite cluster.json");
+        }
+    }
+}
+
+pub(super) fn print_ready(layout: &Layout, admin_key: &str, cluster: &Path) {
+    let mut out = String::from("\nMeridian is up.\n");
+    for p in &layout.regions {
+        let _ = writeln!(
+            out,
+            "  {:<8} {}   (nats {})",
+            p.region.as_str(),
+            p.endpoint(),
+            p.nats_url()
+        );
+    }
+    let first = &layout.regions[0];
+    let _ = writeln!(out, "  cluster  {}", cluster.display());
+    let _ = writeln!(
+        out,
+        "  logs     {}/<region>/{{region,nats}}.log",
+        layout.data_dir.display()
+    );
+    let _ = writeln!(out, "\nProvision a user:");
+    let _ = writeln!(
+        out,
+        "  curl -sX PUT {}/v1/admin/users/ann -H 'X-Admin-Key: {admin_key}' -d '{{\"home_region\": \"{}\"}}'",
+        first.endpoint(),
+        first.region
+    );
+    let _ = writeln!(
+        out,
+        "\nCtrl-C stops everything (region processes first, then nats-servers)."
+    );
+    println!("{out}");
+}
+
+pub(super) type ReadyWatch = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Keeps one region's processes running until `shutdown`, restarting whichever dies (the
+/// nats-server first), then stops the region process and returns the nats-server for the
+/// caller to stop after every region process is gone.
+pub(super) async fn supervise(
+    mut r: RegionProcs,
+    launcher: Arc<Launcher>,
+    cluster: Arc<Cluster>,
+    shutdown: CancellationToken,
+) -> Option<Proc> {
+    let region = r.plan.region.clone();
+    let mut nats_restart = Restart::default();
+    let mut region_restart = Restart::default();
+    // Resolves when a restarted region answers /readyz again; only for the operator's log.
+    let mut ready_watch: Option<ReadyWatch> = None;
+    loop {
+        let now = Instant::now();
+        if r.nats.is_none() && now >= nats_restart.due {
+            match launcher.spawn_nats(&r.plan) {
+                Ok(mut p) => {
+                    tracing::warn!(%region, pid = p.pid, "nats-server restarted");
+                    cluster.set_pid(&region, p.what, p.pid).await;
+                    // The region process reconnects on its own; waiting here just keeps a
+                    // region restart from racing a server that is still recovering.
+                    match wait_nats_ready(&mut p, &shutdown).await {
+                        Ok(_) => {}
+                        Err(reason) => tracing::warn!(%region, %reason, "restarted nats-server not ready"),
+                    }
+                    r.nats = Some(p);
+                }
+                Err(e) => {
+                    tracing::error!(%region, error = %e, "cannot restart nats-server");
+                    nats_restart.failed_again();
+                }
+            }
+        }
+        // The region process needs its nats-server; with both down, nats goes first.
+        if r.region.is_none() && r.nats.is_some() && now >= region_restart.due && !shutdown.is_cancelled() {
+            match launcher.spawn_region(&r.plan) {
+                Ok(p) => {
+                    tracing::warn!(%region, pid = p.pid, "region process restarted");
+                    cluster.set_pid(&region, p.what, p.pid).await;
+                    let (port, region, pid) = (r.plan.gateway_port, region.clone(), p.pid);
+                    ready_watch = Some(Box::pin(async move {
+                        while http_status(port, "/readyz").await != Some(200) {
+                            tokio::time::sleep(POLL).await;
+                        }
+                        tracing::info!(%region, pid, "region process ready again");
+                    }));
+                    r.region = Some(p);
+                }
+                Err(e) => {
+                    tracing::error!(%region, error = %e, "cannot restart the region process");
+                    region_restart.failed_again();
+                }
+            }
+        }
+        let next_due = [
+            r.nats.is_none().then_some(nats_restart.due),
+            // Without its nats-server the region waits for that one's restart, not its own
+            // (a past due time here would spin the loop).
+            (r.region.is_none() && r.nats.is_some()).then_some(region_restart.due),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            status = wait_opt(&mut r.nats) => {
+                let p = r.nats.take().expect("waited on a running process");
+                nats_restart.exited(&p, &status);
+            }
+            status = wait_opt(&mut r.region) => {
+                let p = r.region.take().expect("waited on a running process");
+                region_restart.exited(&p, &status);
+                ready_watch = None;
+            }
+            _ = async { ready_watch.as_mut().expect("guarded").await }, if ready_watch.is_some() => {
+                ready_watch = None;
+            }
+            _ = tokio::time::sleep_until(next_due.unwrap_or(now)), if next_due.is_some() => {}
+        }
+    }
+    if let Some(p) = r.region.take() {
+        p.stop().await;
+    }
+    r.nats
+}
+
+/// When to restart a process that died.
+pub(super) struct Restart {
+    pub(super) due: Instant,
+    pub(super) delay: Duration,
+}
+
+impl Default for Restart {
+    fn default() -> Self {
+        Restart {
+            due: Instant::now(),
+            delay: RESTART_DELAY_MIN,
+        }
+    }
+}
+
+impl Restart {
+    pub(super) fn exited(&mut self, p: &Proc, status: &io::Result<ExitStatus>) {
+        let ran = p.started.elapsed();
+        self.delay = if ran >= HEALTHY_RUN {
+            RESTART_DELAY_MIN
+        } else {
+            (self.delay * 2).min(RESTART_DELAY_MAX)
+        };
+        self.due = Instant::now() + self.delay;
+        tracing::warn!(
+            region = %p.plan.region,
+            what = p.what,
+            pid = p.pid,
+            status = %status.as_ref().map_or_else(|e| e.to_string(), |s| s.to_string()),
+            ran_s = ran.as_secs_f64(),
+            log = %p.log().display(),
+            "exited unexpectedly; restarting in {:?}", self.delay
+        );
+    }
+
+    pub(super) fn failed_again(&mut self) {
+        self.delay = (self.delay * 2).min(RESTART_DELAY_MAX);
+        self.due = Instant::now() + self.delay;
+    }
+}
