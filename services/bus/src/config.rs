@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::BusError;
 
-/// How durable an acknowledged publish is (DESIGN.md section 5). `geo` is not here yet: it
+/// How durable an acknowledged publish is (docs/design.md §6). `geo` is not here yet: it
 /// needs mirrors, which a later issue adds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -4,7 +4,7 @@
 //! A pull consumer alone does not promise that. Messages buffered for a pull subscription
 //! that is torn down (a NATS restart, a missed heartbeat, a cancelled caller) stay pending
 //! on the server until their ack wait runs out, while newer ones keep flowing; and after a
-//! server is killed it may redeliver what was already acked (DESIGN.md section 3). With
+//! server is killed it may redeliver what was already acked (docs/design.md §4). With
 //! `AckPolicy::All` an applier acking a later event would then silently cover the skipped
 //! one. So the consumer tracks the sequence it expects next and:
 //! - drops anything below it (a redelivery of something already handed out);

@@ -341,7 +341,7 @@ impl Bus {
     }
 
     /// A durable pull consumer on `stream` positioned right after `after_seq`: the applier
-    /// passes its store checkpoint, which (not the consumer's acks, DESIGN.md section 3)
+    /// passes its store checkpoint, which (not the consumer's acks, docs/design.md §4)
     /// decides what is new.
     pub async fn event_consumer_after(
         &self,

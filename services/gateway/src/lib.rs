@@ -1,4 +1,4 @@
-//! Meridian's gateway: the HTTP + WebSocket API of one region (API.md). It validates and
+//! Meridian's gateway: the HTTP + WebSocket API of one region (docs/api.md). It validates and
 //! authorizes, stamps events (id, HLC, origin) and publishes them to the region's stream,
 //! answers reads from the region's store, and delivers inbox entries live over WebSockets.
 //! It knows nothing of key layouts: reads go through `meridian_store::Store`'s views.

@@ -1,4 +1,4 @@
-//! Store views rendered as the JSON of API.md. Times are milliseconds since the Unix epoch.
+//! Store views rendered as the JSON of docs/api.md. Times are milliseconds since the Unix epoch.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;

@@ -34,7 +34,7 @@ pub struct RegionConfig {
     pub region: RegionId,
     /// Store URL: `embedded://DIR` (fjall), `embedded://DIR?engine=redb`, or `tikv://pd,...`.
     pub store: String,
-    /// Inbox entries older than this are swept (DESIGN.md: 7 days by default).
+    /// Inbox entries older than this are swept (docs/design.md §2: 7 days by default).
     #[serde(default = "default_inbox_ttl_s")]
     pub inbox_ttl_s: u64,
     #[serde(default = "default_sweep_interval_s")]

@@ -1,4 +1,4 @@
-//! Validated identifiers. Constructors check the API.md rules once, at the edge, so the
+//! Validated identifiers. Constructors check the docs/api.md §2 rules once, at the edge, so the
 //! rest of the system can take a `UserId` on trust.
 
 use std::fmt;
@@ -64,7 +64,7 @@ macro_rules! string_id {
 }
 
 string_id!(
-    /// A user: 1-64 characters of `[A-Za-z0-9_.-]` (API.md).
+    /// A user: 1-64 characters of `[A-Za-z0-9_.-]` (docs/api.md §2).
     UserId, "user_id", |s: &str| check_token("user_id", s, 64)
 );
 string_id!(

@@ -1,4 +1,4 @@
-//! Offline push (DESIGN.md section 2, last step): when the applier appends an inbox entry for
+//! Offline push (docs/design.md §3, last step): when the applier appends an inbox entry for
 //! a user who has no live connection in the region, and the conversation is not muted for
 //! them, each device they registered with `PUT /v1/devices/{device_id}` is notified through
 //! its provider. The notification carries the inbox seq and the device token, never the
@@ -8,7 +8,7 @@
 //! new inbox entry (`InboxEntry` prost bytes) on the user's core-NATS delivery subject, and
 //! this role subscribes to the region's delivery wildcard alongside the gateways. Core NATS
 //! is at-most-once, so a push missed while this role is down is not replayed; devices still
-//! get everything on their next sync, which is the guarantee that matters (section 5).
+//! get everything on their next sync, which is the guarantee that matters (docs/design.md §5).
 //!
 //! # Layout
 //! - `config`: [`PushConfig`] (+ [`ApnsConfig`], [`FcmConfig`]), validation, the

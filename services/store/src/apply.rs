@@ -5,7 +5,7 @@
 //! anything at or below the checkpoint is skipped, and every event id is recorded, so a
 //! retried send that arrives again under a new stream sequence is skipped too.
 //!
-//! Replicated state merges by the rules of DESIGN.md section 4, so every region reaches
+//! Replicated state merges by the rules of docs/design.md §4, so every region reaches
 //! the same state (and digest) whatever order it applies events in. Inboxes are the one
 //! region-local effect: a region appends to the inboxes of the users it serves.
 
@@ -25,7 +25,7 @@ use crate::{Result, Store, StoreError};
 pub struct ApplyConfig {
     /// The region doing the applying: it fans out to the inboxes of the users it serves.
     pub region: RegionId,
-    /// Groups with more members than this use read diffusion (DESIGN.md section 1).
+    /// Groups with more members than this use read diffusion (docs/design.md §2).
     pub read_diffusion_threshold: usize,
     /// Read diffusion gives a member at most one "conversation advanced" entry per window.
     pub coalesce_window_ms: u64,

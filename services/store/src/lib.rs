@@ -1,5 +1,5 @@
 //! Meridian's store: a small KV transaction trait with two backends, and the timeline model
-//! of DESIGN.md sections 1 and 4 written once on top of it. It knows nothing of HTTP or NATS.
+//! of docs/design.md §2 and §4 written once on top of it. It knows nothing of HTTP or NATS.
 //!
 //! # Layout
 //! - [`kv`]: the `KvStore`/`KvTxn` traits and `kv::open(url)`; backends are sibling files:

@@ -1,4 +1,4 @@
-//! Stored records (prost-encoded) and the merge rules of DESIGN.md section 4. Every
+//! Stored records (prost-encoded) and the merge rules of docs/design.md §4. Every
 //! replicated record merges deterministically: last-writer-wins registers compare versions,
 //! which are order-key bytes `(hlc, origin, event_id)`, so every region picks the same
 //! winner whatever order events arrive in.

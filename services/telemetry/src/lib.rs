@@ -1,5 +1,5 @@
 //! Meridian's tracing: one OpenTelemetry trace per message across the roles that handle it
-//! (DESIGN.md section 7), the context carried between processes as a W3C `traceparent`
+//! (docs/design.md §3), the context carried between processes as a W3C `traceparent`
 //! (an HTTP header, a WebSocket frame field, a NATS header).
 //!
 //! Roles often share a process (`meridian region` runs gateway and applier, and push, in one)
