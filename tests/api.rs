@@ -261,7 +261,7 @@ async fn direct_conversation_send_history_and_sync() -> Result<()> {
         )
         .await?;
     assert_eq!(st, 413, "{b}");
-    assert!(is_error(&b, "payload_too_large"));
+    assert!(is_error(&b, "too_large"));
     let (st, b) = answer(
         r.http
             .post(format!("{}{path}", r.base))
