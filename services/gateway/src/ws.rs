@@ -221,7 +221,13 @@ impl Connection {
                             Ok(None) => Ok(()),
                             Err(e) => Err(e),
                         },
-                        Message::Binary(_) => self.error(Value::Null, ApiError::bad_request("malformed_frame", "frames are JSON text")).await,
+                        Message::Binary(_) => {
+                            // Paid for like any frame.
+                            let e = service::admit(&self.s, &self.caller.user).err().unwrap_or_else(|| {
+                                ApiError::bad_request("malformed_frame", "frames are JSON text")
+                            });
+                            self.error(Value::Null, e).await
+                        }
                         Message::Close(_) => return Closed::Normally,
                         Message::Ping(_) | Message::Pong(_) => Ok(()),
                     };
