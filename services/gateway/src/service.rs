@@ -115,8 +115,13 @@ impl Accepted {
     }
 }
 
-/// Validates, publishes and answers a send. A retry with the same client_msg_id answers with
-/// the original message id and cursor.
+/// Validates, publishes and answers a send. The idempotency key is (sender, conversation,
+/// client_msg_id), the message id derived from it: a retry with the same key and the same
+/// content (type and body) answers with the original message id and cursor; the same key
+/// with other content is `409 idempotency_conflict` naming the original. Both hold while the
+/// first send is in flight or inside JetStream's duplicate window (the stream answers with
+/// the original's seq, and the original is read back from the stream) and after it was
+/// applied (the store's copy).
 pub async fn send_message(s: &AppState, caller: &Caller, cid: &str, req: SendMessage) -> ApiResult<Accepted> {
     let cid = ConversationId::parse(cid.to_string())?;
     req.validate()?;
@@ -124,16 +129,25 @@ pub async fn send_message(s: &AppState, caller: &Caller, cid: &str, req: SendMes
     if body_json.len() > s.cfg.max_body_bytes {
         return Err(ApiError::too_large("message body", s.cfg.max_body_bytes).with("field", "body"));
     }
-    let event_id = EventId::for_message(&caller.user, &req.client_msg_id);
+    let event_id = EventId::for_message(&caller.user, &cid, &req.client_msg_id);
     // Membership, dissolution and an earlier application, from one snapshot.
     let check = s.store.send_check(&cid, &caller.user, &event_id).await?;
     if check.role.is_none() {
         return Err(ApiError::conversation_not_found());
     }
-    // Already applied (a retry later than the stream's duplicate window): answer from the
-    // store, publish nothing.
+    // Already applied (a retry, possibly later than the stream's duplicate window): answer
+    // from the store, publish nothing.
     if let Some(loc) = check.applied {
         let key = OrderKey::from_bytes(&loc.order_key)?;
+        // A recalled message has no body left to compare, and one the sender deleted for
+        // themselves is not theirs to read: both answer as the original.
+        if let Some(original) = s.store.message(&cid, &caller.user, &event_id).await? {
+            if let Some(body) = &original.body_json {
+                if !same_content(&original.msg_type, body, &req) {
+                    return Err(idempotency_conflict(&event_id));
+                }
+            }
+        }
         return Ok(Accepted::new(&event_id, &key));
     }
     if check.dissolved {
@@ -149,13 +163,36 @@ pub async fn send_message(s: &AppState, caller: &Caller, cid: &str, req: SendMes
             event_id,
             Body::MessageSent(events::MessageSent {
                 conversation_id: cid.to_string(),
-                client_msg_id: req.client_msg_id,
-                msg_type: req.msg_type,
+                client_msg_id: req.client_msg_id.clone(),
+                msg_type: req.msg_type.clone(),
                 body_json,
             }),
         )
         .await?;
+    // A duplicate: `published` holds the original event, read back from the stream.
+    if published.ack.duplicate {
+        if let Some(Body::MessageSent(original)) = &published.envelope.body {
+            if !same_content(&original.msg_type, &original.body_json, &req) {
+                return Err(idempotency_conflict(&event_id));
+            }
+        }
+    }
     Ok(Accepted::new(&event_id, &published.order_key()?))
+}
+
+/// Whether a stored message (type and body JSON) is what `req` sends. Bodies compare as JSON
+/// values, so key order and spacing do not matter.
+fn same_content(msg_type: &str, body_json: &str, req: &SendMessage) -> bool {
+    msg_type == req.msg_type && serde_json::from_str::<Value>(body_json).is_ok_and(|b| b == req.body)
+}
+
+fn idempotency_conflict(original: &EventId) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "idempotency_conflict",
+        "this client_msg_id was already used for another message in this conversation",
+    )
+    .with("message_id", original.to_string())
 }
 
 /// One page of the caller's inbox, or the epoch and head to resync to. `current` is the
