@@ -261,7 +261,7 @@ async fn direct_conversation_send_history_and_sync() -> Result<()> {
         )
         .await?;
     assert_eq!(st, 413, "{b}");
-    assert!(is_error(&b, "payload_too_large"));
+    assert!(is_error(&b, "too_large"));
     let (st, b) = answer(
         r.http
             .post(format!("{}{path}", r.base))
@@ -731,5 +731,145 @@ async fn health_metrics_openapi_devices_presence() -> Result<()> {
     let (st, regions) = r.admin(Method::GET, "/v1/admin/regions", None).await?;
     assert_eq!(st, 200, "{regions}");
     assert_eq!(regions["regions"][0]["status"], "active");
+    r.stop().await
+}
+
+// Issue 8 item 3: the idempotency key of a send is (sender, conversation, client_msg_id).
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item3_same_client_msg_id_in_two_conversations_is_two_messages() -> Result<()> {
+    let r = TestRegion::start().await?;
+    let ann = r.user("ann", "d").await?;
+    let bob = r.user("bob", "d").await?;
+    let cat = r.user("cat", "d").await?;
+    let with_bob = ann.direct("bob").await?;
+    let with_cat = ann.direct("cat").await?;
+    let to_bob = ann.send(&with_bob, "c-1", "to bob").await?;
+    let to_cat = ann.send(&with_cat, "c-1", "to cat").await?;
+    assert_ne!(to_bob["message_id"], to_cat["message_id"], "two messages");
+    // Both stored and delivered.
+    let bob_msgs = wait_history(&bob, &with_bob, 1).await?;
+    assert_eq!(bob_msgs[0]["body"]["text"], "to bob");
+    let cat_msgs = wait_history(&cat, &with_cat, 1).await?;
+    assert_eq!(cat_msgs[0]["body"]["text"], "to cat");
+    assert_eq!(cat_msgs[0]["message_id"], to_cat["message_id"]);
+    let cat_inbox = cat.wait_entries(2).await?;
+    assert!(cat_inbox
+        .iter()
+        .any(|e| e["kind"] == "message" && e["body"]["text"] == "to cat"));
+    r.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item3_same_key_other_content_is_409_and_same_content_the_original_answer() -> Result<()> {
+    let r = TestRegion::start().await?;
+    let ann = r.user("ann", "d").await?;
+    let bob = r.user("bob", "d").await?;
+    let cid = ann.direct("bob").await?;
+    let path = format!("/v1/conversations/{cid}/messages");
+    let send = |cmid: &str, ty: &str, text: &str| {
+        let (ann, path) = (ann.clone(), path.clone());
+        let body = json!({"client_msg_id": cmid, "type": ty, "body": {"text": text}});
+        async move { ann.post(&path, body).await }
+    };
+    let conflict = |(st, b): &(u16, Value), original: &Value| {
+        assert_eq!(*st, 409, "{b}");
+        assert!(is_error(b, "idempotency_conflict"), "{b}");
+        assert_eq!(b["message_id"], original["message_id"], "{b}");
+    };
+
+    // Two sends with one key in flight at once, different bodies: one is the message, the
+    // other a conflict naming it. Usually both pass the store check before either is applied
+    // and the second meets the first in JetStream's duplicate window (the original is read
+    // back from the stream); repeated with fresh keys until that path has been taken.
+    let duplicates = || async {
+        let body = r
+            .http
+            .get(format!("{}/metrics", r.base))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let n = body
+            .lines()
+            .find_map(|l| l.strip_prefix("meridian_gateway_duplicate_publishes_total "))
+            .and_then(|n| n.trim().parse::<u64>().ok());
+        n.ok_or_else(|| anyhow::anyhow!("no duplicate counter in /metrics"))
+    };
+    let before = duplicates().await?;
+    let mut pairs = Vec::new();
+    for i in 0..20 {
+        let key = format!("k-1-{i}");
+        let (a, b) = tokio::join!(send(&key, "text", "first"), send(&key, "text", "second"));
+        let ((st_a, a), (st_b, b)) = (a?, b?);
+        let (winner, loser) = match (st_a, st_b) {
+            (202, _) => (a, (st_b, b)),
+            (_, 202) => (b, (st_a, a)),
+            _ => panic!("one of them is accepted: {st_a} {a} / {st_b} {b}"),
+        };
+        conflict(&loser, &winner);
+        pairs.push((key, winner));
+        if duplicates().await? > before {
+            break;
+        }
+    }
+    assert!(
+        duplicates().await? > before,
+        "no pair met in the duplicate window"
+    );
+    let pairs_sent = pairs.len();
+    let (key, winner) = pairs.swap_remove(0);
+
+    // Retries with the same content get the original answer, before and after it is applied;
+    // other content (body or type) is a conflict either way. Which body won decides what
+    // "the same content" is.
+    let stored = wait_history(&bob, &cid, pairs_sent).await?;
+    let won_text = stored
+        .iter()
+        .find(|m| m["message_id"] == winner["message_id"])
+        .and_then(|m| m["body"]["text"].as_str())
+        .unwrap()
+        .to_string();
+    let (st, again) = send(&key, "text", &won_text).await?;
+    assert_eq!(st, 202, "{again}");
+    assert_eq!(
+        (&again["message_id"], &again["cursor"]),
+        (&winner["message_id"], &winner["cursor"])
+    );
+    conflict(&send(&key, "text", "something else").await?, &winner);
+    conflict(&send(&key, "note", &won_text).await?, &winner);
+
+    // A fresh key, sent and retried at once.
+    let (st, first) = send("k-2", "text", "one").await?;
+    assert_eq!(st, 202, "{first}");
+    conflict(&send("k-2", "text", "two").await?, &first);
+    let (st, same) = send("k-2", "text", "one").await?;
+    assert_eq!(st, 202, "{same}");
+    assert_eq!(
+        (&same["message_id"], &same["cursor"]),
+        (&first["message_id"], &first["cursor"])
+    );
+
+    // Over the WebSocket: an error frame with the same code and id.
+    let mut ws = ann.ws().await?;
+    ws.send(
+        json!({"op": "send", "ref": "w", "conversation_id": cid, "client_msg_id": "k-2",
+                   "type": "text", "body": {"text": "three"}}),
+    )
+    .await?;
+    let f = ws.next_op("error", Duration::from_secs(10)).await?;
+    assert_eq!(
+        (f["ref"].as_str(), f["error"].as_str(), &f["message_id"]),
+        (Some("w"), Some("idempotency_conflict"), &first["message_id"]),
+        "{f}"
+    );
+
+    // Stored once each: one message per key.
+    let msgs = wait_history(&bob, &cid, pairs_sent + 1).await?;
+    let last = msgs.last().unwrap();
+    assert_eq!(
+        (&last["message_id"], &last["body"]["text"]),
+        (&first["message_id"], &json!("one"))
+    );
     r.stop().await
 }

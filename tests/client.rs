@@ -95,3 +95,48 @@ async fn sdk_calls_sync_loop_resync_and_reconnect() -> Result<()> {
     assert_eq!(list.items[0].unread, 4);
     r.stop().await
 }
+
+/// Issue 8 item 4: the gateway closes a socket with 4401 when its token expires; the SDK
+/// reconnects at once with a fresh token from its token provider and misses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item4_sdk_reconnects_with_a_fresh_token_after_4401() -> Result<()> {
+    let r = TestRegion::start().await?;
+    let ann_s = r.user("ann", "laptop").await?;
+    r.user("bob", "phone").await?;
+    let short = r.session_with_ttl("bob", "phone", 2).await?;
+    let (http, base) = (r.http.clone(), r.base.clone());
+    let provider: meridian_client::TokenProvider = std::sync::Arc::new(move || {
+        let (http, base) = (http.clone(), base.clone());
+        Box::pin(async move {
+            let v: serde_json::Value = http
+                .post(format!("{base}/v1/admin/tokens"))
+                .header("X-Admin-Key", meridian_e2e::ADMIN_KEY)
+                .json(&json!({"user_id": "bob", "device_id": "phone", "ttl_s": 3600}))
+                .send()
+                .await
+                .map_err(|e| ClientError::Transport(e.to_string()))?
+                .json()
+                .await
+                .map_err(|e| ClientError::Decode(e.to_string()))?;
+            Ok(v["token"].as_str().unwrap_or_default().to_string())
+        })
+    });
+    let bob = Client::new(&r.base, &short.token).with_token_provider(provider);
+    let ann = Client::new(&r.base, &ann_s.token);
+    let conv = ann.create_direct("bob").await?;
+    let mut sync = bob.sync(Checkpoint::default());
+    assert_eq!(next_entry(&mut sync).await?.kind, "conversation_created");
+    // The short token expires within 3 s; the loop reports the disconnect and reconnects.
+    loop {
+        match tokio::time::timeout(WAIT, sync.next()).await? {
+            Some(Ok(SyncEvent::Disconnected(why))) if why.contains("token expired") => break,
+            Some(Ok(SyncEvent::Signal(_) | SyncEvent::Disconnected(_))) => continue,
+            other => bail!("expected the token-expired disconnect, got {other:?}"),
+        }
+    }
+    ann.send_text(&conv.conversation_id, "after expiry").await?;
+    let e = next_entry(&mut sync).await?;
+    assert_eq!((e.seq, e.body["text"].as_str()), (2, Some("after expiry")));
+    assert_ne!(bob.token(), short.token, "the client holds the fresh token");
+    r.stop().await
+}

@@ -216,3 +216,236 @@ async fn sends_over_the_websocket_behave_like_post() -> Result<()> {
     assert_eq!(bob.sync_all(0).await?.len(), before);
     r.stop().await
 }
+
+// Issue 8 item 4: WebSocket traffic obeys the limits HTTP does.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item4_socket_closes_with_4401_when_its_token_expires() -> Result<()> {
+    let r = TestRegion::start().await?;
+    r.user("ann", "d").await?;
+    let short = r.session_with_ttl("ann", "d", 2).await?;
+    let mut ws = hello(&short, 0).await?;
+    // The token lives 2 s (its exp is whole seconds, so up to 3 s): well within the wait.
+    let (code, reason) = ws.closed(Duration::from_secs(15)).await?;
+    assert_eq!((code, reason.as_str()), (4401, "token_expired"));
+    r.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item4_send_frames_are_rate_limited() -> Result<()> {
+    let r = TestRegion::start_with(|c| {
+        c.gateway.rate_limit_per_s = 0.2;
+        c.gateway.rate_limit_burst = 4.0;
+    })
+    .await?;
+    r.user("ann", "d").await?;
+    let bob = r.user("bob", "d").await?;
+    let cid = bob.direct("ann").await?;
+    let ann = r.session("ann", "d").await?;
+    // The upgrade request takes one token; the frames share the rest of the burst.
+    let mut ws = ann.ws().await?;
+    const FRAMES: usize = 10;
+    for i in 0..FRAMES {
+        ws.send(
+            json!({"op": "send", "ref": format!("r{i}"), "conversation_id": cid,
+                       "client_msg_id": format!("m{i}"), "type": "text", "body": {"text": "hi"}}),
+        )
+        .await?;
+    }
+    let mut acks = 0;
+    let mut limited = Vec::new();
+    for _ in 0..FRAMES {
+        let f = ws.next(WAIT).await?;
+        match f["op"].as_str() {
+            Some("ack") => acks += 1,
+            Some("error") => limited.push(f),
+            _ => panic!("unexpected frame {f}"),
+        }
+    }
+    assert!(acks <= 4, "at most the burst is accepted: {acks} acks");
+    assert!(!limited.is_empty(), "some send frames are refused");
+    for f in &limited {
+        assert_eq!(f["error"], "rate_limited", "{f}");
+        assert!(f["ref"].as_str().is_some_and(|r| r.starts_with('r')), "{f}");
+        assert!(f["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0), "{f}");
+    }
+    r.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item4_message_limit_on_send_frames_and_1009_for_oversized_frames() -> Result<()> {
+    let r = TestRegion::start().await?;
+    let ann = r.user("ann", "d").await?;
+    r.user("bob", "d").await?;
+    let cid = ann.direct("bob").await?;
+    let mut ws = ann.ws().await?;
+    // 100 KiB of body: over the 64 KiB message limit, under the frame limit.
+    let big = "x".repeat(100 * 1024);
+    ws.send(
+        json!({"op": "send", "ref": "big", "conversation_id": cid, "client_msg_id": "big",
+                   "type": "text", "body": {"text": big}}),
+    )
+    .await?;
+    let f = ws.next_op("error", WAIT).await?;
+    assert_eq!(
+        (f["ref"].as_str(), f["error"].as_str()),
+        (Some("big"), Some("too_large")),
+        "{f}"
+    );
+    // The socket is still usable.
+    ws.send(json!({"op": "ping"})).await?;
+    ws.next_op("pong", WAIT).await?;
+    // Over the frame limit: closed with 1009, not dropped.
+    ws.send_text(format!(
+        r#"{{"op": "ping", "pad": "{}"}}"#,
+        "y".repeat(140 * 1024)
+    ))
+    .await?;
+    let (code, _) = ws.closed(WAIT).await?;
+    assert_eq!(code, 1009);
+    // Nothing was stored.
+    assert!(ann.sync_all(0).await?.iter().all(|e| e["kind"] != "message"));
+    r.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item4_typing_in_a_large_group_is_refused() -> Result<()> {
+    let r = TestRegion::start().await?;
+    let ann = r.user("ann", "d").await?;
+    let mut members = Vec::new();
+    for i in 0..=100 {
+        let u = format!("u{i:03}");
+        r.user(&u, "d").await?;
+        members.push(u);
+    }
+    let (st, body) = ann
+        .post(
+            "/v1/conversations",
+            json!({"kind": "group", "name": "big", "members": members}),
+        )
+        .await?;
+    assert_eq!(st, 201, "{body}");
+    let cid = body["conversation_id"].as_str().unwrap().to_string();
+    let mut ws = hello(&ann, 0).await?;
+    ws.send(json!({"op": "typing", "ref": "t1", "conversation_id": cid}))
+        .await?;
+    let f = ws.next_op("error", WAIT).await?;
+    assert_eq!(
+        (f["ref"].as_str(), f["error"].as_str()),
+        (Some("t1"), Some("group_too_large")),
+        "{f}"
+    );
+    r.stop().await
+}
+
+/// `GatewayConfig`'s default `max_sockets_per_user`.
+const DEFAULT_SOCKET_CAP: usize = 16;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item4_a_user_holds_at_most_the_socket_cap() -> Result<()> {
+    let r = TestRegion::start().await?;
+    let ann = r.user("ann", "d").await?;
+    let mut open = Vec::new();
+    for _ in 0..DEFAULT_SOCKET_CAP {
+        open.push(ann.ws().await?);
+    }
+    let refused = ann.try_ws().await?;
+    let Err((status, body)) = refused else {
+        panic!("socket {} was accepted", DEFAULT_SOCKET_CAP + 1);
+    };
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("too_many_sockets")),
+        "{body}"
+    );
+    // Another user is not affected.
+    let bob = r.user("bob", "d").await?;
+    bob.ws().await?;
+    // Closing one frees a slot (the server notices the close asynchronously).
+    drop(open.pop());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if ann.try_ws().await?.is_ok() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no slot freed");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    r.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item4_nothing_live_before_hello() -> Result<()> {
+    let r = TestRegion::start().await?;
+    let ann = r.user("ann", "d").await?;
+    let bob = r.user("bob", "d").await?;
+    let cid = ann.direct("bob").await?;
+    let head = bob.wait_entries(1).await?.len() as u64;
+    let mut ws = bob.ws().await?;
+    for i in 1..=3 {
+        ann.send(&cid, &format!("m{i}"), &format!("before hello {i}"))
+            .await?;
+    }
+    bob.wait_entries(head as usize + 3).await?;
+    // Let the live deliveries reach the socket before the hello.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ws.send(json!({"op": "hello", "after": head})).await?;
+    // The ping is answered after the hello's replay: every entry before the pong.
+    ws.send(json!({"op": "ping"})).await?;
+    let mut seqs = Vec::new();
+    loop {
+        let f = ws.next(WAIT).await?;
+        match f["op"].as_str() {
+            Some("pong") => break,
+            Some("entry") => seqs.push(f["seq"].as_u64().unwrap()),
+            _ => {}
+        }
+    }
+    assert_eq!(seqs, [head + 1, head + 2, head + 3], "each seq exactly once");
+    r.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item4_a_socket_that_falls_behind_its_small_buffer_fills_from_the_store() -> Result<()> {
+    // One buffered live message per socket: whatever arrives while the socket is busy is
+    // dropped by NATS and must come from the store.
+    let r = TestRegion::start_with(|c| c.gateway.ws_subscription_capacity = 1).await?;
+    let ann = r.user("ann", "d").await?;
+    let bob = r.user("bob", "d").await?;
+    let cid = ann.direct("bob").await?;
+    let head = bob.wait_entries(1).await?.len() as u64;
+    let mut ws = hello(&bob, head).await?;
+    ws.send(json!({"op": "ping"})).await?;
+    ws.next_op("pong", WAIT).await?;
+    // A burst of large messages that bob does not read while it lasts.
+    const N: usize = 60;
+    let pad = "p".repeat(20 * 1024);
+    let sends = (0..N).map(|i| {
+        let (ann, cid, pad) = (ann.clone(), cid.clone(), pad.clone());
+        async move { ann.send(&cid, &format!("b{i}"), &format!("{i} {pad}")).await }
+    });
+    for sent in futures::future::join_all(sends).await {
+        sent?;
+    }
+    bob.wait_entries(head as usize + N).await?;
+    // Every entry, in order, no gaps, no repeats.
+    let got = entries(&mut ws, head, N).await?;
+    assert_eq!(got.len(), N);
+    let metrics = r
+        .http
+        .get(format!("{}/metrics", r.base))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let gap_fills: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("meridian_gateway_ws_gap_fills_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        gap_fills > 0,
+        "the burst overflowed the buffer and was filled from the store"
+    );
+    r.stop().await
+}

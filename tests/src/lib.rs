@@ -123,11 +123,16 @@ impl TestRegion {
 
     /// A token for an existing user.
     pub async fn session(&self, user: &str, device: &str) -> Result<Session> {
+        self.session_with_ttl(user, device, 3600).await
+    }
+
+    /// A token for an existing user that expires after `ttl_s` seconds.
+    pub async fn session_with_ttl(&self, user: &str, device: &str, ttl_s: u64) -> Result<Session> {
         let (st, body) = self
             .admin(
                 reqwest::Method::POST,
                 "/v1/admin/tokens",
-                Some(json!({"user_id": user, "device_id": device, "ttl_s": 3600})),
+                Some(json!({"user_id": user, "device_id": device, "ttl_s": ttl_s})),
             )
             .await?;
         if st != 200 {
@@ -264,13 +269,34 @@ impl Session {
     }
 
     pub async fn ws(&self) -> Result<Ws> {
+        match self.try_ws().await? {
+            Ok(ws) => Ok(ws),
+            Err((status, body)) => bail!("websocket refused: {status} {body}"),
+        }
+    }
+
+    /// Opens a WebSocket, or returns the HTTP status and JSON body it was refused with.
+    pub async fn try_ws(&self) -> Result<Result<Ws, (u16, Value)>> {
+        use tokio_tungstenite::tungstenite::Error;
         let url = format!(
             "{}/v1/ws?token={}",
             self.base.replacen("http", "ws", 1),
             self.token
         );
-        let (socket, _) = tokio_tungstenite::connect_async(url).await?;
-        Ok(Ws { socket })
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((socket, _)) => Ok(Ok(Ws { socket })),
+            Err(Error::Http(resp)) => {
+                let status = resp.status().as_u16();
+                let body = resp
+                    .body()
+                    .as_deref()
+                    .map(serde_json::from_slice)
+                    .transpose()?
+                    .unwrap_or(Value::Null);
+                Ok(Err((status, body)))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -296,6 +322,29 @@ impl Ws {
                 Message::Text(t) => return Ok(serde_json::from_str(t.as_str())?),
                 Message::Close(_) => bail!("socket closed"),
                 _ => continue,
+            }
+        }
+    }
+
+    /// Sends a text frame as is.
+    pub async fn send_text(&mut self, text: String) -> Result<()> {
+        self.socket.send(Message::text(text)).await?;
+        Ok(())
+    }
+
+    /// Reads until the server closes the socket, within `wait`; returns the close code and
+    /// reason. Text frames on the way are skipped.
+    pub async fn closed(&mut self, wait: Duration) -> Result<(u16, String)> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let msg = tokio::time::timeout(left, self.socket.next())
+                .await
+                .context("the socket was not closed in time")?
+                .context("the socket ended without a close frame")??;
+            if let Message::Close(frame) = msg {
+                let frame = frame.context("a close frame without a code")?;
+                return Ok((u16::from(frame.code), frame.reason.as_str().to_string()));
             }
         }
     }

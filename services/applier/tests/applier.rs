@@ -182,7 +182,7 @@ impl Events {
         let client_msg_id = format!("m{n}");
         self.envelope(
             sender,
-            EventId::for_message(&user(sender), &client_msg_id),
+            EventId::for_message(&user(sender), cid, &client_msg_id),
             Body::MessageSent(events::MessageSent {
                 conversation_id: cid.to_string(),
                 client_msg_id,

@@ -94,6 +94,19 @@ impl Bus {
     /// Connects, retrying the initial connect for up to `publish_timeout_s` (the server may
     /// be starting alongside us). Afterwards the client reconnects forever on its own.
     pub async fn connect(cfg: BusConfig) -> Result<Bus, BusError> {
+        Self::connect_with(cfg, None).await
+    }
+
+    /// A second connection with the same configuration whose subscriptions each buffer at
+    /// most `capacity` messages (async-nats keeps 65,536 by default). For subscribers that
+    /// can afford to lose messages and recover them elsewhere: the gateway's WebSockets,
+    /// which fill a delivery gap from the store. A subscription that falls behind drops
+    /// messages instead of queueing them in memory.
+    pub async fn connect_bounded(&self, capacity: usize) -> Result<Bus, BusError> {
+        Self::connect_with(self.inner.cfg.clone(), Some(capacity.max(1))).await
+    }
+
+    async fn connect_with(cfg: BusConfig, subscription_capacity: Option<usize>) -> Result<Bus, BusError> {
         cfg.validate()?;
         let deadline = Instant::now() + Duration::from_secs(cfg.publish_timeout_s);
         let mut backoff = Backoff::new();
@@ -130,10 +143,18 @@ impl Bus {
                                 disconnected.store(true, Ordering::SeqCst);
                                 tracing::warn!("NATS disconnected; reconnecting");
                             }
+                            // Expected on bounded connections: the subscriber recovers.
+                            async_nats::Event::SlowConsumer(sid) => {
+                                tracing::debug!(sid, "slow subscriber; messages dropped")
+                            }
                             other => tracing::warn!(event = %other, "NATS event"),
                         }
                     }
                 });
+            let opts = match subscription_capacity {
+                Some(n) => opts.subscription_capacity(n),
+                None => opts,
+            };
             match opts.connect(cfg.nats_url.as_str()).await {
                 Ok(c) => break c,
                 Err(e) if Instant::now() + backoff.peek() < deadline => {

@@ -23,6 +23,7 @@
 
 pub mod sync;
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -44,6 +45,10 @@ pub enum ClientError {
     /// The device's checkpoint cannot be continued: resync from the storage timelines.
     #[error("resync required (epoch {epoch}, head {head})")]
     ResyncRequired { epoch: String, head: u64 },
+    /// The token expired (a 401, or the WebSocket's close code 4401) and no
+    /// [`TokenProvider`] is set to fetch a fresh one.
+    #[error("the token expired and the client has no token provider")]
+    TokenExpired,
     #[error("transport: {0}")]
     Transport(String),
     #[error("unexpected response: {0}")]
@@ -171,11 +176,17 @@ impl Default for RetryPolicy {
     }
 }
 
-/// A user's connection to their region's gateway. Cheap to clone.
+/// Fetches a fresh token (from the app's backend, which mints them) when the current one
+/// expires: the gateway answers 401, and closes WebSockets with 4401 at the token's `exp`.
+pub type TokenProvider =
+    Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<String, ClientError>> + Send + Sync>;
+
+/// A user's connection to their region's gateway. Cheap to clone; clones share the token.
 #[derive(Clone)]
 pub struct Client {
     base: String,
-    token: String,
+    token: Arc<RwLock<String>>,
+    token_provider: Option<TokenProvider>,
     http: reqwest::Client,
     retry: RetryPolicy,
 }
@@ -184,7 +195,8 @@ impl Client {
     pub fn new(base_url: impl Into<String>, token: impl Into<String>) -> Client {
         Client {
             base: base_url.into().trim_end_matches('/').to_string(),
-            token: token.into(),
+            token: Arc::new(RwLock::new(token.into())),
+            token_provider: None,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()
@@ -198,16 +210,48 @@ impl Client {
         self
     }
 
+    /// Fetch fresh tokens from `provider` when the current one expires: a call answered 401
+    /// is made once more with a fresh token, and the sync loop reconnects with one.
+    pub fn with_token_provider(mut self, provider: TokenProvider) -> Client {
+        self.token_provider = Some(provider);
+        self
+    }
+
     pub fn base_url(&self) -> &str {
         &self.base
     }
 
-    pub fn token(&self) -> &str {
-        &self.token
+    /// The current token.
+    pub fn token(&self) -> String {
+        self.token.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// One call; error bodies become [`ClientError::Api`].
+    /// Replaces the token with a fresh one from the [`TokenProvider`].
+    pub async fn refresh_token(&self) -> Result<(), ClientError> {
+        let provider = self.token_provider.as_ref().ok_or(ClientError::TokenExpired)?;
+        let fresh = provider().await?;
+        *self.token.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
+    }
+
+    /// One call; error bodies become [`ClientError::Api`]. A 401 is retried once with a fresh
+    /// token when a [`TokenProvider`] is set.
     pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
+        match self.call_once(method.clone(), path, body).await {
+            Err(ClientError::Api { status: 401, .. }) if self.token_provider.is_some() => {
+                self.refresh_token().await?;
+                self.call_once(method, path, body).await
+            }
+            other => other,
+        }
+    }
+
+    async fn call_once(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -216,7 +260,7 @@ impl Client {
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token);
+            .bearer_auth(self.token());
         if let Some(b) = body {
             req = req.json(b);
         }

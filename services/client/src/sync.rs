@@ -2,7 +2,9 @@
 //!
 //! A background task owns the socket. It says `hello` from the device checkpoint, hands
 //! entries out in seq order exactly once, pulls any gap over HTTP before going on, reconnects
-//! with backoff when the socket drops, and reports [`SyncEvent::ResyncRequired`] when the
+//! with backoff when the socket drops (at once, with a fresh token from the client's
+//! [`crate::TokenProvider`], when the gateway closes it with 4401 at the token's expiry), and
+//! reports [`SyncEvent::ResyncRequired`] when the
 //! checkpoint cannot be continued (the inbox epoch changed, or the checkpoint fell out of the
 //! TTL): the app then re-reads its conversations' storage timelines, while the loop carries on
 //! from the new epoch's head.
@@ -38,6 +40,8 @@ pub enum SyncEvent {
     Disconnected(String),
 }
 
+/// The gateway's close code when the socket's token expires.
+const CLOSE_TOKEN_EXPIRED: u16 = 4401;
 /// Entries buffered between the socket task and the app.
 const BUFFER: usize = 1024;
 const GAP_PAGE: usize = 500;
@@ -94,6 +98,26 @@ async fn run(
     loop {
         match l.session().await {
             Ok(()) => return, // the app went away
+            Err(ClientError::TokenExpired) => {
+                if l.tx
+                    .send(Ok(SyncEvent::Disconnected("token expired".into())))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                // Reconnect at once with a fresh token; without one, report and retry slowly.
+                match l.client.refresh_token().await {
+                    Ok(()) => {
+                        backoff = Duration::from_millis(100);
+                        continue;
+                    }
+                    Err(e) => {
+                        let _ = l.tx.send(Err(e)).await;
+                        backoff = Duration::from_secs(30);
+                    }
+                }
+            }
             Err(e) => {
                 if l.tx
                     .send(Ok(SyncEvent::Disconnected(e.to_string())))
@@ -144,7 +168,12 @@ impl Loop {
         );
         let (mut socket, _) = tokio_tungstenite::connect_async(ws_url)
             .await
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(resp) if resp.status() == 401 => {
+                    ClientError::TokenExpired
+                }
+                e => ClientError::Transport(e.to_string()),
+            })?;
         let cp = self.cp();
         socket
             .send(WsMessage::text(
@@ -154,6 +183,11 @@ impl Loop {
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         while let Some(frame) = socket.next().await {
             let frame = frame.map_err(|e| ClientError::Transport(e.to_string()))?;
+            if let WsMessage::Close(Some(close)) = &frame {
+                if u16::from(close.code) == CLOSE_TOKEN_EXPIRED {
+                    return Err(ClientError::TokenExpired);
+                }
+            }
             let WsMessage::Text(text) = frame else { continue };
             let v: Value =
                 serde_json::from_str(text.as_str()).map_err(|e| ClientError::Decode(e.to_string()))?;

@@ -39,6 +39,15 @@ pub struct GatewayConfig {
     /// answering, so a client reads its own write. Messages answer at the PubAck.
     #[serde(default = "default_read_your_writes")]
     pub read_your_writes_ms: u64,
+    /// WebSockets one user may hold open on this gateway; one more is refused with
+    /// `429 too_many_sockets`.
+    #[serde(default = "default_max_sockets_per_user")]
+    pub max_sockets_per_user: usize,
+    /// Live messages one WebSocket's NATS subscription buffers. A socket that falls further
+    /// behind loses live entries and fills the gap from the store, so this only bounds
+    /// memory: it never loses anything.
+    #[serde(default = "default_ws_subscription_capacity")]
+    pub ws_subscription_capacity: usize,
     /// Public endpoint of every region's gateway, for `421 wrong_region` answers.
     #[serde(default)]
     pub region_endpoints: BTreeMap<String, String>,
@@ -62,6 +71,12 @@ fn default_recall_window() -> u64 {
 fn default_max_token_ttl() -> u64 {
     30 * 24 * 3600
 }
+fn default_max_sockets_per_user() -> usize {
+    16
+}
+fn default_ws_subscription_capacity() -> usize {
+    256
+}
 fn default_read_your_writes() -> u64 {
     3_000
 }
@@ -80,6 +95,8 @@ impl GatewayConfig {
             recall_window_s: default_recall_window(),
             max_token_ttl_s: default_max_token_ttl(),
             read_your_writes_ms: default_read_your_writes(),
+            max_sockets_per_user: default_max_sockets_per_user(),
+            ws_subscription_capacity: default_ws_subscription_capacity(),
             region_endpoints: BTreeMap::new(),
         }
     }
@@ -107,6 +124,15 @@ impl GatewayConfig {
         }
         if self.max_token_ttl_s == 0 {
             return bad("gateway.max_token_ttl_s", "must be positive".into());
+        }
+        if self.max_sockets_per_user == 0 {
+            return bad("gateway.max_sockets_per_user", "must be at least 1".into());
+        }
+        if !(1..=65_536).contains(&self.ws_subscription_capacity) {
+            return bad(
+                "gateway.ws_subscription_capacity",
+                "must be between 1 and 65536".into(),
+            );
         }
         for (region, endpoint) in &self.region_endpoints {
             if RegionId::parse(region.clone()).is_err() {

@@ -74,6 +74,28 @@ impl ApiError {
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message).retry_after(1)
     }
+    /// The caller's rate limit is spent; `wait` is when the next call would pass. Both
+    /// transports carry `retry_after_ms` in the body (a WebSocket has no headers), HTTP also
+    /// the `Retry-After` header.
+    pub fn rate_limited(wait: std::time::Duration) -> Self {
+        let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many requests; slow down",
+        )
+        .with("retry_after_ms", ms)
+        .retry_after(ms.div_ceil(1000))
+    }
+    /// A request body or message over the size limit (`limit` bytes).
+    pub fn too_large(what: &str, limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("{what} exceeds {limit} bytes"),
+        )
+        .with("limit_bytes", limit)
+    }
     pub fn retry_after(mut self, seconds: u64) -> Self {
         self.retry_after_s = Some(seconds);
         self

@@ -17,7 +17,7 @@ use crate::auth::{self, TokenError};
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// A JSON body. Oversized → 413 `payload_too_large`; unparsable → 400 `malformed_json`.
+/// A JSON body. Oversized → 413 `too_large`; unparsable → 400 `malformed_json`.
 pub struct ApiJson<T>(pub T);
 
 impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
@@ -28,11 +28,7 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
             .await
             .map_err(|e: BytesRejection| {
                 if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "payload_too_large",
-                        format!("request body exceeds {} bytes", state.cfg.max_body_bytes),
-                    )
+                    ApiError::too_large("request body", state.cfg.max_body_bytes)
                 } else {
                     ApiError::bad_request("malformed_body", e.body_text())
                 }
@@ -77,6 +73,8 @@ pub struct Caller {
     pub user: UserId,
     pub device: DeviceId,
     pub view: UserView,
+    /// The token's `exp` (seconds since the Unix epoch): a WebSocket closes then.
+    pub token_expires_at_s: u64,
 }
 
 impl FromRequestParts<Arc<AppState>> for Caller {
@@ -95,15 +93,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .map_err(|_| ApiError::unauthorized("token subject is not a user id"))?;
         let device = DeviceId::parse(claims.dev)
             .map_err(|_| ApiError::unauthorized("token device is not a device id"))?;
-        if let Err(wait) = state.limiter.check(user.as_str()) {
-            state.metrics.rate_limited.inc();
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "too many requests; slow down",
-            )
-            .retry_after(wait.as_secs().max(1)));
-        }
+        crate::service::admit(state, &user)?;
         let view = state
             .store
             .user(&user)
@@ -125,7 +115,12 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .with("region", region)
             .with("endpoint", endpoint));
         }
-        Ok(Caller { user, device, view })
+        Ok(Caller {
+            user,
+            device,
+            view,
+            token_expires_at_s: claims.exp,
+        })
     }
 }
 

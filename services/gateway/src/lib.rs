@@ -9,8 +9,11 @@
 //! - [`extract`]: extractors answering bad input with JSON errors (body limit, auth, 421).
 //! - [`error`]: `ApiError` (the one place errors become statuses) and `GatewayError`.
 //! - [`state`]: shared state, publishing, read-your-writes waits, rate limits, counters.
+//! - [`service`]: what a call does whatever its transport (limits, membership, send, inbox
+//!   pages, typing, socket cap); HTTP handlers and WebSocket frames both go through it.
 //! - [`routes`]: the route table (router and OpenAPI from one list) and the handlers.
-//! - [`ws`]: the WebSocket: replay, live entries in seq order with gap fill, sends, typing.
+//! - [`ws`]: the WebSocket: replay, live entries in seq order with gap fill, token expiry,
+//!   frames handed to the service layer.
 //! - [`live`]: presence of this gateway's connections.
 //! - [`render`]: store views as API JSON.
 
@@ -21,6 +24,7 @@ pub mod extract;
 pub mod live;
 pub mod render;
 pub mod routes;
+pub mod service;
 pub mod state;
 pub mod ws;
 
@@ -69,11 +73,13 @@ impl Gateway {
                 addr: cfg.listen,
                 source,
             })?;
+        let live_bus = bus.connect_bounded(cfg.ws_subscription_capacity).await?;
         let state = AppState {
             limiter: RateLimiter::new(cfg.rate_limit_per_s, cfg.rate_limit_burst),
             cfg,
             store,
             bus,
+            live_bus,
             clock: HybridClock::new(),
             hub: Arc::new(live::Hub::default()),
             metrics: GatewayMetrics::default(),

@@ -22,11 +22,17 @@ struct Presence {
 }
 
 impl Hub {
-    pub fn connected(&self, user: &UserId) {
+    /// Counts one more connection of `user` unless it already has `cap`; check and count
+    /// are one step, so sockets opened at the same moment cannot pass the cap together.
+    pub fn try_connect(&self, user: &UserId, cap: usize) -> bool {
         let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
         let p = users.entry(user.clone()).or_default();
+        if p.connections >= cap {
+            return false;
+        }
         p.connections += 1;
         p.last_seen_ms = now_ms();
+        true
     }
 
     pub fn disconnected(&self, user: &UserId) {

@@ -21,6 +21,9 @@ pub struct AppState {
     pub cfg: GatewayConfig,
     pub store: Store,
     pub bus: Bus,
+    /// A second NATS connection whose subscriptions buffer only a few messages: the
+    /// WebSockets' live deliveries (see `GatewayConfig::ws_subscription_capacity`).
+    pub live_bus: Bus,
     pub clock: HybridClock,
     pub hub: std::sync::Arc<Hub>,
     pub limiter: RateLimiter,

@@ -1,9 +1,20 @@
 //! `GET /v1/ws`: live delivery and sends over one WebSocket.
 //!
 //! Each connection subscribes to its user's subjects (entries and typing, one subscription)
-//! *before* replaying from the store, so nothing published during the replay is missed; entries at or below the last
-//! seq sent are dropped, and a jump past it is filled from the store first. Entries
-//! therefore leave in seq order with no gaps and no repeats, whatever NATS does.
+//! when it opens, but sends nothing live until the client's `hello`: the hello replays from
+//! the store what came after the client's checkpoint (everything delivered before it is in
+//! the store), then live entries follow. Entries at or below the last seq sent are dropped,
+//! and a jump past it is filled from the store first, so entries leave in seq order with no
+//! gaps and no repeats, whatever NATS does. The subscription buffers only
+//! `ws_subscription_capacity` messages: a socket that cannot keep up loses live entries to
+//! NATS and fills the gap from the store instead of queueing without bound.
+//!
+//! Frames are requests like any other: each pays the user's rate limit, and sends, typing
+//! and replay pages go through [`crate::service`], so a limit cannot be skipped by using the
+//! socket instead of HTTP. Refusals are `{"op": "error", "ref", "error", "message", ...}`
+//! frames with the HTTP error codes. Close codes: 4401 `token_expired` when the token's
+//! `exp` passes (the client reconnects with a fresh token), 1009 for a frame over the frame
+//! limit. A user holds at most `max_sockets_per_user` sockets per gateway (429 at upgrade).
 //!
 //! Tracing: a `send` frame is a "WS send" span (joining the frame's optional `traceparent`
 //! field), and each live delivery a "WS deliver" span continuing the trace named by the
@@ -14,7 +25,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{close_code, CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
 use futures::stream::FuturesUnordered;
@@ -25,12 +36,12 @@ use meridian_telemetry::{Role, SpanKind};
 use prost::Message as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tracing::Instrument as _;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiResult};
 use crate::extract::Caller;
-use crate::routes::messages::{send_message, SendMessage};
-use crate::routes::sync::inbox_page;
+use crate::service::{self, SendMessage, SocketSlot};
 use crate::state::AppState;
 
 /// Sends one connection may have waiting for their PubAck at once.
@@ -39,14 +50,30 @@ const MAX_SENDS_IN_FLIGHT: usize = 64;
 const PAGE: usize = 500;
 /// Deliveries already waiting that one turn of the serve loop takes before it flushes.
 const DELIVERY_BATCH: usize = 64;
-/// Largest frame a client may send.
-const MAX_FRAME: usize = 256 * 1024;
+/// The close code for an expired token (4000-4999 are the application's).
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4401;
 
-pub async fn upgrade(caller: Caller, State(s): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
+/// The largest frame a client may send: a send frame carries one message body (at most
+/// `max_body_bytes`, checked by the service layer as for POST) plus a few short fields;
+/// twice the body limit leaves room for those and for escaping. Larger frames close the
+/// socket with 1009.
+pub fn frame_limit(s: &AppState) -> usize {
+    s.cfg.max_body_bytes * 2
+}
+
+pub async fn upgrade(
+    caller: Caller,
+    State(s): State<Arc<AppState>>,
+    ws: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let slot = service::open_socket(&s, &caller)?;
     let shutdown = s.shutdown.clone();
+    let limit = frame_limit(&s);
     // tungstenite's default 128 KiB read buffer per socket would cost ~6 GiB at 50k idle
     // connections; frames are small, and a bigger one just takes a few more reads.
-    ws.max_message_size(MAX_FRAME.max(s.cfg.max_body_bytes * 2))
+    Ok(ws
+        .max_message_size(limit)
+        .max_frame_size(limit)
         .read_buffer_size(4 * 1024)
         // Frames are fed and flushed once per turn; the buffer is allocated on first use.
         .write_buffer_size(16 * 1024)
@@ -57,9 +84,10 @@ pub async fn upgrade(caller: Caller, State(s): State<Arc<AppState>>, ws: WebSock
                 socket,
                 last_seq: None,
                 epoch: None,
+                _slot: slot,
             };
             conn.run(shutdown).await
-        })
+        }))
 }
 
 #[derive(Deserialize)]
@@ -82,90 +110,177 @@ enum ClientFrame {
         message: SendMessage,
     },
     Typing {
+        #[serde(rename = "ref", default)]
+        reference: Value,
         conversation_id: String,
     },
     Ping,
+}
+
+impl ClientFrame {
+    fn reference(&self) -> Value {
+        match self {
+            ClientFrame::Send { reference, .. } | ClientFrame::Typing { reference, .. } => reference.clone(),
+            ClientFrame::Hello { .. } | ClientFrame::Ping => Value::Null,
+        }
+    }
 }
 
 struct Connection {
     s: Arc<AppState>,
     caller: Caller,
     socket: WebSocket,
-    /// The last seq sent; `None` until the first entry or `hello`.
+    /// The last seq sent; `None` until `hello`, and nothing live is sent before it.
     last_seq: Option<u64>,
     epoch: Option<String>,
+    /// Held for the connection's life: counts it against the user's cap and for presence.
+    _slot: SocketSlot,
 }
 
-type SendResult = (Value, Result<Value, ApiError>);
+type SendResult = (Value, ApiResult<Value>);
+
+/// Why the serve loop ended.
+enum Closed {
+    /// The client closed, or the gateway is stopping.
+    Normally,
+    /// Closed by us with this code and reason.
+    With(u16, &'static str),
+    /// The connection failed.
+    Failed(String),
+}
+
+impl From<String> for Closed {
+    fn from(e: String) -> Self {
+        Closed::Failed(e)
+    }
+}
 
 impl Connection {
     async fn run(mut self, shutdown: tokio_util::sync::CancellationToken) {
         let s = self.s.clone();
         let user = self.caller.user.clone();
-        s.hub.connected(&user);
         s.metrics.ws_connections.inc();
-        if let Err(e) = self.serve(shutdown).await {
-            tracing::debug!(user = %user, reason = %e, "websocket closed");
+        match self.serve(shutdown).await {
+            Closed::Normally => {}
+            Closed::With(code, reason) => {
+                tracing::debug!(user = %user, code, reason, "websocket closed by the gateway");
+                let frame = CloseFrame {
+                    code,
+                    reason: Utf8Bytes::from_static(reason),
+                };
+                let _ = self.socket.send(Message::Close(Some(frame))).await;
+            }
+            Closed::Failed(e) => tracing::debug!(user = %user, reason = %e, "websocket closed"),
         }
         s.metrics.ws_connections.dec();
-        s.hub.disconnected(&user);
     }
 
-    async fn serve(&mut self, shutdown: tokio_util::sync::CancellationToken) -> Result<(), String> {
-        // One subscription for the user's entries and ephemeral frames alike.
-        let subject = self.s.bus.user_subjects(&self.caller.user);
-        let mut entries = self.s.bus.subscribe(subject).await.map_err(|e| e.to_string())?;
+    async fn serve(&mut self, shutdown: tokio_util::sync::CancellationToken) -> Closed {
+        // One subscription for the user's entries and ephemeral frames alike, on the bounded
+        // connection.
+        let subject = self.s.live_bus.user_subjects(&self.caller.user);
+        let mut entries = match self.s.live_bus.subscribe(subject).await {
+            Ok(sub) => sub,
+            Err(e) => return Closed::Failed(e.to_string()),
+        };
         let mut sends: FuturesUnordered<futures::future::BoxFuture<'static, SendResult>> =
             FuturesUnordered::new();
         let mut keepalive = tokio::time::interval(Duration::from_secs(30));
         keepalive.tick().await;
+        let expiry = token_expiry(self.caller.token_expires_at_s);
+        tokio::pin!(expiry);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     let _ = self.socket.send(Message::Close(None)).await;
-                    return Ok(());
+                    return Closed::Normally;
                 }
+                _ = &mut expiry => return Closed::With(CLOSE_TOKEN_EXPIRED, "token_expired"),
                 frame = self.socket.recv() => {
-                    let Some(Ok(frame)) = frame else { return Err("client went away".into()) };
-                    match frame {
-                        Message::Text(t) => {
-                            if let Some(fut) = self.client_frame(t.as_str()).await? {
+                    let frame = match frame {
+                        Some(Ok(frame)) => frame,
+                        Some(Err(e)) if is_too_large(&e) => {
+                            return Closed::With(close_code::SIZE, "frame_too_large");
+                        }
+                        _ => return Closed::Failed("client went away".into()),
+                    };
+                    let turn = match frame {
+                        Message::Text(t) => match self.client_frame(t.as_str()).await {
+                            Ok(Some(fut)) => {
                                 if sends.len() >= MAX_SENDS_IN_FLIGHT {
                                     // Push back: finish one before taking more.
                                     if let Some((r, res)) = sends.next().await {
-                                        self.send_answer(r, res).await?;
+                                        if let Err(e) = self.send_answer(r, res).await {
+                                            return e.into();
+                                        }
                                     }
                                 }
                                 sends.push(fut);
+                                Ok(())
                             }
+                            Ok(None) => Ok(()),
+                            Err(e) => Err(e),
+                        },
+                        Message::Binary(_) => {
+                            // Paid for like any frame.
+                            let e = service::admit(&self.s, &self.caller.user).err().unwrap_or_else(|| {
+                                ApiError::bad_request("malformed_frame", "frames are JSON text")
+                            });
+                            self.error(Value::Null, e).await
                         }
-                        Message::Binary(_) => self.error(Value::Null, ApiError::bad_request("malformed_frame", "frames are JSON text")).await?,
-                        Message::Close(_) => return Ok(()),
-                        Message::Ping(_) | Message::Pong(_) => {}
+                        Message::Close(_) => return Closed::Normally,
+                        Message::Ping(_) | Message::Pong(_) => Ok(()),
+                    };
+                    if let Err(e) = turn {
+                        return e.into();
                     }
                 }
                 Some(msg) = entries.next() => {
-                    self.delivery(msg).await?;
-                    // Take whatever else is already waiting, so a burst leaves in one write.
-                    for _ in 0..DELIVERY_BATCH {
-                        match entries.next().now_or_never() {
-                            Some(Some(msg)) => self.delivery(msg).await?,
-                            _ => break,
-                        }
+                    if let Err(e) = self.deliveries(msg, &mut entries).await {
+                        return e.into();
                     }
                 }
-                Some((r, res)) = sends.next(), if !sends.is_empty() => self.send_answer(r, res).await?,
+                Some((r, res)) = sends.next(), if !sends.is_empty() => {
+                    if let Err(e) = self.send_answer(r, res).await {
+                        return e.into();
+                    }
+                }
                 _ = keepalive.tick() => {
-                    self.socket.feed(Message::Ping(Default::default())).await.map_err(|e| e.to_string())?;
+                    if let Err(e) = self.socket.feed(Message::Ping(Default::default())).await {
+                        return Closed::Failed(e.to_string());
+                    }
                 }
             }
             // Frames are fed, not sent: one flush (one write to the socket) per turn.
-            self.socket.flush().await.map_err(|e| e.to_string())?;
+            if let Err(e) = self.socket.flush().await {
+                return Closed::Failed(e.to_string());
+            }
         }
+    }
+
+    /// `first` and whatever else is already waiting, so a burst leaves in one write.
+    async fn deliveries(
+        &mut self,
+        first: async_nats::Message,
+        entries: &mut async_nats::Subscriber,
+    ) -> Result<(), String> {
+        self.delivery(first).await?;
+        for _ in 0..DELIVERY_BATCH {
+            match entries.next().now_or_never() {
+                Some(Some(msg)) => self.delivery(msg).await?,
+                _ => break,
+            }
+        }
+        Ok(())
     }
 
     /// One message from the user's subjects: an ephemeral frame, or an inbox entry.
     async fn delivery(&mut self, msg: async_nats::Message) -> Result<(), String> {
+        if self.last_seq.is_none() {
+            // Before `hello` nothing goes out: an entry is replayed from the store by the
+            // hello, and typing from before it is stale.
+            return Ok(());
+        }
         if Bus::is_ephemeral_subject(&msg.subject) {
             if let Ok(text) = std::str::from_utf8(&msg.payload) {
                 self.write(text.to_string()).await?;
@@ -202,6 +317,8 @@ impl Connection {
         &mut self,
         text: &str,
     ) -> Result<Option<futures::future::BoxFuture<'static, SendResult>>, String> {
+        // Every frame pays the user's rate limit, like an HTTP request, malformed ones too.
+        let admitted = service::admit(&self.s, &self.caller.user);
         let frame: ClientFrame = match serde_json::from_str(text) {
             Ok(f) => f,
             Err(e) => {
@@ -217,6 +334,10 @@ impl Connection {
                 return Ok(None);
             }
         };
+        if let Err(e) = admitted {
+            self.error(frame.reference(), e).await?;
+            return Ok(None);
+        }
         match frame {
             ClientFrame::Ping => self.write(json!({"op": "pong"}).to_string()).await?,
             ClientFrame::Hello { after, epoch } => {
@@ -243,7 +364,7 @@ impl Connection {
                 return Ok(Some(Box::pin(
                     async move {
                         let res = span
-                            .scope(send_message(&s, &caller, &conversation_id, message))
+                            .scope(service::send_message(&s, &caller, &conversation_id, message))
                             .await;
                         if let Err(e) = &res {
                             span.set_attribute("meridian.error", e.code);
@@ -252,17 +373,24 @@ impl Connection {
                                 span.set_error(e.message.clone());
                             }
                         }
-                        (reference, res)
+                        (reference, res.map(|accepted| json!(accepted)))
                     }
                     .instrument(log),
                 )));
             }
-            ClientFrame::Typing { conversation_id } => self.typing(&conversation_id).await?,
+            ClientFrame::Typing {
+                reference,
+                conversation_id,
+            } => {
+                if let Err(e) = service::typing(&self.s, &self.caller, &conversation_id).await {
+                    self.error(reference, e).await?;
+                }
+            }
         }
         Ok(None)
     }
 
-    async fn send_answer(&mut self, reference: Value, res: Result<Value, ApiError>) -> Result<(), String> {
+    async fn send_answer(&mut self, reference: Value, res: ApiResult<Value>) -> Result<(), String> {
         match res {
             Ok(mut ack) => {
                 ack["op"] = json!("ack");
@@ -286,11 +414,8 @@ impl Connection {
 
     async fn live_entry(&mut self, entry: InboxEntry) -> Result<(), String> {
         match self.last_seq {
-            // No hello yet: go live from here.
-            None => {
-                self.last_seq = Some(entry.seq);
-                self.send_entry(&entry).await
-            }
+            // No hello yet (`delivery` keeps these away): the hello replays it.
+            None => Ok(()),
             Some(last) if entry.seq <= last => Ok(()),
             Some(last) if entry.seq == last + 1 => {
                 self.last_seq = Some(entry.seq);
@@ -316,7 +441,7 @@ impl Connection {
                 Ok(None) => self.caller.view.epoch.clone(),
                 Err(e) => return Err(e.to_string()),
             };
-            let page = inbox_page(
+            let page = service::inbox_page(
                 &self.s,
                 &self.caller,
                 &current,
@@ -359,31 +484,6 @@ impl Connection {
         self.write(crate::render::entry_frame(entry)).await
     }
 
-    async fn typing(&mut self, cid: &str) -> Result<(), String> {
-        let s = self.s.clone();
-        let Ok((cid, _)) = crate::routes::conversations::require_member(&s, cid, &self.caller.user).await
-        else {
-            return self.error(Value::Null, ApiError::conversation_not_found()).await;
-        };
-        let Ok(Some(view)) = s.store.conversation(&cid).await else {
-            return Ok(());
-        };
-        // Typing in very large groups is noise, and each frame would cost one publish per member.
-        if view.members.len() > 100 {
-            return Ok(());
-        }
-        let frame =
-            json!({"op": "typing", "conversation_id": cid.as_str(), "user_id": self.caller.user.as_str()})
-                .to_string();
-        for m in view.members.iter().filter(|m| m.user_id != self.caller.user) {
-            let _ = s
-                .bus
-                .publish_ephemeral(s.bus.ephemeral_subject(&m.user_id), frame.clone().into())
-                .await;
-        }
-        Ok(())
-    }
-
     /// Queues a frame; the serve loop flushes once per turn.
     async fn write(&mut self, text: String) -> Result<(), String> {
         self.socket
@@ -391,4 +491,19 @@ impl Connection {
             .await
             .map_err(|e| e.to_string())
     }
+}
+
+/// Sleeps until the token's `exp` (seconds since the Unix epoch).
+async fn token_expiry(expires_at_s: u64) {
+    let now_ms = crate::live::now_ms();
+    let left_ms = expires_at_s.saturating_mul(1000).saturating_sub(now_ms);
+    tokio::time::sleep(Duration::from_millis(left_ms)).await;
+}
+
+/// Whether a read failed because the client's frame is over the frame limit.
+fn is_too_large(e: &axum::Error) -> bool {
+    use std::error::Error as _;
+    e.source()
+        .and_then(|inner| inner.downcast_ref::<WsError>())
+        .is_some_and(|e| matches!(e, WsError::Capacity(CapacityError::MessageTooLong { .. })))
 }

@@ -1008,9 +1008,10 @@ async fn w4(
 ) -> Result<Vec<StepResult>, BenchError> {
     let n = opts.idle_connections;
     eprintln!("W4: opening {n} idle WebSockets...");
-    // Spread over users, one per 250 sockets: each user's requests (upgrades included) are
-    // rate limited, and a real fleet is many users with a few devices each.
-    let users = provision(target, &format!("{run_id}w4u"), n.div_ceil(250).max(1)).await?;
+    // Spread over users, one per 16 sockets: a gateway refuses a user's 17th socket (its
+    // default `max_sockets_per_user`), each user's requests (upgrades included) are rate
+    // limited, and a real fleet is many users with a few devices each.
+    let users = provision(target, &format!("{run_id}w4u"), n.div_ceil(16).max(1)).await?;
     let rss0 = target.rss_kib();
     let host = target.endpoint.trim_start_matches("http://").to_string();
     let addr: std::net::SocketAddr = tokio::net::lookup_host(&host)

@@ -131,13 +131,17 @@ impl EventId {
         Self(Uuid::now_v7())
     }
 
-    /// The id of the message `sender` sends with `client_msg_id`: a UUIDv8 over both, so a
-    /// retry, however late, carries the same id and is caught by JetStream's duplicate
-    /// window and by the applier's record of applied events.
-    pub fn for_message(sender: &UserId, client_msg_id: &str) -> Self {
+    /// The id of the message `sender` sends into `conversation` with `client_msg_id`: a
+    /// UUIDv8 over the three (the idempotency key), so a retry, however late, carries the
+    /// same id and is caught by JetStream's duplicate window and by the applier's record of
+    /// applied events, while the same `client_msg_id` in another conversation is another
+    /// message.
+    pub fn for_message(sender: &UserId, conversation: &ConversationId, client_msg_id: &str) -> Self {
         let mut h = Sha256::new();
-        h.update(b"meridian/message\0");
+        h.update(b"meridian/message/2\0");
         h.update(sender.as_str());
+        h.update(b"\0");
+        h.update(conversation.as_str());
         h.update(b"\0");
         h.update(client_msg_id.as_bytes());
         let d = h.finalize();
@@ -200,12 +204,27 @@ mod tests {
     }
 
     #[test]
-    fn message_event_ids_are_derived_from_sender_and_client_msg_id() {
+    fn message_event_ids_are_derived_from_sender_conversation_and_client_msg_id() {
         let a = UserId::parse("ann").unwrap();
         let b = UserId::parse("bob").unwrap();
-        assert_eq!(EventId::for_message(&a, "m1"), EventId::for_message(&a, "m1"));
-        assert_ne!(EventId::for_message(&a, "m1"), EventId::for_message(&b, "m1"));
-        assert_ne!(EventId::for_message(&a, "m1"), EventId::for_message(&a, "m2"));
+        let g = ConversationId::new_group();
+        let h = ConversationId::new_group();
+        assert_eq!(
+            EventId::for_message(&a, &g, "m1"),
+            EventId::for_message(&a, &g, "m1")
+        );
+        assert_ne!(
+            EventId::for_message(&a, &g, "m1"),
+            EventId::for_message(&b, &g, "m1")
+        );
+        assert_ne!(
+            EventId::for_message(&a, &g, "m1"),
+            EventId::for_message(&a, &g, "m2")
+        );
+        assert_ne!(
+            EventId::for_message(&a, &g, "m1"),
+            EventId::for_message(&a, &h, "m1")
+        );
         let id = EventId::new_v7();
         assert_eq!(EventId::parse(&id.to_string()).unwrap(), id);
         assert_eq!(EventId::from_bytes(id.as_bytes()).unwrap(), id);

@@ -279,7 +279,7 @@ impl Region {
     ) -> Result<Vec<Delivery>> {
         let env = self.envelope(
             sender,
-            EventId::for_message(&uid(sender), client_msg_id),
+            EventId::for_message(&uid(sender), cid, client_msg_id),
             Body::MessageSent(events::MessageSent {
                 conversation_id: cid.to_string(),
                 client_msg_id: client_msg_id.into(),

@@ -561,7 +561,7 @@ async fn send_check_answers_membership_dissolution_and_earlier_sends() {
             .apply_batch(&cfg("us"), "S", &sequenced(&evs, 1))
             .await
             .unwrap();
-        let fresh = EventId::for_message(&user("ann"), "c2");
+        let fresh = EventId::for_message(&user("ann"), &direct, "c2");
         // Twice: the second answer for a direct member comes from the member cache.
         for _ in 0..2 {
             let c = store.send_check(&direct, &user("ann"), &fresh).await.unwrap();

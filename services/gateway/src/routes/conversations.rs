@@ -17,25 +17,13 @@ use serde_json::{json, Value};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use crate::render;
+use crate::service::require_member;
 use crate::state::AppState;
 
 /// Largest member list one create or add call may carry.
 const MAX_MEMBERS_PER_CALL: usize = 1_000;
 const MAX_NAME_CHARS: usize = 128;
 const MAX_ANNOUNCEMENT_CHARS: usize = 4_096;
-
-/// The caller's role in `cid`, or 404 for non-members and unknown ids alike.
-pub async fn require_member(
-    s: &AppState,
-    cid: &str,
-    user: &UserId,
-) -> ApiResult<(ConversationId, MemberRole)> {
-    let cid = ConversationId::parse(cid.to_string())?;
-    match s.store.member_role(&cid, user).await? {
-        Some(role) => Ok((cid, role)),
-        None => Err(ApiError::conversation_not_found()),
-    }
-}
 
 /// The caller's role in a group (`cid` must name a group: direct conversations have two
 /// fixed members, no roles and no settings, so `why` explains the 400).

@@ -1,5 +1,5 @@
-//! Messages: send (idempotent by client_msg_id), history pages, recall, delete-for-me,
-//! read indexes.
+//! Messages: send (the service layer's, idempotent by client_msg_id), history pages,
+//! recall, delete-for-me, read indexes.
 
 use std::sync::Arc;
 
@@ -7,115 +7,25 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use meridian_model::events::{self, event_envelope::Body, MemberRole};
-use meridian_model::{ConversationId, Cursor, EventId, OrderKey};
+use meridian_model::{Cursor, EventId, OrderKey};
 use meridian_store::timeline::HistoryPage;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::conversations::require_member;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use crate::render;
+use crate::service::{self, require_member};
 use crate::state::AppState;
-
-const MAX_CLIENT_MSG_ID: usize = 128;
-const MAX_TYPE: usize = 32;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SendMessage {
-    pub client_msg_id: String,
-    #[serde(rename = "type", default = "default_type")]
-    pub msg_type: String,
-    pub body: Value,
-}
-
-fn default_type() -> String {
-    "text".into()
-}
-
-/// Validates, publishes and answers a send; shared by POST and the WebSocket `send` frame.
-/// A retry with the same client_msg_id answers with the original message id and cursor.
-pub async fn send_message(s: &AppState, caller: &Caller, cid: &str, req: SendMessage) -> ApiResult<Value> {
-    let cid = ConversationId::parse(cid.to_string())?;
-    if req.client_msg_id.is_empty()
-        || req.client_msg_id.len() > MAX_CLIENT_MSG_ID
-        || req.client_msg_id.chars().any(|c| c.is_control())
-    {
-        return Err(ApiError::bad_request(
-            "invalid_argument",
-            format!("client_msg_id must be 1-{MAX_CLIENT_MSG_ID} bytes without control characters"),
-        )
-        .with("field", "client_msg_id"));
-    }
-    if req.msg_type.is_empty()
-        || req.msg_type.len() > MAX_TYPE
-        || !req
-            .msg_type
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_.-/".contains(c))
-    {
-        return Err(ApiError::bad_request(
-            "invalid_argument",
-            format!("type must be 1-{MAX_TYPE} characters of [A-Za-z0-9_.-/]"),
-        )
-        .with("field", "type"));
-    }
-    if !req.body.is_object() {
-        return Err(
-            ApiError::bad_request("invalid_argument", "body must be a JSON object").with("field", "body"),
-        );
-    }
-    let event_id = EventId::for_message(&caller.user, &req.client_msg_id);
-    // Membership, dissolution and an earlier application, from one snapshot.
-    let check = s.store.send_check(&cid, &caller.user, &event_id).await?;
-    if check.role.is_none() {
-        return Err(ApiError::conversation_not_found());
-    }
-    // Already applied (a retry later than the stream's duplicate window): answer from the
-    // store, publish nothing.
-    if let Some(loc) = check.applied {
-        let key = OrderKey::from_bytes(&loc.order_key)?;
-        return Ok(accepted(&event_id, &key));
-    }
-    if check.dissolved {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conversation_dissolved",
-            "the group was dissolved",
-        ));
-    }
-    let published = s
-        .publish(
-            Some(caller),
-            event_id,
-            Body::MessageSent(events::MessageSent {
-                conversation_id: cid.to_string(),
-                client_msg_id: req.client_msg_id,
-                msg_type: req.msg_type,
-                body_json: req.body.to_string(),
-            }),
-        )
-        .await?;
-    Ok(accepted(&event_id, &published.order_key()?))
-}
-
-fn accepted(id: &EventId, key: &OrderKey) -> Value {
-    json!({
-        "message_id": id.to_string(),
-        "cursor": key.cursor().as_str(),
-        "accepted_at": key.hlc.physical_ms(),
-    })
-}
 
 pub async fn post(
     caller: Caller,
     State(s): State<Arc<AppState>>,
     ApiPath(cid): ApiPath<String>,
-    ApiJson(req): ApiJson<SendMessage>,
+    ApiJson(req): ApiJson<service::SendMessage>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let body = send_message(&s, &caller, &cid, req).await?;
-    Ok((StatusCode::ACCEPTED, Json(body)))
+    let accepted = service::send_message(&s, &caller, &cid, req).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!(accepted))))
 }
 
 #[derive(Deserialize)]

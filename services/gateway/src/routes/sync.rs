@@ -7,13 +7,12 @@ use axum::http::StatusCode;
 use axum::Json;
 use meridian_model::events::{self, event_envelope::Body};
 use meridian_model::{DeviceId, UserId};
-use meridian_store::inbox::SyncOutcome;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiPath, ApiQuery, Caller};
-use crate::render;
+use crate::service;
 use crate::state::AppState;
 
 pub async fn me(caller: Caller, State(s): State<Arc<AppState>>) -> Json<Value> {
@@ -38,52 +37,6 @@ pub struct SyncQuery {
 
 pub const MAX_SYNC_LIMIT: usize = 1_000;
 
-/// One page of the caller's inbox, or the epoch and head to resync to. `current` is the
-/// inbox epoch the directory gives now: a request's own read of the caller is fresh enough,
-/// a long-lived WebSocket must read it again (a failover changes it).
-pub async fn inbox_page(
-    s: &AppState,
-    caller: &Caller,
-    current: &str,
-    epoch: Option<&str>,
-    after: u64,
-    limit: usize,
-) -> ApiResult<Result<Value, (String, u64)>> {
-    let epoch = epoch.filter(|e| !e.is_empty());
-    match s
-        .store
-        .read_inbox(&caller.user, current, epoch, after, limit)
-        .await?
-    {
-        SyncOutcome::Page(p) => Ok(Ok(json!({
-            "epoch": p.epoch,
-            "entries": p.entries.iter().map(render::inbox_entry).collect::<Vec<_>>(),
-            "head": p.head,
-            "has_more": p.has_more,
-        }))),
-        SyncOutcome::ResyncRequired { epoch } => {
-            // Where the device continues from after resyncing: the head of the current epoch.
-            let head = s
-                .store
-                .inbox_head(&caller.user)
-                .await?
-                .filter(|h| h.epoch == epoch)
-                .map_or(0, |h| h.head);
-            Ok(Err((epoch, head)))
-        }
-    }
-}
-
-pub fn resync_required(epoch: String, head: u64) -> ApiError {
-    ApiError::new(
-        StatusCode::CONFLICT,
-        "resync_required",
-        "this checkpoint cannot be continued: resync from the storage timelines",
-    )
-    .with("epoch", epoch)
-    .with("head", head)
-}
-
 pub async fn sync(
     caller: Caller,
     State(s): State<Arc<AppState>>,
@@ -97,7 +50,7 @@ pub async fn sync(
         )
         .with("field", "limit"));
     }
-    match inbox_page(
+    match service::inbox_page(
         &s,
         &caller,
         &caller.view.epoch,
@@ -108,7 +61,7 @@ pub async fn sync(
     .await?
     {
         Ok(page) => Ok(Json(page)),
-        Err((epoch, head)) => Err(resync_required(epoch, head)),
+        Err((epoch, head)) => Err(service::resync_required(epoch, head)),
     }
 }
 

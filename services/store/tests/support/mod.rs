@@ -167,7 +167,7 @@ impl EventFactory {
         client_msg_id: &str,
         text: &str,
     ) -> EventEnvelope {
-        let id = EventId::for_message(&user(sender), client_msg_id);
+        let id = EventId::for_message(&user(sender), cid, client_msg_id);
         self.envelope_with_id(
             sender,
             id,
