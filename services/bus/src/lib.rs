@@ -12,6 +12,7 @@
 //! - `error`: [`BusError`].
 //! - [`testing`] (feature `testing`): a real nats-server process per test.
 
+pub mod auth;
 pub mod config;
 pub mod consumer;
 mod error;
@@ -32,6 +33,9 @@ use meridian_model::{EventId, RegionId, UserId};
 use prost::Message as _;
 use tokio::time::Instant;
 
+pub use auth::{
+    nats_server_auth_config, BusRole, NatsLogin, NatsUser, Permissions, RoleCredentials, ServerTls,
+};
 pub use config::{nats_server_config, BusConfig, Durability};
 pub use consumer::{EventConsumer, ReceivedEvent};
 pub use error::BusError;
@@ -95,6 +99,7 @@ impl Bus {
     /// be starting alongside us). Afterwards the client reconnects forever on its own.
     pub async fn connect(cfg: BusConfig) -> Result<Bus, BusError> {
         cfg.validate()?;
+        let login = cfg.login()?;
         let deadline = Instant::now() + Duration::from_secs(cfg.publish_timeout_s);
         let mut backoff = Backoff::new();
         let (reconnects_tx, reconnects) = tokio::sync::watch::channel(0u64);
@@ -103,7 +108,7 @@ impl Bus {
         let client = loop {
             let reconnects_tx = reconnects_tx.clone();
             let disconnected = disconnected.clone();
-            let opts = async_nats::ConnectOptions::new()
+            let opts = credentials(async_nats::ConnectOptions::new(), &cfg, &login)
                 .name(format!("meridian-{}", cfg.region))
                 .max_reconnects(None)
                 .connection_timeout(Duration::from_secs(2))
@@ -134,14 +139,25 @@ impl Bus {
                         }
                     }
                 });
-            match opts.connect(cfg.nats_url.as_str()).await {
+            match opts.connect(login.servers.clone()).await {
                 Ok(c) => break c,
+                // Retrying will not change the server's mind about these credentials.
+                Err(e) if is_auth_error(&e) => {
+                    return Err(BusError::Unauthorized(format!(
+                        "connect to {} as role {}: {e}",
+                        cfg.redacted_url(),
+                        cfg.role().as_str()
+                    )));
+                }
                 Err(e) if Instant::now() + backoff.peek() < deadline => {
-                    tracing::warn!(url = %cfg.nats_url, error = %e, "NATS connect failed; retrying");
+                    tracing::warn!(url = %cfg.redacted_url(), error = %e, "NATS connect failed; retrying");
                     backoff.sleep().await;
                 }
                 Err(e) => {
-                    return Err(BusError::Unavailable(format!("connect to {}: {e}", cfg.nats_url)));
+                    return Err(BusError::Unavailable(format!(
+                        "connect to {}: {e}",
+                        cfg.redacted_url()
+                    )));
                 }
             }
         };
@@ -487,6 +503,36 @@ impl Bus {
             }
         }
     }
+}
+
+/// The login and TLS of `cfg` on `opts`, and the inbox prefix the role's permissions allow.
+fn credentials(
+    mut opts: async_nats::ConnectOptions,
+    cfg: &BusConfig,
+    login: &config::Login,
+) -> async_nats::ConnectOptions {
+    if let Some((user, password)) = &login.user_password {
+        opts = opts.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(seed) = &login.nkey_seed {
+        opts = opts.nkey(seed.clone());
+    }
+    if let Some(ca) = &cfg.tls_ca_file {
+        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        opts = opts
+            .add_client_certificate(cert.clone(), key.clone())
+            .require_tls(true);
+    }
+    opts.custom_inbox_prefix(cfg.inbox_prefix())
+}
+
+fn is_auth_error(e: &async_nats::ConnectError) -> bool {
+    matches!(
+        e.kind(),
+        async_nats::ConnectErrorKind::AuthorizationViolation | async_nats::ConnectErrorKind::Authentication
+    )
 }
 
 /// async-nats reports API failures as errors whose kinds differ per call; their text is
