@@ -48,8 +48,9 @@ enum Cmd {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// A running deployment's cluster.json; without it, a one-region deployment is started
-    /// in a temporary directory for the run.
+    /// A running deployment's cluster.json (its admin key in MERIDIAN_ADMIN_KEY: the file does
+    /// not hold it); without it, a one-region deployment is started in a temporary directory
+    /// for the run.
     #[arg(long)]
     cluster: Option<PathBuf>,
     /// Workloads: w1 (one-to-one), w2 (groups), w3 (offline then sync), w4 (idle sockets).
@@ -216,14 +217,21 @@ async fn run_bench(args: BenchArgs, shutdown: CancellationToken) -> anyhow::Resu
     // Without a deployment to drive, start one (its processes are children, measured by pid).
     let mut started = None;
     opts.cluster = match args.cluster {
-        Some(c) => c,
+        Some(c) => {
+            // From the environment only: a flag would land in the report's command line.
+            opts.admin_key = std::env::var("MERIDIAN_ADMIN_KEY").context(
+                "set MERIDIAN_ADMIN_KEY to the deployment's admin key (cluster.json does not hold it)",
+            )?;
+            c
+        }
         None => {
             let dir = tempfile::tempdir().context("temporary data dir")?;
             let port_base = 20_000 + (std::process::id() % 2_000) as u16 * 10;
+            opts.admin_key = format!("bench-{:016x}", rand::random::<u64>());
             let up_opts = UpOptions {
                 regions: vec![RegionId::parse("us")?],
                 data_dir: dir.path().to_path_buf(),
-                admin_key: format!("bench-{:016x}", rand::random::<u64>()),
+                admin_key: opts.admin_key.clone(),
                 port_base,
                 nats_server: None,
                 exe: None,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_applier::ApplierMetrics;
-use meridian_bus::Bus;
+use meridian_bus::{Bus, BusRole};
 use meridian_gateway::Gateway;
 use meridian_store::Store;
 use tokio::task::JoinHandle;
@@ -62,11 +62,32 @@ pub struct RunningRegion {
     sweeper: Option<(CancellationToken, JoinHandle<()>)>,
 }
 
-/// Opens the store, connects the bus (creating the stream), and starts the roles.
+/// Opens the store, connects the bus (creating the stream when the applier runs here), and
+/// starts the roles.
 pub async fn start(cfg: RegionConfig, roles: Roles) -> Result<RunningRegion, RegionError> {
+    let mut bus_cfg = cfg.bus.clone();
+    let role = *bus_cfg
+        .role
+        .get_or_insert(BusRole::for_roles(roles.gateway, roles.applier));
+    if !role.covers(roles.gateway, roles.applier) {
+        return Err(RegionError::Bus(meridian_bus::BusError::Config {
+            field: "role",
+            reason: format!(
+                "bus.role {} lacks the NATS permissions of the roles this process runs \
+                 (gateway: {}, applier: {})",
+                role.as_str(),
+                roles.gateway,
+                roles.applier
+            ),
+        }));
+    }
     let store = Store::open(&cfg.store, b"").await?;
-    let bus = Bus::connect(cfg.bus.clone()).await?;
-    bus.ensure_stream().await?;
+    let bus = Bus::connect(bus_cfg).await?;
+    // Only the applier's credentials may create the stream; a gateway on its own publishes
+    // (retrying) once an applier has.
+    if roles.applier {
+        bus.ensure_stream().await?;
+    }
 
     let applier_metrics = Arc::new(ApplierMetrics::default());
     let applier = if roles.applier {
