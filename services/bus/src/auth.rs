@@ -240,6 +240,8 @@ pub fn nats_server_auth_config(users: &[NatsUser], tls: Option<&ServerTls>) -> S
             out.push_str(&format!("  ca_file: {}\n", quote(&ca.to_string_lossy())));
             out.push_str("  verify: true\n");
         }
+        // Seconds for the handshake; the default half second is tight on a loaded machine.
+        out.push_str("  timeout: 5\n");
         out.push_str("}\n");
     }
     out

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::{nats_server_auth_config, nats_server_config, BusConfig, Durability};
-use crate::{NatsLogin, NatsUser, RoleCredentials};
+use crate::{NatsLogin, NatsUser, RoleCredentials, ServerTls};
 
 /// The harness's own user (every subject allowed).
 const HARNESS_USER: &str = "meridian-test";
@@ -37,6 +37,7 @@ pub struct NatsServer {
     password: String,
     /// Role users the server accepts besides the harness's own.
     roles: Vec<RoleCredentials>,
+    tls: Option<ServerTls>,
     child: Option<Child>,
     /// Kills the server if this test process dies without running `Drop` (SIGKILL,
     /// abort), so no server outlives its test.
@@ -57,6 +58,15 @@ impl NatsServer {
     /// Starts a server that also accepts the nkey users of `roles`, each with its role's
     /// permissions (the users `meridian up` configures).
     pub fn start_with_roles(durability: Durability, roles: Vec<RoleCredentials>) -> io::Result<NatsServer> {
+        Self::start_with_tls(durability, roles, None)
+    }
+
+    /// [`NatsServer::start_with_roles`], with TLS on the client port when `tls` is given.
+    pub fn start_with_tls(
+        durability: Durability,
+        roles: Vec<RoleCredentials>,
+        tls: Option<ServerTls>,
+    ) -> io::Result<NatsServer> {
         use rand::distributions::{Alphanumeric, DistString as _};
         let binary = binary();
         let password = Alphanumeric.sample_string(&mut rand::thread_rng(), 32);
@@ -72,6 +82,7 @@ impl NatsServer {
                 durability,
                 password: password.clone(),
                 roles: roles.clone(),
+                tls: tls.clone(),
                 child: None,
                 watchdog: None,
             };
@@ -210,7 +221,7 @@ impl NatsServer {
             permissions: None,
         }];
         users.extend(self.roles.iter().map(|r| r.user.clone()));
-        conf.push_str(&nats_server_auth_config(&users, None));
+        conf.push_str(&nats_server_auth_config(&users, self.tls.as_ref()));
         fs::write(self.config_path(), conf)?;
         let log = fs::OpenOptions::new()
             .create(true)

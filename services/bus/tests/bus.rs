@@ -1,12 +1,15 @@
 //! meridian-bus against real nats-server processes (deploy/install-nats.sh installs one).
 
 use std::collections::HashSet;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use futures::StreamExt;
 use meridian_bus::testing::{unique_prefix, NatsServer};
-use meridian_bus::{Bus, BusConfig, BusError, BusRole, Durability, ReceivedEvent, RoleCredentials};
+use meridian_bus::{
+    Bus, BusConfig, BusError, BusRole, Durability, ReceivedEvent, RoleCredentials, ServerTls,
+};
 use meridian_model::events::{event_envelope::Body, EventEnvelope, UserUpserted};
 use meridian_model::{EventId, RegionId, UserId};
 
@@ -538,6 +541,74 @@ async fn item7_bus_refuses_clients_without_credentials_and_confines_gateway_cred
         gateway_bus.stream_state(&stream).await?.messages,
         2,
         "event 1 and the probe"
+    );
+    Ok(())
+}
+
+/// A CA, a server certificate for 127.0.0.1 signed by it and a client certificate, as PEM
+/// files in `dir`: the server's TLS settings, and the client's CA, certificate and key.
+fn certificates(dir: &std::path::Path) -> Result<(ServerTls, PathBuf, PathBuf, PathBuf)> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key)?;
+    let write = |name: &str, pem: String| -> Result<PathBuf> {
+        let path = dir.join(name);
+        std::fs::write(&path, pem)?;
+        Ok(path)
+    };
+    let server_key = KeyPair::generate()?;
+    let server =
+        CertificateParams::new(vec!["127.0.0.1".to_string()])?.signed_by(&server_key, &ca, &ca_key)?;
+    let client_key = KeyPair::generate()?;
+    let client =
+        CertificateParams::new(vec!["meridian-region".to_string()])?.signed_by(&client_key, &ca, &ca_key)?;
+    let ca_file = write("ca.pem", ca.pem())?;
+    let tls = ServerTls {
+        cert_file: write("server.pem", server.pem())?,
+        key_file: write("server.key", server_key.serialize_pem())?,
+        ca_file: Some(ca_file.clone()),
+    };
+    Ok((
+        tls,
+        ca_file,
+        write("client.pem", client.pem())?,
+        write("client.key", client_key.serialize_pem())?,
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_required_and_verified_both_ways_when_configured() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (server_tls, ca, cert, key) = certificates(dir.path())?;
+    let creds = RoleCredentials::generate(BusRole::Region, &unique_prefix(), &region());
+    let server = NatsServer::start_with_tls(Durability::Process, vec![creds.clone()], Some(server_tls))?;
+
+    // The CA to trust the server and a certificate for it to trust us: events go through.
+    let mut cfg = server.role_config(&creds)?;
+    cfg.tls_ca_file = Some(ca);
+    cfg.tls_cert_file = Some(cert);
+    cfg.tls_key_file = Some(key);
+    let bus = Bus::connect(cfg.clone()).await?;
+    bus.ensure_stream().await?;
+    bus.publish_event(&event(1)).await?;
+
+    cfg.publish_timeout_s = 1;
+    // No client certificate: the server refuses the handshake.
+    let mut no_cert = cfg.clone();
+    no_cert.tls_cert_file = None;
+    no_cert.tls_key_file = None;
+    ensure!(
+        Bus::connect(no_cert).await.is_err(),
+        "connected without a client certificate"
+    );
+    // Without the CA the client does not trust the server's certificate.
+    let mut no_ca = cfg;
+    no_ca.tls_ca_file = None;
+    ensure!(
+        Bus::connect(no_ca).await.is_err(),
+        "trusted a server signed by an unknown CA"
     );
     Ok(())
 }
