@@ -612,3 +612,16 @@ async fn tls_is_required_and_verified_both_ways_when_configured() -> Result<()> 
     );
     Ok(())
 }
+
+/// `nats_url` lists a cluster's servers comma-separated (as regions/*.toml does); the list
+/// used to be parsed as one URL, which failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_comma_separated_server_list_connects() -> Result<()> {
+    let server = NatsServer::start()?;
+    let mut cfg = config(&server);
+    cfg.nats_url = format!("nats://127.0.0.1:1, {}", server.url());
+    let bus = Bus::connect(cfg).await?;
+    bus.ensure_stream().await?;
+    bus.publish_event(&event(1)).await?;
+    Ok(())
+}

@@ -44,6 +44,29 @@ enum Cmd {
     /// The load generator: drive a deployment (its cluster.json) or one it starts, print a
     /// table while it runs and write a JSON report (docs/benchmarks.md explains the workloads).
     Bench(BenchArgs),
+    /// Make a production region's NATS users: an nkey seed per role (gateway, applier, region;
+    /// 0600, for bus.nkey_seed_file) and the nats-server authorization block with each role's
+    /// permissions, plus a tls block with --tls-cert/--tls-key, to include from the server's
+    /// configuration.
+    NatsAuth(NatsAuthArgs),
+}
+
+#[derive(Args)]
+struct NatsAuthArgs {
+    #[arg(long)]
+    region: String,
+    /// Where the files go (created 0700; existing credentials are not overwritten).
+    #[arg(long)]
+    out: PathBuf,
+    /// The server's TLS certificate (PEM).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The server's TLS key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA whose client certificates the server requires (mutual TLS).
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -170,6 +193,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             run_roles(&args.config, roles, "applier", shutdown.clone()).await
         }
         Cmd::Bench(args) => run_bench(args, shutdown.clone()).await,
+        Cmd::NatsAuth(args) => run_nats_auth(args),
     };
     signals.abort();
     // Last in the ordered stop: flush the spans the roles ended (blocking, hence the thread).
@@ -194,6 +218,23 @@ async fn run_up(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()>
         exe: None,
     };
     up::run(opts, shutdown).await.context("meridian up")
+}
+
+fn run_nats_auth(args: NatsAuthArgs) -> anyhow::Result<()> {
+    let region =
+        RegionId::parse(args.region.trim()).with_context(|| format!("--region: {:?}", args.region))?;
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert_file), Some(key_file)) => Some(meridian_bus::ServerTls {
+            cert_file,
+            key_file,
+            ca_file: args.tls_ca,
+        }),
+        _ => None,
+    };
+    for path in meridian::nats_auth::write(&region, &args.out, tls.as_ref())? {
+        println!("wrote {}", path.display());
+    }
+    Ok(())
 }
 
 async fn run_bench(args: BenchArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
