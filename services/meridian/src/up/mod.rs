@@ -80,7 +80,7 @@ const JWT_SECRET_BYTES: usize = 32;
 const MIN_ADMIN_KEY: usize = 16;
 
 /// What `meridian up` was asked for.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct UpOptions {
     pub regions: Vec<RegionId>,
     pub data_dir: PathBuf,
@@ -91,6 +91,20 @@ pub struct UpOptions {
     pub nats_server: Option<PathBuf>,
     /// The `meridian` binary started as `<exe> region --config ...`; `None`: this executable.
     pub exe: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for UpOptions {
+    // Written out so the admin key never reaches a log line or a panic message.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpOptions")
+            .field("regions", &self.regions)
+            .field("data_dir", &self.data_dir)
+            .field("admin_key", &"<redacted>")
+            .field("port_base", &self.port_base)
+            .field("nats_server", &self.nats_server)
+            .field("exe", &self.exe)
+            .finish()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -261,6 +275,15 @@ mod tests {
             .collect();
         assert_eq!(ports, vec![(7000, 7001), (7010, 7011)]);
         assert!(layout.data_dir.is_absolute());
+    }
+
+    #[test]
+    fn debug_output_hides_the_admin_key() {
+        let shown = format!("{:?}", opts(Path::new("/x")));
+        assert!(
+            !shown.contains("admin-key-admin-key") && shown.contains("<redacted>"),
+            "{shown}"
+        );
     }
 
     #[test]
