@@ -2,8 +2,11 @@
 //! delivery and ephemeral signals (typing, presence) travel on.
 //!
 //! # Layout
-//! - [`config`]: [`BusConfig`], [`Durability`], and [`nats_server_config`], the nats-server
-//!   config text the launcher and the test harness write.
+//! - [`config`]: [`BusConfig`] (with the login and TLS a process connects with),
+//!   [`Durability`], and [`nats_server_config`], the nats-server config text the launcher and
+//!   the test harness write.
+//! - [`auth`]: the NATS user of each role and its subject permissions, and the server's
+//!   `authorization` and `tls` blocks.
 //! - this file: [`Bus`], a cheap-to-clone handle: connect with retry, stream provisioning,
 //!   publishing events with JetStream dedup and W3C trace headers (retrying through NATS
 //!   restarts with the same message id), delivery subjects, ephemeral publish/subscribe.

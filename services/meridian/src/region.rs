@@ -262,3 +262,30 @@ pub async fn run(cfg: RegionConfig, roles: Roles, shutdown: CancellationToken) -
     }
     region.stop().await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_bus_role_short_of_the_roles_run_is_refused_naming_the_field() {
+        let text = r#"
+region = "us"
+store = "embedded:///nonexistent/meridian-region-test"
+[bus]
+nats_url = "nats://127.0.0.1:1"
+role = "gateway"
+[gateway]
+listen = "127.0.0.1:0"
+jwt_secret = "0123456789abcdef0123456789abcdef"
+admin_key = "admin-key-admin-key"
+"#;
+        let cfg = RegionConfig::from_toml(text, "test", Vec::new()).unwrap();
+        // Refused before the store is opened or NATS is dialled.
+        match start(cfg, Roles::ALL).await {
+            Err(RegionError::Bus(meridian_bus::BusError::Config { field, .. })) => assert_eq!(field, "role"),
+            Err(e) => panic!("expected a bus.role error, got {e}"),
+            Ok(_) => panic!("started with a gateway's credentials for every role"),
+        }
+    }
+}
