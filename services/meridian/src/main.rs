@@ -113,7 +113,8 @@ struct UpArgs {
     /// Where every region keeps its data, logs and config; kept across runs.
     #[arg(long)]
     data_dir: PathBuf,
-    /// The key admin calls carry in X-Admin-Key (at least 16 characters).
+    /// The key admin calls carry in X-Admin-Key (at least 16 characters). Prefer the
+    /// variable: a flag is shown to every user of the machine by `ps`. Never printed.
     #[arg(long, env = "MERIDIAN_ADMIN_KEY", hide_env_values = true)]
     admin_key: String,
     /// First port of the first region's block of 10.
