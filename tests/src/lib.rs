@@ -1,6 +1,8 @@
 //! The end-to-end harness: each test gets its own nats-server process, its own store
 //! directory and a region (gateway + applier + sweeper) started in-process on port 0 from
-//! the same code the binary runs, plus small HTTP and WebSocket clients.
+//! the same code the binary runs, plus small HTTP and WebSocket clients. The region logs in
+//! to NATS as the `region` nkey user with that role's permissions, as under `meridian up`,
+//! so every end-to-end test also checks those permissions suffice.
 
 use std::time::Duration;
 
@@ -9,7 +11,7 @@ use futures::{SinkExt, StreamExt};
 use meridian::config::RegionConfig;
 use meridian::region::{self, Roles, RunningRegion};
 use meridian_bus::testing::NatsServer;
-use meridian_bus::BusConfig;
+use meridian_bus::{BusRole, Durability, RoleCredentials};
 use meridian_gateway::GatewayConfig;
 use meridian_model::RegionId;
 use serde_json::{json, Value};
@@ -34,11 +36,13 @@ impl TestRegion {
 
     /// Starts a region after `tweak` adjusts its config.
     pub async fn start_with(tweak: impl FnOnce(&mut RegionConfig)) -> Result<TestRegion> {
-        let nats = NatsServer::start().context("starting nats-server")?;
-        let dir = tempfile::tempdir()?;
         let region = RegionId::parse("us")?;
-        let mut bus = BusConfig::new(nats.url(), region.clone());
-        bus.prefix = meridian_bus::testing::unique_prefix();
+        let creds =
+            RoleCredentials::generate(BusRole::Region, &meridian_bus::testing::unique_prefix(), &region);
+        let nats = NatsServer::start_with_roles(Durability::Process, vec![creds.clone()])
+            .context("starting nats-server")?;
+        let dir = tempfile::tempdir()?;
+        let mut bus = nats.role_config(&creds)?;
         bus.publish_timeout_s = 20;
         let mut cfg = RegionConfig {
             region: region.clone(),

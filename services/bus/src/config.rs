@@ -1,10 +1,12 @@
 //! Bus configuration and the nats-server configuration the launcher and tests write.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use async_nats::ServerAddr;
 use meridian_model::RegionId;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::BusRole;
 use crate::BusError;
 
 /// How durable an acknowledged publish is (docs/design.md §6). `geo` is not here yet: it
@@ -44,7 +46,7 @@ pub fn nats_server_config(store_dir: &Path, port: u16, durability: Durability, s
 }
 
 /// A double-quoted nats-server config string (the format takes JSON-style escapes).
-fn quote(s: &str) -> String {
+pub(crate) fn quote(s: &str) -> String {
     let mut q = String::with_capacity(s.len() + 2);
     q.push('"');
     for c in s.chars() {
@@ -61,8 +63,12 @@ fn quote(s: &str) -> String {
 
 /// How a role reaches its region's JetStream.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BusConfig {
-    /// e.g. "nats://127.0.0.1:4222".
+    /// e.g. "nats://127.0.0.1:4222"; the servers of one cluster comma-separated (the client
+    /// tries them in turn). `tls://` requires TLS. A URL may carry `user:password@` (the test
+    /// harness's login); production uses `nkey_seed_file`, which keeps the secret out of
+    /// this file.
     pub nats_url: String,
     /// The region this process belongs to: it publishes to `SYNC_<region>` only.
     pub region: RegionId,
@@ -85,6 +91,35 @@ pub struct BusConfig {
     /// [`BusError::Unavailable`]; also bounds the initial connect.
     #[serde(default = "default_publish_timeout_s")]
     pub publish_timeout_s: u64,
+    /// Which NATS user this process is (see [`crate::auth`]): its credentials must be that
+    /// role's, and it sets the inbox prefix those permissions allow. Unset: what the process
+    /// runs (`meridian gateway`: gateway, `meridian applier`: applier, else region).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<BusRole>,
+    /// A file holding the nkey seed (`SU...`) of this process's NATS user; `meridian up`
+    /// writes one per region (mode 0600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nkey_seed_file: Option<PathBuf>,
+    /// Or the name of an environment variable holding that seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nkey_seed_env: Option<String>,
+    /// PEM CA certificates to verify the servers with; setting it requires TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate, for servers that verify clients (mutual TLS); needs
+    /// `tls_key_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+}
+
+/// What a connection logs in with, resolved from a [`BusConfig`] (files and variables read).
+pub(crate) struct Login {
+    pub(crate) servers: Vec<ServerAddr>,
+    pub(crate) user_password: Option<(String, String)>,
+    pub(crate) nkey_seed: Option<String>,
 }
 
 fn default_duplicate_window_s() -> u64 {
@@ -113,13 +148,42 @@ impl BusConfig {
             max_age_s: default_max_age_s(),
             max_bytes: default_max_bytes(),
             publish_timeout_s: default_publish_timeout_s(),
+            role: None,
+            nkey_seed_file: None,
+            nkey_seed_env: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 
-    /// Checks every field; the error names the first bad one.
+    /// Checks every field; the error names the first bad one. Reads the credential and TLS
+    /// files it names, so a missing or wrong one fails here rather than at the first
+    /// connect.
     pub fn validate(&self) -> Result<(), BusError> {
-        if self.nats_url.trim().is_empty() {
-            return Err(BusError::config("nats_url", "must not be empty"));
+        self.login()?;
+        for (field, path) in [
+            ("tls_ca_file", &self.tls_ca_file),
+            ("tls_cert_file", &self.tls_cert_file),
+            ("tls_key_file", &self.tls_key_file),
+        ] {
+            if let Some(path) = path {
+                if !path.is_file() {
+                    return Err(BusError::config(
+                        field,
+                        format!("{} is not a readable file", path.display()),
+                    ));
+                }
+            }
+        }
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(_), None) => {
+                return Err(BusError::config("tls_key_file", "is required with tls_cert_file"))
+            }
+            (None, Some(_)) => {
+                return Err(BusError::config("tls_cert_file", "is required with tls_key_file"))
+            }
+            _ => {}
         }
         if !self
             .prefix
@@ -161,12 +225,107 @@ impl BusConfig {
         Ok(())
     }
 
+    /// The server list and the login, with the seed read and checked. Errors name the field.
+    pub(crate) fn login(&self) -> Result<Login, BusError> {
+        let mut servers = Vec::new();
+        let mut user_password: Option<(String, String)> = None;
+        for part in self.nats_url.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let addr: ServerAddr = part
+                .parse()
+                .map_err(|e| BusError::config("nats_url", format!("{}: {e}", redact(part))))?;
+            let mut url = addr.into_inner();
+            if !url.username().is_empty() {
+                let login = (
+                    url.username().to_string(),
+                    url.password().unwrap_or_default().to_string(),
+                );
+                if user_password.as_ref().is_some_and(|l| *l != login) {
+                    return Err(BusError::config(
+                        "nats_url",
+                        "the servers carry different user:password logins",
+                    ));
+                }
+                user_password = Some(login);
+                // Only the client's CONNECT carries the login; the address stays clean.
+                let _ = url.set_username("");
+                let _ = url.set_password(None);
+            }
+            servers.push(ServerAddr::from_url(url).map_err(|e| BusError::config("nats_url", e.to_string()))?);
+        }
+        if servers.is_empty() {
+            return Err(BusError::config("nats_url", "must name at least one server"));
+        }
+        let seed = match (&self.nkey_seed_file, &self.nkey_seed_env) {
+            (Some(_), Some(_)) => {
+                return Err(BusError::config(
+                    "nkey_seed_env",
+                    "set either nkey_seed_file or nkey_seed_env, not both",
+                ))
+            }
+            (Some(path), None) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    BusError::config("nkey_seed_file", format!("cannot read {}: {e}", path.display()))
+                })?;
+                Some(("nkey_seed_file", text.trim().to_string()))
+            }
+            (None, Some(var)) => {
+                let text = std::env::var(var)
+                    .map_err(|e| BusError::config("nkey_seed_env", format!("variable {var}: {e}")))?;
+                Some(("nkey_seed_env", text.trim().to_string()))
+            }
+            (None, None) => None,
+        };
+        let nkey_seed = match seed {
+            Some((field, seed)) => {
+                // Never the seed itself in the message: it is the secret.
+                let key = nkeys::KeyPair::from_seed(&seed)
+                    .map_err(|_| BusError::config(field, "does not hold an nkey seed (SU...)"))?;
+                if key.key_pair_type() != nkeys::KeyPairType::User {
+                    return Err(BusError::config(
+                        field,
+                        "holds an nkey seed that is not a user's (SU...)",
+                    ));
+                }
+                if user_password.is_some() {
+                    return Err(BusError::config(
+                        field,
+                        "is set and nats_url carries user:password; log in one way",
+                    ));
+                }
+                Some(seed)
+            }
+            None => None,
+        };
+        Ok(Login {
+            servers,
+            user_password,
+            nkey_seed,
+        })
+    }
+
+    /// `nats_url` without any password, for logs and errors.
+    pub fn redacted_url(&self) -> String {
+        self.nats_url
+            .split(',')
+            .map(|p| redact(p.trim()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The role this process logs in as: `role`, or `region` when unset.
+    pub fn role(&self) -> BusRole {
+        self.role.unwrap_or_default()
+    }
+
+    /// This process's inbox prefix (see [`BusRole::inbox_prefix`]).
+    pub fn inbox_prefix(&self) -> String {
+        self.role().inbox_prefix(&self.prefix, &self.region)
+    }
+
     /// The stream `region` publishes to: `{PREFIX}SYNC_{REGION}`, upper-cased with '-' as
     /// '_' (stream names may not contain '.', and upper case keeps them apart from subjects).
     pub fn stream_name(&self, region: &RegionId) -> String {
-        format!("{}SYNC_{}", self.prefix, region)
-            .to_uppercase()
-            .replace('-', "_")
+        stream_name(&self.prefix, region)
     }
 
     /// Subjects `region`'s stream captures.
@@ -178,6 +337,25 @@ impl BusConfig {
     pub fn events_subject(&self, region: &RegionId) -> String {
         format!("{}sync.{}.events", self.prefix, region)
     }
+}
+
+/// `url` with the password of a `user:password@` replaced by `***`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+/// See [`BusConfig::stream_name`].
+pub(crate) fn stream_name(prefix: &str, region: &RegionId) -> String {
+    format!("{prefix}SYNC_{region}").to_uppercase().replace('-', "_")
 }
 
 #[cfg(test)]
@@ -223,6 +401,96 @@ mod tests {
     }
 
     #[test]
+    fn credential_and_tls_fields_are_checked_by_name() {
+        let field = |c: &BusConfig| match c.validate() {
+            Err(BusError::Config { field, reason }) => (field, reason),
+            other => panic!("expected a config error, got {other:?}"),
+        };
+        let existing = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"));
+        let missing = PathBuf::from("/nonexistent/meridian/file.pem");
+        let mut c = cfg();
+        c.tls_ca_file = Some(missing.clone());
+        assert_eq!(field(&c).0, "tls_ca_file");
+        let mut c = cfg();
+        c.tls_cert_file = Some(existing.clone());
+        assert_eq!(field(&c).0, "tls_key_file");
+        c.tls_key_file = Some(missing.clone());
+        assert_eq!(field(&c).0, "tls_key_file");
+        let mut c = cfg();
+        c.tls_key_file = Some(existing.clone());
+        assert_eq!(field(&c).0, "tls_cert_file");
+
+        let mut c = cfg();
+        c.nkey_seed_file = Some(missing);
+        assert_eq!(field(&c).0, "nkey_seed_file");
+        c.nkey_seed_env = Some("MERIDIAN_TEST_NO_SUCH_SEED_VARIABLE".into());
+        assert_eq!(field(&c).0, "nkey_seed_env", "both set");
+        c.nkey_seed_file = None;
+        assert_eq!(field(&c).0, "nkey_seed_env", "variable unset");
+
+        let dir = std::env::temp_dir().join(format!("meridian-bus-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let not_a_seed = dir.join("not-a-seed.nk");
+        std::fs::write(&not_a_seed, "SUPER-SECRET-BUT-NOT-A-SEED").unwrap();
+        let mut c = cfg();
+        c.nkey_seed_file = Some(not_a_seed);
+        let (f, reason) = field(&c);
+        assert_eq!(f, "nkey_seed_file");
+        assert!(
+            !reason.contains("SUPER-SECRET"),
+            "the file's text is not echoed: {reason}"
+        );
+        let account = dir.join("account.nk");
+        std::fs::write(&account, nkeys::KeyPair::new_account().seed().unwrap()).unwrap();
+        c.nkey_seed_file = Some(account);
+        assert_eq!(field(&c).0, "nkey_seed_file", "not a user seed");
+        let user = dir.join("user.nk");
+        std::fs::write(&user, nkeys::KeyPair::new_user().seed().unwrap()).unwrap();
+        c.nkey_seed_file = Some(user);
+        c.validate().unwrap();
+        c.nats_url = "nats://ann:pw@127.0.0.1:4222".into();
+        assert_eq!(field(&c).0, "nkey_seed_file", "two logins");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn server_lists_and_url_logins_are_split() {
+        let mut c = cfg();
+        c.nats_url = "nats://a.internal:4222, nats://meridian:s3cret@b.internal:4222,tls://c:4443".into();
+        let login = c.login().unwrap();
+        let servers: Vec<&str> = login.servers.iter().map(|s| s.as_url_str()).collect();
+        assert_eq!(
+            servers,
+            ["nats://a.internal:4222", "nats://b.internal:4222", "tls://c:4443"]
+        );
+        assert_eq!(
+            login.user_password,
+            Some(("meridian".to_string(), "s3cret".to_string()))
+        );
+        let shown = c.redacted_url();
+        assert!(
+            shown.contains("meridian:***@b.internal") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+        c.nats_url = "nats://a:1@x:1,nats://b:2@y:2".into();
+        assert!(matches!(
+            c.validate(),
+            Err(BusError::Config {
+                field: "nats_url",
+                ..
+            })
+        ));
+        c.nats_url = "http://a:4222".into();
+        assert!(matches!(
+            c.validate(),
+            Err(BusError::Config {
+                field: "nats_url",
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn deserializes_with_defaults() {
         let c: BusConfig = serde_json::from_str(r#"{"nats_url":"nats://x:1","region":"eu"}"#).unwrap();
         assert_eq!(c.duplicate_window_s, 300);
@@ -231,6 +499,16 @@ mod tests {
         assert_eq!(c.prefix, "");
         let d: Durability = serde_json::from_str(r#""disk""#).unwrap();
         assert_eq!(d, Durability::Disk);
+        assert_eq!(c.role, None);
+        let typo = serde_json::from_str::<BusConfig>(
+            r#"{"nats_url":"nats://x:1","region":"eu","nkey_seed_fil":"/x"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(typo.contains("nkey_seed_fil"), "{typo}");
+        let role: BusConfig =
+            serde_json::from_str(r#"{"nats_url":"nats://x:1","region":"eu","role":"gateway"}"#).unwrap();
+        assert_eq!(role.role(), BusRole::Gateway);
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub enum BusError {
     /// An event that cannot be published as given (e.g. its id is not 16 bytes).
     #[error("invalid event: {0}")]
     InvalidEvent(String),
+    /// The server refused this process's credentials (none, wrong, or another role's).
+    #[error("NATS refused the login: {0}")]
+    Unauthorized(String),
     /// NATS or JetStream refused a request for a reason retrying will not fix.
     #[error("NATS error: {0}")]
     Nats(String),

@@ -2,8 +2,11 @@
 //! delivery and ephemeral signals (typing, presence) travel on.
 //!
 //! # Layout
-//! - [`config`]: [`BusConfig`], [`Durability`], and [`nats_server_config`], the nats-server
-//!   config text the launcher and the test harness write.
+//! - [`config`]: [`BusConfig`] (with the login and TLS a process connects with),
+//!   [`Durability`], and [`nats_server_config`], the nats-server config text the launcher and
+//!   the test harness write.
+//! - [`auth`]: the NATS user of each role and its subject permissions, and the server's
+//!   `authorization` and `tls` blocks.
 //! - this file: [`Bus`], a cheap-to-clone handle: connect with retry, stream provisioning,
 //!   publishing events with JetStream dedup and W3C trace headers (retrying through NATS
 //!   restarts with the same message id), delivery subjects, ephemeral publish/subscribe.
@@ -12,6 +15,7 @@
 //! - `error`: [`BusError`].
 //! - [`testing`] (feature `testing`): a real nats-server process per test.
 
+pub mod auth;
 pub mod config;
 pub mod consumer;
 mod error;
@@ -32,6 +36,9 @@ use meridian_model::{EventId, RegionId, UserId};
 use prost::Message as _;
 use tokio::time::Instant;
 
+pub use auth::{
+    nats_server_auth_config, BusRole, NatsLogin, NatsUser, Permissions, RoleCredentials, ServerTls,
+};
 pub use config::{nats_server_config, BusConfig, Durability};
 pub use consumer::{EventConsumer, ReceivedEvent};
 pub use error::BusError;
@@ -108,6 +115,7 @@ impl Bus {
 
     async fn connect_with(cfg: BusConfig, subscription_capacity: Option<usize>) -> Result<Bus, BusError> {
         cfg.validate()?;
+        let login = cfg.login()?;
         let deadline = Instant::now() + Duration::from_secs(cfg.publish_timeout_s);
         let mut backoff = Backoff::new();
         let (reconnects_tx, reconnects) = tokio::sync::watch::channel(0u64);
@@ -116,7 +124,7 @@ impl Bus {
         let client = loop {
             let reconnects_tx = reconnects_tx.clone();
             let disconnected = disconnected.clone();
-            let opts = async_nats::ConnectOptions::new()
+            let opts = credentials(async_nats::ConnectOptions::new(), &cfg, &login)
                 .name(format!("meridian-{}", cfg.region))
                 .max_reconnects(None)
                 .connection_timeout(Duration::from_secs(2))
@@ -155,14 +163,25 @@ impl Bus {
                 Some(n) => opts.subscription_capacity(n),
                 None => opts,
             };
-            match opts.connect(cfg.nats_url.as_str()).await {
+            match opts.connect(login.servers.clone()).await {
                 Ok(c) => break c,
+                // Retrying will not change the server's mind about these credentials.
+                Err(e) if is_auth_error(&e) => {
+                    return Err(BusError::Unauthorized(format!(
+                        "connect to {} as role {}: {e}",
+                        cfg.redacted_url(),
+                        cfg.role().as_str()
+                    )));
+                }
                 Err(e) if Instant::now() + backoff.peek() < deadline => {
-                    tracing::warn!(url = %cfg.nats_url, error = %e, "NATS connect failed; retrying");
+                    tracing::warn!(url = %cfg.redacted_url(), error = %e, "NATS connect failed; retrying");
                     backoff.sleep().await;
                 }
                 Err(e) => {
-                    return Err(BusError::Unavailable(format!("connect to {}: {e}", cfg.nats_url)));
+                    return Err(BusError::Unavailable(format!(
+                        "connect to {}: {e}",
+                        cfg.redacted_url()
+                    )));
                 }
             }
         };
@@ -508,6 +527,36 @@ impl Bus {
             }
         }
     }
+}
+
+/// The login and TLS of `cfg` on `opts`, and the inbox prefix the role's permissions allow.
+fn credentials(
+    mut opts: async_nats::ConnectOptions,
+    cfg: &BusConfig,
+    login: &config::Login,
+) -> async_nats::ConnectOptions {
+    if let Some((user, password)) = &login.user_password {
+        opts = opts.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(seed) = &login.nkey_seed {
+        opts = opts.nkey(seed.clone());
+    }
+    if let Some(ca) = &cfg.tls_ca_file {
+        opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        opts = opts
+            .add_client_certificate(cert.clone(), key.clone())
+            .require_tls(true);
+    }
+    opts.custom_inbox_prefix(cfg.inbox_prefix())
+}
+
+fn is_auth_error(e: &async_nats::ConnectError) -> bool {
+    matches!(
+        e.kind(),
+        async_nats::ConnectErrorKind::AuthorizationViolation | async_nats::ConnectErrorKind::Authentication
+    )
 }
 
 /// async-nats reports API failures as errors whose kinds differ per call; their text is

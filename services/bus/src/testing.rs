@@ -3,6 +3,11 @@
 //!
 //! The binary is `$MERIDIAN_NATS_SERVER`, or `<repo>/.tools/bin/nats-server` as installed by
 //! `deploy/install-nats.sh`.
+//!
+//! Every server requires a login, as production does (issue 8, item 7): [`NatsServer::url`]
+//! carries the harness's own login, allowed every subject, so a test can set up and inspect
+//! anything; [`NatsServer::start_with_roles`] adds the nkey users `meridian up` configures,
+//! with their permissions, and [`NatsServer::role_config`] connects as one of them.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -12,7 +17,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::{nats_server_config, Durability};
+use crate::{nats_server_auth_config, nats_server_config, BusConfig, Durability};
+use crate::{NatsLogin, NatsUser, RoleCredentials, ServerTls};
+
+/// The harness's own user (every subject allowed).
+const HARNESS_USER: &str = "meridian-test";
 
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -24,6 +33,11 @@ pub struct NatsServer {
     port: u16,
     monitor_port: u16,
     durability: Durability,
+    /// The harness user's password, random per server.
+    password: String,
+    /// Role users the server accepts besides the harness's own.
+    roles: Vec<RoleCredentials>,
+    tls: Option<ServerTls>,
     child: Option<Child>,
     /// Kills the server if this test process dies without running `Drop` (SIGKILL,
     /// abort), so no server outlives its test.
@@ -38,7 +52,24 @@ impl NatsServer {
 
     /// Starts a server with the given durability on a free port.
     pub fn start_with(durability: Durability) -> io::Result<NatsServer> {
+        Self::start_with_roles(durability, Vec::new())
+    }
+
+    /// Starts a server that also accepts the nkey users of `roles`, each with its role's
+    /// permissions (the users `meridian up` configures).
+    pub fn start_with_roles(durability: Durability, roles: Vec<RoleCredentials>) -> io::Result<NatsServer> {
+        Self::start_with_tls(durability, roles, None)
+    }
+
+    /// [`NatsServer::start_with_roles`], with TLS on the client port when `tls` is given.
+    pub fn start_with_tls(
+        durability: Durability,
+        roles: Vec<RoleCredentials>,
+        tls: Option<ServerTls>,
+    ) -> io::Result<NatsServer> {
+        use rand::distributions::{Alphanumeric, DistString as _};
         let binary = binary();
+        let password = Alphanumeric.sample_string(&mut rand::thread_rng(), 32);
         let mut last_err = None;
         // Another process can grab a port between probing it and the server binding it;
         // that shows as an early exit, and a fresh pair of ports fixes it.
@@ -49,6 +80,9 @@ impl NatsServer {
                 port: free_port()?,
                 monitor_port: free_port()?,
                 durability,
+                password: password.clone(),
+                roles: roles.clone(),
+                tls: tls.clone(),
                 child: None,
                 watchdog: None,
             };
@@ -60,8 +94,47 @@ impl NatsServer {
         Err(last_err.unwrap_or_else(|| io::Error::other("nats-server did not start")))
     }
 
+    /// The server's URL with the harness's login, which may use every subject. [`Bus`]
+    /// takes the login from the URL; other clients need [`NatsServer::harness_login`].
+    ///
+    /// [`Bus`]: crate::Bus
     pub fn url(&self) -> String {
+        format!("nats://{HARNESS_USER}:{}@127.0.0.1:{}", self.password, self.port)
+    }
+
+    /// The server's URL without a login: a client connecting with only this is refused.
+    pub fn address(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The harness's user name and password.
+    pub fn harness_login(&self) -> (String, String) {
+        (HARNESS_USER.to_string(), self.password.clone())
+    }
+
+    /// A [`BusConfig`] logging in as `creds` (one of the roles this server was started
+    /// with): its prefix, region and role, and its seed in a 0600 file in the server's
+    /// directory.
+    pub fn role_config(&self, creds: &RoleCredentials) -> io::Result<BusConfig> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let path = self.dir.path().join(format!(
+            "{}{}-{}.nk",
+            creds.prefix,
+            creds.region,
+            creds.role.as_str()
+        ));
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        f.write_all(creds.seed.as_bytes())?;
+        let mut cfg = BusConfig::new(self.address(), creds.region.clone());
+        cfg.prefix = creds.prefix.clone();
+        cfg.role = Some(creds.role);
+        cfg.nkey_seed_file = Some(path);
+        Ok(cfg)
     }
 
     pub fn port(&self) -> u16 {
@@ -140,6 +213,15 @@ impl NatsServer {
             &format!("test-{}", self.port),
         );
         conf.push_str(&format!("http: \"127.0.0.1:{}\"\n", self.monitor_port));
+        let mut users = vec![NatsUser {
+            login: NatsLogin::Password {
+                user: HARNESS_USER.to_string(),
+                password: self.password.clone(),
+            },
+            permissions: None,
+        }];
+        users.extend(self.roles.iter().map(|r| r.user.clone()));
+        conf.push_str(&nats_server_auth_config(&users, self.tls.as_ref()));
         fs::write(self.config_path(), conf)?;
         let log = fs::OpenOptions::new()
             .create(true)

@@ -1,12 +1,15 @@
 //! meridian-bus against real nats-server processes (deploy/install-nats.sh installs one).
 
 use std::collections::HashSet;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use futures::StreamExt;
 use meridian_bus::testing::{unique_prefix, NatsServer};
-use meridian_bus::{Bus, BusConfig, ReceivedEvent};
+use meridian_bus::{
+    Bus, BusConfig, BusError, BusRole, Durability, ReceivedEvent, RoleCredentials, ServerTls,
+};
 use meridian_model::events::{event_envelope::Body, EventEnvelope, UserUpserted};
 use meridian_model::{EventId, RegionId, UserId};
 
@@ -376,5 +379,249 @@ async fn publish_gives_up_with_unavailable_when_nats_stays_down() -> Result<()> 
     assert!(err.is_transient(), "{err}");
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(bus.ping().await.is_err());
+    Ok(())
+}
+
+/// A raw client logged in as `creds`, with the server's `-ERR` lines (permission
+/// violations) forwarded to the returned channel.
+async fn raw_client(
+    server: &NatsServer,
+    creds: &RoleCredentials,
+) -> Result<(async_nats::Client, tokio::sync::mpsc::Receiver<String>)> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let client = async_nats::ConnectOptions::with_nkey(creds.seed.clone())
+        .custom_inbox_prefix(creds.role.inbox_prefix(&creds.prefix, &creds.region))
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    let _ = tx.try_send(e.to_string());
+                }
+            }
+        })
+        .connect(server.address())
+        .await?;
+    Ok((client, rx))
+}
+
+/// Reads `sub` until a message on `sentinel` arrives (bounded), returning the subjects seen
+/// before it. A connection's messages arrive in order, so whatever was published before the
+/// sentinel and got through is among them.
+async fn until_sentinel(sub: &mut async_nats::Subscriber, sentinel: &str) -> Result<Vec<String>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    loop {
+        let msg = tokio::time::timeout_at(deadline, sub.next())
+            .await
+            .context("the sentinel did not arrive")?
+            .context("subscription ended")?;
+        if msg.subject.as_str() == sentinel {
+            return Ok(seen);
+        }
+        seen.push(msg.subject.to_string());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item7_bus_refuses_clients_without_credentials_and_confines_gateway_credentials() -> Result<()> {
+    let prefix = unique_prefix();
+    let gateway = RoleCredentials::generate(BusRole::Gateway, &prefix, &region());
+    let applier = RoleCredentials::generate(BusRole::Applier, &prefix, &region());
+    let server = NatsServer::start_with_roles(Durability::Process, vec![gateway.clone(), applier.clone()])?;
+
+    // No credentials: refused, by the server and through Bus (at once, not after retries).
+    ensure!(
+        async_nats::connect(server.address()).await.is_err(),
+        "a client without credentials connected"
+    );
+    let mut anonymous = BusConfig::new(server.address(), region());
+    anonymous.prefix = prefix.clone();
+    match Bus::connect(anonymous).await {
+        Err(BusError::Unauthorized(_)) => {}
+        Err(e) => anyhow::bail!("expected Unauthorized, got {e}"),
+        Ok(_) => anyhow::bail!("Bus connected without credentials"),
+    }
+
+    // The applier's credentials create the stream; the gateway's publish events to it and
+    // read them back (the dedup lookup) and its state (readiness).
+    let applier_bus = Bus::connect(server.role_config(&applier)?).await?;
+    applier_bus.ensure_stream().await?;
+    let gateway_bus = Bus::connect(server.role_config(&gateway)?).await?;
+    let env = event(1);
+    let ack = gateway_bus.publish_event(&env).await?;
+    assert_eq!(id_of(&gateway_bus.get_event(ack.stream_seq).await?), id_of(&env));
+    let stream = gateway_bus.stream();
+    assert_eq!(gateway_bus.stream_state(&stream).await?.messages, 1);
+
+    let (gw, mut errors) = raw_client(&server, &gateway).await?;
+    let (user, password) = server.harness_login();
+    let harness = async_nats::ConnectOptions::with_user_and_password(user, password)
+        .connect(server.address())
+        .await?;
+
+    // Publishing: another region's events, a forged delivery (only the applier publishes
+    // those), arbitrary subjects, and JetStream calls that read or delete the stream.
+    let forged = [
+        format!("{prefix}sync.us.events"),
+        format!("{prefix}deliver.eu-west.bob.e"),
+        "anything.at.all".to_string(),
+        format!("$JS.API.STREAM.DELETE.{stream}"),
+        format!("$JS.API.CONSUMER.CREATE.{stream}.reader"),
+    ];
+    let mut everything = harness.subscribe(">").await?;
+    harness.flush().await?;
+    // Typing frames are the gateway's to publish: the sentinel.
+    let typing = format!("{prefix}deliver.eu-west.bob.t");
+    for subject in &forged {
+        gw.publish(subject.clone(), "forged".into()).await?;
+    }
+    gw.publish(typing.clone(), "typing".into()).await?;
+    gw.flush().await?;
+    let seen = until_sentinel(&mut everything, &typing).await?;
+    for subject in &forged {
+        ensure!(!seen.contains(subject), "the gateway published to {subject}");
+    }
+
+    // Subscribing: everything, another region's deliveries, the raw events, another role's
+    // inbox. Its own region's delivery subjects (its users' sockets) are allowed: the sentinel.
+    let denied = [
+        ">".to_string(),
+        format!("{prefix}deliver.us.*.*"),
+        format!("{prefix}sync.eu-west.>"),
+        format!("{}.>", BusRole::Applier.inbox_prefix(&prefix, &region())),
+    ];
+    let mut denied_subs = Vec::new();
+    for subject in &denied {
+        denied_subs.push(gw.subscribe(subject.clone()).await?);
+    }
+    let mut sockets = gw.subscribe(format!("{prefix}deliver.eu-west.*.*")).await?;
+    gw.flush().await?;
+    for subject in [
+        format!("{prefix}deliver.us.bob.e"),
+        format!("{prefix}sync.eu-west.probe"),
+        format!("{}.x", BusRole::Applier.inbox_prefix(&prefix, &region())),
+    ] {
+        harness.publish(subject, "secret".into()).await?;
+    }
+    let delivery = format!("{prefix}deliver.eu-west.bob.e");
+    harness.publish(delivery.clone(), "entry".into()).await?;
+    harness.flush().await?;
+    until_sentinel(&mut sockets, &delivery).await?;
+    for (subject, sub) in denied.iter().zip(denied_subs.iter_mut()) {
+        ensure!(
+            futures::FutureExt::now_or_never(sub.next()).is_none(),
+            "the gateway received a message through its subscription to {subject}"
+        );
+    }
+
+    // And the server said why, once for each.
+    let mut expected: HashSet<String> = forged
+        .iter()
+        .map(|s| format!("Publish to \"{s}\""))
+        .chain(denied.iter().map(|s| format!("Subscription to \"{s}\"")))
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !expected.is_empty() {
+        let error = tokio::time::timeout_at(deadline, errors.recv())
+            .await
+            .with_context(|| format!("no permissions violation reported for {expected:?}"))?
+            .context("error channel closed")?;
+        expected.retain(|e| !error.contains(e.as_str()));
+    }
+
+    // The applier's credentials cannot publish events either.
+    let mut applier_cfg = server.role_config(&applier)?;
+    applier_cfg.publish_timeout_s = 1;
+    let applier_publisher = Bus::connect(applier_cfg).await?;
+    ensure!(
+        applier_publisher.publish_event(&event(2)).await.is_err(),
+        "the applier published an event"
+    );
+    assert_eq!(
+        gateway_bus.stream_state(&stream).await?.messages,
+        2,
+        "event 1 and the probe"
+    );
+    Ok(())
+}
+
+/// A CA, a server certificate for 127.0.0.1 signed by it and a client certificate, as PEM
+/// files in `dir`: the server's TLS settings, and the client's CA, certificate and key.
+fn certificates(dir: &std::path::Path) -> Result<(ServerTls, PathBuf, PathBuf, PathBuf)> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key)?;
+    let write = |name: &str, pem: String| -> Result<PathBuf> {
+        let path = dir.join(name);
+        std::fs::write(&path, pem)?;
+        Ok(path)
+    };
+    let server_key = KeyPair::generate()?;
+    let server =
+        CertificateParams::new(vec!["127.0.0.1".to_string()])?.signed_by(&server_key, &ca, &ca_key)?;
+    let client_key = KeyPair::generate()?;
+    let client =
+        CertificateParams::new(vec!["meridian-region".to_string()])?.signed_by(&client_key, &ca, &ca_key)?;
+    let ca_file = write("ca.pem", ca.pem())?;
+    let tls = ServerTls {
+        cert_file: write("server.pem", server.pem())?,
+        key_file: write("server.key", server_key.serialize_pem())?,
+        ca_file: Some(ca_file.clone()),
+    };
+    Ok((
+        tls,
+        ca_file,
+        write("client.pem", client.pem())?,
+        write("client.key", client_key.serialize_pem())?,
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_required_and_verified_both_ways_when_configured() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (server_tls, ca, cert, key) = certificates(dir.path())?;
+    let creds = RoleCredentials::generate(BusRole::Region, &unique_prefix(), &region());
+    let server = NatsServer::start_with_tls(Durability::Process, vec![creds.clone()], Some(server_tls))?;
+
+    // The CA to trust the server and a certificate for it to trust us: events go through.
+    let mut cfg = server.role_config(&creds)?;
+    cfg.tls_ca_file = Some(ca);
+    cfg.tls_cert_file = Some(cert);
+    cfg.tls_key_file = Some(key);
+    let bus = Bus::connect(cfg.clone()).await?;
+    bus.ensure_stream().await?;
+    bus.publish_event(&event(1)).await?;
+
+    cfg.publish_timeout_s = 1;
+    // No client certificate: the server refuses the handshake.
+    let mut no_cert = cfg.clone();
+    no_cert.tls_cert_file = None;
+    no_cert.tls_key_file = None;
+    ensure!(
+        Bus::connect(no_cert).await.is_err(),
+        "connected without a client certificate"
+    );
+    // Without the CA the client does not trust the server's certificate.
+    let mut no_ca = cfg;
+    no_ca.tls_ca_file = None;
+    ensure!(
+        Bus::connect(no_ca).await.is_err(),
+        "trusted a server signed by an unknown CA"
+    );
+    Ok(())
+}
+
+/// `nats_url` lists a cluster's servers comma-separated (as regions/*.toml does); the list
+/// used to be parsed as one URL, which failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_comma_separated_server_list_connects() -> Result<()> {
+    let server = NatsServer::start()?;
+    let mut cfg = config(&server);
+    cfg.nats_url = format!("nats://127.0.0.1:1, {}", server.url());
+    let bus = Bus::connect(cfg).await?;
+    bus.ensure_stream().await?;
+    bus.publish_event(&event(1)).await?;
     Ok(())
 }

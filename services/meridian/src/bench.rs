@@ -62,6 +62,8 @@ pub struct BenchOptions {
     pub drain: Duration,
     /// A CI-sized run: W2 with small groups.
     pub smoke: bool,
+    /// The deployment's admin key (cluster.json does not hold it).
+    pub admin_key: String,
 }
 
 impl BenchOptions {
@@ -79,6 +81,7 @@ impl BenchOptions {
             out,
             drain: Duration::from_secs(10),
             smoke: false,
+            admin_key: String::new(),
         }
     }
 }
@@ -122,7 +125,7 @@ struct Target {
 }
 
 impl Target {
-    fn load(path: &Path, region: &str) -> Result<Target, BenchError> {
+    fn load(path: &Path, region: &str, admin_key: &str) -> Result<Target, BenchError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| BenchError::Cluster(path.display().to_string(), e.to_string()))?;
         let v: Value = serde_json::from_str(&text)
@@ -138,7 +141,7 @@ impl Target {
             .unwrap_or_default();
         Ok(Target {
             endpoint,
-            admin_key: v["admin_key"].as_str().unwrap_or_default().to_string(),
+            admin_key: admin_key.to_string(),
             pids,
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(256)
@@ -484,7 +487,7 @@ pub async fn run(
     command: String,
     stop: CancellationToken,
 ) -> Result<BenchReport, BenchError> {
-    let target = Arc::new(Target::load(&opts.cluster, &opts.region)?);
+    let target = Arc::new(Target::load(&opts.cluster, &opts.region, &opts.admin_key)?);
     let mut report = BenchReport {
         machine: machine_description(),
         cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),

@@ -6,8 +6,10 @@
 //! - [`region`]: one region process: store + bus + gateway + applier + sweeper, ordered stop.
 //! - [`up`]: `meridian up`, a local deployment: a nats-server and a region process per
 //!   region, supervised, stopped in order.
+//! - [`nats_auth`]: `meridian nats-auth`, the NATS users of a production region.
 
 pub mod bench;
 pub mod config;
+pub mod nats_auth;
 pub mod region;
 pub mod up;

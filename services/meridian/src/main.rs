@@ -44,12 +44,36 @@ enum Cmd {
     /// The load generator: drive a deployment (its cluster.json) or one it starts, print a
     /// table while it runs and write a JSON report (docs/benchmarks.md explains the workloads).
     Bench(BenchArgs),
+    /// Make a production region's NATS users: an nkey seed per role (gateway, applier, region;
+    /// 0600, for bus.nkey_seed_file) and the nats-server authorization block with each role's
+    /// permissions, plus a tls block with --tls-cert/--tls-key, to include from the server's
+    /// configuration.
+    NatsAuth(NatsAuthArgs),
+}
+
+#[derive(Args)]
+struct NatsAuthArgs {
+    #[arg(long)]
+    region: String,
+    /// Where the files go (created 0700; existing credentials are not overwritten).
+    #[arg(long)]
+    out: PathBuf,
+    /// The server's TLS certificate (PEM).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The server's TLS key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA whose client certificates the server requires (mutual TLS).
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
 }
 
 #[derive(Args)]
 struct BenchArgs {
-    /// A running deployment's cluster.json; without it, a one-region deployment is started
-    /// in a temporary directory for the run.
+    /// A running deployment's cluster.json (its admin key in MERIDIAN_ADMIN_KEY: the file does
+    /// not hold it); without it, a one-region deployment is started in a temporary directory
+    /// for the run.
     #[arg(long)]
     cluster: Option<PathBuf>,
     /// Workloads: w1 (one-to-one), w2 (groups), w3 (offline then sync), w4 (idle sockets).
@@ -89,7 +113,8 @@ struct UpArgs {
     /// Where every region keeps its data, logs and config; kept across runs.
     #[arg(long)]
     data_dir: PathBuf,
-    /// The key admin calls carry in X-Admin-Key (at least 16 characters).
+    /// The key admin calls carry in X-Admin-Key (at least 16 characters). Prefer the
+    /// variable: a flag is shown to every user of the machine by `ps`. Never printed.
     #[arg(long, env = "MERIDIAN_ADMIN_KEY", hide_env_values = true)]
     admin_key: String,
     /// First port of the first region's block of 10.
@@ -169,6 +194,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             run_roles(&args.config, roles, "applier", shutdown.clone()).await
         }
         Cmd::Bench(args) => run_bench(args, shutdown.clone()).await,
+        Cmd::NatsAuth(args) => run_nats_auth(args),
     };
     signals.abort();
     // Last in the ordered stop: flush the spans the roles ended (blocking, hence the thread).
@@ -195,6 +221,23 @@ async fn run_up(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()>
     up::run(opts, shutdown).await.context("meridian up")
 }
 
+fn run_nats_auth(args: NatsAuthArgs) -> anyhow::Result<()> {
+    let region =
+        RegionId::parse(args.region.trim()).with_context(|| format!("--region: {:?}", args.region))?;
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert_file), Some(key_file)) => Some(meridian_bus::ServerTls {
+            cert_file,
+            key_file,
+            ca_file: args.tls_ca,
+        }),
+        _ => None,
+    };
+    for path in meridian::nats_auth::write(&region, &args.out, tls.as_ref())? {
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
 async fn run_bench(args: BenchArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let mut opts = BenchOptions::full(PathBuf::new(), args.out);
@@ -216,14 +259,21 @@ async fn run_bench(args: BenchArgs, shutdown: CancellationToken) -> anyhow::Resu
     // Without a deployment to drive, start one (its processes are children, measured by pid).
     let mut started = None;
     opts.cluster = match args.cluster {
-        Some(c) => c,
+        Some(c) => {
+            // From the environment only: a flag would land in the report's command line.
+            opts.admin_key = std::env::var("MERIDIAN_ADMIN_KEY").context(
+                "set MERIDIAN_ADMIN_KEY to the deployment's admin key (cluster.json does not hold it)",
+            )?;
+            c
+        }
         None => {
             let dir = tempfile::tempdir().context("temporary data dir")?;
             let port_base = 20_000 + (std::process::id() % 2_000) as u16 * 10;
+            opts.admin_key = format!("bench-{:016x}", rand::random::<u64>());
             let up_opts = UpOptions {
                 regions: vec![RegionId::parse("us")?],
                 data_dir: dir.path().to_path_buf(),
-                admin_key: format!("bench-{:016x}", rand::random::<u64>()),
+                admin_key: opts.admin_key.clone(),
                 port_base,
                 nats_server: None,
                 exe: None,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_applier::ApplierMetrics;
-use meridian_bus::Bus;
+use meridian_bus::{Bus, BusRole};
 use meridian_gateway::Gateway;
 use meridian_store::Store;
 use tokio::task::JoinHandle;
@@ -62,11 +62,32 @@ pub struct RunningRegion {
     sweeper: Option<(CancellationToken, JoinHandle<()>)>,
 }
 
-/// Opens the store, connects the bus (creating the stream), and starts the roles.
+/// Opens the store, connects the bus (creating the stream when the applier runs here), and
+/// starts the roles.
 pub async fn start(cfg: RegionConfig, roles: Roles) -> Result<RunningRegion, RegionError> {
+    let mut bus_cfg = cfg.bus.clone();
+    let role = *bus_cfg
+        .role
+        .get_or_insert(BusRole::for_roles(roles.gateway, roles.applier));
+    if !role.covers(roles.gateway, roles.applier) {
+        return Err(RegionError::Bus(meridian_bus::BusError::Config {
+            field: "role",
+            reason: format!(
+                "bus.role {} lacks the NATS permissions of the roles this process runs \
+                 (gateway: {}, applier: {})",
+                role.as_str(),
+                roles.gateway,
+                roles.applier
+            ),
+        }));
+    }
     let store = Store::open(&cfg.store, b"").await?;
-    let bus = Bus::connect(cfg.bus.clone()).await?;
-    bus.ensure_stream().await?;
+    let bus = Bus::connect(bus_cfg).await?;
+    // Only the applier's credentials may create the stream; a gateway on its own publishes
+    // (retrying) once an applier has.
+    if roles.applier {
+        bus.ensure_stream().await?;
+    }
 
     let applier_metrics = Arc::new(ApplierMetrics::default());
     let applier = if roles.applier {
@@ -240,4 +261,31 @@ pub async fn run(cfg: RegionConfig, roles: Roles, shutdown: CancellationToken) -
         role = region.failed() => tracing::error!(role, "a role stopped unexpectedly; stopping the region"),
     }
     region.stop().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_bus_role_short_of_the_roles_run_is_refused_naming_the_field() {
+        let text = r#"
+region = "us"
+store = "embedded:///nonexistent/meridian-region-test"
+[bus]
+nats_url = "nats://127.0.0.1:1"
+role = "gateway"
+[gateway]
+listen = "127.0.0.1:0"
+jwt_secret = "0123456789abcdef0123456789abcdef"
+admin_key = "admin-key-admin-key"
+"#;
+        let cfg = RegionConfig::from_toml(text, "test", Vec::new()).unwrap();
+        // Refused before the store is opened or NATS is dialled.
+        match start(cfg, Roles::ALL).await {
+            Err(RegionError::Bus(meridian_bus::BusError::Config { field, .. })) => assert_eq!(field, "role"),
+            Err(e) => panic!("expected a bus.role error, got {e}"),
+            Ok(_) => panic!("started with a gateway's credentials for every role"),
+        }
+    }
 }

@@ -9,11 +9,17 @@
 //! base 7000, `us` listens on 7001 and `eu` on 7011.
 //!
 //! # Files (under the data dir; nothing is removed on exit, so a restart keeps all data)
-//! - `jwt_secret` (0600): the HS256 key, generated once so tokens survive restarts.
-//! - `cluster.json`: endpoints and pids, written (atomically) once every region is ready and
-//!   again whenever a process is restarted. A stale one is removed at start, so its presence
-//!   means "this run is ready".
-//! - `<region>/nats.conf`, `nats.log`, `jetstream/`: the region's nats-server.
+//! The data dir is created 0700 (an existing one open to other users is refused): it holds
+//! the keys and every message. The admin key is never printed or written anywhere but the
+//! region files (0600), which the region processes need it in.
+//! - `jwt_secret` (0600): the HS256 key, generated once so tokens survive restarts; a key
+//!   file others can read is refused (see `load_or_create_jwt_secret`).
+//! - `cluster.json` (0600): endpoints and pids, written (atomically) once every region is
+//!   ready and again whenever a process is restarted. A stale one is removed at start, so its
+//!   presence means "this run is ready".
+//! - `<region>/nats.conf` (with the nkey user the server accepts: public key only), `nats.log`,
+//!   `jetstream/`: the region's nats-server, which refuses clients without credentials.
+//! - `<region>/nats-region.nk` (0600): the region process's nkey seed, new every start.
 //! - `<region>/region.toml` (0600: it holds the keys), `region.log`, `store/`: the region
 //!   process and its embedded store.
 //!
@@ -34,7 +40,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use meridian_bus::{nats_server_config, Durability};
+use meridian_bus::{nats_server_auth_config, nats_server_config, BusRole, Durability, RoleCredentials};
 use meridian_model::RegionId;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -74,7 +80,7 @@ const JWT_SECRET_BYTES: usize = 32;
 const MIN_ADMIN_KEY: usize = 16;
 
 /// What `meridian up` was asked for.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct UpOptions {
     pub regions: Vec<RegionId>,
     pub data_dir: PathBuf,
@@ -85,6 +91,20 @@ pub struct UpOptions {
     pub nats_server: Option<PathBuf>,
     /// The `meridian` binary started as `<exe> region --config ...`; `None`: this executable.
     pub exe: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for UpOptions {
+    // Written out so the admin key never reaches a log line or a panic message.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpOptions")
+            .field("regions", &self.regions)
+            .field("data_dir", &self.data_dir)
+            .field("admin_key", &"<redacted>")
+            .field("port_base", &self.port_base)
+            .field("nats_server", &self.nats_server)
+            .field("exe", &self.exe)
+            .finish()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,7 +204,6 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> Result<(), UpE
     let cluster = Arc::new(Cluster {
         path: cluster_path,
         doc: tokio::sync::Mutex::new(ClusterDoc {
-            admin_key: opts.admin_key.clone(),
             jwt_secret_file: jwt_secret_file.display().to_string(),
             data_dir: layout.data_dir.display().to_string(),
             launcher_pid: std::process::id(),
@@ -208,7 +227,7 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> Result<(), UpE
         stop_all(running).await;
         return Err(e);
     }
-    print_ready(&layout, &opts.admin_key, &cluster.path);
+    print_ready(&layout, &cluster.path);
 
     let supervisors: Vec<_> = running
         .into_iter()
@@ -259,6 +278,15 @@ mod tests {
     }
 
     #[test]
+    fn debug_output_hides_the_admin_key() {
+        let shown = format!("{:?}", opts(Path::new("/x")));
+        assert!(
+            !shown.contains("admin-key-admin-key") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn bad_options_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let err = |o: UpOptions| Layout::new(&o).err().expect("invalid").to_string();
@@ -281,9 +309,7 @@ mod tests {
         let secret = load_or_create_jwt_secret(&secret_path).unwrap();
         assert_eq!(secret.len(), 2 * JWT_SECRET_BYTES);
         assert_eq!(load_or_create_jwt_secret(&secret_path).unwrap(), secret);
-        use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(&secret_path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(mode(&secret_path), 0o600);
 
         let endpoints = BTreeMap::from([("us".to_string(), "http://127.0.0.1:7001".to_string())]);
         let plan = &layout.regions[0];
@@ -296,5 +322,66 @@ mod tests {
         assert!(cfg.store.starts_with("embedded:///"));
         let conf = std::fs::read_to_string(plan.nats_conf()).unwrap();
         assert!(conf.contains("port: 7000"));
+        // The server accepts only the region's nkey user, whose seed the region file names.
+        assert!(conf.contains("authorization {") && conf.contains("nkey: \"U"));
+        assert_eq!(cfg.bus.role, Some(BusRole::Region));
+        let seed_file = cfg
+            .bus
+            .nkey_seed_file
+            .clone()
+            .expect("the region file names the seed");
+        assert_eq!(mode(&seed_file), 0o600);
+        let seed = std::fs::read_to_string(&seed_file).unwrap();
+        assert!(seed.starts_with("SU") && !conf.contains(seed.trim()));
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    fn set_mode(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn item8_data_dir_is_created_0700_and_an_open_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(&dir.path().join("new/data"));
+        let layout = Layout::new(&o).unwrap();
+        assert_eq!(mode(&layout.data_dir), 0o700, "a new data dir");
+        set_mode(&layout.data_dir, 0o755);
+        o.data_dir = layout.data_dir.clone();
+        Layout::new(&o).unwrap();
+        assert_eq!(mode(&layout.data_dir), 0o700, "an empty one is made private");
+        std::fs::write(layout.data_dir.join("jwt_secret"), "x").unwrap();
+        set_mode(&layout.data_dir, 0o755);
+        let err = Layout::new(&o)
+            .err()
+            .expect("an open data dir is refused")
+            .to_string();
+        assert!(
+            err.contains("--data-dir") && err.contains(&layout.data_dir.display().to_string()),
+            "{err}"
+        );
+        assert_eq!(mode(&layout.data_dir), 0o755, "refused, not changed");
+    }
+
+    #[test]
+    fn item8_jwt_secret_readable_by_others_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwt_secret");
+        let secret = load_or_create_jwt_secret(&path).unwrap();
+        set_mode(&path, 0o644);
+        let err = load_or_create_jwt_secret(&path)
+            .expect_err("a key others can read is refused")
+            .to_string();
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains("chmod 600"),
+            "{err}"
+        );
+        set_mode(&path, 0o600);
+        assert_eq!(load_or_create_jwt_secret(&path).unwrap(), secret);
     }
 }

@@ -49,8 +49,7 @@ impl Layout {
                 ),
             );
         }
-        std::fs::create_dir_all(&opts.data_dir)
-            .map_err(io_err(format!("cannot create {}", opts.data_dir.display())))?;
+        create_private_dir(&opts.data_dir)?;
         // Absolute, so the region processes find their store whatever their cwd.
         let data_dir = opts
             .data_dir
@@ -101,9 +100,15 @@ impl RegionPlan {
     pub(super) fn region_log(&self) -> PathBuf {
         self.dir.join("region.log")
     }
+    /// The nkey seed the region process logs in to its nats-server with.
+    pub(super) fn nats_seed(&self) -> PathBuf {
+        self.dir.join("nats-region.nk")
+    }
 
-    /// Writes nats.conf and region.toml, regenerated on every start so a changed port base
-    /// or key takes effect; the data directories they point at are kept.
+    /// Writes nats.conf, the NATS credentials and region.toml, regenerated on every start so
+    /// a changed port base or key takes effect (and a new nkey each run: the old seed opens
+    /// nothing once the server has the new configuration); the data directories they point
+    /// at are kept.
     pub(super) fn write_files(
         &self,
         jwt_secret: &str,
@@ -112,13 +117,19 @@ impl RegionPlan {
     ) -> Result<(), UpError> {
         std::fs::create_dir_all(&self.dir)
             .map_err(io_err(format!("cannot create {}", self.dir.display())))?;
-        let conf = nats_server_config(
+        // The one process per region runs every role, so it logs in as the region user;
+        // nats-server accepts no one else.
+        let creds = RoleCredentials::generate(BusRole::Region, "", &self.region);
+        write_file(&self.nats_seed(), creds.seed.as_bytes(), 0o600)?;
+        let mut conf = nats_server_config(
             &self.dir.join("jetstream"),
             self.nats_port,
             Durability::Process,
             &format!("meridian-{}", self.region),
         );
-        write_file(&self.nats_conf(), conf.as_bytes(), 0o644)?;
+        conf.push_str(&nats_server_auth_config(std::slice::from_ref(&creds.user), None));
+        // Only public keys in it, but nobody else needs to read it either.
+        write_file(&self.nats_conf(), conf.as_bytes(), 0o600)?;
 
         let mut gateway = toml::Table::new();
         gateway.insert("listen".into(), format!("127.0.0.1:{}", self.gateway_port).into());
@@ -131,6 +142,11 @@ impl RegionPlan {
         gateway.insert("region_endpoints".into(), endpoints.into());
         let mut bus = toml::Table::new();
         bus.insert("nats_url".into(), self.nats_url().into());
+        bus.insert("role".into(), creds.role.as_str().into());
+        bus.insert(
+            "nkey_seed_file".into(),
+            self.nats_seed().display().to_string().into(),
+        );
         let mut doc = toml::Table::new();
         doc.insert("region".into(), self.region.as_str().into());
         let store = format!("embedded://{}", self.dir.join("store").display());
@@ -239,8 +255,68 @@ pub fn resolve_nats_server(flag: Option<&Path>) -> Result<PathBuf, UpError> {
     })
 }
 
-/// Reads the HS256 key, or makes one: it must outlive runs so issued tokens stay valid.
+/// Creates the data dir (and missing parents) with mode 0700: it holds the keys, the NATS
+/// credentials and every message. An existing empty one (`mkdir`, a temporary directory) is
+/// made 0700 as if created here. An existing one with contents that other users can enter
+/// is refused rather than changed: it may be a directory they were meant to share (or
+/// `/tmp`), and what it already holds may have been read.
+pub(super) fn create_private_dir(dir: &Path) -> Result<(), UpError> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    match std::fs::metadata(dir) {
+        Ok(meta) => {
+            let mode = meta.permissions().mode() & 0o777;
+            let empty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none());
+            if mode & 0o077 != 0 && empty {
+                return std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                    .map_err(io_err(format!("cannot make {} private (0700)", dir.display())));
+            }
+            if mode & 0o077 != 0 {
+                return Err(UpError::Invalid {
+                    option: "--data-dir",
+                    reason: format!(
+                        "{} is open to other users (mode {mode:04o}), and it holds the keys and \
+                         every message; run `chmod 700 {}` or choose a new directory",
+                        dir.display(),
+                        dir.display()
+                    ),
+                });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err(format!("cannot create {}", dir.display()))),
+        Err(e) => Err(io_err(format!("cannot read {}", dir.display()))(e)),
+    }
+}
+
+/// Reads the HS256 key, or makes one: it must outlive runs so issued tokens stay valid. A
+/// key file others can read is refused, not fixed: anyone who read it can mint tokens for
+/// every user, so the operator must decide whether to rotate it, and a silent chmod would
+/// hide that it was ever exposed.
 pub(super) fn load_or_create_jwt_secret(path: &Path) -> Result<String, UpError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    match std::fs::metadata(path) {
+        Ok(meta) => {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(UpError::Invalid {
+                    option: "jwt_secret",
+                    reason: format!(
+                        "{} is readable or writable by other users (mode {mode:04o}); it must be \
+                         0600. Run `chmod 600 {}`, or, if others may have read it, delete it to \
+                         have a new key generated (tokens issued with the old one stop working)",
+                        path.display(),
+                        path.display()
+                    ),
+                });
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(format!("cannot read {}", path.display()))(e)),
+    }
     match std::fs::read_to_string(path) {
         Ok(s) => {
             let s = s.trim().to_string();

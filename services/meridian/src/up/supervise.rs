@@ -2,10 +2,11 @@
 
 use super::*;
 
-/// `cluster.json`: what a client or a test needs to find the deployment.
+/// `cluster.json`: what a client or a test needs to find the deployment. Not the admin key:
+/// whoever runs `meridian up` chose it, and a file that names it is one more place to leak
+/// it from.
 #[derive(Serialize)]
 pub(super) struct ClusterDoc {
-    pub(super) admin_key: String,
     pub(super) jwt_secret_file: String,
     pub(super) data_dir: String,
     pub(super) launcher_pid: u32,
@@ -36,7 +37,7 @@ impl Cluster {
         let mut text = serde_json::to_string_pretty(&*doc).expect("plain data serializes");
         text.push('\n');
         // Under the lock: two supervisors restarting at once must not interleave renames
-        // with stale contents. 0600: the file holds the admin key.
+        // with stale contents. 0600: it names the key file and the processes.
         write_file(&self.path, text.as_bytes(), 0o600)
     }
 
@@ -57,7 +58,9 @@ impl Cluster {
     }
 }
 
-pub(super) fn print_ready(layout: &Layout, admin_key: &str, cluster: &Path) {
+/// The ready banner. It shows how to call the admin API but never the admin key: the
+/// banner ends up in terminals' scrollback, CI logs and screenshots.
+pub(super) fn print_ready(layout: &Layout, cluster: &Path) {
     let mut out = String::from("\nMeridian is up.\n");
     for p in &layout.regions {
         let _ = writeln!(
@@ -75,10 +78,13 @@ pub(super) fn print_ready(layout: &Layout, admin_key: &str, cluster: &Path) {
         "  logs     {}/<region>/{{region,nats}}.log",
         layout.data_dir.display()
     );
-    let _ = writeln!(out, "\nProvision a user:");
     let _ = writeln!(
         out,
-        "  curl -sX PUT {}/v1/admin/users/ann -H 'X-Admin-Key: {admin_key}' -d '{{\"home_region\": \"{}\"}}'",
+        "\nProvision a user (ADMIN_KEY: the key given with --admin-key or MERIDIAN_ADMIN_KEY):"
+    );
+    let _ = writeln!(
+        out,
+        "  curl -sX PUT {}/v1/admin/users/ann -H \"X-Admin-Key: $ADMIN_KEY\" -d '{{\"home_region\": \"{}\"}}'",
         first.endpoint(),
         first.region
     );
