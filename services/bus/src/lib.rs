@@ -95,6 +95,9 @@ struct Inner {
     events_subject: Subject,
     /// Counts reconnects (see `connect`).
     reconnects: tokio::sync::watch::Receiver<u64>,
+    /// Counts the moments a subscriber of this connection may have missed core-NATS
+    /// messages: a slow subscription's buffer overflowed, or the connection was re-made.
+    losses: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Bus {
@@ -120,9 +123,12 @@ impl Bus {
         let mut backoff = Backoff::new();
         let (reconnects_tx, reconnects) = tokio::sync::watch::channel(0u64);
         let reconnects_tx = Arc::new(reconnects_tx);
+        let (losses_tx, losses) = tokio::sync::watch::channel(0u64);
+        let losses_tx = Arc::new(losses_tx);
         let disconnected = Arc::new(AtomicBool::new(false));
         let client = loop {
             let reconnects_tx = reconnects_tx.clone();
+            let losses_tx = losses_tx.clone();
             let disconnected = disconnected.clone();
             let opts = credentials(async_nats::ConnectOptions::new(), &cfg, &login)
                 .name(format!("meridian-{}", cfg.region))
@@ -136,6 +142,7 @@ impl Bus {
                 })
                 .event_callback(move |event| {
                     let reconnects_tx = reconnects_tx.clone();
+                    let losses_tx = losses_tx.clone();
                     let disconnected = disconnected.clone();
                     async move {
                         match event {
@@ -145,15 +152,18 @@ impl Bus {
                                 // the lost connection are then resent at once.
                                 if disconnected.swap(false, Ordering::SeqCst) {
                                     reconnects_tx.send_modify(|n| *n += 1);
+                                    losses_tx.send_modify(|n| *n += 1);
                                 }
                             }
                             async_nats::Event::Disconnected => {
                                 disconnected.store(true, Ordering::SeqCst);
                                 tracing::warn!("NATS disconnected; reconnecting");
                             }
-                            // Expected on bounded connections: the subscriber recovers.
+                            // Expected on bounded connections: subscribers watching
+                            // `delivery_losses` recover what was dropped from elsewhere.
                             async_nats::Event::SlowConsumer(sid) => {
-                                tracing::debug!(sid, "slow subscriber; messages dropped")
+                                tracing::debug!(sid, "slow subscriber; messages dropped");
+                                losses_tx.send_modify(|n| *n += 1);
                             }
                             other => tracing::warn!(event = %other, "NATS event"),
                         }
@@ -198,8 +208,17 @@ impl Bus {
                 stream,
                 events_subject,
                 reconnects,
+                losses,
             }),
         })
+    }
+
+    /// Changes whenever a subscription of this connection may have lost core-NATS messages
+    /// (a full subscription buffer dropped some, or the connection was re-made). A
+    /// subscriber that can recover, like a WebSocket that refills from the store, watches
+    /// it: a dropped message at the tail of a burst leaves no later one to reveal the gap.
+    pub fn delivery_losses(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.losses.clone()
     }
 
     pub fn config(&self) -> &BusConfig {

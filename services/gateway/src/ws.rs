@@ -185,6 +185,8 @@ impl Connection {
         };
         let mut sends: FuturesUnordered<futures::future::BoxFuture<'static, SendResult>> =
             FuturesUnordered::new();
+        let mut losses = self.s.live_bus.delivery_losses();
+        losses.mark_unchanged();
         let mut keepalive = tokio::time::interval(Duration::from_secs(30));
         keepalive.tick().await;
         let expiry = token_expiry(self.caller.token_expires_at_s);
@@ -238,6 +240,17 @@ impl Connection {
                 Some(msg) = entries.next() => {
                     if let Err(e) = self.deliveries(msg, &mut entries).await {
                         return e.into();
+                    }
+                }
+                // Deliveries may have been dropped (a full buffer on the bounded connection,
+                // or a reconnect), possibly the last of a burst, which no later entry would
+                // reveal as a gap: read whatever the store has beyond what was sent.
+                Ok(()) = losses.changed() => {
+                    if self.last_seq.is_some() {
+                        self.s.metrics.ws_gap_fills.inc();
+                        if let Err(e) = self.catch_up(None).await {
+                            return e.into();
+                        }
                     }
                 }
                 Some((r, res)) = sends.next(), if !sends.is_empty() => {
