@@ -8,6 +8,7 @@
 //! - [`auth`]: HS256 tokens and the admin key.
 //! - [`extract`]: extractors answering bad input with JSON errors (body limit, auth, 421).
 //! - [`error`]: `ApiError` (the one place errors become statuses) and `GatewayError`.
+//! - [`idempotency`]: `Idempotency-Key` on the POSTs that create something.
 //! - [`state`]: shared state, publishing, read-your-writes waits, rate limits, counters.
 //! - [`routes`]: the route table (router and OpenAPI from one list) and the handlers.
 //! - [`ws`]: the WebSocket: replay, live entries in seq order with gap fill, sends, typing.
@@ -18,6 +19,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod idempotency;
 pub mod live;
 pub mod render;
 pub mod routes;

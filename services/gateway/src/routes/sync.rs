@@ -57,7 +57,11 @@ pub async fn inbox_page(
     {
         SyncOutcome::Page(p) => Ok(Ok(json!({
             "epoch": p.epoch,
-            "entries": p.entries.iter().map(render::inbox_entry).collect::<Vec<_>>(),
+            "entries": p
+                .entries
+                .iter()
+                .map(|e| render::inbox_entry(e, p.recalled.contains(&e.seq)))
+                .collect::<Vec<_>>(),
             "head": p.head,
             "has_more": p.has_more,
         }))),
@@ -112,6 +116,9 @@ pub async fn sync(
     }
 }
 
+pub const MAX_DEVICE_TOKEN_BYTES: usize = 4096;
+pub const PUSH_PLATFORMS: [&str; 3] = ["apns", "fcm", "webhook"];
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PutDevice {
@@ -126,17 +133,19 @@ pub async fn put_device(
     ApiJson(req): ApiJson<PutDevice>,
 ) -> ApiResult<Json<Value>> {
     let device = DeviceId::parse(device_id)?;
-    if !["apns", "fcm", "webhook"].contains(&req.platform.as_str()) {
+    if !PUSH_PLATFORMS.contains(&req.platform.as_str()) {
         return Err(ApiError::bad_request(
             "invalid_argument",
             "platform must be \"apns\", \"fcm\" or \"webhook\"",
         )
         .with("field", "platform"));
     }
-    if req.token.is_empty() || req.token.len() > 4096 {
-        return Err(
-            ApiError::bad_request("invalid_argument", "token must be 1-4096 bytes").with("field", "token"),
-        );
+    if req.token.is_empty() || req.token.len() > MAX_DEVICE_TOKEN_BYTES {
+        return Err(ApiError::bad_request(
+            "invalid_argument",
+            format!("token must be 1-{MAX_DEVICE_TOKEN_BYTES} bytes"),
+        )
+        .with("field", "token"));
     }
     s.publish_and_apply(
         Some(&caller),
@@ -175,23 +184,40 @@ pub struct PresenceQuery {
     user_ids: String,
 }
 
+/// Most users one presence call may ask about.
+pub const MAX_PRESENCE_USERS: usize = 200;
+
+/// Presence of the users who share a conversation with the caller. Anyone else is reported
+/// exactly like a user never seen (`online: false, last_seen: null`), so the call tells a
+/// stranger nothing, not even that the user is hidden from them.
 pub async fn presence(
-    _caller: Caller,
+    caller: Caller,
     State(s): State<Arc<AppState>>,
     ApiQuery(q): ApiQuery<PresenceQuery>,
 ) -> ApiResult<Json<Value>> {
     let ids: Vec<&str> = q.user_ids.split(',').filter(|u| !u.is_empty()).collect();
-    if ids.is_empty() || ids.len() > 200 {
-        return Err(
-            ApiError::bad_request("invalid_argument", "user_ids must list 1-200 users")
-                .with("field", "user_ids"),
-        );
+    if ids.is_empty() || ids.len() > MAX_PRESENCE_USERS {
+        return Err(ApiError::bad_request(
+            "invalid_argument",
+            format!("user_ids must list 1-{MAX_PRESENCE_USERS} users"),
+        )
+        .with("field", "user_ids"));
     }
-    let mut users = Vec::with_capacity(ids.len());
-    for id in ids {
-        let user = UserId::parse(id).map_err(|e| ApiError::from(e).with("field", "user_ids"))?;
-        let (online, last_seen) = s.hub.presence(&user);
-        users.push(json!({"user_id": user.as_str(), "online": online, "last_seen": last_seen}));
-    }
-    Ok(Json(json!({"users": users})))
+    let users = ids
+        .into_iter()
+        .map(|id| UserId::parse(id).map_err(|e| ApiError::from(e).with("field", "user_ids")))
+        .collect::<ApiResult<Vec<_>>>()?;
+    let visible = s.store.sharing_a_conversation(&caller.user, &users).await?;
+    let answer = users
+        .iter()
+        .map(|user| {
+            let (online, last_seen) = if visible.contains(user) {
+                s.hub.presence(user)
+            } else {
+                (false, None)
+            };
+            json!({"user_id": user.as_str(), "online": online, "last_seen": last_seen})
+        })
+        .collect::<Vec<_>>();
+    Ok(Json(json!({"users": answer})))
 }
