@@ -14,9 +14,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt as _, SinkExt as _, StreamExt};
 use meridian_bus::Bus;
@@ -42,7 +43,18 @@ const DELIVERY_BATCH: usize = 64;
 /// Largest frame a client may send.
 const MAX_FRAME: usize = 256 * 1024;
 
-pub async fn upgrade(caller: Caller, State(s): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
+pub async fn upgrade(
+    caller: Caller,
+    State(s): State<Arc<AppState>>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    // A plain request here is answered in JSON like every other error.
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            return ApiError::new(e.status(), "websocket_upgrade_required", e.body_text()).into_response()
+        }
+    };
     let shutdown = s.shutdown.clone();
     // tungstenite's default 128 KiB read buffer per socket would cost ~6 GiB at 50k idle
     // connections; frames are small, and a bigger one just takes a few more reads.
