@@ -855,6 +855,16 @@ async fn item9_fuzz_from_the_openapi_document() -> Result<()> {
         "requests valid by the document refused 400:\n{}",
         refused.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n")
     );
+    // Every request that breaks a stated rule is refused.
+    let loose: Vec<String> = tallies
+        .iter()
+        .filter(|(_, t)| t.invalid_accepted > 0)
+        .map(|(op, t)| format!("{op}: {} of {}", t.invalid_accepted, t.invalid))
+        .collect();
+    ensure!(
+        loose.is_empty(),
+        "requests that break the document were accepted: {loose:?}"
+    );
     let (valid, ok) = tallies
         .values()
         .fold((0, 0), |(v, o), t| (v + t.valid, o + t.valid_ok));
