@@ -211,3 +211,83 @@ pub fn openapi_document(cfg: &GatewayConfig) -> Value {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
+        match v.get("$ref").and_then(Value::as_str) {
+            Some(r) => r
+                .trim_start_matches("#/")
+                .split('/')
+                .fold(doc, |node, part| &node[part]),
+            None => v,
+        }
+    }
+
+    /// Every `$ref` in `v` names something in `doc`.
+    fn refs_resolve(doc: &Value, v: &Value, at: &str) {
+        match v {
+            Value::Object(o) => {
+                if let Some(r) = o.get("$ref") {
+                    assert!(!resolve(doc, v).is_null(), "{at}: dangling {r}");
+                }
+                for (k, x) in o {
+                    refs_resolve(doc, x, &format!("{at}/{k}"));
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|x| refs_resolve(doc, x, at)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn the_document_states_ids_bodies_and_errors_for_every_call() {
+        let cfg = GatewayConfig::new(
+            meridian_model::RegionId::parse("us").unwrap(),
+            "k".repeat(32),
+            "a".repeat(16),
+        );
+        let doc = openapi_document(&cfg);
+        refs_resolve(&doc, &doc, "");
+        let mut ids = std::collections::BTreeSet::new();
+        for d in DOCS {
+            let op = &doc["paths"][d.path][d.method];
+            assert!(ids.insert(d.operation_id()), "{} is not unique", d.operation_id());
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                let schema = resolve(&doc, &p["schema"]);
+                if p["in"] == "path" {
+                    assert!(
+                        schema["pattern"].is_string(),
+                        "{} {}: {p} has no pattern",
+                        d.method,
+                        d.path
+                    );
+                }
+            }
+            let has_body = op.get("requestBody").is_some();
+            assert_eq!(
+                has_body,
+                ["post", "put", "patch"].contains(&d.method)
+                    && d.path != "/v1/conversations/{cid}/messages/{mid}/recall",
+                "{} {}: a request body exactly where the handler reads one",
+                d.method,
+                d.path
+            );
+            if has_body {
+                assert_eq!(op["requestBody"]["x-max-body-bytes"], cfg.max_body_bytes);
+                assert!(op["responses"]["413"].is_object(), "{} {}", d.method, d.path);
+            }
+            if d.access != Access::Public {
+                for code in ["400", "401"] {
+                    assert_eq!(
+                        op["responses"][code]["$ref"], "#/components/responses/Error",
+                        "{} {} {code}",
+                        d.method, d.path
+                    );
+                }
+            }
+        }
+    }
+}
