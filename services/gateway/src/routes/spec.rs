@@ -201,13 +201,52 @@ const CONVERSATION_LINKS: &[(&str, &str, &str)] = &[
         "Send into it.",
     ),
     ("History", "get_v1_conversations__cid__messages", "Its history."),
+    (
+        "SeenBy",
+        "get_v1_conversations__cid__read",
+        "Its members' read indexes.",
+    ),
+    (
+        "Settings",
+        "put_v1_conversations__cid__settings",
+        "The caller's settings for it.",
+    ),
+    (
+        "Update",
+        "patch_v1_conversations__cid_",
+        "Update it (groups only).",
+    ),
+    (
+        "DissolveOrHide",
+        "delete_v1_conversations__cid_",
+        "Dissolve the group, or hide the direct conversation.",
+    ),
+];
+
+/// Calls on one member of a new conversation (the first after the caller).
+const MEMBER_LINKS: &[(&str, &str, &str)] = &[
+    (
+        "ChangeRole",
+        "patch_v1_conversations__cid__members__uid_",
+        "Change a member's role (groups only).",
+    ),
+    (
+        "RemoveMember",
+        "delete_v1_conversations__cid__members__uid_",
+        "Remove a member (groups only).",
+    ),
 ];
 
 fn conversation_links(from: &str) -> Map<String, Value> {
-    CONVERSATION_LINKS
+    let mut links: Map<String, Value> = CONVERSATION_LINKS
         .iter()
         .map(|(name, op, d)| (name.to_string(), link(op, json!({"cid": from}), d)))
-        .collect()
+        .collect();
+    for (name, op, d) in MEMBER_LINKS {
+        let params = json!({"cid": from, "uid": "$response.body#/members/1/user_id"});
+        links.insert(name.to_string(), link(op, params, d));
+    }
+    links
 }
 
 pub fn none(_: &DocContext) -> OpSpec {
