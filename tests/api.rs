@@ -133,6 +133,7 @@ async fn identity_tokens_and_auth_errors() -> Result<()> {
             sub: "ann".into(),
             dev: "x".into(),
             exp,
+            iat: None,
         },
     );
     let (st, _) = answer(r.http.get(&me_url).bearer_auth(forged).send().await?).await?;
@@ -143,6 +144,7 @@ async fn identity_tokens_and_auth_errors() -> Result<()> {
             sub: "ann".into(),
             dev: "x".into(),
             exp: auth::now_s() - 1,
+            iat: None,
         },
     );
     let (st, b) = answer(r.http.get(&me_url).bearer_auth(expired).send().await?).await?;
@@ -155,6 +157,7 @@ async fn identity_tokens_and_auth_errors() -> Result<()> {
             sub: "ann".into(),
             dev: "watch".into(),
             exp,
+            iat: None,
         },
     );
     let (st, b) = answer(r.http.get(&me_url).bearer_auth(own).send().await?).await?;
@@ -165,6 +168,7 @@ async fn identity_tokens_and_auth_errors() -> Result<()> {
             sub: "ghost".into(),
             dev: "x".into(),
             exp,
+            iat: None,
         },
     );
     let (st, b) = answer(r.http.get(&me_url).bearer_auth(ghost).send().await?).await?;

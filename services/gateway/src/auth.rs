@@ -12,12 +12,15 @@ use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// The claims Meridian reads: user, device, expiry (seconds since the epoch).
+/// The claims Meridian reads: user, device, expiry and (optional) issue time, in seconds
+/// since the epoch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     pub sub: String,
     pub dev: String,
     pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -30,6 +33,10 @@ pub enum TokenError {
     Signature,
     #[error("token has expired")]
     Expired,
+    /// `exp - iat` (or `exp - now` without `iat`) is longer than the gateway accepts: a
+    /// leaked long-lived token would otherwise stay valid for as long as its minter chose.
+    #[error("token lifetime exceeds the maximum of {max_s} s (gateway.max_token_ttl_s)")]
+    LifetimeTooLong { max_s: u64 },
 }
 
 pub fn sign(secret: &[u8], claims: &Claims) -> String {
@@ -42,8 +49,9 @@ pub fn sign(secret: &[u8], claims: &Claims) -> String {
     format!("{signing_input}.{sig}")
 }
 
-/// Verifies signature and expiry at `now_s`.
-pub fn verify(secret: &[u8], token: &str, now_s: u64) -> Result<Claims, TokenError> {
+/// Verifies signature, expiry at `now_s`, and that the token's lifetime is at most
+/// `max_lifetime_s` (counted from `iat` when the token has one, else from now).
+pub fn verify(secret: &[u8], token: &str, now_s: u64, max_lifetime_s: u64) -> Result<Claims, TokenError> {
     let mut parts = token.split('.');
     let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err(TokenError::Malformed);
@@ -75,6 +83,12 @@ pub fn verify(secret: &[u8], token: &str, now_s: u64) -> Result<Claims, TokenErr
     if claims.exp <= now_s {
         return Err(TokenError::Expired);
     }
+    let issued = claims.iat.unwrap_or(now_s);
+    if claims.exp.saturating_sub(issued) > max_lifetime_s {
+        return Err(TokenError::LifetimeTooLong {
+            max_s: max_lifetime_s,
+        });
+    }
     Ok(claims)
 }
 
@@ -99,43 +113,72 @@ mod tests {
     use super::*;
 
     const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+    const DAY: u64 = 24 * 3600;
 
     fn claims(exp: u64) -> Claims {
         Claims {
             sub: "ann".into(),
             dev: "phone".into(),
             exp,
+            iat: None,
         }
     }
 
     #[test]
     fn round_trip() {
         let t = sign(KEY, &claims(1_000));
-        assert_eq!(verify(KEY, &t, 999).unwrap(), claims(1_000));
+        assert_eq!(verify(KEY, &t, 999, DAY).unwrap(), claims(1_000));
     }
 
     #[test]
     fn expired_forged_and_malformed_are_rejected() {
         let t = sign(KEY, &claims(1_000));
-        assert_eq!(verify(KEY, &t, 1_000), Err(TokenError::Expired));
+        assert_eq!(verify(KEY, &t, 1_000, DAY), Err(TokenError::Expired));
         assert_eq!(
-            verify(b"another key of thirty-two bytes!", &t, 0),
+            verify(b"another key of thirty-two bytes!", &t, 0, DAY),
             Err(TokenError::Signature)
         );
         // Changing the payload (a different sub) breaks the signature.
         let mut parts: Vec<&str> = t.split('.').collect();
         let forged = URL_SAFE_NO_PAD.encode(br#"{"sub":"root","dev":"x","exp":99999}"#);
         parts[1] = &forged;
-        assert_eq!(verify(KEY, &parts.join("."), 0), Err(TokenError::Signature));
-        assert_eq!(verify(KEY, "not-a-token", 0), Err(TokenError::Malformed));
-        assert_eq!(verify(KEY, "a.b.c.d", 0), Err(TokenError::Malformed));
+        assert_eq!(verify(KEY, &parts.join("."), 0, DAY), Err(TokenError::Signature));
+        assert_eq!(verify(KEY, "not-a-token", 0, DAY), Err(TokenError::Malformed));
+        assert_eq!(verify(KEY, "a.b.c.d", 0, DAY), Err(TokenError::Malformed));
         // alg=none is refused before the signature is even looked at.
         let none = format!(
             "{}.{}.",
             URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#),
             URL_SAFE_NO_PAD.encode(br#"{"sub":"ann","dev":"x","exp":99999}"#)
         );
-        assert_eq!(verify(KEY, &none, 0), Err(TokenError::Algorithm));
+        assert_eq!(verify(KEY, &none, 0, DAY), Err(TokenError::Algorithm));
+    }
+
+    #[test]
+    fn lifetime_counts_from_iat_or_from_now() {
+        let now = 100 * DAY;
+        let long = sign(KEY, &claims(now + 2 * DAY));
+        assert_eq!(
+            verify(KEY, &long, now, DAY),
+            Err(TokenError::LifetimeTooLong { max_s: DAY })
+        );
+        assert!(
+            verify(KEY, &long, now + DAY + 1, DAY).is_ok(),
+            "counted from now without iat"
+        );
+        let old = Claims {
+            iat: Some(now - 2 * DAY),
+            ..claims(now + 60)
+        };
+        assert_eq!(
+            verify(KEY, &sign(KEY, &old), now, DAY),
+            Err(TokenError::LifetimeTooLong { max_s: DAY })
+        );
+        let fine = Claims {
+            iat: Some(now),
+            ..claims(now + DAY)
+        };
+        assert_eq!(verify(KEY, &sign(KEY, &fine), now, DAY), Ok(fine));
     }
 
     #[test]

@@ -32,7 +32,9 @@ pub struct GatewayConfig {
     /// How long after sending a sender may recall a message (admins always may).
     #[serde(default = "default_recall_window")]
     pub recall_window_s: u64,
-    /// Longest token lifetime `POST /v1/admin/tokens` issues.
+    /// Longest token lifetime: `POST /v1/admin/tokens` issues no longer `ttl_s`, and a
+    /// token (app-minted ones included) whose `exp - iat` (or `exp - now` without `iat`)
+    /// is longer is refused 401. At most one year.
     #[serde(default = "default_max_token_ttl")]
     pub max_token_ttl_s: u64,
     /// How long a state change (not a message send) waits for the local applier before
@@ -52,6 +54,10 @@ pub struct GatewayConfig {
     #[serde(default)]
     pub region_endpoints: BTreeMap<String, String>,
 }
+
+/// The largest `max_token_ttl_s` a config may give: tokens cannot be revoked one by one,
+/// so their lifetime is the window a leaked one stays useful.
+pub const MAX_TOKEN_TTL_LIMIT_S: u64 = 365 * 24 * 3600;
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
@@ -122,8 +128,11 @@ impl GatewayConfig {
         if !(self.rate_limit_burst >= 1.0 && self.rate_limit_burst.is_finite()) {
             return bad("gateway.rate_limit_burst", "must be at least 1".into());
         }
-        if self.max_token_ttl_s == 0 {
-            return bad("gateway.max_token_ttl_s", "must be positive".into());
+        if !(1..=MAX_TOKEN_TTL_LIMIT_S).contains(&self.max_token_ttl_s) {
+            return bad(
+                "gateway.max_token_ttl_s",
+                format!("must be between 1 and {MAX_TOKEN_TTL_LIMIT_S} (one year)"),
+            );
         }
         if self.max_sockets_per_user == 0 {
             return bad("gateway.max_sockets_per_user", "must be at least 1".into());

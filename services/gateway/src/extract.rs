@@ -82,7 +82,13 @@ impl FromRequestParts<Arc<AppState>> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
         let token = bearer(parts).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
-        let claims = auth::verify(state.cfg.jwt_secret.as_bytes(), &token, auth::now_s()).map_err(|e| {
+        let claims = auth::verify(
+            state.cfg.jwt_secret.as_bytes(),
+            &token,
+            auth::now_s(),
+            state.cfg.max_token_ttl_s,
+        )
+        .map_err(|e| {
             state.metrics.auth_failures.inc();
             match e {
                 TokenError::Expired => ApiError::unauthorized("token has expired"),

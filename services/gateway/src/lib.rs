@@ -8,6 +8,7 @@
 //! - [`auth`]: HS256 tokens and the admin key.
 //! - [`extract`]: extractors answering bad input with JSON errors (body limit, auth, 421).
 //! - [`error`]: `ApiError` (the one place errors become statuses) and `GatewayError`.
+//! - [`idempotency`]: `Idempotency-Key` on the POSTs that create something.
 //! - [`state`]: shared state, publishing, read-your-writes waits, rate limits, counters.
 //! - [`service`]: what a call does whatever its transport (limits, membership, send, inbox
 //!   pages, typing, socket cap); HTTP handlers and WebSocket frames both go through it.
@@ -21,6 +22,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod idempotency;
 pub mod live;
 pub mod render;
 pub mod routes;

@@ -58,8 +58,9 @@ pub fn summary(s: &ConversationSummary) -> Value {
 }
 
 /// A sync entry: `seq`, `conversation_id`, `kind`, `cursor`, `actor`, `at`; a message also
-/// carries the history fields at the top level; a state change its details.
-pub fn inbox_entry(e: &InboxEntry) -> Value {
+/// carries the history fields at the top level (a `recalled` one as a tombstone: no body,
+/// as history shows it); a state change its details.
+pub fn inbox_entry(e: &InboxEntry, recalled: bool) -> Value {
     let mut out = Map::new();
     out.insert("seq".into(), json!(e.seq));
     out.insert("conversation_id".into(), json!(e.conversation_id));
@@ -81,7 +82,13 @@ pub fn inbox_entry(e: &InboxEntry) -> Value {
         out.insert("message_id".into(), json!(id));
         out.insert("sender".into(), json!(t.actor));
         out.insert("type".into(), json!(t.msg_type));
-        out.insert("body".into(), body_value(&t.body_json));
+        let body = if recalled {
+            Value::Null
+        } else {
+            body_value(&t.body_json)
+        };
+        out.insert("body".into(), body);
+        out.insert("recalled".into(), json!(recalled));
         out.insert("sent_at".into(), json!(t.at_ms));
         out.insert("client_msg_id".into(), json!(t.client_msg_id));
     }
@@ -93,7 +100,8 @@ pub fn inbox_entry(e: &InboxEntry) -> Value {
     Value::Object(out)
 }
 
-/// The WebSocket `entry` frame of one inbox entry: [`inbox_entry`] plus `"op": "entry"`.
+/// The WebSocket `entry` frame of one live inbox entry (just applied, so not recalled):
+/// [`inbox_entry`] plus `"op": "entry"`.
 /// A plain message (the common case) is serialized straight from the record, its body
 /// embedded as the raw JSON it is stored as: building a `Value` tree per delivery and
 /// re-parsing the body was ~7 % of the region process under W1 load.
@@ -118,6 +126,7 @@ pub fn entry_frame(e: &InboxEntry) -> String {
         #[serde(rename = "type")]
         msg_type: &'a str,
         body: Body<'a>,
+        recalled: bool,
         sent_at: u64,
         client_msg_id: &'a str,
     }
@@ -144,6 +153,7 @@ pub fn entry_frame(e: &InboxEntry) -> String {
             body: serde_json::from_str::<&RawValue>(&t.body_json)
                 .map(Body::Json)
                 .unwrap_or(Body::Text(&t.body_json)),
+            recalled: false,
             sent_at: t.at_ms,
             client_msg_id: &t.client_msg_id,
         };
@@ -151,7 +161,7 @@ pub fn entry_frame(e: &InboxEntry) -> String {
             return text;
         }
     }
-    let mut v = inbox_entry(e);
+    let mut v = inbox_entry(e, false);
     v["op"] = json!("entry");
     v.to_string()
 }
@@ -231,10 +241,17 @@ mod tests {
             (r#"{"text":"x"}"#, r#"{"extra":true}"#),
         ] {
             let e = message_entry(body, detail);
-            let mut expected = inbox_entry(&e);
+            let mut expected = inbox_entry(&e, false);
             expected["op"] = json!("entry");
             let got: Value = serde_json::from_str(&entry_frame(&e)).unwrap();
             assert_eq!(got, expected, "body {body} detail {detail}");
         }
+    }
+
+    #[test]
+    fn a_recalled_entry_is_a_tombstone() {
+        let v = inbox_entry(&message_entry(r#"{"text":"x"}"#, ""), true);
+        assert_eq!(v["recalled"], true);
+        assert!(v["body"].is_null());
     }
 }

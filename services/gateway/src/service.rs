@@ -21,8 +21,8 @@ use crate::live::Hub;
 use crate::render;
 use crate::state::AppState;
 
-const MAX_CLIENT_MSG_ID: usize = 128;
-const MAX_TYPE: usize = 32;
+pub const MAX_CLIENT_MSG_ID: usize = 128;
+pub const MAX_TYPE: usize = 32;
 /// Typing is relayed in conversations of at most this many members: in bigger groups it is
 /// noise, and each frame would cost one publish per member.
 pub const MAX_TYPING_MEMBERS: usize = 100;
@@ -214,7 +214,11 @@ pub async fn inbox_page(
     {
         SyncOutcome::Page(p) => Ok(Ok(json!({
             "epoch": p.epoch,
-            "entries": p.entries.iter().map(render::inbox_entry).collect::<Vec<_>>(),
+            "entries": p
+                .entries
+                .iter()
+                .map(|e| render::inbox_entry(e, p.recalled.contains(&e.seq)))
+                .collect::<Vec<_>>(),
             "head": p.head,
             "has_more": p.has_more,
         }))),

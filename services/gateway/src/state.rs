@@ -113,7 +113,17 @@ impl AppState {
     /// Publishes a state change and waits (bounded) until the local applier has applied it,
     /// so the caller's next read sees it. The event is durable either way.
     pub async fn publish_and_apply(&self, actor: Option<&Caller>, body: Body) -> ApiResult<Published> {
-        let p = self.publish(actor, EventId::new_v7(), body).await?;
+        self.publish_and_apply_as(actor, EventId::new_v7(), body).await
+    }
+
+    /// [`AppState::publish_and_apply`] with a given event id (an idempotent request's).
+    pub async fn publish_and_apply_as(
+        &self,
+        actor: Option<&Caller>,
+        event_id: EventId,
+        body: Body,
+    ) -> ApiResult<Published> {
+        let p = self.publish(actor, event_id, body).await?;
         self.wait_applied(p.ack.stream_seq).await;
         Ok(p)
     }

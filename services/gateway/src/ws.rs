@@ -25,6 +25,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{close_code, CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
@@ -64,8 +65,10 @@ pub fn frame_limit(s: &AppState) -> usize {
 pub async fn upgrade(
     caller: Caller,
     State(s): State<Arc<AppState>>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
+    // A plain request here is answered in JSON like every other error.
+    let ws = ws.map_err(|e| ApiError::new(e.status(), "websocket_upgrade_required", e.body_text()))?;
     let slot = service::open_socket(&s, &caller)?;
     let shutdown = s.shutdown.clone();
     let limit = frame_limit(&s);

@@ -224,17 +224,99 @@ impl Store {
         }))
     }
 
-    /// Every member's read index ("seen by").
+    /// The read index of every current member ("seen by"). Read indexes outlive
+    /// membership (a member who leaves and is added back keeps theirs), so the ones of
+    /// former members are left out here, from the same snapshot.
     pub async fn read_indexes(&self, cid: &ConversationId) -> Result<Vec<(UserId, OrderKey)>> {
         let prefix = self.keys().read_index_prefix(cid);
         let mut txn = self.kv().begin_read().await?;
         let rows = Store::scan_all(txn.as_mut(), &prefix, &prefix_end(&prefix)).await?;
-        rows.into_iter()
+        let indexes = rows
+            .into_iter()
             .map(|(k, v)| {
                 Ok((
                     UserId::parse(String::from_utf8_lossy(&k[prefix.len()..]).into_owned())?,
                     OrderKey::from_bytes(&v)?,
                 ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let member_keys: Vec<Vec<u8>> = indexes.iter().map(|(u, _)| self.keys().member(cid, u)).collect();
+        let found = txn.batch_get(&member_keys).await?;
+        let mut out = Vec::with_capacity(indexes.len());
+        for ((index, key), member) in indexes.into_iter().zip(&member_keys).zip(found) {
+            if let Some(b) = member {
+                if decode::<MemberRecord>(key, &b)?.is_member() {
+                    out.push(index);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Which of `others` share a conversation with `user` now: both members of one, and it
+    /// not dissolved. `user` always sees themselves. Costs one scan of `user`'s conversation
+    /// list, then one scan of each other's list and point reads for the conversations in
+    /// common.
+    pub async fn sharing_a_conversation(&self, user: &UserId, others: &[UserId]) -> Result<HashSet<UserId>> {
+        let mut txn = self.kv().begin_read().await?;
+        let mine = self.listed_conversations(txn.as_mut(), user).await?;
+        let mut out = HashSet::new();
+        for other in others {
+            if other == user {
+                out.insert(other.clone());
+                continue;
+            }
+            if out.contains(other) {
+                continue;
+            }
+            let common: Vec<ConversationId> = self
+                .listed_conversations(txn.as_mut(), other)
+                .await?
+                .into_iter()
+                .filter(|c| mine.contains(c))
+                .collect();
+            for cid in common {
+                let keys = [
+                    self.keys().member(&cid, user),
+                    self.keys().member(&cid, other),
+                    self.keys().conversation(&cid),
+                ];
+                let found = txn.batch_get(&keys).await?;
+                let member = |i: usize| -> Result<bool> {
+                    Ok(match &found[i] {
+                        Some(b) => decode::<MemberRecord>(&keys[i], b)?.is_member(),
+                        None => false,
+                    })
+                };
+                let dissolved = match &found[2] {
+                    Some(b) => decode::<ConversationRecord>(&keys[2], b)?
+                        .dissolved
+                        .is_some_and(|d| d.value),
+                    None => true,
+                };
+                if member(0)? && member(1)? && !dissolved {
+                    out.insert(other.clone());
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The conversation ids in `user`'s list (`L/uid/`): every conversation they were ever
+    /// added to; membership is checked by the caller.
+    async fn listed_conversations(
+        &self,
+        txn: &mut dyn crate::KvTxn,
+        user: &UserId,
+    ) -> Result<HashSet<ConversationId>> {
+        let prefix = self.keys().user_conversations_prefix(user);
+        let rows = Store::scan_all(txn, &prefix, &prefix_end(&prefix)).await?;
+        rows.iter()
+            .map(|(k, _)| {
+                Ok(ConversationId::parse(
+                    String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
+                )?)
             })
             .collect()
     }

@@ -1,9 +1,10 @@
 //! Sync timelines (inboxes): gap-free seqs from 1 per user in the serving region, an epoch
 //! that changes when the serving region does, and TTL expiry by a background sweeper.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
-use meridian_model::UserId;
+use meridian_model::{ConversationId, EventId, UserId};
 use tokio_util::sync::CancellationToken;
 
 use crate::kv::{prefix_end, ScanOrder};
@@ -19,6 +20,9 @@ pub struct InboxPage {
     /// The last seq in the inbox.
     pub head: u64,
     pub has_more: bool,
+    /// Seqs of the message entries whose message has been recalled since: their bodies are
+    /// cleared in `entries`, and they are served as tombstones, as history serves them.
+    pub recalled: BTreeSet<u64>,
 }
 
 /// Why a device must resync instead of reading on.
@@ -79,6 +83,7 @@ impl Store {
                     entries: Vec::new(),
                     head: 0,
                     has_more: false,
+                    recalled: BTreeSet::new(),
                 })
             } else {
                 resync()
@@ -100,13 +105,54 @@ impl Store {
             }
             entries.push(e);
         }
+        let recalled = self.clear_recalled(txn.as_mut(), &mut entries).await?;
         let last = entries.last().map_or(after, |e| e.seq);
         Ok(SyncOutcome::Page(InboxPage {
             epoch: head.epoch,
             has_more: last < head.head,
             head: head.head,
             entries,
+            recalled,
         }))
+    }
+
+    /// Inbox entries hold the message as it was sent; a recall comes later as a tombstone
+    /// record (what history reads). Clears the body of every recalled message in `entries`
+    /// and returns their seqs, in the page's snapshot.
+    async fn clear_recalled(
+        &self,
+        txn: &mut dyn crate::KvTxn,
+        entries: &mut [InboxEntry],
+    ) -> Result<BTreeSet<u64>> {
+        let mut at = Vec::new();
+        let mut lookups = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            let Some(t) = e.entry.as_ref().filter(|t| t.kind == "message") else {
+                continue;
+            };
+            let (Ok(cid), Ok(id)) = (
+                ConversationId::parse(e.conversation_id.clone()),
+                EventId::from_bytes(&t.event_id),
+            ) else {
+                continue;
+            };
+            at.push(i);
+            lookups.push(self.keys().recall(&cid, &id));
+        }
+        let mut recalled = BTreeSet::new();
+        if lookups.is_empty() {
+            return Ok(recalled);
+        }
+        let found = txn.batch_get(&lookups).await?;
+        for (i, tombstone) in at.into_iter().zip(found) {
+            if tombstone.is_some() {
+                if let Some(t) = entries[i].entry.as_mut() {
+                    t.body_json.clear();
+                }
+                recalled.insert(entries[i].seq);
+            }
+        }
+        Ok(recalled)
     }
 
     /// Deletes inbox entries appended before `cutoff_ms` and moves each inbox's oldest
@@ -172,7 +218,8 @@ impl Store {
     }
 }
 
-/// Runs `sweep_expired` every `interval` until `shutdown`, expiring entries older than `ttl`.
+/// Runs `sweep_expired` every `interval` until `shutdown`, expiring entries older than `ttl`
+/// (and idempotency keys older than `REQUEST_RECORD_TTL_MS`).
 pub async fn run_sweeper(store: Store, ttl: Duration, interval: Duration, shutdown: CancellationToken) {
     loop {
         tokio::select! {
@@ -184,6 +231,12 @@ pub async fn run_sweeper(store: Store, ttl: Duration, interval: Duration, shutdo
             Ok(0) => {}
             Ok(n) => tracing::info!(deleted = n, "inbox sweep"),
             Err(e) => tracing::warn!(error = %e, "inbox sweep failed; retrying next interval"),
+        }
+        let cutoff = crate::apply::now_ms().saturating_sub(crate::requests::REQUEST_RECORD_TTL_MS);
+        match store.sweep_requests(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "idempotency key sweep"),
+            Err(e) => tracing::warn!(error = %e, "idempotency key sweep failed; retrying next interval"),
         }
     }
 }

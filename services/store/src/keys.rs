@@ -24,7 +24,8 @@
 //! Derived or region-local families (not in the digest):
 //! `L/uid/cid` the user's conversations, `A/cid` last activity, `E/event_id` applied
 //! events, `P/stream` applied checkpoints, `X/uid` inbox head, `Y/uid/seq` inbox entries,
-//! `W/uid/cid` read-diffusion coalescing window, `N/cid` the current member list (derived
+//! `W/uid/cid` read-diffusion coalescing window, `K/uid/digest` a client's idempotency key
+//! (digest of route and key; see `requests.rs`), `N/cid` the current member list (derived
 //! from `B/cid/*` in the same transactions that change it, so fan-out is one point read
 //! instead of a range scan; conversations from before it existed fall back to the scan).
 
@@ -149,7 +150,11 @@ impl Keys {
         self.key(b'W', &[uid.as_str().as_bytes(), cid.as_str().as_bytes()])
     }
 
-    /// The last `/`-separated part of a key below `prefix`.
+    /// An idempotency key of `uid`'s: `digest` covers the route and the key.
+    pub fn request(&self, uid: &UserId, digest: &str) -> Vec<u8> {
+        self.key(b'K', &[uid.as_str().as_bytes(), digest.as_bytes()])
+    }
+
     pub fn member_list(&self, cid: &ConversationId) -> Vec<u8> {
         self.key(b'N', &[cid.as_str().as_bytes()])
     }

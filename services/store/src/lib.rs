@@ -14,6 +14,7 @@
 //! - [`conversations`]: conversation info, members, the per-user conversation list.
 //! - [`directory`]: users, serving regions, devices.
 //! - [`digest`]: per-conversation and per-region digests of the replicated state.
+//! - [`requests`]: client idempotency keys (region-local, written directly).
 
 pub mod apply;
 pub mod conversations;
@@ -24,6 +25,7 @@ pub mod inbox;
 pub mod keys;
 pub mod kv;
 pub mod records;
+pub mod requests;
 pub mod timeline;
 
 use std::sync::Arc;

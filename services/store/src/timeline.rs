@@ -20,6 +20,17 @@ pub struct MessageView {
     pub client_msg_id: String,
 }
 
+/// Where a cursor points, seen from one conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CursorPlace {
+    /// An entry of this conversation's storage timeline.
+    Here,
+    /// A message of another conversation (or not at this position).
+    Elsewhere,
+    /// Nothing applied here: made up, or an event the applier has not reached yet.
+    Unknown,
+}
+
 /// Which page of history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HistoryPage {
@@ -133,6 +144,18 @@ impl Store {
             client_msg_id: entry.client_msg_id,
             order_key: okey,
         }))
+    }
+
+    /// Whether `key` names an entry of `cid`'s storage timeline, from one snapshot.
+    pub async fn cursor_place(&self, cid: &ConversationId, key: &OrderKey) -> Result<CursorPlace> {
+        let lookups = [self.keys().timeline(cid, key), self.keys().message(&key.event_id)];
+        let mut txn = self.kv().begin_read().await?;
+        let found = txn.batch_get(&lookups).await?;
+        Ok(match (&found[0], &found[1]) {
+            (Some(_), _) => CursorPlace::Here,
+            (None, Some(_)) => CursorPlace::Elsewhere,
+            (None, None) => CursorPlace::Unknown,
+        })
     }
 
     /// Where a message lives, if it has been applied in this region.

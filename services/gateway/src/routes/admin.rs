@@ -14,6 +14,8 @@ use crate::error::{ApiError, ApiResult};
 use crate::extract::{Admin, ApiJson, ApiPath};
 use crate::state::AppState;
 
+pub const MAX_DISPLAY_NAME_CHARS: usize = 128;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpsertUser {
@@ -37,11 +39,12 @@ pub async fn put_user(
                 .with("field", "home_region"),
         );
     }
-    if req.display_name.chars().count() > 128 {
-        return Err(
-            ApiError::bad_request("invalid_argument", "display_name is longer than 128 characters")
-                .with("field", "display_name"),
-        );
+    if req.display_name.chars().count() > MAX_DISPLAY_NAME_CHARS {
+        return Err(ApiError::bad_request(
+            "invalid_argument",
+            format!("display_name is longer than {MAX_DISPLAY_NAME_CHARS} characters"),
+        )
+        .with("field", "display_name"));
     }
     s.publish_and_apply(
         None,
@@ -64,13 +67,11 @@ pub async fn put_user(
 pub struct MintToken {
     user_id: String,
     device_id: String,
-    #[serde(default = "default_ttl")]
-    ttl_s: u64,
+    /// Default: [`DEFAULT_TOKEN_TTL_S`], or the maximum when that is shorter.
+    ttl_s: Option<u64>,
 }
 
-fn default_ttl() -> u64 {
-    3600
-}
+pub const DEFAULT_TOKEN_TTL_S: u64 = 3600;
 
 pub async fn post_token(
     _: Admin,
@@ -79,7 +80,10 @@ pub async fn post_token(
 ) -> ApiResult<Json<Value>> {
     let user = UserId::parse(req.user_id)?;
     let device = DeviceId::parse(req.device_id)?;
-    if req.ttl_s == 0 || req.ttl_s > s.cfg.max_token_ttl_s {
+    let ttl_s = req
+        .ttl_s
+        .unwrap_or(DEFAULT_TOKEN_TTL_S.min(s.cfg.max_token_ttl_s));
+    if ttl_s == 0 || ttl_s > s.cfg.max_token_ttl_s {
         return Err(ApiError::bad_request(
             "invalid_argument",
             format!("ttl_s must be between 1 and {}", s.cfg.max_token_ttl_s),
@@ -89,13 +93,15 @@ pub async fn post_token(
     if s.store.user(&user).await?.is_none() {
         return Err(ApiError::not_found("user_not_found", format!("no user {user}")));
     }
-    let exp = auth::now_s() + req.ttl_s;
+    let now = auth::now_s();
+    let exp = now + ttl_s;
     let token = auth::sign(
         s.cfg.jwt_secret.as_bytes(),
         &Claims {
             sub: user.to_string(),
             dev: device.to_string(),
             exp,
+            iat: Some(now),
         },
     );
     Ok(Json(json!({"token": token, "expires_at": exp})))

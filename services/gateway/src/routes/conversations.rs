@@ -8,22 +8,26 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::Response;
 use axum::Json;
 use meridian_model::events::{self, event_envelope::Body, ConversationKind, MemberGrant, MemberRole};
-use meridian_model::{ConversationId, UserId};
-use serde::Deserialize;
+use meridian_model::{ConversationId, EventId, UserId};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiPath, ApiQuery, Caller};
+use crate::idempotency::{self, IdempotencyKey};
 use crate::render;
 use crate::service::require_member;
 use crate::state::AppState;
 
 /// Largest member list one create or add call may carry.
-const MAX_MEMBERS_PER_CALL: usize = 1_000;
-const MAX_NAME_CHARS: usize = 128;
-const MAX_ANNOUNCEMENT_CHARS: usize = 4_096;
+pub const MAX_MEMBERS_PER_CALL: usize = 1_000;
+pub const MAX_NAME_CHARS: usize = 128;
+pub const MAX_ANNOUNCEMENT_CHARS: usize = 4_096;
+/// Largest page of the conversation list.
+pub const MAX_LIST_LIMIT: usize = 200;
 
 /// The caller's role in a group (`cid` must name a group: direct conversations have two
 /// fixed members, no roles and no settings, so `why` explains the 400).
@@ -102,7 +106,7 @@ fn check_len(value: &str, max: usize, field: &'static str) -> ApiResult<()> {
     Ok(())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateConversation {
     kind: String,
@@ -115,8 +119,29 @@ pub struct CreateConversation {
 pub async fn create(
     caller: Caller,
     State(s): State<Arc<AppState>>,
+    key: IdempotencyKey,
     ApiJson(req): ApiJson<CreateConversation>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<Response> {
+    let fingerprint = idempotency::fingerprint(&req);
+    idempotency::once(
+        &s,
+        &caller,
+        "POST /v1/conversations",
+        key,
+        &fingerprint,
+        |event_id| create_once(&s, &caller, req, event_id),
+    )
+    .await
+}
+
+/// Creates the conversation with event `event_id`; a group's id is derived from it, so an
+/// idempotent retry that publishes the same event names the same group.
+async fn create_once(
+    s: &AppState,
+    caller: &Caller,
+    req: CreateConversation,
+    event_id: EventId,
+) -> ApiResult<(StatusCode, Value)> {
     let members = parse_users(req.members, "members")?;
     check_len(&req.name, MAX_NAME_CHARS, "name")?;
     let (cid, kind, grants) = match req.kind.as_str() {
@@ -149,7 +174,8 @@ pub async fn create(
                 user_id: u.to_string(),
                 role: MemberRole::Member as i32,
             }));
-            (ConversationId::new_group(), ConversationKind::Group, grants)
+            let cid = ConversationId::parse(format!("g_{}", event_id.to_string().replace('-', "")))?;
+            (cid, ConversationKind::Group, grants)
         }
         other => {
             return Err(ApiError::bad_request(
@@ -163,7 +189,7 @@ pub async fn create(
         .iter()
         .filter_map(|g| UserId::parse(g.user_id.clone()).ok())
         .collect();
-    require_users_exist(&s, &users).await?;
+    require_users_exist(s, &users).await?;
     // A direct conversation that exists already is answered as it is: its id is derived, so
     // creating it again (from either side, in any region) meets the same conversation.
     let existing = if kind == ConversationKind::Direct {
@@ -172,8 +198,9 @@ pub async fn create(
         false
     };
     if !existing {
-        s.publish_and_apply(
-            Some(&caller),
+        s.publish_and_apply_as(
+            Some(caller),
+            event_id,
             Body::ConversationCreated(events::ConversationCreated {
                 conversation_id: cid.to_string(),
                 kind: kind as i32,
@@ -197,7 +224,7 @@ pub async fn create(
     } else {
         StatusCode::CREATED
     };
-    Ok((status, Json(body)))
+    Ok((status, body))
 }
 
 #[derive(Deserialize)]
@@ -212,11 +239,12 @@ pub async fn list(
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<Value>> {
     let limit = q.limit.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(
-            ApiError::bad_request("invalid_argument", "limit must be between 1 and 200")
-                .with("field", "limit"),
-        );
+    if !(1..=MAX_LIST_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_argument",
+            format!("limit must be between 1 and {MAX_LIST_LIMIT}"),
+        )
+        .with("field", "limit"));
     }
     let after = match q.cursor.as_deref() {
         Some(c) if !c.is_empty() => Some(render::parse_list_cursor(c)?),
@@ -341,7 +369,7 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AddMembers {
     user_ids: Vec<String>,
@@ -351,16 +379,32 @@ pub async fn add_members(
     caller: Caller,
     State(s): State<Arc<AppState>>,
     ApiPath(cid): ApiPath<String>,
+    key: IdempotencyKey,
     ApiJson(req): ApiJson<AddMembers>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
+    let fingerprint = idempotency::fingerprint(&req);
+    let route = format!("POST /v1/conversations/{cid}/members");
+    idempotency::once(&s, &caller, &route, key, &fingerprint, |event_id| {
+        add_members_once(&s, &caller, &cid, req, event_id)
+    })
+    .await
+}
+
+async fn add_members_once(
+    s: &AppState,
+    caller: &Caller,
+    cid: &str,
+    req: AddMembers,
+    event_id: EventId,
+) -> ApiResult<(StatusCode, Value)> {
     let (cid, role) = require_group_member(
-        &s,
-        &cid,
+        s,
+        cid,
         &caller.user,
         "direct conversations have exactly two members",
     )
     .await?;
-    let view = require_active(&s, &cid).await?;
+    let view = require_active(s, &cid).await?;
     if role < MemberRole::Admin && !view.members_can_add {
         return Err(ApiError::forbidden(
             "only the owner or an admin may add members to this group",
@@ -370,10 +414,11 @@ pub async fn add_members(
     if users.is_empty() {
         return Err(ApiError::bad_request("invalid_argument", "user_ids is empty").with("field", "user_ids"));
     }
-    require_users_exist(&s, &users).await?;
+    require_users_exist(s, &users).await?;
     let unique: BTreeSet<String> = users.iter().map(|u| u.to_string()).collect();
-    s.publish_and_apply(
-        Some(&caller),
+    s.publish_and_apply_as(
+        Some(caller),
+        event_id,
         Body::MembersAdded(events::MembersAdded {
             conversation_id: cid.to_string(),
             user_ids: unique.into_iter().collect(),
@@ -385,7 +430,7 @@ pub async fn add_members(
         .conversation(&cid)
         .await?
         .ok_or_else(ApiError::conversation_not_found)?;
-    Ok(Json(render::conversation(&view)))
+    Ok((StatusCode::OK, render::conversation(&view)))
 }
 
 /// An admin removes a member (not the owner, and an admin only plain members), or anyone

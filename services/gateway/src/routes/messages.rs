@@ -7,8 +7,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use meridian_model::events::{self, event_envelope::Body, MemberRole};
-use meridian_model::{Cursor, EventId, OrderKey};
-use meridian_store::timeline::HistoryPage;
+use meridian_model::{ConversationId, Cursor, EventId, OrderKey};
+use meridian_store::timeline::{CursorPlace, HistoryPage};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -17,6 +17,10 @@ use crate::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use crate::render;
 use crate::service::{self, require_member};
 use crate::state::AppState;
+
+pub use crate::service::{MAX_CLIENT_MSG_ID, MAX_TYPE};
+/// Largest history page.
+pub const MAX_HISTORY_LIMIT: usize = 200;
 
 pub async fn post(
     caller: Caller,
@@ -47,11 +51,12 @@ pub async fn history(
 ) -> ApiResult<Json<Value>> {
     let (cid, _) = require_member(&s, &cid, &caller.user).await?;
     let limit = q.limit.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(
-            ApiError::bad_request("invalid_argument", "limit must be between 1 and 200")
-                .with("field", "limit"),
-        );
+    if !(1..=MAX_HISTORY_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_argument",
+            format!("limit must be between 1 and {MAX_HISTORY_LIMIT}"),
+        )
+        .with("field", "limit"));
     }
     let page = match (q.after.as_deref(), q.before.as_deref()) {
         (Some(_), Some(_)) => {
@@ -164,6 +169,7 @@ pub async fn put_read(
 ) -> ApiResult<Json<Value>> {
     let (cid, _) = require_member(&s, &cid, &caller.user).await?;
     let key = parse_cursor(&req.cursor, "cursor")?;
+    require_cursor_of(&s, &cid, &key).await?;
     let current = s.store.read_index(&cid, &caller.user).await?;
     // A max register: an older cursor is accepted and changes nothing.
     if current.as_ref().is_none_or(|c| *c < key) {
@@ -183,6 +189,38 @@ pub async fn put_read(
         .await?
         .map(|k| k.cursor().as_str().to_string());
     Ok(Json(json!({"conversation_id": cid.as_str(), "cursor": now})))
+}
+
+/// How far from now a cursor's time may be for it to name a message the applier has not
+/// reached yet (a client marking its own just-sent message read).
+const IN_FLIGHT_PAST_MS: u64 = 60_000;
+const IN_FLIGHT_FUTURE_MS: u64 = 1_000;
+
+/// A read index must name an entry of this conversation's timeline: a cursor past the newest
+/// message (made up) or from another conversation would count every later message as read.
+/// A recent cursor nothing names yet may be a send still on its way to the applier, so it
+/// gets the read-your-writes wait before it is refused.
+async fn require_cursor_of(s: &AppState, cid: &ConversationId, key: &OrderKey) -> ApiResult<()> {
+    let refuse = |why: &str| {
+        Err(ApiError::bad_request("invalid_argument", format!("cursor {why}")).with("field", "cursor"))
+    };
+    let now = crate::live::now_ms();
+    let at = key.hlc.physical_ms();
+    let in_flight = at + IN_FLIGHT_PAST_MS >= now && at <= now + IN_FLIGHT_FUTURE_MS;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(s.cfg.read_your_writes_ms);
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        match s.store.cursor_place(cid, key).await? {
+            CursorPlace::Here => return Ok(()),
+            CursorPlace::Elsewhere => return refuse("belongs to another conversation"),
+            CursorPlace::Unknown if !in_flight || std::time::Instant::now() >= deadline => {
+                return refuse("names no message of this conversation (past its newest?)")
+            }
+            CursorPlace::Unknown => {}
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(20));
+    }
 }
 
 pub async fn get_read(

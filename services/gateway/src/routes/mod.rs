@@ -1,11 +1,12 @@
 //! The route table. One macro invocation lists every call once, and from it come both the
 //! axum router and `GET /openapi.json`, so the published document cannot drift from what
-//! is served.
+//! is served; each row names its [`spec`] (parameters, bodies, answers, links).
 
 pub mod admin;
 pub mod conversations;
 pub mod messages;
 pub mod ops;
+pub mod spec;
 pub mod sync;
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use axum::Router;
 use serde_json::{json, Map, Value};
 
 use crate::state::AppState;
+use crate::GatewayConfig;
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +26,7 @@ pub enum Access {
 }
 
 /// One documented call.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct RouteDoc {
     pub method: &'static str,
     pub path: &'static str,
@@ -32,10 +34,18 @@ pub struct RouteDoc {
     /// The success status.
     pub status: u16,
     pub summary: &'static str,
+    /// Parameters, bodies, answers and links (see [`spec`]).
+    pub spec: fn(&spec::DocContext) -> spec::OpSpec,
+}
+
+impl RouteDoc {
+    pub fn operation_id(&self) -> String {
+        format!("{}{}", self.method, self.path.replace(['/', '{', '}', '.'], "_"))
+    }
 }
 
 macro_rules! api {
-    ($( $method:ident $path:literal => $handler:path, $access:ident, $status:literal, $summary:literal; )*) => {
+    ($( $method:ident $path:literal => $handler:path, $spec:path, $access:ident, $status:literal, $summary:literal; )*) => {
         /// The API's routes (state still to be supplied).
         pub fn routes() -> Router<Arc<AppState>> {
             let r = Router::new();
@@ -44,65 +54,80 @@ macro_rules! api {
         }
 
         pub const DOCS: &[RouteDoc] = &[
-            $( RouteDoc { method: stringify!($method), path: $path, access: Access::$access, status: $status, summary: $summary }, )*
+            $( RouteDoc { method: stringify!($method), path: $path, access: Access::$access, status: $status, summary: $summary, spec: $spec }, )*
         ];
     };
 }
 
 api! {
-    get "/healthz" => ops::healthz, Public, 200, "Liveness: the process answers.";
-    get "/readyz" => ops::readyz, Public, 200, "Readiness: store and NATS reachable, applier lag under bound.";
-    get "/metrics" => ops::metrics, Public, 200, "Prometheus text metrics.";
-    get "/openapi.json" => ops::openapi, Public, 200, "This document.";
-    put "/v1/admin/users/{user_id}" => admin::put_user, Admin, 200, "Provision or update a user: {home_region, display_name}.";
-    post "/v1/admin/tokens" => admin::post_token, Admin, 200, "Mint a client token: {user_id, device_id, ttl_s} -> {token, expires_at}.";
-    get "/v1/admin/regions" => admin::get_regions, Admin, 200, "Region status, apply lag per stream.";
-    get "/v1/admin/digest" => admin::get_digest, Admin, 200, "Replica digest with the applied stream positions.";
-    get "/v1/me" => sync::me, User, 200, "The caller: user, device, home and serving region.";
-    post "/v1/conversations" => conversations::create, User, 201, "Create a conversation: {kind: direct|group, name, members}. An existing direct conversation answers 200.";
-    get "/v1/conversations" => conversations::list, User, 200, "The caller's conversations, most recent activity first (?limit, ?cursor).";
-    get "/v1/conversations/{cid}" => conversations::get, User, 200, "Conversation info and members with roles.";
-    patch "/v1/conversations/{cid}" => conversations::update, User, 200, "Update a group: {name, announcement, members_can_add} (owner/admin).";
-    delete "/v1/conversations/{cid}" => conversations::delete, User, 204, "Group: the owner dissolves it. Direct: hide it for the caller.";
-    post "/v1/conversations/{cid}/members" => conversations::add_members, User, 200, "Add members: {user_ids} (admin, or anyone when members_can_add).";
-    delete "/v1/conversations/{cid}/members/{uid}" => conversations::remove_member, User, 204, "Remove a member (admin) or leave (yourself).";
-    patch "/v1/conversations/{cid}/members/{uid}" => conversations::change_role, User, 200, "Change a member's role: {role: admin|member} (owner).";
-    put "/v1/conversations/{cid}/settings" => conversations::put_settings, User, 200, "The caller's own settings: {muted, pinned}.";
-    post "/v1/conversations/{cid}/messages" => messages::post, User, 202, "Send: {client_msg_id, type, body}; 202 once durable in the stream; idempotent per client_msg_id.";
-    get "/v1/conversations/{cid}/messages" => messages::history, User, 200, "History, oldest first within a page (?after, ?before, ?limit).";
-    post "/v1/conversations/{cid}/messages/{mid}/recall" => messages::recall, User, 200, "Recall a message (sender within the window, or a group admin).";
-    delete "/v1/conversations/{cid}/messages/{mid}" => messages::delete_for_me, User, 204, "Hide a message for the caller only.";
-    put "/v1/conversations/{cid}/read" => messages::put_read, User, 200, "Set the caller's read index: {cursor}; never moves back.";
-    get "/v1/conversations/{cid}/read" => messages::get_read, User, 200, "Every member's read index (seen by).";
-    get "/v1/sync" => sync::sync, User, 200, "Inbox entries after a seq (?after, ?epoch, ?limit); 409 resync_required.";
-    get "/v1/ws" => crate::ws::upgrade, User, 101, "WebSocket: hello/send/typing/ping frames in, entry/ack/error/typing frames out.";
-    get "/v1/presence" => sync::presence, User, 200, "Presence of users (?user_ids=a,b).";
-    put "/v1/devices/{device_id}" => sync::put_device, User, 200, "Register an offline push target: {platform: apns|fcm|webhook, token}.";
-    delete "/v1/devices/{device_id}" => sync::delete_device, User, 204, "Unregister a push target.";
+    get "/healthz" => ops::healthz, spec::healthz, Public, 200, "Liveness: the process answers.";
+    get "/readyz" => ops::readyz, spec::readyz, Public, 200, "Readiness: store and NATS reachable, applier lag under bound (503 with the same body otherwise).";
+    get "/metrics" => ops::metrics, spec::none, Public, 200, "Prometheus text metrics.";
+    get "/openapi.json" => ops::openapi, spec::openapi, Public, 200, "This document.";
+    put "/v1/admin/users/{user_id}" => admin::put_user, spec::put_user, Admin, 200, "Provision or update a user: {home_region, display_name}.";
+    post "/v1/admin/tokens" => admin::post_token, spec::post_token, Admin, 200, "Mint a client token: {user_id, device_id, ttl_s} -> {token, expires_at}.";
+    get "/v1/admin/regions" => admin::get_regions, spec::any_object, Admin, 200, "Region status, apply lag per stream.";
+    get "/v1/admin/digest" => admin::get_digest, spec::any_object, Admin, 200, "Replica digest with the applied stream positions.";
+    get "/v1/me" => sync::me, spec::me, User, 200, "The caller: user, device, home and serving region.";
+    post "/v1/conversations" => conversations::create, spec::create_conversation, User, 201, "Create a conversation: {kind: direct|group, name, members}. An existing direct conversation answers 200. Idempotency-Key makes retries safe.";
+    get "/v1/conversations" => conversations::list, spec::list_conversations, User, 200, "The caller's conversations, most recent activity first (?limit, ?cursor).";
+    get "/v1/conversations/{cid}" => conversations::get, spec::get_conversation, User, 200, "Conversation info and members with roles.";
+    patch "/v1/conversations/{cid}" => conversations::update, spec::update_conversation, User, 200, "Update a group: {name, announcement, members_can_add} (owner/admin).";
+    delete "/v1/conversations/{cid}" => conversations::delete, spec::delete_conversation, User, 204, "Group: the owner dissolves it. Direct: hide it for the caller.";
+    post "/v1/conversations/{cid}/members" => conversations::add_members, spec::add_members, User, 200, "Add members: {user_ids} (admin, or anyone when members_can_add). Idempotency-Key makes retries safe.";
+    delete "/v1/conversations/{cid}/members/{uid}" => conversations::remove_member, spec::remove_member, User, 204, "Remove a member (admin) or leave (yourself).";
+    patch "/v1/conversations/{cid}/members/{uid}" => conversations::change_role, spec::change_role, User, 200, "Change a member's role: {role: admin|member} (owner).";
+    put "/v1/conversations/{cid}/settings" => conversations::put_settings, spec::put_settings, User, 200, "The caller's own settings: {muted, pinned}.";
+    post "/v1/conversations/{cid}/messages" => messages::post, spec::send_message, User, 202, "Send: {client_msg_id, type, body}; 202 once durable in the stream; idempotent per client_msg_id.";
+    get "/v1/conversations/{cid}/messages" => messages::history, spec::history, User, 200, "History, oldest first within a page (?after, ?before, ?limit).";
+    post "/v1/conversations/{cid}/messages/{mid}/recall" => messages::recall, spec::recall, User, 200, "Recall a message (sender within the window, or a group admin).";
+    delete "/v1/conversations/{cid}/messages/{mid}" => messages::delete_for_me, spec::none, User, 204, "Hide a message for the caller only.";
+    put "/v1/conversations/{cid}/read" => messages::put_read, spec::put_read, User, 200, "Set the caller's read index: {cursor} of this conversation; never moves back.";
+    get "/v1/conversations/{cid}/read" => messages::get_read, spec::get_read, User, 200, "Every current member's read index (seen by).";
+    get "/v1/sync" => sync::sync, spec::sync, User, 200, "Inbox entries after a seq (?after, ?epoch, ?limit); 409 resync_required.";
+    get "/v1/ws" => crate::ws::upgrade, spec::ws, User, 101, "WebSocket: hello/send/typing/ping frames in, entry/ack/error/typing frames out.";
+    get "/v1/presence" => sync::presence, spec::presence, User, 200, "Presence of users who share a conversation with the caller (?user_ids=a,b); others read as never seen.";
+    put "/v1/devices/{device_id}" => sync::put_device, spec::put_device, User, 200, "Register an offline push target: {platform: apns|fcm|webhook, token}.";
+    delete "/v1/devices/{device_id}" => sync::delete_device, spec::none, User, 204, "Unregister a push target.";
 }
 
-/// The OpenAPI 3.1 document built from [`DOCS`].
-pub fn openapi_document() -> Value {
+/// The OpenAPI 3.1 document built from [`DOCS`] and each call's [`spec`], for a gateway
+/// with `cfg` (limits and region names are configuration).
+pub fn openapi_document(cfg: &GatewayConfig) -> Value {
+    let ctx = spec::DocContext { cfg };
+    let error = json!({"$ref": "#/components/responses/Error"});
     let mut paths = Map::new();
     for doc in DOCS {
+        let spec = (doc.spec)(&ctx);
         let mut op = Map::new();
         op.insert("summary".into(), json!(doc.summary));
-        op.insert(
-            "operationId".into(),
-            json!(format!(
-                "{}{}",
-                doc.method,
-                doc.path.replace(['/', '{', '}', '.'], "_")
-            )),
-        );
-        let params: Vec<Value> = doc
+        op.insert("operationId".into(), json!(doc.operation_id()));
+        let mut params: Vec<Value> = doc
             .path
             .split('/')
             .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
-            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .map(|name| {
+                let schema = spec
+                    .path
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map_or_else(|| spec::path_param_schema(name), |(_, s)| s.clone());
+                json!({"name": name, "in": "path", "required": true, "schema": schema})
+            })
             .collect();
+        let has_ids = !params.is_empty();
+        params.extend(spec.params.iter().cloned());
         if !params.is_empty() {
             op.insert("parameters".into(), Value::Array(params));
+        }
+        if let Some(body) = &spec.body {
+            op.insert(
+                "requestBody".into(),
+                json!({"required": true,
+                       "description": format!("JSON, at most {} bytes (413 payload_too_large above).", cfg.max_body_bytes),
+                       "x-max-body-bytes": cfg.max_body_bytes,
+                       "content": {"application/json": {"schema": body}}}),
+            );
         }
         match doc.access {
             Access::Public => {}
@@ -113,40 +138,156 @@ pub fn openapi_document() -> Value {
                 op.insert("security".into(), json!([{"adminKey": []}]));
             }
         }
+        let success = match (&spec.response, doc.path) {
+            (Some(schema), _) => json!({"description": "success",
+                "content": {"application/json": {"schema": schema}}}),
+            (None, "/metrics") => json!({"description": "success",
+                "content": {"text/plain": {"schema": {"type": "string"}}}}),
+            (None, _) => json!({"description": "success, no body"}),
+        };
         let mut responses = Map::new();
-        responses.insert(doc.status.to_string(), json!({"description": "success"}));
-        let mut errors = vec!["400", "429"];
-        match doc.access {
-            Access::Public => errors.clear(),
-            Access::User => errors.extend(["401", "403", "404", "413", "421"]),
-            Access::Admin => errors.extend(["401", "413"]),
+        let mut ok = success.clone();
+        if !spec.links.is_empty() {
+            ok["links"] = Value::Object(spec.links.clone());
         }
+        responses.insert(doc.status.to_string(), ok);
+        let mut errors: Vec<u16> = match doc.access {
+            Access::Public => vec![],
+            Access::User => vec![400, 401, 403, 421, 429, 503],
+            Access::Admin => vec![400, 401, 503],
+        };
+        if spec.body.is_some() {
+            errors.push(413);
+        }
+        if has_ids && doc.access == Access::User {
+            errors.push(404);
+        }
+        errors.extend(spec.errors.iter().copied());
+        errors.sort_unstable();
+        errors.dedup();
         for code in errors {
-            responses.insert(code.into(), json!({"$ref": "#/components/responses/Error"}));
+            let answer = match code {
+                // Readiness answers its own body when not ready.
+                503 if doc.path == "/readyz" => success.clone(),
+                c if c < 400 => success.clone(),
+                _ => error.clone(),
+            };
+            responses.insert(code.to_string(), answer);
         }
         op.insert("responses".into(), Value::Object(responses));
+        for (k, v) in spec.extra {
+            op.insert(k, v);
+        }
         let entry = paths.entry(doc.path.to_string()).or_insert_with(|| json!({}));
         entry[doc.method] = Value::Object(op);
     }
     json!({
         "openapi": "3.1.0",
         "info": {"title": "Meridian", "version": env!("CARGO_PKG_VERSION"),
-                 "description": "Client and operator API of a Meridian region. Field contract: API.md."},
+                 "description": format!(
+                     "Client and operator API of a Meridian region. Every error is JSON \
+                      (components/schemas/Error). Request bodies are JSON of at most {} bytes. \
+                      String formats name where a value comes from: user-id (a provisioned \
+                      user), conversation-id and group-id (POST /v1/conversations), message-id \
+                      and cursor (the send answer, history, sync entries of that \
+                      conversation), list-cursor (next_cursor of the list).",
+                     cfg.max_body_bytes)},
         "paths": paths,
         "components": {
             "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                           "description": format!("HS256 JWT: sub = user id, dev = device id, exp (and optional iat); lifetime at most {} s.", cfg.max_token_ttl_s)},
                 "adminKey": {"type": "apiKey", "in": "header", "name": "X-Admin-Key"}
             },
+            "schemas": spec::components(&ctx),
             "responses": {
                 "Error": {
                     "description": "An error",
-                    "content": {"application/json": {"schema": {
-                        "type": "object", "required": ["error", "message"],
-                        "properties": {"error": {"type": "string"}, "message": {"type": "string"}}
-                    }}}
+                    "headers": {"Retry-After": {"description": "Seconds to wait (429, 503, 409 idempotency_in_progress).",
+                                                "schema": {"type": "integer", "minimum": 0}}},
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
                 }
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
+        match v.get("$ref").and_then(Value::as_str) {
+            Some(r) => r
+                .trim_start_matches("#/")
+                .split('/')
+                .fold(doc, |node, part| &node[part]),
+            None => v,
+        }
+    }
+
+    /// Every `$ref` in `v` names something in `doc`.
+    fn refs_resolve(doc: &Value, v: &Value, at: &str) {
+        match v {
+            Value::Object(o) => {
+                if let Some(r) = o.get("$ref") {
+                    assert!(!resolve(doc, v).is_null(), "{at}: dangling {r}");
+                }
+                for (k, x) in o {
+                    refs_resolve(doc, x, &format!("{at}/{k}"));
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|x| refs_resolve(doc, x, at)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn the_document_states_ids_bodies_and_errors_for_every_call() {
+        let cfg = GatewayConfig::new(
+            meridian_model::RegionId::parse("us").unwrap(),
+            "k".repeat(32),
+            "a".repeat(16),
+        );
+        let doc = openapi_document(&cfg);
+        refs_resolve(&doc, &doc, "");
+        let mut ids = std::collections::BTreeSet::new();
+        for d in DOCS {
+            let op = &doc["paths"][d.path][d.method];
+            assert!(ids.insert(d.operation_id()), "{} is not unique", d.operation_id());
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                let schema = resolve(&doc, &p["schema"]);
+                if p["in"] == "path" {
+                    assert!(
+                        schema["pattern"].is_string(),
+                        "{} {}: {p} has no pattern",
+                        d.method,
+                        d.path
+                    );
+                }
+            }
+            let has_body = op.get("requestBody").is_some();
+            assert_eq!(
+                has_body,
+                ["post", "put", "patch"].contains(&d.method)
+                    && d.path != "/v1/conversations/{cid}/messages/{mid}/recall",
+                "{} {}: a request body exactly where the handler reads one",
+                d.method,
+                d.path
+            );
+            if has_body {
+                assert_eq!(op["requestBody"]["x-max-body-bytes"], cfg.max_body_bytes);
+                assert!(op["responses"]["413"].is_object(), "{} {}", d.method, d.path);
+            }
+            if d.access != Access::Public {
+                for code in ["400", "401"] {
+                    assert_eq!(
+                        op["responses"][code]["$ref"], "#/components/responses/Error",
+                        "{} {} {code}",
+                        d.method, d.path
+                    );
+                }
+            }
+        }
+    }
 }

@@ -68,6 +68,6 @@ pub async fn metrics(State(s): State<Arc<AppState>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
-pub async fn openapi() -> Json<Value> {
-    Json(super::openapi_document())
+pub async fn openapi(State(s): State<Arc<AppState>>) -> Json<Value> {
+    Json(super::openapi_document(&s.cfg))
 }

@@ -65,6 +65,9 @@ pub async fn sync(
     }
 }
 
+pub const MAX_DEVICE_TOKEN_BYTES: usize = 4096;
+pub const PUSH_PLATFORMS: [&str; 3] = ["apns", "fcm", "webhook"];
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PutDevice {
@@ -79,17 +82,19 @@ pub async fn put_device(
     ApiJson(req): ApiJson<PutDevice>,
 ) -> ApiResult<Json<Value>> {
     let device = DeviceId::parse(device_id)?;
-    if !["apns", "fcm", "webhook"].contains(&req.platform.as_str()) {
+    if !PUSH_PLATFORMS.contains(&req.platform.as_str()) {
         return Err(ApiError::bad_request(
             "invalid_argument",
             "platform must be \"apns\", \"fcm\" or \"webhook\"",
         )
         .with("field", "platform"));
     }
-    if req.token.is_empty() || req.token.len() > 4096 {
-        return Err(
-            ApiError::bad_request("invalid_argument", "token must be 1-4096 bytes").with("field", "token"),
-        );
+    if req.token.is_empty() || req.token.len() > MAX_DEVICE_TOKEN_BYTES {
+        return Err(ApiError::bad_request(
+            "invalid_argument",
+            format!("token must be 1-{MAX_DEVICE_TOKEN_BYTES} bytes"),
+        )
+        .with("field", "token"));
     }
     s.publish_and_apply(
         Some(&caller),
@@ -128,23 +133,40 @@ pub struct PresenceQuery {
     user_ids: String,
 }
 
+/// Most users one presence call may ask about.
+pub const MAX_PRESENCE_USERS: usize = 200;
+
+/// Presence of the users who share a conversation with the caller. Anyone else is reported
+/// exactly like a user never seen (`online: false, last_seen: null`), so the call tells a
+/// stranger nothing, not even that the user is hidden from them.
 pub async fn presence(
-    _caller: Caller,
+    caller: Caller,
     State(s): State<Arc<AppState>>,
     ApiQuery(q): ApiQuery<PresenceQuery>,
 ) -> ApiResult<Json<Value>> {
     let ids: Vec<&str> = q.user_ids.split(',').filter(|u| !u.is_empty()).collect();
-    if ids.is_empty() || ids.len() > 200 {
-        return Err(
-            ApiError::bad_request("invalid_argument", "user_ids must list 1-200 users")
-                .with("field", "user_ids"),
-        );
+    if ids.is_empty() || ids.len() > MAX_PRESENCE_USERS {
+        return Err(ApiError::bad_request(
+            "invalid_argument",
+            format!("user_ids must list 1-{MAX_PRESENCE_USERS} users"),
+        )
+        .with("field", "user_ids"));
     }
-    let mut users = Vec::with_capacity(ids.len());
-    for id in ids {
-        let user = UserId::parse(id).map_err(|e| ApiError::from(e).with("field", "user_ids"))?;
-        let (online, last_seen) = s.hub.presence(&user);
-        users.push(json!({"user_id": user.as_str(), "online": online, "last_seen": last_seen}));
-    }
-    Ok(Json(json!({"users": users})))
+    let users = ids
+        .into_iter()
+        .map(|id| UserId::parse(id).map_err(|e| ApiError::from(e).with("field", "user_ids")))
+        .collect::<ApiResult<Vec<_>>>()?;
+    let visible = s.store.sharing_a_conversation(&caller.user, &users).await?;
+    let answer = users
+        .iter()
+        .map(|user| {
+            let (online, last_seen) = if visible.contains(user) {
+                s.hub.presence(user)
+            } else {
+                (false, None)
+            };
+            json!({"user_id": user.as_str(), "online": online, "last_seen": last_seen})
+        })
+        .collect::<Vec<_>>();
+    Ok(Json(json!({"users": answer})))
 }

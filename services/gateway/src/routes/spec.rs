@@ -1,0 +1,698 @@
+//! What the OpenAPI document says about each call beyond its row in the route table: its
+//! parameters, request body and answer schemas, the statuses it answers with, and links to
+//! the calls its answer feeds. Every rule a handler enforces on its input is stated here
+//! (patterns, lengths, enums, required fields, body size), taken from the same constants
+//! the handlers check, so that a client or fuzzer built from the document sends requests
+//! the server accepts. Rules that depend on stored state (a user must exist, a cursor must
+//! come from this conversation) are stated with a `format` naming the kind of value and a
+//! description, and the links say which answers such values come from.
+
+use serde_json::{json, Map, Value};
+
+use super::admin::{DEFAULT_TOKEN_TTL_S, MAX_DISPLAY_NAME_CHARS};
+use super::conversations::{MAX_ANNOUNCEMENT_CHARS, MAX_LIST_LIMIT, MAX_MEMBERS_PER_CALL, MAX_NAME_CHARS};
+use super::messages::{MAX_CLIENT_MSG_ID, MAX_HISTORY_LIMIT, MAX_TYPE};
+use super::sync::{MAX_DEVICE_TOKEN_BYTES, MAX_PRESENCE_USERS, MAX_SYNC_LIMIT, PUSH_PLATFORMS};
+use crate::idempotency::MAX_KEY_LEN;
+use crate::GatewayConfig;
+
+/// The deployment facts the document states (limits and names that are configuration).
+pub struct DocContext<'a> {
+    pub cfg: &'a GatewayConfig,
+}
+
+impl DocContext<'_> {
+    fn regions(&self) -> Vec<String> {
+        let mut r: Vec<String> = self.cfg.region_endpoints.keys().cloned().collect();
+        r.push(self.cfg.region.to_string());
+        r.sort();
+        r.dedup();
+        r
+    }
+}
+
+/// One call's document beyond the route table row.
+#[derive(Default)]
+pub struct OpSpec {
+    /// Path parameters whose schema is not the default for their name.
+    pub path: Vec<(&'static str, Value)>,
+    /// Query and header parameter objects.
+    pub params: Vec<Value>,
+    /// The JSON request body's schema.
+    pub body: Option<Value>,
+    /// The success answer's JSON schema (`None`: no JSON body, e.g. 204).
+    pub response: Option<Value>,
+    /// Statuses this call answers with beyond those of every call with its access.
+    pub errors: Vec<u16>,
+    /// Links from the success answer to the calls it feeds.
+    pub links: Map<String, Value>,
+    /// Extra keywords for the operation object (`x-...`).
+    pub extra: Map<String, Value>,
+}
+
+fn r(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+fn query(name: &str, required: bool, schema: Value, description: &str) -> Value {
+    json!({"name": name, "in": "query", "required": required, "schema": schema, "description": description})
+}
+
+fn int_range(min: usize, max: usize, default: usize) -> Value {
+    json!({"type": "integer", "minimum": min, "maximum": max, "default": default})
+}
+
+fn link(operation_id: &str, parameters: Value, description: &str) -> Value {
+    json!({"operationId": operation_id, "parameters": parameters, "description": description})
+}
+
+/// The default schema of a path parameter, by name.
+pub fn path_param_schema(name: &str) -> Value {
+    match name {
+        "user_id" | "uid" => r("UserId"),
+        "device_id" => r("DeviceId"),
+        "cid" => r("ConversationId"),
+        "mid" => r("MessageId"),
+        _ => json!({"type": "string"}),
+    }
+}
+
+/// The reusable schemas.
+pub fn components(ctx: &DocContext) -> Value {
+    let id = |what: &str| {
+        json!({"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_.-]{1,64}$",
+               "description": format!("{what}: 1-64 characters of [A-Za-z0-9_.-].")})
+    };
+    let mut user = id("A user id");
+    user["format"] = json!("user-id");
+    json!({
+        "UserId": user,
+        "DeviceId": id("A device id"),
+        "Region": {"type": "string", "enum": ctx.regions(), "description": "A region of this deployment."},
+        "ConversationId": {"type": "string", "format": "conversation-id", "pattern": "^[dg]_[0-9a-f]{32}$",
+            "minLength": 34, "maxLength": 34,
+            "description": "d_ (direct) or g_ (group) and 32 hex digits, as POST /v1/conversations answers."},
+        "GroupId": {"type": "string", "format": "group-id", "pattern": "^g_[0-9a-f]{32}$",
+            "minLength": 34, "maxLength": 34,
+            "description": "The id of a group (g_ and 32 hex digits); a direct conversation's id is refused 400 not_a_group."},
+        "MessageId": {"type": "string", "format": "message-id",
+            "pattern": "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+            "description": "A message id (UUID), as the send answers and history lists."},
+        "Cursor": {"type": "string", "format": "cursor", "pattern": "^[A-Za-z0-9_-]{1,512}$",
+            "description": "An opaque position in a conversation's timeline: the cursor of a message (send answer, history) or of a sync entry that is in the conversation's timeline (message, recall, member and conversation changes). Made-up values are refused 400."},
+        "ListCursor": {"type": "string", "format": "list-cursor", "pattern": "^[A-Za-z0-9_-]{1,512}$",
+            "description": "Opaque: the next_cursor of the previous page of GET /v1/conversations."},
+        "Error": {
+            "type": "object", "required": ["error", "message"],
+            "description": "Every error answer. `error` is a stable code (invalid_argument, malformed_json, malformed_body, too_large, unauthorized, forbidden, not_found, conversation_not_found, member_not_found, message_not_found, user_not_found, unknown_user, unknown_region, not_a_group, conversation_dissolved, resync_required, idempotency_conflict, idempotency_in_progress, rate_limited (with retry_after_ms), too_many_sockets, group_too_large, wrong_region, method_not_allowed, websocket_upgrade_required, unavailable); `message` is for people. Some codes add fields: `field` (the input at fault), `reason`, `user_ids`, `epoch` and `head`, `region` and `endpoint`, `message_id`.",
+            "properties": {
+                "error": {"type": "string", "pattern": "^[a-z_]+$"},
+                "message": {"type": "string"},
+                "field": {"type": "string"},
+                "reason": {"type": "string"},
+                "user_ids": {"type": "array", "items": {"type": "string"}},
+                "epoch": {"type": "string"},
+                "head": {"type": "integer", "minimum": 0},
+                "region": {"type": "string"},
+                "endpoint": {"type": "string"},
+                "message_id": {"type": "string"}
+            }
+        },
+        "Member": {"type": "object", "required": ["user_id", "role"], "properties": {
+            "user_id": {"type": "string"}, "role": {"type": "string", "enum": ["owner", "admin", "member"]}}},
+        "Conversation": {"type": "object",
+            "required": ["conversation_id", "kind", "name", "announcement", "members_can_add", "created_by", "member_count", "members"],
+            "properties": {
+                "conversation_id": {"type": "string"},
+                "kind": {"type": "string", "enum": ["direct", "group"]},
+                "name": {"type": "string"},
+                "announcement": {"type": "string"},
+                "members_can_add": {"type": "boolean"},
+                "created_by": {"type": "string"},
+                "member_count": {"type": "integer", "minimum": 0},
+                "members": {"type": "array", "items": r("Member")},
+                "dissolved": {"type": "boolean"},
+                "muted": {"type": "boolean"},
+                "pinned": {"type": "boolean"}
+            }},
+        "Message": {"type": "object",
+            "required": ["message_id", "cursor", "sender", "type", "body", "sent_at", "recalled", "client_msg_id"],
+            "properties": {
+                "message_id": {"type": "string"},
+                "cursor": {"type": "string"},
+                "sender": {"type": "string"},
+                "type": {"type": "string"},
+                "body": {"description": "The JSON object sent; null once recalled."},
+                "sent_at": {"type": "integer", "minimum": 0},
+                "recalled": {"type": "boolean"},
+                "client_msg_id": {"type": "string"}
+            }},
+        "ConversationSummary": {"type": "object",
+            "required": ["conversation_id", "kind", "name", "last_message", "unread", "muted", "pinned", "member_count"],
+            "properties": {
+                "conversation_id": {"type": "string"},
+                "kind": {"type": "string", "enum": ["direct", "group"]},
+                "name": {"type": "string"},
+                "last_message": {"oneOf": [r("Message"), {"type": "null"}]},
+                "unread": {"type": "integer", "minimum": 0},
+                "muted": {"type": "boolean"},
+                "pinned": {"type": "boolean"},
+                "member_count": {"type": "integer", "minimum": 0}
+            }},
+        "InboxEntry": {"type": "object", "required": ["seq", "conversation_id", "kind", "cursor"],
+            "description": "A sync entry; a message entry carries the fields of Message (a recalled one with body null).",
+            "properties": {
+                "seq": {"type": "integer", "minimum": 1},
+                "conversation_id": {"type": "string"},
+                "kind": {"type": "string"},
+                "cursor": {"type": ["string", "null"]},
+                "actor": {"type": "string"},
+                "at": {"type": "integer", "minimum": 0},
+                "message_id": {"type": "string"},
+                "recalled": {"type": "boolean"}
+            }},
+        "Readiness": {"type": "object", "required": ["status", "region", "apply_lag", "problems"], "properties": {
+            "status": {"type": "string", "enum": ["ready", "not_ready"]},
+            "region": {"type": "string"},
+            "apply_lag": {"type": ["integer", "null"]},
+            "problems": {"type": "array", "items": {"type": "string"}}}}
+    })
+}
+
+fn idempotency_header() -> Value {
+    json!({"name": "Idempotency-Key", "in": "header", "required": false,
+        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LEN, "pattern": format!("^[\\x21-\\x7e]{{1,{MAX_KEY_LEN}}}$")},
+        "description": "Makes a retry safe: the same key (same caller, same path) gets the first answer and changes nothing, also after a restart; the same key with another body is 409 idempotency_conflict; while the first attempt runs, 409 idempotency_in_progress. Remembered for 24 h; refused requests (4xx) are not remembered."})
+}
+
+fn object(required: &[&str], properties: Value) -> Value {
+    json!({"type": "object", "additionalProperties": false, "required": required, "properties": properties})
+}
+
+const CONVERSATION_LINKS: &[(&str, &str, &str)] = &[
+    (
+        "GetConversation",
+        "get_v1_conversations__cid_",
+        "The conversation's info.",
+    ),
+    (
+        "SendMessage",
+        "post_v1_conversations__cid__messages",
+        "Send into it.",
+    ),
+    ("History", "get_v1_conversations__cid__messages", "Its history."),
+    (
+        "SeenBy",
+        "get_v1_conversations__cid__read",
+        "Its members' read indexes.",
+    ),
+    (
+        "Settings",
+        "put_v1_conversations__cid__settings",
+        "The caller's settings for it.",
+    ),
+    (
+        "Update",
+        "patch_v1_conversations__cid_",
+        "Update it (groups only).",
+    ),
+    (
+        "DissolveOrHide",
+        "delete_v1_conversations__cid_",
+        "Dissolve the group, or hide the direct conversation.",
+    ),
+];
+
+/// Calls on one member of a new conversation (the first after the caller).
+const MEMBER_LINKS: &[(&str, &str, &str)] = &[
+    (
+        "ChangeRole",
+        "patch_v1_conversations__cid__members__uid_",
+        "Change a member's role (groups only).",
+    ),
+    (
+        "RemoveMember",
+        "delete_v1_conversations__cid__members__uid_",
+        "Remove a member (groups only).",
+    ),
+];
+
+fn conversation_links(from: &str) -> Map<String, Value> {
+    let mut links: Map<String, Value> = CONVERSATION_LINKS
+        .iter()
+        .map(|(name, op, d)| (name.to_string(), link(op, json!({"cid": from}), d)))
+        .collect();
+    for (name, op, d) in MEMBER_LINKS {
+        let params = json!({"cid": from, "uid": "$response.body#/members/1/user_id"});
+        links.insert(name.to_string(), link(op, params, d));
+    }
+    links
+}
+
+pub fn none(_: &DocContext) -> OpSpec {
+    OpSpec::default()
+}
+
+pub fn healthz(_: &DocContext) -> OpSpec {
+    OpSpec {
+        response: Some(object(
+            &["status"],
+            json!({"status": {"type": "string", "enum": ["ok"]}}),
+        )),
+        ..Default::default()
+    }
+}
+
+pub fn readyz(_: &DocContext) -> OpSpec {
+    OpSpec {
+        response: Some(r("Readiness")),
+        errors: vec![503],
+        ..Default::default()
+    }
+}
+
+pub fn openapi(_: &DocContext) -> OpSpec {
+    OpSpec {
+        response: Some(json!({"type": "object", "required": ["openapi", "paths"]})),
+        ..Default::default()
+    }
+}
+
+pub fn put_user(_: &DocContext) -> OpSpec {
+    let mut links = Map::new();
+    links.insert(
+        "MintToken".into(),
+        json!({"operationId": "post_v1_admin_tokens", "requestBody": {"user_id": "$response.body#/user_id"},
+               "description": "A token for the user."}),
+    );
+    OpSpec {
+        body: Some(object(
+            &["home_region"],
+            json!({"home_region": r("Region"),
+                   "display_name": {"type": "string", "maxLength": MAX_DISPLAY_NAME_CHARS, "default": ""}}),
+        )),
+        response: Some(
+            json!({"type": "object", "required": ["user_id", "home_region", "display_name"],
+            "properties": {"user_id": {"type": "string"}, "home_region": {"type": "string"}, "display_name": {"type": "string"}}}),
+        ),
+        links,
+        ..Default::default()
+    }
+}
+
+pub fn post_token(ctx: &DocContext) -> OpSpec {
+    let max = ctx.cfg.max_token_ttl_s;
+    OpSpec {
+        body: Some(object(
+            &["user_id", "device_id"],
+            json!({"user_id": {"allOf": [r("UserId")], "description": "A provisioned user (404 user_not_found otherwise)."},
+                   "device_id": r("DeviceId"),
+                   "ttl_s": {"type": "integer", "minimum": 1, "maximum": max, "default": DEFAULT_TOKEN_TTL_S.min(max)}}),
+        )),
+        response: Some(json!({"type": "object", "required": ["token", "expires_at"],
+            "properties": {"token": {"type": "string"}, "expires_at": {"type": "integer", "minimum": 0}}})),
+        errors: vec![404],
+        ..Default::default()
+    }
+}
+
+pub fn any_object(_: &DocContext) -> OpSpec {
+    OpSpec {
+        response: Some(json!({"type": "object"})),
+        ..Default::default()
+    }
+}
+
+pub fn me(_: &DocContext) -> OpSpec {
+    let s = json!({"type": "string"});
+    OpSpec {
+        response: Some(json!({"type": "object",
+            "required": ["user_id", "device_id", "display_name", "home_region", "serving_region", "served_by", "epoch"],
+            "properties": {"user_id": s, "device_id": s, "display_name": s, "home_region": s,
+                           "serving_region": s, "served_by": s, "epoch": s}})),
+        ..Default::default()
+    }
+}
+
+pub fn create_conversation(_: &DocContext) -> OpSpec {
+    let name = json!({"type": "string", "maxLength": MAX_NAME_CHARS, "default": ""});
+    let other = json!({"allOf": [r("UserId")], "description": "A provisioned user other than the caller (400 unknown_user otherwise)."});
+    let direct = json!({"type": "object", "additionalProperties": false, "required": ["kind", "members"],
+        "properties": {
+            "kind": {"const": "direct"},
+            "name": {"type": "string", "maxLength": MAX_NAME_CHARS, "description": "Ignored for direct conversations."},
+            "members": {"type": "array", "minItems": 1, "maxItems": 1, "items": other}}});
+    let group = json!({"type": "object", "additionalProperties": false, "required": ["kind"],
+        "properties": {
+            "kind": {"const": "group"},
+            "name": name,
+            "members": {"type": "array", "maxItems": MAX_MEMBERS_PER_CALL, "default": [], "items": other,
+                        "description": "Provisioned users besides the caller (the owner); duplicates are ignored."}}});
+    let mut links = conversation_links("$response.body#/conversation_id");
+    links.insert(
+        "AddMembers".into(),
+        link(
+            "post_v1_conversations__cid__members",
+            json!({"cid": "$response.body#/conversation_id"}),
+            "Add members (groups only).",
+        ),
+    );
+    OpSpec {
+        params: vec![idempotency_header()],
+        body: Some(json!({"oneOf": [direct, group]})),
+        response: Some(r("Conversation")),
+        errors: vec![200, 409],
+        links,
+        ..Default::default()
+    }
+}
+
+pub fn list_conversations(_: &DocContext) -> OpSpec {
+    let mut links = Map::new();
+    links.insert(
+        "NextPage".into(),
+        link(
+            "get_v1_conversations",
+            json!({"cursor": "$response.body#/next_cursor"}),
+            "The next page, while next_cursor is not null.",
+        ),
+    );
+    OpSpec {
+        params: vec![
+            query("limit", false, int_range(1, MAX_LIST_LIMIT, 50), "Page size."),
+            query(
+                "cursor",
+                false,
+                r("ListCursor"),
+                "Continue after the previous page.",
+            ),
+        ],
+        response: Some(
+            json!({"type": "object", "required": ["conversations", "next_cursor"], "properties": {
+            "conversations": {"type": "array", "items": r("ConversationSummary")},
+            "next_cursor": {"type": ["string", "null"]}}}),
+        ),
+        links,
+        ..Default::default()
+    }
+}
+
+pub fn get_conversation(_: &DocContext) -> OpSpec {
+    OpSpec {
+        response: Some(r("Conversation")),
+        ..Default::default()
+    }
+}
+
+fn group_path() -> Vec<(&'static str, Value)> {
+    vec![("cid", r("GroupId"))]
+}
+
+pub fn update_conversation(_: &DocContext) -> OpSpec {
+    let mut body = object(
+        &[],
+        json!({"name": {"type": "string", "maxLength": MAX_NAME_CHARS},
+               "announcement": {"type": "string", "maxLength": MAX_ANNOUNCEMENT_CHARS},
+               "members_can_add": {"type": "boolean"}}),
+    );
+    body["minProperties"] = json!(1);
+    OpSpec {
+        path: group_path(),
+        body: Some(body),
+        response: Some(r("Conversation")),
+        errors: vec![409],
+        ..Default::default()
+    }
+}
+
+pub fn delete_conversation(_: &DocContext) -> OpSpec {
+    OpSpec {
+        errors: vec![409],
+        ..Default::default()
+    }
+}
+
+pub fn add_members(_: &DocContext) -> OpSpec {
+    OpSpec {
+        path: group_path(),
+        params: vec![idempotency_header()],
+        body: Some(object(
+            &["user_ids"],
+            json!({"user_ids": {"type": "array", "minItems": 1, "maxItems": MAX_MEMBERS_PER_CALL,
+                "items": {"allOf": [r("UserId")], "description": "A provisioned user (400 unknown_user otherwise)."}}}),
+        )),
+        response: Some(r("Conversation")),
+        errors: vec![409],
+        ..Default::default()
+    }
+}
+
+pub fn remove_member(_: &DocContext) -> OpSpec {
+    OpSpec {
+        path: group_path(),
+        errors: vec![409],
+        ..Default::default()
+    }
+}
+
+pub fn change_role(_: &DocContext) -> OpSpec {
+    OpSpec {
+        path: group_path(),
+        body: Some(object(
+            &["role"],
+            json!({"role": {"type": "string", "enum": ["admin", "member"]}}),
+        )),
+        response: Some(
+            json!({"type": "object", "required": ["user_id", "role"], "properties": {
+            "user_id": {"type": "string"}, "role": {"type": "string", "enum": ["admin", "member"]}}}),
+        ),
+        errors: vec![409],
+        ..Default::default()
+    }
+}
+
+pub fn put_settings(_: &DocContext) -> OpSpec {
+    let mut body = object(
+        &[],
+        json!({"muted": {"type": "boolean"}, "pinned": {"type": "boolean"}}),
+    );
+    body["minProperties"] = json!(1);
+    OpSpec {
+        body: Some(body),
+        response: Some(
+            json!({"type": "object", "required": ["conversation_id", "muted", "pinned"], "properties": {
+            "conversation_id": {"type": "string"}, "muted": {"type": "boolean"}, "pinned": {"type": "boolean"}}}),
+        ),
+        ..Default::default()
+    }
+}
+
+pub fn send_message(_: &DocContext) -> OpSpec {
+    let mut links = Map::new();
+    for (name, op, d) in [
+        (
+            "Recall",
+            "post_v1_conversations__cid__messages__mid__recall",
+            "Recall it.",
+        ),
+        (
+            "DeleteForMe",
+            "delete_v1_conversations__cid__messages__mid_",
+            "Hide it for the caller.",
+        ),
+    ] {
+        links.insert(
+            name.into(),
+            link(
+                op,
+                json!({"cid": "$request.path.cid", "mid": "$response.body#/message_id"}),
+                d,
+            ),
+        );
+    }
+    links.insert(
+        "MarkRead".into(),
+        json!({"operationId": "put_v1_conversations__cid__read", "parameters": {"cid": "$request.path.cid"},
+               "requestBody": {"cursor": "$response.body#/cursor"}, "description": "Mark it read."}),
+    );
+    OpSpec {
+        body: Some(object(
+            &["client_msg_id", "body"],
+            json!({
+                "client_msg_id": {"type": "string", "minLength": 1, "maxLength": MAX_CLIENT_MSG_ID,
+                    "pattern": format!("^[\\x20-\\x7e]{{1,{MAX_CLIENT_MSG_ID}}}$"),
+                    "description": format!("Unique per sender; a retry reuses it. The server takes any 1-{MAX_CLIENT_MSG_ID} bytes without control characters.")},
+                "type": {"type": "string", "default": "text", "minLength": 1, "maxLength": MAX_TYPE,
+                    "pattern": format!("^[A-Za-z0-9_./-]{{1,{MAX_TYPE}}}$")},
+                "body": {"type": "object", "description": "Any JSON object (the whole request is within the body limit)."}
+            }),
+        )),
+        response: Some(
+            json!({"type": "object", "required": ["message_id", "cursor", "accepted_at"], "properties": {
+            "message_id": {"type": "string"}, "cursor": {"type": "string"}, "accepted_at": {"type": "integer"}}}),
+        ),
+        errors: vec![409],
+        links,
+        ..Default::default()
+    }
+}
+
+pub fn history(_: &DocContext) -> OpSpec {
+    let mut links = Map::new();
+    links.insert(
+        "NextPage".into(),
+        link(
+            "get_v1_conversations__cid__messages",
+            json!({"cid": "$request.path.cid", "after": "$response.body#/next_cursor"}),
+            "Continue forward (after a forward page).",
+        ),
+    );
+    let mut extra = Map::new();
+    extra.insert(
+        "x-mutually-exclusive-parameters".into(),
+        json!([["after", "before"]]),
+    );
+    OpSpec {
+        params: vec![
+            query(
+                "after",
+                false,
+                json!({"anyOf": [r("Cursor"), {"const": ""}]}),
+                "Messages strictly after this cursor of this conversation, oldest first; empty: from the beginning. Not together with before (400).",
+            ),
+            query(
+                "before",
+                false,
+                r("Cursor"),
+                "The messages just before this cursor of this conversation. Not together with after (400).",
+            ),
+            query("limit", false, int_range(1, MAX_HISTORY_LIMIT, 50), "Page size."),
+        ],
+        response: Some(json!({"type": "object", "required": ["messages", "next_cursor"], "properties": {
+            "messages": {"type": "array", "items": r("Message")},
+            "next_cursor": {"type": ["string", "null"]}}})),
+        links,
+        extra,
+        ..Default::default()
+    }
+}
+
+pub fn recall(_: &DocContext) -> OpSpec {
+    OpSpec {
+        response: Some(
+            json!({"type": "object", "required": ["message_id", "recalled"], "properties": {
+            "message_id": {"type": "string"}, "recalled": {"const": true}}}),
+        ),
+        ..Default::default()
+    }
+}
+
+pub fn put_read(_: &DocContext) -> OpSpec {
+    OpSpec {
+        body: Some(object(
+            &["cursor"],
+            json!({"cursor": {"allOf": [r("Cursor")],
+                "description": "A cursor of this conversation's timeline (see Cursor); another conversation's cursor, or one past its newest entry, is refused 400."}}),
+        )),
+        response: Some(
+            json!({"type": "object", "required": ["conversation_id", "cursor"], "properties": {
+            "conversation_id": {"type": "string"}, "cursor": {"type": ["string", "null"]}}}),
+        ),
+        ..Default::default()
+    }
+}
+
+pub fn get_read(_: &DocContext) -> OpSpec {
+    OpSpec {
+        response: Some(json!({"type": "object", "required": ["members"], "properties": {
+            "members": {"type": "array", "items": {"type": "object", "required": ["user_id", "cursor"], "properties": {
+                "user_id": {"type": "string"}, "cursor": {"type": "string"}}}}}})),
+        ..Default::default()
+    }
+}
+
+pub fn sync(_: &DocContext) -> OpSpec {
+    let mut links = Map::new();
+    links.insert(
+        "NextPage".into(),
+        link(
+            "get_v1_sync",
+            json!({"epoch": "$response.body#/epoch"}),
+            "Continue after the last entry's seq while has_more.",
+        ),
+    );
+    OpSpec {
+        params: vec![
+            query(
+                "after",
+                false,
+                json!({"type": "integer", "minimum": 0, "default": 0}),
+                "The last seq the device has; an unknown one (past the head, expired) is 409 resync_required.",
+            ),
+            query(
+                "epoch",
+                false,
+                json!({"type": "string"}),
+                "The epoch the device synced under; another is 409 resync_required.",
+            ),
+            query("limit", false, int_range(1, MAX_SYNC_LIMIT, 200), "Page size."),
+        ],
+        response: Some(json!({"type": "object", "required": ["epoch", "entries", "head", "has_more"], "properties": {
+            "epoch": {"type": "string"},
+            "entries": {"type": "array", "items": r("InboxEntry")},
+            "head": {"type": "integer", "minimum": 0},
+            "has_more": {"type": "boolean"}}})),
+        errors: vec![409],
+        links,
+        ..Default::default()
+    }
+}
+
+pub fn ws(_: &DocContext) -> OpSpec {
+    OpSpec {
+        params: vec![query(
+            "token",
+            false,
+            json!({"type": "string"}),
+            "The bearer token, for browsers that cannot set headers on a WebSocket.",
+        )],
+        errors: vec![405, 426],
+        ..Default::default()
+    }
+}
+
+pub fn presence(_: &DocContext) -> OpSpec {
+    let mut p = query(
+        "user_ids",
+        true,
+        json!({"type": "array", "minItems": 1, "maxItems": MAX_PRESENCE_USERS, "items": r("UserId")}),
+        "Comma-separated users. Only users who share a conversation with the caller are shown; anyone else is reported as never seen (online false, last_seen null).",
+    );
+    p["style"] = json!("form");
+    p["explode"] = json!(false);
+    OpSpec {
+        params: vec![p],
+        response: Some(json!({"type": "object", "required": ["users"], "properties": {
+            "users": {"type": "array", "items": {"type": "object", "required": ["user_id", "online", "last_seen"], "properties": {
+                "user_id": {"type": "string"}, "online": {"type": "boolean"},
+                "last_seen": {"type": ["integer", "null"]}}}}}})),
+        ..Default::default()
+    }
+}
+
+pub fn put_device(_: &DocContext) -> OpSpec {
+    OpSpec {
+        body: Some(object(
+            &["platform", "token"],
+            json!({"platform": {"type": "string", "enum": PUSH_PLATFORMS},
+                   "token": {"type": "string", "minLength": 1, "maxLength": MAX_DEVICE_TOKEN_BYTES,
+                             "pattern": format!("^[\\x20-\\x7e]{{1,{MAX_DEVICE_TOKEN_BYTES}}}$"),
+                             "description": format!("The provider's device token; the server takes any 1-{MAX_DEVICE_TOKEN_BYTES} bytes.")}}),
+        )),
+        response: Some(
+            json!({"type": "object", "required": ["device_id", "platform"], "properties": {
+            "device_id": {"type": "string"}, "platform": {"type": "string", "enum": PUSH_PLATFORMS}}}),
+        ),
+        ..Default::default()
+    }
+}
