@@ -1,6 +1,7 @@
-//! Meridian's Rust client SDK: typed calls over the HTTP API, sends that retry with the same
-//! `client_msg_id` until they are acknowledged, and a WebSocket sync loop that keeps the
-//! device checkpoint, detects gaps, reconnects with backoff and reports when a resync is due.
+//! Meridian's Rust client SDK: typed calls over the HTTP API that wait out rate limits (a 429's
+//! `retry_after_ms`, see [`RetryPolicy`]), sends that retry with the same `client_msg_id`
+//! until they are acknowledged, and a WebSocket sync loop that keeps the device checkpoint,
+//! detects gaps, reconnects with backoff and reports when a resync is due.
 //!
 //! A ten-line chat program:
 //!
