@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use meridian_client::{Checkpoint, Client, ClientError, SyncEvent, SyncStream};
+use meridian_client::{Checkpoint, Client, ClientError, RetryPolicy, SyncEvent, SyncStream};
 use meridian_e2e::TestRegion;
 use serde_json::json;
 
@@ -138,5 +138,57 @@ async fn item4_sdk_reconnects_with_a_fresh_token_after_4401() -> Result<()> {
     let e = next_entry(&mut sync).await?;
     assert_eq!((e.seq, e.body["text"].as_str()), (2, Some("after expiry")));
     assert_ne!(bob.token(), short.token, "the client holds the fresh token");
+    r.stop().await
+}
+
+/// Issue 8 item 12: every SDK call, not only sends, waits out a 429 (the `retry_after_ms` its
+/// body carries, else its `Retry-After` header) and is made again, a bounded number of times.
+/// A gateway refilling one request per second: back-to-back calls are refused until they wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item12_sdk_calls_wait_out_rate_limits() -> Result<()> {
+    let r = TestRegion::start_with(|cfg| {
+        cfg.gateway.rate_limit_per_s = 1.0;
+        cfg.gateway.rate_limit_burst = 1.0;
+    })
+    .await?;
+    let ann_s = r.user("ann", "laptop").await?;
+    r.user("bob", "phone").await?;
+    let ann = Client::new(&r.base, &ann_s.token);
+    // Six calls of different kinds back to back: each after the first is refused once and
+    // succeeds after the wait the gateway asked for.
+    ann.me().await?;
+    let conv = ann.create_direct("bob").await?;
+    let cid = conv.conversation_id;
+    ann.conversation(&cid).await?;
+    ann.send_text(&cid, "after a wait").await?;
+    let history = ann.history(&cid, Some(""), None, 10).await?;
+    assert_eq!(history.items.len(), 1);
+    let page = ann.sync_page(0, None, 10).await?;
+    assert!(page.head >= 2, "conversation_created and the message: {page:?}");
+
+    // With the waiting turned off the 429 comes back, with the wait the gateway asked for.
+    let impatient = Client::new(&r.base, &ann_s.token).with_retry(RetryPolicy {
+        rate_limited_retries: 0,
+        ..RetryPolicy::default()
+    });
+    let mut refused = None;
+    for _ in 0..5 {
+        if let Err(e) = impatient.me().await {
+            refused = Some(e);
+            break;
+        }
+    }
+    match refused {
+        Some(ClientError::Api {
+            status: 429,
+            code,
+            retry_after: Some(wait),
+            ..
+        }) => {
+            assert_eq!(code, "rate_limited");
+            assert!(wait <= Duration::from_secs(1), "one token per second: {wait:?}");
+        }
+        other => bail!("expected a 429 with retry_after, got {other:?}"),
+    }
     r.stop().await
 }

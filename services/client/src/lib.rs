@@ -1,6 +1,7 @@
-//! Meridian's Rust client SDK: typed calls over the HTTP API, sends that retry with the same
-//! `client_msg_id` until they are acknowledged, and a WebSocket sync loop that keeps the
-//! device checkpoint, detects gaps, reconnects with backoff and reports when a resync is due.
+//! Meridian's Rust client SDK: typed calls over the HTTP API that wait out rate limits (a 429's
+//! `retry_after_ms`, see [`RetryPolicy`]), sends that retry with the same `client_msg_id`
+//! until they are acknowledged, and a WebSocket sync loop that keeps the device checkpoint,
+//! detects gaps, reconnects with backoff and reports when a resync is due.
 //!
 //! A ten-line chat program:
 //!
@@ -41,6 +42,9 @@ pub enum ClientError {
         code: String,
         message: String,
         body: Value,
+        /// How long the server asked the caller to wait (a 429's or 503's `retry_after_ms`
+        /// body field, else its `Retry-After` header in seconds).
+        retry_after: Option<Duration>,
     },
     /// The device's checkpoint cannot be continued: resync from the storage timelines.
     #[error("resync required (epoch {epoch}, head {head})")]
@@ -63,6 +67,11 @@ impl ClientError {
             ClientError::Api { status, .. } => *status >= 500 || *status == 429,
             _ => false,
         }
+    }
+
+    /// A 429: the caller's rate limit is spent.
+    pub fn is_rate_limited(&self) -> bool {
+        matches!(self, ClientError::Api { status: 429, .. })
     }
 }
 
@@ -158,12 +167,27 @@ pub struct SyncPage {
     pub has_more: bool,
 }
 
-/// How sends retry: attempts and the backoff between them.
+/// How calls retry.
+///
+/// Every call waits out a 429 and is made again, up to `rate_limited_retries` times: the
+/// gateway refuses a rate-limited request before doing anything, so repeating it is safe
+/// even for calls that are not idempotent (creating a group), and it says how long to wait.
+/// This is on by default because a 429 is the server asking for exactly that; a caller that
+/// would rather see the 429 (to shed load itself) sets `rate_limited_retries` to 0.
+///
+/// Sends also retry transport failures and 5xx, `attempts` times with backoff, with the
+/// same `client_msg_id`.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
+    /// Attempts of a send (transport failures, 5xx); 1 means no retry.
     pub attempts: u32,
     pub first_backoff: Duration,
     pub max_backoff: Duration,
+    /// How many 429s one call waits out before returning the 429.
+    pub rate_limited_retries: u32,
+    /// The longest wait one 429 may ask for; a longer one is returned as the error at once
+    /// instead of blocking the caller (a 429 without a hint waits the send backoff).
+    pub max_rate_limited_wait: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -172,6 +196,8 @@ impl Default for RetryPolicy {
             attempts: 20,
             first_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
+            rate_limited_retries: 10,
+            max_rate_limited_wait: Duration::from_secs(30),
         }
     }
 }
@@ -193,14 +219,21 @@ pub struct Client {
 
 impl Client {
     pub fn new(base_url: impl Into<String>, token: impl Into<String>) -> Client {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap_or_default();
+        Client::with_http(base_url, token, http)
+    }
+
+    /// A client over `http`, whose connection pool (and settings) many clients may share:
+    /// a process acting for many users needs one pool, not one per user.
+    pub fn with_http(base_url: impl Into<String>, token: impl Into<String>, http: reqwest::Client) -> Client {
         Client {
             base: base_url.into().trim_end_matches('/').to_string(),
             token: Arc::new(RwLock::new(token.into())),
             token_provider: None,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap_or_default(),
+            http,
             retry: RetryPolicy::default(),
         }
     }
@@ -234,20 +267,39 @@ impl Client {
         Ok(())
     }
 
-    /// One call; error bodies become [`ClientError::Api`]. A 401 is retried once with a fresh
-    /// token when a [`TokenProvider`] is set.
+    /// One call; error bodies become [`ClientError::Api`]. A 429 is waited out and the call
+    /// made again (see [`RetryPolicy`]); a 401 is retried once with a fresh token when a
+    /// [`TokenProvider`] is set.
     pub async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<&Value>,
     ) -> Result<Value, ClientError> {
-        match self.call_once(method.clone(), path, body).await {
-            Err(ClientError::Api { status: 401, .. }) if self.token_provider.is_some() => {
-                self.refresh_token().await?;
-                self.call_once(method, path, body).await
+        let mut refreshed = false;
+        let mut rate_limited = 0;
+        let mut backoff = self.retry.first_backoff;
+        loop {
+            match self.call_once(method.clone(), path, body).await {
+                Err(ClientError::Api { status: 401, .. }) if !refreshed && self.token_provider.is_some() => {
+                    self.refresh_token().await?;
+                    refreshed = true;
+                }
+                Err(ClientError::Api {
+                    status: 429,
+                    retry_after,
+                    ..
+                }) if rate_limited < self.retry.rate_limited_retries
+                    && retry_after.unwrap_or(backoff) <= self.retry.max_rate_limited_wait =>
+                {
+                    let wait = retry_after.unwrap_or(backoff);
+                    tracing::debug!(path, ?wait, "rate limited; waiting as asked");
+                    tokio::time::sleep(wait).await;
+                    backoff = (backoff * 2).min(self.retry.max_backoff);
+                    rate_limited += 1;
+                }
+                other => return other,
             }
-            other => other,
         }
     }
 
@@ -269,6 +321,13 @@ impl Client {
             .await
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         let status = resp.status().as_u16();
+        // Delta-seconds only: the gateway never sends the HTTP-date form.
+        let retry_after_header = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         let bytes = resp
             .bytes()
             .await
@@ -288,11 +347,17 @@ impl Client {
                 head: value["head"].as_u64().unwrap_or(0),
             });
         }
+        // The body's milliseconds are exact; the header rounds up to whole seconds.
+        let retry_after = value["retry_after_ms"]
+            .as_u64()
+            .map(Duration::from_millis)
+            .or(retry_after_header);
         Err(ClientError::Api {
             status,
             message: value["message"].as_str().unwrap_or_default().to_string(),
             code,
             body: value,
+            retry_after,
         })
     }
 
@@ -346,8 +411,9 @@ impl Client {
         self.send(cid, &id, "text", &json!({"text": text})).await
     }
 
-    /// Sends, retrying transport failures, 5xx and 429 with the same `client_msg_id`: the
-    /// server stores the message once however many attempts reach it.
+    /// Sends, retrying transport failures and 5xx with the same `client_msg_id`: the server
+    /// stores the message once however many attempts reach it. (429s are waited out by every
+    /// call; one that still comes back has spent the [`RetryPolicy`]'s rate-limit budget.)
     pub async fn send(
         &self,
         cid: &str,
@@ -361,7 +427,7 @@ impl Client {
         let mut attempt = 1;
         loop {
             match self.typed(reqwest::Method::POST, &path, Some(&req)).await {
-                Err(e) if e.is_retryable() && attempt < self.retry.attempts => {
+                Err(e) if e.is_retryable() && !e.is_rate_limited() && attempt < self.retry.attempts => {
                     tracing::debug!(error = %e, attempt, "send failed; retrying with the same client_msg_id");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(self.retry.max_backoff);
@@ -443,8 +509,8 @@ impl Client {
     }
 }
 
-fn page<T: DeserializeOwned>(v: Value, field: &str) -> Result<Page<T>, ClientError> {
-    let items = serde_json::from_value(v[field].clone()).map_err(|e| ClientError::Decode(e.to_string()))?;
+fn page<T: DeserializeOwned>(mut v: Value, field: &str) -> Result<Page<T>, ClientError> {
+    let items = serde_json::from_value(v[field].take()).map_err(|e| ClientError::Decode(e.to_string()))?;
     Ok(Page {
         items,
         next_cursor: v["next_cursor"].as_str().map(str::to_string),

@@ -257,47 +257,25 @@ async fn run_bench(args: BenchArgs, shutdown: CancellationToken) -> anyhow::Resu
         opts.smoke = true;
     }
     // Without a deployment to drive, start one (its processes are children, measured by pid).
-    let mut started = None;
-    opts.cluster = match args.cluster {
+    let own = match args.cluster {
         Some(c) => {
             // From the environment only: a flag would land in the report's command line.
             opts.admin_key = std::env::var("MERIDIAN_ADMIN_KEY").context(
                 "set MERIDIAN_ADMIN_KEY to the deployment's admin key (cluster.json does not hold it)",
             )?;
-            c
+            opts.cluster = c;
+            None
         }
         None => {
-            let dir = tempfile::tempdir().context("temporary data dir")?;
-            let port_base = 20_000 + (std::process::id() % 2_000) as u16 * 10;
-            opts.admin_key = format!("bench-{:016x}", rand::random::<u64>());
-            let up_opts = UpOptions {
-                regions: vec![RegionId::parse("us")?],
-                data_dir: dir.path().to_path_buf(),
-                admin_key: opts.admin_key.clone(),
-                port_base,
-                nats_server: None,
-                exe: None,
-            };
-            let token = shutdown.child_token();
-            let task = tokio::spawn(up::run(up_opts, token.clone()));
-            let cluster = dir.path().join("cluster.json");
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-            while !cluster.exists() {
-                if task.is_finished() || tokio::time::Instant::now() > deadline {
-                    token.cancel();
-                    let r = task.await;
-                    bail!("the deployment for the bench did not start: {r:?}");
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            started = Some((dir, token, task));
-            cluster
+            let own = bench::OwnDeployment::start(&shutdown).await?;
+            opts.cluster = own.cluster.clone();
+            opts.admin_key = own.admin_key.clone();
+            Some(own)
         }
     };
     let result = bench::run(opts, command, shutdown.clone()).await.context("bench");
-    if let Some((_dir, token, task)) = started {
-        token.cancel();
-        let _ = task.await;
+    if let Some(own) = own {
+        own.stop().await;
     }
     let report = result?;
     let lost: u64 = report.steps.iter().map(|s| s.undelivered + s.duplicates).sum();
