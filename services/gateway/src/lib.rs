@@ -69,12 +69,13 @@ impl Gateway {
                 addr: cfg.listen,
                 source,
             })?;
+        let clock = HybridClock::with_offset_ms(cfg.clock_offset_ms);
         let state = AppState {
             limiter: RateLimiter::new(cfg.rate_limit_per_s, cfg.rate_limit_burst),
             cfg,
             store,
             bus,
-            clock: HybridClock::new(),
+            clock,
             hub: Arc::new(live::Hub::default()),
             metrics: GatewayMetrics::default(),
             started: Instant::now(),
