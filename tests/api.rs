@@ -673,7 +673,11 @@ async fn item2_adding_current_members_keeps_their_roles() -> Result<()> {
     assert_eq!(st, 200, "{b}");
     assert_eq!(
         roles(&ann, &c).await?,
-        [pair("ann", "owner"), pair("bob", "admin"), pair("carol", "member")]
+        [
+            pair("ann", "owner"),
+            pair("bob", "admin"),
+            pair("carol", "member")
+        ]
     );
 
     // Current members mixed with a new one: only the new one is added.

@@ -12,7 +12,9 @@ use serde_json::{json, Value};
 async fn wait_history(s: &Session, cid: &str, n: usize) -> Result<Vec<Value>> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let (st, body) = s.get(&format!("/v1/conversations/{cid}/messages?limit=200")).await?;
+        let (st, body) = s
+            .get(&format!("/v1/conversations/{cid}/messages?limit=200"))
+            .await?;
         if st != 200 {
             bail!("history: {st} {body}");
         }
@@ -21,7 +23,10 @@ async fn wait_history(s: &Session, cid: &str, n: usize) -> Result<Vec<Value>> {
             return Ok(messages);
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("history of {cid} has {} messages, expected {n}: {body}", messages.len());
+            bail!(
+                "history of {cid} has {} messages, expected {n}: {body}",
+                messages.len()
+            );
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -120,9 +125,6 @@ async fn item6_writes_after_a_clock_step_back_order_after_earlier_ones() -> Resu
 
     ann.send(&cid, "m-2", "after the step back").await?;
     let history = wait_history(&ann, &cid, 2).await?;
-    assert_eq!(
-        texts(&history),
-        ["before the step back", "after the step back"]
-    );
+    assert_eq!(texts(&history), ["before the step back", "after the step back"]);
     r.stop().await
 }
