@@ -573,8 +573,10 @@ impl Planner<'_> {
                 let mut added = Vec::new();
                 for u in &b.user_ids {
                     let user = uid(u)?;
-                    self.set_member(&c, &user, true, Some(MemberRole::Member as i32))
-                        .await?;
+                    // An add never writes the role: whatever order it meets a creation or
+                    // a role change in, it cannot demote (or promote) anyone. A member
+                    // without a role register is a plain member.
+                    self.set_member(&c, &user, true, None).await?;
                     added.push(user.to_string());
                 }
                 let entry = self.entry("member_added", json!({"user_ids": added}));
@@ -585,7 +587,11 @@ impl Planner<'_> {
             Body::MemberRemoved(b) => {
                 let c = cid(&b.conversation_id)?;
                 let user = uid(&b.user_id)?;
-                self.set_member(&c, &user, false, None).await?;
+                // Leaving ends the role too (an explicit write at the removal's version), so
+                // someone added back later is a plain member until a role change says
+                // otherwise, instead of silently regaining admin or ownership.
+                self.set_member(&c, &user, false, Some(MemberRole::Member as i32))
+                    .await?;
                 let entry = self.entry("member_removed", json!({"user_id": user.as_str()}));
                 self.append_timeline(&c, &entry).await?;
                 let mut members = self.members(&c).await?;

@@ -383,15 +383,25 @@ pub async fn add_members(
         return Err(ApiError::bad_request("invalid_argument", "user_ids is empty").with("field", "user_ids"));
     }
     require_users_exist(&s, &users).await?;
-    let unique: BTreeSet<String> = users.iter().map(|u| u.to_string()).collect();
-    s.publish_and_apply(
-        Some(&caller),
-        Body::MembersAdded(events::MembersAdded {
-            conversation_id: cid.to_string(),
-            user_ids: unique.into_iter().collect(),
-        }),
-    )
-    .await?;
+    // Only people who are not members yet: an add creates membership, it never touches the
+    // role of someone already in the group (roles change through the role call alone).
+    // Adding only current members changes nothing and publishes nothing.
+    let mut new_members = BTreeSet::new();
+    for u in users {
+        if s.store.member_role(&cid, &u).await?.is_none() {
+            new_members.insert(u.to_string());
+        }
+    }
+    if !new_members.is_empty() {
+        s.publish_and_apply(
+            Some(&caller),
+            Body::MembersAdded(events::MembersAdded {
+                conversation_id: cid.to_string(),
+                user_ids: new_members.into_iter().collect(),
+            }),
+        )
+        .await?;
+    }
     let view = s
         .store
         .conversation(&cid)
