@@ -70,6 +70,10 @@ impl Gateway {
                 source,
             })?;
         let clock = HybridClock::with_offset_ms(cfg.clock_offset_ms);
+        // Start above everything applied, so a restart on a wall clock that stepped back
+        // never stamps below what is stored (DESIGN.md section 4).
+        let applied = store.max_applied_hlc().await?;
+        clock.observe(applied);
         let state = AppState {
             limiter: RateLimiter::new(cfg.rate_limit_per_s, cfg.rate_limit_burst),
             cfg,

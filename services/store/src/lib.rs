@@ -16,6 +16,8 @@
 //! - [`conversations`]: conversation info, members, the per-user conversation list.
 //! - [`directory`]: users, serving regions, devices.
 //! - [`digest`]: per-conversation and per-region digests of the replicated state.
+//! - `versions`: the newest version a state change would overwrite, which the gateway's
+//!   clock observes before stamping it.
 
 pub mod apply;
 pub mod checkpoint;
@@ -28,6 +30,7 @@ pub mod keys;
 pub mod kv;
 pub mod records;
 pub mod timeline;
+mod versions;
 
 use std::sync::Arc;
 

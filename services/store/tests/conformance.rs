@@ -307,6 +307,89 @@ async fn checkpoints_name_the_stream_instance_and_old_values_stay_readable() {
     }
 }
 
+/// What the gateway's clock observes before stamping: the newest version the event would
+/// overwrite or must sort after, here one stamped far ahead of this process's clock (as a
+/// region with a faster clock would).
+#[tokio::test]
+async fn overwritten_version_is_the_newest_version_an_event_replaces() {
+    for b in backends().await {
+        let store = b.store();
+        let us = EventFactory::new("us");
+        let eu = EventFactory::new("eu");
+        let g = ConversationId::new_group();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let ahead = meridian_model::Hlc::new(now_ms + 3_600_000, 0).0;
+        let update = events::ConversationUpdated {
+            conversation_id: g.to_string(),
+            name: Some("from the future".into()),
+            announcement: None,
+            members_can_add: None,
+        };
+        let settings = events::UserSettingsChanged {
+            user_id: "ann".into(),
+            conversation_id: g.to_string(),
+            muted: Some(true),
+            pinned: None,
+        };
+        let mut from_eu = eu.body("ann", Body::ConversationUpdated(update.clone()));
+        from_eu.hlc = ahead;
+        let mut settings_eu = eu.body("ann", Body::UserSettingsChanged(settings.clone()));
+        settings_eu.hlc = ahead + 5;
+        let evs = [us.user("ann", "us"), us.group("ann", &g, &[]), from_eu];
+        store
+            .apply_batch(&cfg("us"), "S", &sequenced(&evs, 1))
+            .await
+            .unwrap();
+        let seen = |body| {
+            let store = store.clone();
+            async move { store.overwritten_version(&body).await.unwrap().map(|h| h.0) }
+        };
+        assert_eq!(
+            seen(Body::ConversationUpdated(update.clone())).await,
+            Some(ahead),
+            "{}",
+            b.name
+        );
+        let role = events::MemberRoleChanged {
+            conversation_id: g.to_string(),
+            user_id: "ann".into(),
+            role: events::MemberRole::Admin as i32,
+        };
+        assert_eq!(
+            seen(Body::MemberRoleChanged(role)).await,
+            Some(ahead),
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            seen(Body::UserSettingsChanged(settings.clone())).await,
+            Some(ahead),
+            "{}",
+            b.name
+        );
+        store
+            .apply_batch(&cfg("us"), "S", &sequenced(&[settings_eu], 4))
+            .await
+            .unwrap();
+        assert_eq!(
+            seen(Body::UserSettingsChanged(settings)).await,
+            Some(ahead + 5),
+            "{}",
+            b.name
+        );
+        let other = events::ConversationUpdated {
+            conversation_id: ConversationId::new_group().to_string(),
+            ..update
+        };
+        assert_eq!(seen(Body::ConversationUpdated(other)).await, None, "{}", b.name);
+        let upsert = us.user("ann", "us").body.unwrap();
+        assert!(seen(upsert).await.is_some(), "{}", b.name);
+    }
+}
+
 #[tokio::test]
 async fn recall_read_index_and_delete_for_me() {
     for b in backends().await {
