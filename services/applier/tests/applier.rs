@@ -464,6 +464,33 @@ async fn item1_a_stream_replaced_under_a_running_applier_is_applied_from_its_sta
     Ok(())
 }
 
+/// A checkpoint written before instances were recorded (8 bytes, the seq alone) that lies
+/// beyond the end of the stream: the stream is not the one it counted in, so it is applied
+/// from its start, and the checkpoint then names the instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item1_an_old_checkpoint_beyond_the_stream_end_applies_the_stream_from_its_start() -> Result<()> {
+    let w = World::new().await?;
+    let key = w.store.keys().checkpoint(&w.bus.stream());
+    let mut txn = w.store.kv().begin().await?;
+    txn.put(key, 100u64.to_be_bytes().to_vec()).await?;
+    txn.commit().await?;
+    let ev = Events::new();
+    let cid = setup(&w, &ev).await?;
+    let sent: Vec<EventEnvelope> = (0..3).map(|n| ev.message("ann", &cid, n)).collect();
+    w.bus.publish_events(&sent).await?;
+
+    let applier = w.start_applier();
+    eventually(Duration::from_secs(15), "3 messages", || async {
+        Ok(w.messages(&cid, "bob").await?.len() == 3)
+    })
+    .await?;
+    let state = w.bus.stream_state(&w.bus.stream()).await?;
+    let cp = w.store.stream_checkpoint(&w.bus.stream()).await?;
+    assert_eq!((cp.instance, cp.seq), (state.instance, 4 + 3));
+    applier.stop().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_messages_move_the_checkpoint_without_wedging() -> Result<()> {
     let w = World::new().await?;
