@@ -386,12 +386,12 @@ pub async fn add_members(
     // Only people who are not members yet: an add creates membership, it never touches the
     // role of someone already in the group (roles change through the role call alone).
     // Adding only current members changes nothing and publishes nothing.
-    let mut new_members = BTreeSet::new();
-    for u in users {
-        if s.store.member_role(&cid, &u).await?.is_none() {
-            new_members.insert(u.to_string());
-        }
-    }
+    let current: BTreeSet<&UserId> = view.members.iter().map(|m| &m.user_id).collect();
+    let new_members: BTreeSet<String> = users
+        .iter()
+        .filter(|u| !current.contains(u))
+        .map(|u| u.to_string())
+        .collect();
     if !new_members.is_empty() {
         s.publish_and_apply(
             Some(&caller),
