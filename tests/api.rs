@@ -624,6 +624,120 @@ async fn groups_roles_members_settings() -> Result<()> {
     r.stop().await
 }
 
+/// The role of each member of `c`, by user id.
+async fn roles(s: &meridian_e2e::Session, c: &str) -> Result<Vec<(String, String)>> {
+    let (st, info) = s.get(c).await?;
+    assert_eq!(st, 200, "{info}");
+    let mut out: Vec<(String, String)> = info["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            (
+                m["user_id"].as_str().unwrap_or_default().to_string(),
+                m["role"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// With `members_can_add`, a plain member who "adds" people who are already members changes
+/// nothing: the owner stays owner, an admin stays admin. Only new people are added (as plain
+/// members), and a member who left and is added again comes back as a plain member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item2_adding_current_members_keeps_their_roles() -> Result<()> {
+    let r = TestRegion::start().await?;
+    let ann = r.user("ann", "d").await?;
+    let bob = r.user("bob", "d").await?;
+    let carol = r.user("carol", "d").await?;
+    r.user("dave", "d").await?;
+    let (st, g) = ann
+        .post(
+            "/v1/conversations",
+            json!({"kind": "group", "name": "team", "members": ["bob", "carol"]}),
+        )
+        .await?;
+    assert_eq!(st, 201, "{g}");
+    let cid = g["conversation_id"].as_str().unwrap_or_default().to_string();
+    let c = format!("/v1/conversations/{cid}");
+    let (st, b) = ann.patch(&c, json!({"members_can_add": true})).await?;
+    assert_eq!(st, 200, "{b}");
+    let (st, b) = ann
+        .patch(&format!("{c}/members/bob"), json!({"role": "admin"}))
+        .await?;
+    assert_eq!(st, 200, "{b}");
+    let pair = |u: &str, r: &str| (u.to_string(), r.to_string());
+
+    // Only current members: success, nothing changes.
+    let (st, b) = carol
+        .post(&format!("{c}/members"), json!({"user_ids": ["ann", "bob"]}))
+        .await?;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(
+        roles(&ann, &c).await?,
+        [
+            pair("ann", "owner"),
+            pair("bob", "admin"),
+            pair("carol", "member")
+        ]
+    );
+
+    // Current members mixed with a new one: only the new one is added.
+    let (st, b) = carol
+        .post(
+            &format!("{c}/members"),
+            json!({"user_ids": ["ann", "bob", "dave"]}),
+        )
+        .await?;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["member_count"], 4, "{b}");
+    assert_eq!(
+        roles(&ann, &c).await?,
+        [
+            pair("ann", "owner"),
+            pair("bob", "admin"),
+            pair("carol", "member"),
+            pair("dave", "member")
+        ]
+    );
+    // The one "member_added" entry the members saw names dave alone.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let added: Vec<Value> = loop {
+        let added: Vec<Value> = bob
+            .sync_all(0)
+            .await?
+            .into_iter()
+            .filter(|e| e["kind"] == "member_added")
+            .map(|e| e["user_ids"].clone())
+            .collect();
+        if !added.is_empty() || tokio::time::Instant::now() > deadline {
+            break added;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(added, [json!(["dave"])]);
+
+    // An admin who leaves and is added back by a plain member is a plain member again.
+    let (st, _) = bob.delete(&format!("{c}/members/bob")).await?;
+    assert_eq!(st, 204);
+    let (st, b) = carol
+        .post(&format!("{c}/members"), json!({"user_ids": ["bob"]}))
+        .await?;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(
+        roles(&ann, &c).await?,
+        [
+            pair("ann", "owner"),
+            pair("bob", "member"),
+            pair("carol", "member"),
+            pair("dave", "member")
+        ]
+    );
+    r.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_answers_429_with_retry_after() -> Result<()> {
     let r = TestRegion::start_with(|c| {

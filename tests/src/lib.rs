@@ -82,6 +82,15 @@ impl TestRegion {
         Ok(())
     }
 
+    /// Stops the region in order, keeping its store, stream and port for [`TestRegion::restart`]
+    /// (which then only starts it).
+    pub async fn stop_region(&mut self) -> Result<()> {
+        if let Some(r) = self.region.take() {
+            r.stop().await?;
+        }
+        Ok(())
+    }
+
     pub fn running(&self) -> &RunningRegion {
         self.region.as_ref().expect("region is running")
     }

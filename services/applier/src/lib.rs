@@ -6,7 +6,9 @@
 //! batch commits its effects together with the stream checkpoint in one transaction, and
 //! the store skips anything at or below the checkpoint. The consumer is positioned from that
 //! checkpoint at start, acks only after the commit, and whatever NATS redelivers after a
-//! restart is skipped.
+//! restart is skipped. A checkpoint counts in one instance of the stream (its creation
+//! time): a stream found to be another instance, at start or when the consumer rebuilds
+//! its subscription, is applied from its start (see `StreamWorker::resume_after`).
 //!
 //! # Layout
 //! - `config`: [`ApplierConfig`] and its validation.
@@ -22,8 +24,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use meridian_bus::{Bus, BusError, EventConsumer, ReceivedEvent};
-use meridian_store::{ApplyConfig, ApplyReport, SequencedEvent, Store, StoreError};
+use meridian_bus::{Bus, BusError, EventConsumer, ReceivedEvent, StreamState};
+use meridian_store::{ApplyConfig, ApplyReport, SequencedEvent, Store, StoreError, StreamRef};
 use meridian_telemetry::{Role, RoleSpan, SpanKind};
 use prost::Message as _;
 use thiserror::Error;
@@ -161,10 +163,23 @@ impl Backoff {
 }
 
 impl StreamWorker {
+    /// One pass per instance of the stream: when the stream turns out to have been replaced
+    /// (deleted and recreated, or lost with the server's storage), the worker opens it again
+    /// and decides from the store's checkpoint where to start.
     async fn run(self) -> Result<(), ApplierError> {
-        let Some(mut consumer) = self.open().await? else {
-            return Ok(());
-        };
+        loop {
+            let Some(consumer) = self.open().await? else {
+                return Ok(());
+            };
+            if !self.consume(consumer).await {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Pulls, applies, acks and delivers until stopped (false) or until the stream is
+    /// replaced under the consumer (true: open it again).
+    async fn consume(&self, mut consumer: EventConsumer) -> bool {
         tracing::info!(stream = %self.stream, next = ?consumer.expected_seq(), "applier consuming");
         let wait = Duration::from_millis(self.cfg.batch_wait_ms);
         let mut backoff = Backoff::new();
@@ -172,15 +187,19 @@ impl StreamWorker {
             // `biased`: once stop is asked for, no new batch is started.
             let next = tokio::select! {
                 biased;
-                _ = self.stop.cancelled() => return Ok(()),
+                _ = self.stop.cancelled() => return false,
                 next = consumer.next_batch(self.cfg.batch_max, wait) => next,
             };
             let mut batch = match next {
                 Ok(batch) => batch,
+                Err(BusError::StreamReplaced { reason, .. }) => {
+                    tracing::warn!(stream = %self.stream, %reason, "the stream was replaced; opening it again");
+                    return true;
+                }
                 Err(e) => {
                     tracing::warn!(stream = %self.stream, error = %e, "pulling events failed; retrying");
                     if !backoff.sleep(&self.stop).await {
-                        return Ok(());
+                        return false;
                     }
                     continue;
                 }
@@ -192,10 +211,10 @@ impl StreamWorker {
             // Started before the transaction so each span covers the apply and the live
             // deliveries of its event; they end when `spans` drops.
             let spans = EventSpans::start(&self.stream, &batch);
-            let Some(report) = self.apply(&mut batch).await else {
+            let Some(report) = self.apply(consumer.instance(), &mut batch).await else {
                 // Stopped while the store was failing: nothing committed, nothing acked;
                 // the next run starts again from the checkpoint.
-                return Ok(());
+                return false;
             };
             // Acks only tidy the server's view; a lost one means a redelivery the store skips.
             if let Err(e) = consumer.ack(&batch).await {
@@ -206,7 +225,8 @@ impl StreamWorker {
         }
     }
 
-    /// Positions a consumer right after the store's checkpoint. `None` if stopped first.
+    /// Positions a consumer right after the store's checkpoint, or at the start of the
+    /// stream if the stream is not the instance checkpointed. `None` if stopped first.
     async fn open(&self) -> Result<Option<EventConsumer>, ApplierError> {
         let mut backoff = Backoff::new();
         let own = self.stream == self.bus.stream();
@@ -219,20 +239,19 @@ impl StreamWorker {
                     self.bus.ensure_stream().await?;
                     ensured = true;
                 }
-                let checkpoint = self.store.checkpoint(&self.stream).await?;
-                if let Ok(state) = self.bus.stream_state(&self.stream).await {
-                    if checkpoint > state.last_seq {
-                        tracing::error!(
-                            stream = %self.stream, checkpoint, last_seq = state.last_seq,
-                            "store checkpoint is beyond the end of the stream (was the stream recreated?); \
-                             events up to the checkpoint will be skipped"
-                        );
-                    }
-                }
+                let state = self.bus.stream_state(&self.stream).await?;
+                let after = self.resume_after(&state).await?;
                 let consumer = self
                     .bus
-                    .event_consumer_after(&self.stream, &self.cfg.durable_name, checkpoint)
+                    .event_consumer_after(&self.stream, &self.cfg.durable_name, after)
                     .await?;
+                if consumer.instance() != state.instance {
+                    // Replaced between the two looks: decide again.
+                    return Err(ApplierError::Bus(BusError::StreamReplaced {
+                        stream: self.stream.clone(),
+                        reason: "replaced while the consumer was opened".into(),
+                    }));
+                }
                 Ok::<_, ApplierError>(consumer)
             };
             match attempt.await {
@@ -250,9 +269,33 @@ impl StreamWorker {
         }
     }
 
-    /// Applies `batch` in one store transaction, retrying the same batch until it commits.
-    /// `None` if stopped while the store was failing.
-    async fn apply(&self, batch: &mut [ReceivedEvent]) -> Option<ApplyReport> {
+    /// The sequence after which to consume the stream instance `state` describes. The
+    /// store's checkpoint counts in the instance it names; a stream that is another instance
+    /// (deleted and recreated, or lost with the server's storage), or that ends before the
+    /// checkpoint, numbers its events anew, so it is applied from its start (the applied
+    /// markers make whatever was applied before a no-op) rather than skipped up to the old
+    /// sequence.
+    async fn resume_after(&self, state: &StreamState) -> Result<u64, ApplierError> {
+        let cp = self.store.stream_checkpoint(&self.stream).await?;
+        // A checkpoint without an instance (written before instances were recorded) is
+        // taken as this instance while the stream reaches it; the next commit records it.
+        let same_instance = cp.instance == state.instance || cp.instance == 0;
+        if same_instance && cp.seq <= state.last_seq {
+            return Ok(cp.seq);
+        }
+        tracing::error!(
+            stream = %self.stream, checkpoint_instance = cp.instance, checkpoint_seq = cp.seq,
+            stream_instance = state.instance, first_seq = state.first_seq, last_seq = state.last_seq,
+            "the stream is not the one checkpointed (recreated, or its storage lost); applying it from its start"
+        );
+        self.store.reset_checkpoint(&self.stream, state.instance).await?;
+        Ok(0)
+    }
+
+    /// Applies `batch` (from the stream instance `instance`) in one store transaction,
+    /// retrying the same batch until it commits. `None` if stopped while the store was
+    /// failing.
+    async fn apply(&self, instance: u64, batch: &mut [ReceivedEvent]) -> Option<ApplyReport> {
         let events: Vec<SequencedEvent> = batch
             .iter_mut()
             .map(|r| SequencedEvent {
@@ -272,7 +315,7 @@ impl StreamWorker {
         loop {
             match self
                 .store
-                .apply_batch(&self.apply_cfg, &self.stream, &events)
+                .apply_batch(&self.apply_cfg, StreamRef::new(&self.stream, instance), &events)
                 .await
             {
                 Ok(report) => {

@@ -14,6 +14,14 @@
 //!   nats-server 2.14) and pulls again; if they do not, it moves on and logs the hole;
 //! - resets the durable to the expected sequence whenever it (re)builds its pull
 //!   subscription, which also aligns it with the applier's store checkpoint at start.
+//!
+//! Sequences only mean something within one instance of a stream (see
+//! [`crate::StreamState::instance`]): a stream deleted and recreated, or lost with its
+//! server's storage, numbers its events from 1 again. The consumer remembers the instance it
+//! was opened on and checks it each time it rebuilds its subscription, which every outage
+//! that could have replaced the stream (a server restart, a deleted consumer) leads to; if
+//! the stream is gone or another instance, it fails with [`BusError::StreamReplaced`] and
+//! the caller decides from its own checkpoint where to start in the new one.
 
 use std::time::Duration;
 
@@ -25,7 +33,7 @@ use meridian_model::events::EventEnvelope;
 use prost::Message as _;
 use tokio::time::Instant;
 
-use crate::{Bus, BusError, TRACEPARENT, TRACESTATE};
+use crate::{stream_instance, Bus, BusError, TRACEPARENT, TRACESTATE};
 
 /// Pull requests expire and are re-issued this often, so requests left behind by a torn
 /// down subscription do not linger on the server.
@@ -61,6 +69,8 @@ pub struct EventConsumer {
     stream_name: String,
     durable: String,
     stream: jetstream::stream::Stream<()>,
+    /// The stream instance this consumer was opened on.
+    instance: u64,
     consumer: PullConsumer,
     /// Kept to recreate the durable if someone deletes it.
     config: pull::Config,
@@ -104,6 +114,8 @@ impl EventConsumer {
         let stream = bus
             .with_api_retry("get stream", || bus.jetstream().get_stream_no_info(stream_name))
             .await?;
+        let info = bus.with_api_retry("stream info", || stream.get_info()).await?;
+        let instance = stream_instance(&info);
         let config = pull::Config {
             durable_name: Some(durable.to_string()),
             description: Some("Meridian applier: the store checkpoint decides what is new".into()),
@@ -121,6 +133,7 @@ impl EventConsumer {
             stream_name: stream_name.to_string(),
             durable: durable.to_string(),
             stream,
+            instance,
             consumer,
             config,
             messages: None,
@@ -134,6 +147,11 @@ impl EventConsumer {
     /// The stream this consumer reads.
     pub fn stream_name(&self) -> &str {
         &self.stream_name
+    }
+
+    /// The instance of the stream this consumer reads (see [`crate::StreamState::instance`]).
+    pub fn instance(&self) -> u64 {
+        self.instance
     }
 
     /// The stream sequence the next event handed out will have, when known.
@@ -258,6 +276,7 @@ impl EventConsumer {
         // Drop the old subscription first so its unsubscribe reaches the server before the
         // reset: no leftover pull request can then take the events we reset to.
         self.messages = None;
+        self.check_instance().await?;
         let seq = self.expected;
         let mut recreated = false;
         loop {
@@ -293,6 +312,39 @@ impl EventConsumer {
                         "reset consumer {} on {}: {text}",
                         self.durable, self.stream_name
                     )));
+                }
+            }
+        }
+    }
+
+    /// Fails with [`BusError::StreamReplaced`] if the stream is gone or is no longer the
+    /// instance this consumer was opened on.
+    async fn check_instance(&self) -> Result<(), BusError> {
+        let replaced = |reason: String| BusError::StreamReplaced {
+            stream: self.stream_name.clone(),
+            reason,
+        };
+        match self.stream.get_info().await {
+            Ok(info) => {
+                let now = stream_instance(&info);
+                if now == self.instance {
+                    Ok(())
+                } else {
+                    Err(replaced(format!(
+                        "opened on instance {}, the stream is now instance {now}",
+                        self.instance
+                    )))
+                }
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if text.to_ascii_lowercase().contains("not found") {
+                    Err(replaced(text))
+                } else {
+                    Err(BusError::Unavailable(format!(
+                        "stream info of {}: {text}",
+                        self.stream_name
+                    )))
                 }
             }
         }

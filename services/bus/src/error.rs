@@ -21,6 +21,12 @@ pub enum BusError {
     /// NATS or JetStream refused a request for a reason retrying will not fix.
     #[error("NATS error: {0}")]
     Nats(String),
+    /// The stream a consumer reads is gone, or is another instance than the one the
+    /// consumer was opened on (deleted and recreated, or lost with the server's storage):
+    /// its sequences start again, so the caller must decide anew where to resume and open a
+    /// new consumer.
+    #[error("stream {stream} was replaced or removed: {reason}")]
+    StreamReplaced { stream: String, reason: String },
 }
 
 impl BusError {

@@ -75,6 +75,10 @@ pub struct PublishAck {
 /// A stream's extent, for tests, lag and readiness.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StreamState {
+    /// Which instance of the stream this is: its creation time, ns since the Unix epoch. A
+    /// stream deleted and recreated, or lost with its server's storage, is a new instance
+    /// that numbers its events from 1 again (see [`EventConsumer`]).
+    pub instance: u64,
     pub messages: u64,
     pub first_seq: u64,
     pub last_seq: u64,
@@ -283,6 +287,7 @@ impl Bus {
             .await?;
         let info = self.with_api_retry("stream info", || s.get_info()).await?;
         Ok(StreamState {
+            instance: stream_instance(&info),
             messages: info.state.messages,
             first_seq: info.state.first_sequence,
             last_seq: info.state.last_sequence,
@@ -642,6 +647,12 @@ fn classify(e: jetstream::context::PublishError) -> Attempt {
         #[allow(unreachable_patterns)]
         _ => Attempt::Retry(e.to_string()),
     }
+}
+
+/// A stream's instance (see [`StreamState::instance`]): its creation time in ns since the
+/// epoch, as nats-server records it with the stream and keeps across restarts.
+pub(crate) fn stream_instance(info: &jetstream::stream::Info) -> u64 {
+    u64::try_from(info.created.unix_timestamp_nanos()).unwrap_or(0)
 }
 
 fn encode_user_token(user: &UserId) -> String {

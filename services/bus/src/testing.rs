@@ -198,6 +198,17 @@ impl NatsServer {
         self.kill();
     }
 
+    /// Graceful stop, delete the JetStream store, then start again on the same port: the
+    /// server comes back without any of its streams, as after losing its disk.
+    pub fn restart_empty(&mut self) -> io::Result<()> {
+        self.stop();
+        match fs::remove_dir_all(self.store_dir()) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        self.spawn()
+    }
+
     /// The last lines of the server's log, for failure messages.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = fs::read_to_string(self.log_path()).unwrap_or_default();

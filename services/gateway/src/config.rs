@@ -53,11 +53,19 @@ pub struct GatewayConfig {
     /// Public endpoint of every region's gateway, for `421 wrong_region` answers.
     #[serde(default)]
     pub region_endpoints: BTreeMap<String, String>,
+    /// Added to the wall clock the gateway's HLC reads, in ms (negative: behind). 0 in
+    /// production; clock-skew drills and tests set it (`MERIDIAN__GATEWAY__CLOCK_OFFSET_MS`).
+    #[serde(default)]
+    pub clock_offset_ms: i64,
 }
 
 /// The largest `max_token_ttl_s` a config may give: tokens cannot be revoked one by one,
 /// so their lifetime is the window a leaked one stays useful.
 pub const MAX_TOKEN_TTL_LIMIT_S: u64 = 365 * 24 * 3600;
+
+/// A skew drill has no use for more than a week, and a typo in the sign or unit of a larger
+/// one would stamp events years off.
+const MAX_CLOCK_OFFSET_MS: u64 = 7 * 24 * 3600 * 1000;
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
@@ -104,6 +112,7 @@ impl GatewayConfig {
             max_sockets_per_user: default_max_sockets_per_user(),
             ws_subscription_capacity: default_ws_subscription_capacity(),
             region_endpoints: BTreeMap::new(),
+            clock_offset_ms: 0,
         }
     }
 
@@ -127,6 +136,12 @@ impl GatewayConfig {
         }
         if !(self.rate_limit_burst >= 1.0 && self.rate_limit_burst.is_finite()) {
             return bad("gateway.rate_limit_burst", "must be at least 1".into());
+        }
+        if self.clock_offset_ms.unsigned_abs() > MAX_CLOCK_OFFSET_MS {
+            return bad(
+                "gateway.clock_offset_ms",
+                format!("must be within ±{MAX_CLOCK_OFFSET_MS} ms (one week)"),
+            );
         }
         if !(1..=MAX_TOKEN_TTL_LIMIT_S).contains(&self.max_token_ttl_s) {
             return bad(

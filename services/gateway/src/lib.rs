@@ -76,13 +76,18 @@ impl Gateway {
                 source,
             })?;
         let live_bus = bus.connect_bounded(cfg.ws_subscription_capacity).await?;
+        let clock = HybridClock::with_offset_ms(cfg.clock_offset_ms);
+        // Start above everything applied, so a restart on a wall clock that stepped back
+        // never stamps below what is stored (DESIGN.md section 4).
+        let applied = store.max_applied_hlc().await?;
+        clock.observe(applied);
         let state = AppState {
             limiter: RateLimiter::new(cfg.rate_limit_per_s, cfg.rate_limit_burst),
             cfg,
             store,
             bus,
             live_bus,
-            clock: HybridClock::new(),
+            clock,
             hub: Arc::new(live::Hub::default()),
             metrics: GatewayMetrics::default(),
             started: Instant::now(),

@@ -81,10 +81,18 @@ impl AppState {
         body: Body,
         traceparent: String,
     ) -> ApiResult<Published> {
+        // Stamp above every version this event overwrites or must sort after (DESIGN.md
+        // section 4): a clock behind the store (restarted on a wall clock that stepped back,
+        // or behind a region whose events were applied here) would otherwise lose the write
+        // to last-writer-wins while answering 200, or sort a new message before stored ones.
+        let hlc = match self.store.overwritten_version(&body).await? {
+            Some(seen) => self.clock.observe(seen),
+            None => self.clock.now(),
+        };
         let envelope = EventEnvelope {
             event_id: event_id.as_bytes().to_vec(),
             origin_region: self.cfg.region.to_string(),
-            hlc: self.clock.now().0,
+            hlc: hlc.0,
             actor: actor.map_or_else(|| "admin".to_string(), |c| c.user.to_string()),
             actor_device: actor.map(|c| c.device.to_string()).unwrap_or_default(),
             body: Some(body),

@@ -59,6 +59,12 @@ impl HybridClock {
         Self::with_wall_clock(Box::new(system_ms))
     }
 
+    /// A clock on the system wall clock shifted by `offset_ms` (negative: behind), for
+    /// clock-skew drills.
+    pub fn with_offset_ms(offset_ms: i64) -> Self {
+        Self::with_wall_clock(Box::new(move || system_ms().saturating_add_signed(offset_ms)))
+    }
+
     /// A clock on a wall clock of the caller's (tests use this to inject skew).
     pub fn with_wall_clock(wall_ms: WallClock) -> Self {
         Self {

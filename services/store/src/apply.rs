@@ -15,6 +15,7 @@ use meridian_model::events::{event_envelope::Body, ConversationKind, EventEnvelo
 use meridian_model::{ConversationId, EventId, Hlc, OrderKey, RegionId, UserId};
 use serde_json::json;
 
+use crate::checkpoint::{self, StreamRef};
 use crate::keys::Keys;
 use crate::kv::{prefix_end, KvTxn, ScanOrder};
 use crate::records::*;
@@ -93,23 +94,26 @@ const MAX_CONFLICT_RETRIES: usize = 64;
 impl Store {
     /// Applies `events` (from `stream`, in stream order) in one transaction with the stream
     /// checkpoint. On a conflict the whole batch is planned again from fresh state.
-    pub async fn apply_batch(
+    /// `stream` is a name (instance unknown) or a [`StreamRef`] naming the instance the
+    /// events come from: a checkpoint of another instance counts as nothing applied.
+    pub async fn apply_batch<'a>(
         &self,
         cfg: &ApplyConfig,
-        stream: &str,
+        stream: impl Into<StreamRef<'a>>,
         events: &[SequencedEvent],
     ) -> Result<ApplyReport> {
         self.apply_batch_at(cfg, stream, events, now_ms()).await
     }
 
     /// `apply_batch` with the wall time given (inbox TTLs count from it).
-    pub async fn apply_batch_at(
+    pub async fn apply_batch_at<'a>(
         &self,
         cfg: &ApplyConfig,
-        stream: &str,
+        stream: impl Into<StreamRef<'a>>,
         events: &[SequencedEvent],
         now_ms: u64,
     ) -> Result<ApplyReport> {
+        let stream = stream.into();
         let mut retries = 0;
         loop {
             match self.try_apply_batch(cfg, stream, events, now_ms).await {
@@ -130,19 +134,17 @@ impl Store {
     async fn try_apply_batch(
         &self,
         cfg: &ApplyConfig,
-        stream: &str,
+        stream: StreamRef<'_>,
         events: &[SequencedEvent],
         now_ms: u64,
     ) -> Result<ApplyReport> {
         let keys = self.keys();
         let mut txn = self.kv().begin().await?;
-        let cp_key = keys.checkpoint(stream);
-        let checkpoint = match txn.get(&cp_key).await? {
-            Some(v) => decode_u64(&cp_key, &v)?,
-            None => 0,
-        };
+        let cp_key = keys.checkpoint(stream.name);
+        let stored = checkpoint::read(txn.as_mut(), &cp_key).await?;
+        let mut next = stored.for_instance(stream.instance);
         let mut report = ApplyReport {
-            checkpoint,
+            checkpoint: next.seq,
             ..Default::default()
         };
         for ev in events {
@@ -154,10 +156,13 @@ impl Store {
             if plan.duplicate {
                 report.duplicates += 1;
             } else if let Some(reason) = &plan.rejected {
-                tracing::warn!(stream, seq = ev.stream_seq, %reason, "event rejected by apply");
+                tracing::warn!(stream = stream.name, seq = ev.stream_seq, %reason, "event rejected by apply");
                 report.rejected += 1;
             } else {
                 report.applied += 1;
+            }
+            if plan.rejected.is_none() {
+                next.max_hlc = next.max_hlc.max(ev.envelope.hlc);
             }
             for w in plan.writes {
                 match w {
@@ -168,22 +173,14 @@ impl Store {
             report.deliveries.extend(plan.deliveries);
             report.checkpoint = ev.stream_seq;
         }
-        if report.checkpoint == checkpoint {
+        next.seq = report.checkpoint;
+        if next == stored {
             txn.rollback().await?;
             return Ok(report);
         }
-        txn.put(cp_key, report.checkpoint.to_be_bytes().to_vec()).await?;
+        txn.put(cp_key, next.encode()).await?;
         txn.commit().await?;
         Ok(report)
-    }
-
-    /// The last applied sequence of `stream` (0 if none).
-    pub async fn checkpoint(&self, stream: &str) -> Result<u64> {
-        let key = self.keys().checkpoint(stream);
-        let mut txn = self.kv().begin_read().await?;
-        let v = txn.get(&key).await?;
-        txn.rollback().await?;
-        v.map_or(Ok(0), |v| decode_u64(&key, &v))
     }
 }
 
@@ -576,8 +573,10 @@ impl Planner<'_> {
                 let mut added = Vec::new();
                 for u in &b.user_ids {
                     let user = uid(u)?;
-                    self.set_member(&c, &user, true, Some(MemberRole::Member as i32))
-                        .await?;
+                    // An add never writes the role: whatever order it meets a creation or
+                    // a role change in, it cannot demote (or promote) anyone. A member
+                    // without a role register is a plain member.
+                    self.set_member(&c, &user, true, None).await?;
                     added.push(user.to_string());
                 }
                 let entry = self.entry("member_added", json!({"user_ids": added}));
@@ -588,7 +587,11 @@ impl Planner<'_> {
             Body::MemberRemoved(b) => {
                 let c = cid(&b.conversation_id)?;
                 let user = uid(&b.user_id)?;
-                self.set_member(&c, &user, false, None).await?;
+                // Leaving ends the role too (an explicit write at the removal's version), so
+                // someone added back later is a plain member until a role change says
+                // otherwise, instead of silently regaining admin or ownership.
+                self.set_member(&c, &user, false, Some(MemberRole::Member as i32))
+                    .await?;
                 let entry = self.entry("member_removed", json!({"user_id": user.as_str()}));
                 self.append_timeline(&c, &entry).await?;
                 let mut members = self.members(&c).await?;

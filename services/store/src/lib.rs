@@ -9,14 +9,19 @@
 //! - [`records`]: the stored records and their merge rules (LWW and max registers).
 //! - [`apply`]: `plan_event`, the pure function from (state, event) to writes, and
 //!   `Store::apply_batch`, one transaction per batch with the stream checkpoint.
+//! - [`checkpoint`]: stream checkpoints, (stream instance, seq) pairs, and the max HLC
+//!   applied.
 //! - [`inbox`]: sync timelines: reads with epoch and TTL checks, the expiry sweeper.
 //! - [`timeline`]: storage timeline reads (history pages, messages by id).
 //! - [`conversations`]: conversation info, members, the per-user conversation list.
 //! - [`directory`]: users, serving regions, devices.
 //! - [`digest`]: per-conversation and per-region digests of the replicated state.
 //! - [`requests`]: client idempotency keys (region-local, written directly).
+//! - `versions`: the newest version a state change would overwrite, which the gateway's
+//!   clock observes before stamping it.
 
 pub mod apply;
+pub mod checkpoint;
 pub mod conversations;
 pub mod digest;
 pub mod directory;
@@ -27,10 +32,12 @@ pub mod kv;
 pub mod records;
 pub mod requests;
 pub mod timeline;
+mod versions;
 
 use std::sync::Arc;
 
 pub use apply::{ApplyConfig, ApplyReport, Delivery, SequencedEvent};
+pub use checkpoint::{Checkpoint, StreamRef};
 pub use error::{Result, StoreError};
 pub use kv::{KvStore, KvTxn, ScanOrder};
 

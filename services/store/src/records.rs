@@ -157,8 +157,12 @@ impl MemberRecord {
     pub fn is_member(&self) -> bool {
         self.member.as_ref().is_some_and(|m| m.value)
     }
+    /// `meridian.v1.MemberRole` as i32; a member no creation or role change gave a role to
+    /// (added later) is a plain member.
     pub fn role(&self) -> i32 {
-        self.role.as_ref().map_or(0, |r| r.value)
+        self.role
+            .as_ref()
+            .map_or(meridian_model::events::MemberRole::Member as i32, |r| r.value)
     }
 }
 

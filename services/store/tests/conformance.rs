@@ -9,7 +9,7 @@ use meridian_model::{ConversationId, Cursor, EventId};
 use meridian_store::inbox::SyncOutcome;
 use meridian_store::kv::prefix_end;
 use meridian_store::timeline::HistoryPage;
-use meridian_store::{ScanOrder, StoreError};
+use meridian_store::{Checkpoint, ScanOrder, StoreError, StreamRef};
 use support::*;
 
 fn k(ns: &[u8], s: &str) -> Vec<u8> {
@@ -215,6 +215,178 @@ async fn messages_land_in_history_and_every_members_inbox_once() {
             Cursor::parse(cursor.as_str()).unwrap(),
             before.messages[0].order_key
         );
+    }
+}
+
+/// A checkpoint is (stream instance, seq): a batch from another instance of the stream
+/// (recreated, or lost with its server's storage, so numbering from 1 again) is applied
+/// from its start instead of being skipped up to the old seq, and redeliveries within an
+/// instance are still skipped. An 8-byte checkpoint from before instances were recorded
+/// reads as instance 0 and is adopted by the next batch. The checkpoint carries the highest
+/// HLC applied, which survives instance changes.
+#[tokio::test]
+async fn checkpoints_name_the_stream_instance_and_old_values_stay_readable() {
+    for b in backends().await {
+        let store = b.store();
+        let us = EventFactory::new("us");
+        let (cid, create) = us.direct("ann", "bob");
+        let setup = [us.user("ann", "us"), us.user("bob", "us"), create];
+        store
+            .apply_batch(&cfg("us"), "S", &sequenced(&setup, 1))
+            .await
+            .unwrap();
+        // As written before instances were recorded: 8 bytes, the seq alone.
+        let key = store.keys().checkpoint("S");
+        let mut txn = store.kv().begin().await.unwrap();
+        txn.put(key, 3u64.to_be_bytes().to_vec()).await.unwrap();
+        txn.commit().await.unwrap();
+        assert_eq!(
+            store.stream_checkpoint("S").await.unwrap(),
+            Checkpoint {
+                instance: 0,
+                seq: 3,
+                max_hlc: 0
+            },
+            "{}",
+            b.name
+        );
+
+        let m1 = us.message("ann", &cid, "m1", "one");
+        let r = store
+            .apply_batch(
+                &cfg("us"),
+                StreamRef::new("S", 111),
+                &sequenced(std::slice::from_ref(&m1), 4),
+            )
+            .await
+            .unwrap();
+        assert_eq!((r.applied, r.checkpoint), (1, 4), "{}", b.name);
+        let cp = store.stream_checkpoint("S").await.unwrap();
+        assert_eq!((cp.instance, cp.seq, cp.max_hlc), (111, 4, m1.hlc), "{}", b.name);
+
+        // The stream comes back as a new instance: seqs 1 and 2 are new events.
+        let m2 = us.message("ann", &cid, "m2", "two");
+        let m3 = us.message("bob", &cid, "m3", "three");
+        let fresh = sequenced(&[m2, m3.clone()], 1);
+        let r = store
+            .apply_batch(&cfg("us"), StreamRef::new("S", 222), &fresh)
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.applied, r.below_checkpoint, r.checkpoint),
+            (2, 0, 2),
+            "{}",
+            b.name
+        );
+        let cp = store.stream_checkpoint("S").await.unwrap();
+        assert_eq!((cp.instance, cp.seq, cp.max_hlc), (222, 2, m3.hlc), "{}", b.name);
+        assert_eq!(store.checkpoint("S").await.unwrap(), 2);
+        // Redelivered within the instance: skipped.
+        let r = store
+            .apply_batch(&cfg("us"), StreamRef::new("S", 222), &fresh)
+            .await
+            .unwrap();
+        assert_eq!((r.applied, r.below_checkpoint), (0, 2), "{}", b.name);
+        // The whole of an older instance again: below nothing, every event already applied.
+        let all = [setup.to_vec(), vec![m1]].concat();
+        let r = store
+            .apply_batch(&cfg("us"), StreamRef::new("S", 111), &sequenced(&all, 1))
+            .await
+            .unwrap();
+        assert_eq!((r.applied, r.duplicates), (0, 4), "{}", b.name);
+        let hist = store
+            .history(&cid, &user("bob"), HistoryPage::After(None), 50)
+            .await
+            .unwrap();
+        assert_eq!(hist.messages.len(), 3, "{}", b.name);
+
+        // The applier resets the checkpoint when it finds a new instance; the max HLC stays.
+        let cp = store.reset_checkpoint("S", 333).await.unwrap();
+        assert_eq!((cp.instance, cp.seq, cp.max_hlc), (333, 0, m3.hlc), "{}", b.name);
+        assert_eq!(store.max_applied_hlc().await.unwrap().0, m3.hlc, "{}", b.name);
+    }
+}
+
+/// What the gateway's clock observes before stamping: the newest version the event would
+/// overwrite or must sort after, here one stamped far ahead of this process's clock (as a
+/// region with a faster clock would).
+#[tokio::test]
+async fn overwritten_version_is_the_newest_version_an_event_replaces() {
+    for b in backends().await {
+        let store = b.store();
+        let us = EventFactory::new("us");
+        let eu = EventFactory::new("eu");
+        let g = ConversationId::new_group();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let ahead = meridian_model::Hlc::new(now_ms + 3_600_000, 0).0;
+        let update = events::ConversationUpdated {
+            conversation_id: g.to_string(),
+            name: Some("from the future".into()),
+            announcement: None,
+            members_can_add: None,
+        };
+        let settings = events::UserSettingsChanged {
+            user_id: "ann".into(),
+            conversation_id: g.to_string(),
+            muted: Some(true),
+            pinned: None,
+        };
+        let mut from_eu = eu.body("ann", Body::ConversationUpdated(update.clone()));
+        from_eu.hlc = ahead;
+        let mut settings_eu = eu.body("ann", Body::UserSettingsChanged(settings.clone()));
+        settings_eu.hlc = ahead + 5;
+        let evs = [us.user("ann", "us"), us.group("ann", &g, &[]), from_eu];
+        store
+            .apply_batch(&cfg("us"), "S", &sequenced(&evs, 1))
+            .await
+            .unwrap();
+        let seen = |body| {
+            let store = store.clone();
+            async move { store.overwritten_version(&body).await.unwrap().map(|h| h.0) }
+        };
+        assert_eq!(
+            seen(Body::ConversationUpdated(update.clone())).await,
+            Some(ahead),
+            "{}",
+            b.name
+        );
+        let role = events::MemberRoleChanged {
+            conversation_id: g.to_string(),
+            user_id: "ann".into(),
+            role: events::MemberRole::Admin as i32,
+        };
+        assert_eq!(
+            seen(Body::MemberRoleChanged(role)).await,
+            Some(ahead),
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            seen(Body::UserSettingsChanged(settings.clone())).await,
+            Some(ahead),
+            "{}",
+            b.name
+        );
+        store
+            .apply_batch(&cfg("us"), "S", &sequenced(&[settings_eu], 4))
+            .await
+            .unwrap();
+        assert_eq!(
+            seen(Body::UserSettingsChanged(settings)).await,
+            Some(ahead + 5),
+            "{}",
+            b.name
+        );
+        let other = events::ConversationUpdated {
+            conversation_id: ConversationId::new_group().to_string(),
+            ..update
+        };
+        assert_eq!(seen(Body::ConversationUpdated(other)).await, None, "{}", b.name);
+        let upsert = us.user("ann", "us").body.unwrap();
+        assert!(seen(upsert).await.is_some(), "{}", b.name);
     }
 }
 

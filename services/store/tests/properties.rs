@@ -4,7 +4,7 @@ mod support;
 
 use std::sync::Arc;
 
-use meridian_model::events::{self, event_envelope::Body, EventEnvelope};
+use meridian_model::events::{self, event_envelope::Body, EventEnvelope, MemberRole};
 use meridian_model::{ConversationId, EventId};
 use meridian_store::inbox::SyncOutcome;
 use meridian_store::kv::embedded::EngineKind;
@@ -133,6 +133,48 @@ fn scenario() -> (Vec<EventEnvelope>, ConversationId) {
                 user_id: "eve".into(),
             }),
         ),
+        // Adds of people who are members already, after their roles were given: they must
+        // change no role, whatever order they are applied in.
+        eu.body(
+            "eve",
+            Body::MembersAdded(events::MembersAdded {
+                conversation_id: g.to_string(),
+                user_ids: vec!["ann".into(), "bob".into()],
+            }),
+        ),
+        // Leave, then be added back: the role given before the leave does not come back.
+        us.user("cat", "us"),
+        us.body(
+            "ann",
+            Body::MembersAdded(events::MembersAdded {
+                conversation_id: g.to_string(),
+                user_ids: vec!["cat".into()],
+            }),
+        ),
+        us.body(
+            "ann",
+            Body::MemberRoleChanged(events::MemberRoleChanged {
+                conversation_id: g.to_string(),
+                user_id: "cat".into(),
+                role: events::MemberRole::Admin as i32,
+            }),
+        ),
+        us.body(
+            "cat",
+            Body::MemberRemoved(events::MemberRemoved {
+                conversation_id: g.to_string(),
+                user_id: "cat".into(),
+            }),
+        ),
+        // From the same region, so it sorts after the leave (the two regions' clocks only
+        // order events a millisecond or more apart).
+        us.body(
+            "bob",
+            Body::MembersAdded(events::MembersAdded {
+                conversation_id: g.to_string(),
+                user_ids: vec!["cat".into()],
+            }),
+        ),
         us.body(
             "bob",
             Body::MemberRemoved(events::MemberRemoved {
@@ -197,9 +239,9 @@ proptest! {
 
     /// Applying the same events in any order, with any duplicates, yields the same digest.
     #[test]
-    fn any_order_any_duplicates_same_digest(order in order_with_duplicates(28)) {
+    fn any_order_any_duplicates_same_digest(order in order_with_duplicates(34)) {
         let (events, g) = scenario();
-        prop_assert_eq!(events.len(), 28);
+        prop_assert_eq!(events.len(), 34);
         let rt = runtime();
         let backend = embedded(EngineKind::Fjall);
         rt.block_on(async {
@@ -222,6 +264,10 @@ proptest! {
                 let derived: Vec<String> = store.fan_out_members(&g).await.unwrap().unwrap()
                     .iter().map(|u| u.to_string()).collect();
                 assert_eq!(derived, from_records);
+                // Adds never change roles: ann stays owner; cat, an admin who left and was
+                // added back, is a plain member.
+                assert_eq!(store.member_role(&g, &user("ann")).await.unwrap(), Some(MemberRole::Owner));
+                assert_eq!(store.member_role(&g, &user("cat")).await.unwrap(), Some(MemberRole::Member));
             }
         });
     }

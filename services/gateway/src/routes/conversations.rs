@@ -415,16 +415,26 @@ async fn add_members_once(
         return Err(ApiError::bad_request("invalid_argument", "user_ids is empty").with("field", "user_ids"));
     }
     require_users_exist(s, &users).await?;
-    let unique: BTreeSet<String> = users.iter().map(|u| u.to_string()).collect();
-    s.publish_and_apply_as(
-        Some(caller),
-        event_id,
-        Body::MembersAdded(events::MembersAdded {
-            conversation_id: cid.to_string(),
-            user_ids: unique.into_iter().collect(),
-        }),
-    )
-    .await?;
+    // Only people who are not members yet: an add creates membership, it never touches the
+    // role of someone already in the group (roles change through the role call alone).
+    // Adding only current members changes nothing and publishes nothing.
+    let current: BTreeSet<&UserId> = view.members.iter().map(|m| &m.user_id).collect();
+    let new_members: BTreeSet<String> = users
+        .iter()
+        .filter(|u| !current.contains(u))
+        .map(|u| u.to_string())
+        .collect();
+    if !new_members.is_empty() {
+        s.publish_and_apply_as(
+            Some(caller),
+            event_id,
+            Body::MembersAdded(events::MembersAdded {
+                conversation_id: cid.to_string(),
+                user_ids: new_members.into_iter().collect(),
+            }),
+        )
+        .await?;
+    }
     let view = s
         .store
         .conversation(&cid)
