@@ -7,13 +7,12 @@
 //! the captured lines and pick theirs out by trace id.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use meridian::logging::{self, LogFormat};
-use meridian_e2e::TestRegion;
+use meridian_e2e::{LogCapture, TestRegion};
 use serde_json::{json, Value};
 use tracing_subscriber::util::SubscriberInitExt as _;
 
@@ -23,11 +22,20 @@ const WAIT: Duration = Duration::from_secs(15);
 // A strict reader of the OpenMetrics text format (what prometheus-client writes and
 // Prometheus scrapes).
 
+type Labels = BTreeMap<String, String>;
+
 #[derive(Debug, Default)]
 struct MetricFamily {
     kind: String,
     /// (sample name, labels, value)
-    samples: Vec<(String, BTreeMap<String, String>, f64)>,
+    samples: Vec<(String, Labels, f64)>,
+}
+
+/// One histogram series: its (le, cumulative count) buckets and its `_count`.
+#[derive(Default)]
+struct HistogramSeries {
+    buckets: Vec<(f64, f64)>,
+    count: Option<f64>,
 }
 
 fn parse_openmetrics(text: &str) -> Result<BTreeMap<String, MetricFamily>> {
@@ -103,7 +111,7 @@ fn valid_name(name: &str) -> bool {
 }
 
 /// `name{k="v",...} value`.
-fn parse_sample(line: &str) -> Result<(String, BTreeMap<String, String>, f64)> {
+fn parse_sample(line: &str) -> Result<(String, Labels, f64)> {
     let name_end = line.find(['{', ' ']).context("no value")?;
     let name = &line[..name_end];
     ensure!(valid_name(name), "bad sample name");
@@ -166,7 +174,7 @@ fn parse_sample(line: &str) -> Result<(String, BTreeMap<String, String>, f64)> {
 
 /// Per label set: cumulative buckets ending at `+Inf`, whose count is `_count`.
 fn check_histogram(name: &str, family: &MetricFamily) -> Result<()> {
-    let mut series: BTreeMap<BTreeMap<String, String>, (Vec<(f64, f64)>, Option<f64>)> = BTreeMap::new();
+    let mut series: BTreeMap<Labels, HistogramSeries> = BTreeMap::new();
     for (sample, labels, value) in &family.samples {
         let mut key = labels.clone();
         let le = key.remove("le");
@@ -174,12 +182,12 @@ fn check_histogram(name: &str, family: &MetricFamily) -> Result<()> {
         if sample.ends_with("_bucket") {
             let le = le.with_context(|| format!("{name}: a bucket without le"))?;
             let le = if le == "+Inf" { f64::INFINITY } else { le.parse()? };
-            entry.0.push((le, *value));
+            entry.buckets.push((le, *value));
         } else if sample.ends_with("_count") {
-            entry.1 = Some(*value);
+            entry.count = Some(*value);
         }
     }
-    for (labels, (buckets, count)) in series {
+    for (labels, HistogramSeries { buckets, count }) in series {
         ensure!(
             buckets.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
             "{name}{labels:?}: buckets not cumulative"
@@ -290,24 +298,11 @@ async fn item10_metrics_parse_and_hold_the_latency_histograms_after_traffic() ->
 // ---------------------------------------------------------------------------------------
 // Logs.
 
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The process's log lines, written by the binary's JSON subscriber; installed once.
-fn logs() -> &'static Logs {
-    static LOGS: OnceLock<Logs> = OnceLock::new();
+fn logs() -> &'static LogCapture {
+    static LOGS: OnceLock<LogCapture> = OnceLock::new();
     LOGS.get_or_init(|| {
-        let logs = Logs::default();
+        let logs = LogCapture::default();
         let writer = logs.clone();
         logging::subscriber(
             LogFormat::Json,
@@ -320,14 +315,12 @@ fn logs() -> &'static Logs {
     })
 }
 
-impl Logs {
-    /// Every line, each of which must be a JSON object.
-    fn lines(&self) -> Result<Vec<Value>> {
-        let text = String::from_utf8(self.0.lock().unwrap().clone())?;
-        text.lines()
-            .map(|l| serde_json::from_str::<Value>(l).with_context(|| format!("not a JSON line: {l:?}")))
-            .collect()
-    }
+/// Every captured line, each of which must be a JSON object.
+fn json_lines(logs: &LogCapture) -> Result<Vec<Value>> {
+    logs.text()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).with_context(|| format!("not a JSON line: {l:?}")))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,7 +350,7 @@ async fn item10_every_request_leaves_one_json_access_line() -> Result<()> {
     };
     let deadline = tokio::time::Instant::now() + WAIT;
     let mine = loop {
-        let lines = logs.lines()?;
+        let lines = json_lines(logs)?;
         let mine: Vec<Value> = access(&lines)
             .into_iter()
             .filter(|l| l["trace_id"] == trace_id)
@@ -377,7 +370,7 @@ async fn item10_every_request_leaves_one_json_access_line() -> Result<()> {
     assert!(line["timestamp"].is_string(), "{line}");
 
     // An unmatched path is logged by status, without the raw path.
-    let lines = logs.lines()?;
+    let lines = json_lines(logs)?;
     let not_found: Vec<Value> = access(&lines)
         .into_iter()
         .filter(|l| l["status"] == 404 && l["route"] == "-")

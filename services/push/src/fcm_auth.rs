@@ -211,7 +211,7 @@ impl ServiceAccountTokens {
     /// FCM refused `used` (401): forget it, unless a newer token already replaced it.
     pub(crate) async fn invalidate(&self, used: &HeaderValue) {
         let mut state = self.state.lock().await;
-        if state.current.as_ref().is_some_and(|c| &c.bearer == used) {
+        if state.current.as_ref().is_some_and(|c| c.bearer == used) {
             state.current = None;
         }
     }

@@ -102,7 +102,8 @@ struct Fcm {
 
 enum FcmAuth {
     Fixed(HeaderValue),
-    ServiceAccount(ServiceAccountTokens),
+    // Boxed: one per process, and the key pair makes it ten times the fixed variant.
+    ServiceAccount(Box<ServiceAccountTokens>),
 }
 
 impl Providers {
@@ -148,10 +149,10 @@ impl Providers {
                         let field = "fcm.service_account_key_file";
                         let key =
                             ServiceAccountKey::from_file(path).map_err(|e| PushError::config(field, e))?;
-                        FcmAuth::ServiceAccount(
+                        FcmAuth::ServiceAccount(Box::new(
                             ServiceAccountTokens::new(&key, client.clone())
                                 .map_err(|e| PushError::config(field, e))?,
-                        )
+                        ))
                     }
                     (None, Some(token)) => {
                         let mut bearer = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {

@@ -1177,92 +1177,106 @@ async fn google_fcm(State(state): State<Arc<GoogleState>>, req: Request) -> axum
     }
 }
 
-fn fcm_with_service_account(google: &Google, dir: &std::path::Path) -> Result<FcmConfig> {
-    let mut f = FcmConfig::with_service_account("meridian-test", google.key_file(dir)?);
-    f.endpoint = google.url.clone();
-    Ok(f)
+/// bob's FCM device, push configured with a service-account key whose `token_uri` is the
+/// stand-in Google.
+struct FcmWorld {
+    google: Google,
+    region: Region,
+    cid: ConversationId,
+    push: Running,
+    sent: u64,
+    _dir: tempfile::TempDir,
+}
+
+impl FcmWorld {
+    async fn start(token_lifetimes: &[u64]) -> Result<FcmWorld> {
+        let google = Google::start(token_lifetimes).await?;
+        let dir = tempfile::tempdir()?;
+        let mut region = Region::start().await?;
+        let cid = region.setup(&[("bob", "pixel", "fcm", "fcm-token-1")]).await?;
+        let mut cfg = config();
+        let mut fcm = FcmConfig::with_service_account("meridian-test", google.key_file(dir.path())?);
+        fcm.endpoint = google.url.clone();
+        cfg.fcm = Some(fcm);
+        let push = start_push(&region, cfg, &[]).await?;
+        Ok(FcmWorld {
+            google,
+            region,
+            cid,
+            push,
+            sent: 0,
+            _dir: dir,
+        })
+    }
+
+    /// ann sends one more message; waits until bob's notification is done.
+    async fn notify_bob(&mut self) -> Result<()> {
+        self.sent += 1;
+        let n = self.sent;
+        let deliveries = self.region.message("ann", &self.cid, &format!("m{n}")).await?;
+        self.region.publish(&deliveries).await?;
+        self.push
+            .wait_for(&format!("notification {n}"), |m| done(m) >= n)
+            .await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item13_fcm_token_is_minted_from_the_service_account_and_refreshed_after_expiry() -> Result<()> {
     // The first token lives one second, the next an hour.
-    let google = Google::start(&[1]).await?;
-    let dir = tempfile::tempdir()?;
-    let mut region = Region::start().await?;
-    let cid = region.setup(&[("bob", "pixel", "fcm", "fcm-token-1")]).await?;
-    let mut cfg = config();
-    cfg.fcm = Some(fcm_with_service_account(&google, dir.path())?);
-    let push = start_push(&region, cfg, &[]).await?;
-
-    let first = region.message("ann", &cid, "m1").await?;
-    region.publish(&first).await?;
-    push.wait_for("the first notification", |m| done(m) >= 1).await?;
-    assert_eq!(google.sends(), [("Bearer tok-1".to_string(), 200)]);
+    let mut w = FcmWorld::start(&[1]).await?;
+    w.notify_bob().await?;
+    assert_eq!(w.google.sends(), [("Bearer tok-1".to_string(), 200)]);
 
     // The hour passes (here, the second): FCM would now refuse tok-1.
     let deadline = tokio::time::Instant::now() + WAIT;
-    while !google.expired("tok-1") {
+    while !w.google.expired("tok-1") {
         if tokio::time::Instant::now() > deadline {
             bail!("tok-1 never expired");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let second = region.message("ann", &cid, "m2").await?;
-    region.publish(&second).await?;
-    push.wait_for("the second notification", |m| done(m) >= 2).await?;
+    w.notify_bob().await?;
     // And a fresh token is cached: the third send asks for none.
-    let third = region.message("ann", &cid, "m3").await?;
-    region.publish(&third).await?;
-    push.wait_for("the third notification", |m| done(m) >= 3).await?;
+    w.notify_bob().await?;
 
     assert_eq!(
-        google.sends(),
+        w.google.sends(),
         [
             ("Bearer tok-1".to_string(), 200),
             ("Bearer tok-2".to_string(), 200),
             ("Bearer tok-2".to_string(), 200),
         ]
     );
-    assert_eq!(google.tokens_issued(), 2);
-    assert!(google.state.refusals.lock().unwrap().is_empty());
-    assert_eq!(push.get(|m| &m.fcm.sent), 3);
-    assert_eq!(push.get(|m| &m.failed), 0);
-    assert_eq!(push.get(|m| &m.retries), 0);
-    push.stop().await?;
+    assert_eq!(w.google.tokens_issued(), 2);
+    assert!(w.google.state.refusals.lock().unwrap().is_empty());
+    assert_eq!(w.push.get(|m| &m.fcm.sent), 3);
+    assert_eq!(w.push.get(|m| &m.failed), 0);
+    assert_eq!(w.push.get(|m| &m.retries), 0);
+    w.push.stop().await?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item13_fcm_401_drops_the_token_and_retries_with_a_fresh_one() -> Result<()> {
-    let google = Google::start(&[]).await?;
-    let dir = tempfile::tempdir()?;
-    let mut region = Region::start().await?;
-    let cid = region.setup(&[("bob", "pixel", "fcm", "fcm-token-1")]).await?;
-    let mut cfg = config();
-    cfg.fcm = Some(fcm_with_service_account(&google, dir.path())?);
-    let push = start_push(&region, cfg, &[]).await?;
-
-    let first = region.message("ann", &cid, "m1").await?;
-    region.publish(&first).await?;
-    push.wait_for("the first notification", |m| done(m) >= 1).await?;
+    let mut w = FcmWorld::start(&[]).await?;
+    w.notify_bob().await?;
     // Revoked before its hour is up (a rotated key, say): FCM answers 401.
-    google.revoke("tok-1");
-    let second = region.message("ann", &cid, "m2").await?;
-    region.publish(&second).await?;
-    push.wait_for("the second notification", |m| done(m) >= 2).await?;
+    w.google.revoke("tok-1");
+    w.notify_bob().await?;
 
     assert_eq!(
-        google.sends(),
+        w.google.sends(),
         [
             ("Bearer tok-1".to_string(), 200),
             ("Bearer tok-1".to_string(), 401),
             ("Bearer tok-2".to_string(), 200),
         ]
     );
-    assert_eq!(push.get(|m| &m.fcm.sent), 2);
-    assert_eq!(push.get(|m| &m.retries), 1);
-    assert_eq!(push.get(|m| &m.failed), 0);
-    push.stop().await?;
+    assert_eq!(w.push.get(|m| &m.fcm.sent), 2);
+    assert_eq!(w.push.get(|m| &m.retries), 1);
+    assert_eq!(w.push.get(|m| &m.failed), 0);
+    w.push.stop().await?;
     Ok(())
 }
 
