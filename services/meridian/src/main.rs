@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     /// Log lines as text or as JSON objects (for log shippers); processes `up` starts
     /// inherit it. The level filter is RUST_LOG (default info).
-    #[arg(long, global = true, env = LOG_FORMAT_ENV, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, global = true, env = LOG_FORMAT_ENV, value_enum, ignore_case = true, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Cmd,
