@@ -32,6 +32,8 @@ const ASSERTION_LIFETIME_S: u64 = 3600;
 /// A token is replaced this long before it expires (capped at half its lifetime), so a
 /// request never leaves with a token that dies on the way.
 const REFRESH_MARGIN: Duration = Duration::from_secs(60);
+/// The longest a token is believed to live, whatever the endpoint says.
+const MAX_TOKEN_LIFETIME_S: u64 = 24 * 3600;
 /// After a failed token request, callers fail fast for this long instead of each waiting
 /// out its own request to an endpoint that is down.
 const FAILURE_HOLD: Duration = Duration::from_secs(1);
@@ -272,7 +274,8 @@ impl ServiceAccountTokens {
         let mut bearer = HeaderValue::from_str(&format!("Bearer {}", token.access_token))
             .map_err(|_| TokenError::Permanent("the access token is not a header value".into()))?;
         bearer.set_sensitive(true);
-        let lifetime = Duration::from_secs(token.expires_in);
+        // Capped: Google's live an hour, and an absurd answer must not overflow the clock.
+        let lifetime = Duration::from_secs(token.expires_in.min(MAX_TOKEN_LIFETIME_S));
         let margin = REFRESH_MARGIN.min(lifetime / 2);
         tracing::debug!(expires_in = token.expires_in, "push: new FCM access token");
         Ok(Cached {
