@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +16,7 @@ use anyhow::{bail, ensure, Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use meridian_e2e::{Session, TestRegion, Ws};
+use meridian_e2e::{LogCapture, Session, TestRegion, Ws};
 use meridian_telemetry::Protocol;
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -186,29 +185,9 @@ fn grpc_messages(mut body: &[u8]) -> Option<Vec<&[u8]>> {
     Some(out)
 }
 
-/// Log lines, captured so the test can check they carry trace ids.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_message_makes_one_trace_across_gateway_applier_and_delivery() -> Result<()> {
-    let logs = Logs::default();
+    let logs = LogCapture::default();
     let writer = logs.clone();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(
@@ -257,7 +236,7 @@ async fn check_one_message(
     cid: &str,
     n: u64,
     received: &Received,
-    logs: &Logs,
+    logs: &LogCapture,
 ) -> Result<()> {
     let text = format!("traced {n}");
     ann.send(cid, &format!("t{n}"), &text).await?;

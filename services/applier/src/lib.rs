@@ -12,7 +12,8 @@
 //!
 //! # Layout
 //! - `config`: [`ApplierConfig`] and its validation.
-//! - `metrics`: [`ApplierMetrics`], atomics shared with whoever exports them.
+//! - `metrics`: [`ApplierMetrics`], prometheus-client metrics registered into the process
+//!   registry by whoever serves `/metrics`.
 //! - this file: [`run`] / [`run_with_metrics`], one owned, cancellable task per stream, and
 //!   the per-stream loop (pull, apply, ack, deliver), with one "apply" span per event whose
 //!   deliveries carry its `traceparent` on to the gateways (meridian-telemetry).
@@ -211,6 +212,7 @@ impl StreamWorker {
             // Started before the transaction so each span covers the apply and the live
             // deliveries of its event; they end when `spans` drops.
             let spans = EventSpans::start(&self.stream, &batch);
+            let (taken, accepted_ms) = (std::time::Instant::now(), accepted_ms(&batch));
             let Some(report) = self.apply(consumer.instance(), &mut batch).await else {
                 // Stopped while the store was failing: nothing committed, nothing acked;
                 // the next run starts again from the checkpoint.
@@ -220,7 +222,8 @@ impl StreamWorker {
             if let Err(e) = consumer.ack(&batch).await {
                 tracing::debug!(stream = %self.stream, error = %e, "ack failed");
             }
-            self.metrics.record_batch(&self.stream, &report);
+            self.metrics
+                .record_batch(&self.stream, &report, taken.elapsed(), &accepted_ms);
             self.deliver(report, &spans).await;
         }
     }
@@ -362,6 +365,15 @@ impl StreamWorker {
             }
         }
     }
+}
+
+/// The wall-clock part of each event's HLC: when its gateway accepted it (apply lag).
+fn accepted_ms(batch: &[ReceivedEvent]) -> Vec<u64> {
+    batch
+        .iter()
+        .filter_map(|r| r.envelope.as_ref())
+        .map(|e| meridian_model::Hlc(e.hlc).physical_ms())
+        .collect()
 }
 
 /// One "apply" span per event of a batch, each continuing the trace the event was published

@@ -2,7 +2,6 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -278,8 +277,8 @@ async fn applies_events_and_delivers_inbox_entries_live() -> Result<()> {
     }
 
     let metrics = applier.stop().await?;
-    assert_eq!(metrics.applied.load(Ordering::Relaxed), 4 + 5);
-    assert_eq!(metrics.deliveries.load(Ordering::Relaxed), 12);
+    assert_eq!(metrics.applied.get(), 4 + 5);
+    assert_eq!(metrics.deliveries.get(), 12);
     assert_eq!(metrics.checkpoint(&w.bus.stream()), Some(9));
     assert_eq!(w.store.checkpoint(&w.bus.stream()).await?, 9);
     assert!(metrics
@@ -342,11 +341,11 @@ async fn a_kill_9_of_nats_mid_stream_applies_every_event_once() -> Result<()> {
     let state = w.bus.stream_state(&w.bus.stream()).await?;
     assert_eq!(state.messages, (4 + N) as u64, "the stream holds each event once");
     let metrics = applier.stop().await?;
-    assert_eq!(metrics.applied.load(Ordering::Relaxed), (4 + N) as u64);
-    assert_eq!(metrics.duplicates.load(Ordering::Relaxed), 0);
+    assert_eq!(metrics.applied.get(), (4 + N) as u64);
+    assert_eq!(metrics.duplicates.get(), 0);
     eprintln!(
         "redeliveries skipped by the checkpoint: {}",
-        metrics.below_checkpoint.load(Ordering::Relaxed)
+        metrics.below_checkpoint.get()
     );
     Ok(())
 }
@@ -391,7 +390,7 @@ async fn an_applier_restart_resumes_without_duplicate_effects() -> Result<()> {
         assert_eq!(w.inbox(u).await?.len(), 1 + N, "{u}");
     }
     let m2 = second.stop().await?;
-    let applied = m1.applied.load(Ordering::Relaxed) + m2.applied.load(Ordering::Relaxed);
+    let applied = m1.applied.get() + m2.applied.get();
     assert_eq!(
         applied,
         (4 + N) as u64,
@@ -512,8 +511,8 @@ async fn undecodable_messages_move_the_checkpoint_without_wedging() -> Result<()
     .await?;
     assert_eq!(w.store.checkpoint(&w.bus.stream()).await?, 6);
     let m = applier.stop().await?;
-    assert_eq!(m.undecodable.load(Ordering::Relaxed), 1);
-    assert_eq!(m.rejected.load(Ordering::Relaxed), 1);
+    assert_eq!(m.undecodable.get(), 1);
+    assert_eq!(m.rejected.get(), 1);
     Ok(())
 }
 

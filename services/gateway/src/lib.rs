@@ -9,7 +9,7 @@
 //! - [`extract`]: extractors answering bad input with JSON errors (body limit, auth, 421).
 //! - [`error`]: `ApiError` (the one place errors become statuses) and `GatewayError`.
 //! - [`idempotency`]: `Idempotency-Key` on the POSTs that create something.
-//! - [`state`]: shared state, publishing, read-your-writes waits, rate limits, counters.
+//! - [`state`]: shared state, publishing, read-your-writes waits, rate limits, metrics.
 //! - [`service`]: what a call does whatever its transport (limits, membership, send, inbox
 //!   pages, typing, socket cap); HTTP handlers and WebSocket frames both go through it.
 //! - [`routes`]: the route table (router and OpenAPI from one list) and the handlers.
@@ -51,10 +51,6 @@ pub use config::GatewayConfig;
 pub use error::{ApiError, GatewayError};
 use state::{AppState, GatewayMetrics, RateLimiter};
 
-/// Renders extra Prometheus text into `/metrics` (the applier's counters when it runs in
-/// the same process).
-pub type MetricsRenderer = Box<dyn Fn(&mut String) + Send + Sync>;
-
 /// A gateway bound to its port, not yet serving.
 pub struct Gateway {
     listener: TcpListener,
@@ -81,6 +77,9 @@ impl Gateway {
         // never stamps below what is stored (DESIGN.md section 4).
         let applied = store.max_applied_hlc().await?;
         clock.observe(applied);
+        let metrics = GatewayMetrics::default();
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
         let state = AppState {
             limiter: RateLimiter::new(cfg.rate_limit_per_s, cfg.rate_limit_burst),
             cfg,
@@ -89,10 +88,10 @@ impl Gateway {
             live_bus,
             clock,
             hub: Arc::new(live::Hub::default()),
-            metrics: GatewayMetrics::default(),
+            metrics,
             started: Instant::now(),
             shutdown,
-            extra_metrics: Vec::new(),
+            registry,
         };
         Ok(Gateway { listener, state })
     }
@@ -108,8 +107,10 @@ impl Gateway {
         self.state.hub.clone()
     }
 
-    pub fn add_metrics(&mut self, render: MetricsRenderer) {
-        self.state.extra_metrics.push(render);
+    /// The process's metrics registry, which `/metrics` encodes: roles running beside the
+    /// gateway register theirs here before [`Gateway::run`].
+    pub fn metrics_registry(&mut self) -> &mut prometheus_client::registry::Registry {
+        &mut self.state.registry
     }
 
     /// Serves until `shutdown`; then stops accepting, lets requests in flight finish (their
@@ -163,18 +164,31 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// One span per request ("HTTP <method> <route>"), joining the caller's trace when the request
 /// carries a valid `traceparent`. Handlers run with it current, so [`AppState::publish`]
-/// parents its "publish" span on it; log lines inside carry its `trace_id`.
+/// parents its "publish" span on it; log lines inside carry its `trace_id`. Then one access
+/// line per request (target `meridian::access`): method, matched route, status, duration
+/// and trace id.
 async fn trace_requests(req: Request, next: Next) -> Response {
+    let started = Instant::now();
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string());
-    // Probes and scrapes come every few seconds from every replica: as traces they would
-    // only crowd out the ones worth looking at.
-    if matches!(route.as_deref(), Some("/healthz" | "/readyz" | "/metrics")) {
-        return next.run(req).await;
-    }
     let method = req.method().clone();
+    // Probes and scrapes come every few seconds from every replica: as traces they would
+    // only crowd out the ones worth looking at, and their access lines are debug level.
+    if matches!(route.as_deref(), Some("/healthz" | "/readyz" | "/metrics")) {
+        let resp = next.run(req).await;
+        tracing::debug!(
+            target: ACCESS_LOG,
+            method = %method,
+            route = route.as_deref().unwrap_or("-"),
+            status = resp.status().as_u16(),
+            duration_ms = duration_ms(started),
+            trace_id = "",
+            "request"
+        );
+        return resp;
+    }
     let name = match &route {
         Some(r) => format!("HTTP {method} {r}"),
         None => format!("HTTP {method}"),
@@ -188,11 +202,12 @@ async fn trace_requests(req: Request, next: Next) -> Response {
     if let Some(r) = route.clone() {
         span.set_attribute("http.route", r);
     }
+    let trace_id = span.trace_id();
     let log = tracing::info_span!(
         "http",
         %method,
         route = route.as_deref().unwrap_or(""),
-        trace_id = %span.trace_id()
+        trace_id = %trace_id
     );
     let resp = span.scope(next.run(req)).instrument(log).await;
     let status = resp.status();
@@ -200,7 +215,25 @@ async fn trace_requests(req: Request, next: Next) -> Response {
     if status.is_server_error() {
         span.set_error(status.to_string());
     }
+    // Unmatched paths log as "-": raw paths carry ids, and a scanner's would flood the log.
+    tracing::info!(
+        target: ACCESS_LOG,
+        method = %method,
+        route = route.as_deref().unwrap_or("-"),
+        status = status.as_u16(),
+        duration_ms = duration_ms(started),
+        trace_id = %trace_id,
+        "request"
+    );
     resp
+}
+
+/// The tracing target of the per-request access lines.
+pub const ACCESS_LOG: &str = "meridian::access";
+
+fn duration_ms(since: Instant) -> f64 {
+    // Microsecond resolution is plenty for a log line.
+    (since.elapsed().as_micros() as f64) / 1000.0
 }
 
 async fn count_responses(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {

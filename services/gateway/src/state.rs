@@ -1,8 +1,7 @@
 //! What every handler shares: config, store, bus, the clock that stamps events, the live
-//! delivery hub, the rate limiter and the counters.
+//! delivery hub, the rate limiter, and the metrics with the registry `/metrics` encodes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -31,7 +30,9 @@ pub struct AppState {
     pub started: Instant,
     /// Cancelled when the gateway stops; WebSockets close on it.
     pub shutdown: tokio_util::sync::CancellationToken,
-    pub extra_metrics: Vec<crate::MetricsRenderer>,
+    /// Every metric of the process: the gateway's, and those of the roles running beside
+    /// it (applier, push), which register through [`crate::Gateway::metrics_registry`].
+    pub registry: Registry,
 }
 
 /// An event the stream has acknowledged.
@@ -60,10 +61,14 @@ impl AppState {
         event_id: EventId,
         body: Body,
     ) -> ApiResult<Published> {
+        let started = Instant::now();
         let mut span = meridian_telemetry::start_in_current(Role::Gateway, "publish", SpanKind::Producer);
         span.set_attribute("messaging.destination.name", self.bus.stream());
         span.set_attribute("messaging.message.id", event_id.to_string());
         let result = self.publish_in(actor, event_id, body, span.traceparent()).await;
+        self.metrics
+            .publish_seconds
+            .observe(started.elapsed().as_secs_f64());
         match &result {
             Ok(p) => {
                 span.set_attribute("meridian.stream_seq", p.ack.stream_seq as i64);
@@ -192,26 +197,18 @@ impl RateLimiter {
     }
 }
 
-/// A monotonically increasing counter for /metrics.
-#[derive(Default)]
-pub struct Counter(AtomicU64);
+pub use prometheus_client::metrics::counter::Counter;
+pub use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
 
-impl Counter {
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn dec(&self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
+/// Publishes take about a millisecond (a JetStream round trip and, under `Durability::Disk`,
+/// an fsync); delivery adds the apply and a NATS hop. 0.5 ms .. ~16 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
-#[derive(Default)]
+/// The gateway's metrics, registered into the process registry that `/metrics` encodes.
 pub struct GatewayMetrics {
     pub requests: Counter,
     pub responses_4xx: Counter,
@@ -220,83 +217,97 @@ pub struct GatewayMetrics {
     pub rate_limited: Counter,
     pub published: Counter,
     pub duplicate_publishes: Counter,
-    pub ws_connections: Counter,
+    pub ws_connections: Gauge,
     pub ws_entries_sent: Counter,
     pub ws_gap_fills: Counter,
+    /// Set from the hub when `/metrics` is scraped.
+    pub online_users: Gauge,
+    /// Seconds from stamping an event to the stream's acknowledgement.
+    pub publish_seconds: Histogram,
+    /// Seconds from an event's acceptance (its HLC) to its live entry going out on a
+    /// WebSocket; replays and gap fills are not live and not counted.
+    pub delivery_seconds: Histogram,
+}
+
+impl Default for GatewayMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Counter::default(),
+            responses_4xx: Counter::default(),
+            responses_5xx: Counter::default(),
+            auth_failures: Counter::default(),
+            rate_limited: Counter::default(),
+            published: Counter::default(),
+            duplicate_publishes: Counter::default(),
+            ws_connections: Gauge::default(),
+            ws_entries_sent: Counter::default(),
+            ws_gap_fills: Counter::default(),
+            online_users: Gauge::default(),
+            publish_seconds: latency_histogram(),
+            delivery_seconds: latency_histogram(),
+        }
+    }
 }
 
 impl GatewayMetrics {
-    pub fn render(&self, out: &mut String) {
-        use std::fmt::Write;
-        let rows: [(&str, &str, &str, &Counter); 10] = [
+    /// Registers every metric under `meridian_gateway_` (counters get `_total`).
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("meridian_gateway");
+        let counters = [
+            ("requests", "HTTP requests received", &self.requests),
+            ("responses_4xx", "4xx answers", &self.responses_4xx),
+            ("responses_5xx", "5xx answers", &self.responses_5xx),
             (
-                "meridian_gateway_requests_total",
-                "counter",
-                "HTTP requests received",
-                &self.requests,
-            ),
-            (
-                "meridian_gateway_responses_4xx_total",
-                "counter",
-                "4xx answers",
-                &self.responses_4xx,
-            ),
-            (
-                "meridian_gateway_responses_5xx_total",
-                "counter",
-                "5xx answers",
-                &self.responses_5xx,
-            ),
-            (
-                "meridian_gateway_auth_failures_total",
-                "counter",
-                "rejected tokens and admin keys",
+                "auth_failures",
+                "Rejected tokens and admin keys",
                 &self.auth_failures,
             ),
+            ("rate_limited", "429 answers", &self.rate_limited),
+            ("published", "Events acknowledged by the stream", &self.published),
             (
-                "meridian_gateway_rate_limited_total",
-                "counter",
-                "429 answers",
-                &self.rate_limited,
-            ),
-            (
-                "meridian_gateway_published_total",
-                "counter",
-                "events acknowledged by the stream",
-                &self.published,
-            ),
-            (
-                "meridian_gateway_duplicate_publishes_total",
-                "counter",
-                "publishes the stream deduplicated",
+                "duplicate_publishes",
+                "Publishes the stream deduplicated",
                 &self.duplicate_publishes,
             ),
             (
-                "meridian_gateway_ws_connections",
-                "gauge",
-                "open WebSockets",
-                &self.ws_connections,
-            ),
-            (
-                "meridian_gateway_ws_entries_sent_total",
-                "counter",
-                "inbox entries sent over WebSockets",
+                "ws_entries_sent",
+                "Inbox entries sent over WebSockets",
                 &self.ws_entries_sent,
             ),
-            (
-                "meridian_gateway_ws_gap_fills_total",
-                "counter",
-                "gaps filled from the store",
-                &self.ws_gap_fills,
-            ),
+            ("ws_gap_fills", "Gaps filled from the store", &self.ws_gap_fills),
         ];
-        for (name, kind, help, c) in rows {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
-                c.get()
-            );
+        for (name, help, counter) in counters {
+            r.register(name, help, counter.clone());
         }
+        r.register("ws_connections", "Open WebSockets", self.ws_connections.clone());
+        r.register(
+            "online_users",
+            "Users with an open WebSocket here",
+            self.online_users.clone(),
+        );
+        r.register(
+            "publish_seconds",
+            "Seconds from stamping an event to the stream's acknowledgement",
+            self.publish_seconds.clone(),
+        );
+        r.register(
+            "delivery_seconds",
+            "Seconds from an event's acceptance (its HLC) to its live entry on a WebSocket",
+            self.delivery_seconds.clone(),
+        );
+    }
+
+    /// A live entry went out on a WebSocket: how long since its event was accepted.
+    pub fn observe_delivery(&self, entry: &meridian_store::records::InboxEntry) {
+        let Some(at_ms) = entry.entry.as_ref().map(|e| e.at_ms).filter(|&ms| ms > 0) else {
+            return;
+        };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        // Another region's clock may run ahead of ours: no negative latency.
+        self.delivery_seconds
+            .observe(now_ms.saturating_sub(at_ms) as f64 / 1000.0);
     }
 }
 

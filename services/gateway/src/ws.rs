@@ -497,6 +497,7 @@ impl Connection {
 
     async fn send_entry(&mut self, entry: &InboxEntry) -> Result<(), String> {
         self.s.metrics.ws_entries_sent.inc();
+        self.s.metrics.observe_delivery(entry);
         self.write(crate::render::entry_frame(entry)).await
     }
 

@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`config`]: `RegionConfig`, the region file (`regions/<r>.toml`) with env overrides.
+//! - [`logging`]: the log subscriber: text, or JSON lines for log shippers.
 //! - [`region`]: one region process: store + bus + gateway + applier + sweeper, ordered stop.
 //! - [`up`]: `meridian up`, a local deployment: a nats-server and a region process per
 //!   region, supervised, stopped in order.
@@ -11,5 +12,6 @@
 pub mod bench;
 pub mod config;
 pub mod nats_auth;
+pub mod logging;
 pub mod region;
 pub mod up;

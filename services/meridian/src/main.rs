@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use meridian::bench::{self, BenchOptions};
 use meridian::config::RegionConfig;
+use meridian::logging::{self, LogFormat, LOG_FORMAT_ENV};
 use meridian::region::{self, Roles};
 use meridian::up::{self, UpOptions};
 use meridian_model::RegionId;
@@ -24,6 +25,10 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(name = "meridian", version, about = "Meridian: a multi-region IM backend")]
 struct Cli {
+    /// Log lines as text or as JSON objects (for log shippers); processes `up` starts
+    /// inherit it. The level filter is RUST_LOG (default info).
+    #[arg(long, global = true, env = LOG_FORMAT_ENV, value_enum, ignore_case = true, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -136,6 +141,8 @@ struct RoleArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any thread starts: the region processes `meridian up` spawns inherit it.
+    std::env::set_var(LOG_FORMAT_ENV, cli.log_format.as_str());
     raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -156,15 +163,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Region processes under `up` write to log files: no colour codes there.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // Region processes under `up` write to log files: no colour codes there.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::util::SubscriberInitExt::init(logging::subscriber(
+        cli.log_format,
+        logging::env_filter(),
+        std::io::stderr,
+        ansi,
+    ));
 
     // Exports spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set; a no-op otherwise.
     let telemetry = match meridian_telemetry::init() {

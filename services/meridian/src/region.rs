@@ -127,15 +127,14 @@ pub async fn start(cfg: RegionConfig, roles: Roles) -> Result<RunningRegion, Reg
             }
         };
         let addr = gw.local_addr();
+        // One registry for the process, encoded by the gateway's /metrics.
         if roles.applier {
-            let m = applier_metrics.clone();
-            gw.add_metrics(Box::new(move |out| out.push_str(&m.render_prometheus())));
+            applier_metrics.register(gw.metrics_registry());
         }
         // Push runs beside the gateway: "offline" means no WebSocket open here, and the
         // gateway's hub is what knows that.
         if let Some(push_cfg) = cfg.push.clone() {
-            let m = push_metrics.clone();
-            gw.add_metrics(Box::new(move |out| out.push_str(&m.render_prometheus())));
+            push_metrics.register(gw.metrics_registry());
             let hub = gw.hub();
             let presence: Arc<dyn meridian_push::Presence> =
                 Arc::new(move |u: &meridian_model::UserId| hub.presence(u).0);

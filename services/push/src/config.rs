@@ -1,11 +1,13 @@
 //! [`PushConfig`]: which providers are configured, and how hard to try.
 
 use std::fmt;
+use std::path::PathBuf;
 
 use meridian_model::RegionId;
 use serde::Deserialize;
 
 use crate::apns::ApnsSigner;
+use crate::fcm_auth::ServiceAccountKey;
 use crate::PushError;
 
 /// The environment variable that overrides [`PushConfig::webhook_url`] (see
@@ -69,17 +71,23 @@ pub struct ApnsConfig {
     pub topic: String,
 }
 
-/// FCM HTTP v1.
+/// FCM HTTP v1. Exactly one of `service_account_key_file` (production: tokens are minted
+/// and refreshed from it, see [`crate::fcm_auth`]) and `access_token` is set.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FcmConfig {
     #[serde(default = "default_fcm_endpoint")]
     pub endpoint: String,
     pub project_id: String,
-    /// An OAuth2 bearer token for the `firebase.messaging` scope. Minting it from a service
-    /// account (and refreshing it before its hour is up) is left to the deployment, which
-    /// restarts the role with a fresh one; this crate does not hold service-account keys.
-    pub access_token: String,
+    /// The service account's JSON key file as downloaded from the Google Cloud console
+    /// (`client_email`, `private_key`, `token_uri`). Access tokens are requested from its
+    /// `token_uri` and replaced before their hour is up.
+    #[serde(default)]
+    pub service_account_key_file: Option<PathBuf>,
+    /// A fixed OAuth2 bearer token, for a relay or emulator that accepts one. Google's
+    /// tokens expire after an hour, so against FCM itself use `service_account_key_file`.
+    #[serde(default)]
+    pub access_token: Option<String>,
 }
 
 // Secrets stay out of logs: Debug prints everything but the key and the token.
@@ -100,7 +108,8 @@ impl fmt::Debug for FcmConfig {
         f.debug_struct("FcmConfig")
             .field("endpoint", &self.endpoint)
             .field("project_id", &self.project_id)
-            .field("access_token", &"<redacted>")
+            .field("service_account_key_file", &self.service_account_key_file)
+            .field("access_token", &self.access_token.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
@@ -145,11 +154,23 @@ impl ApnsConfig {
 }
 
 impl FcmConfig {
+    /// FCM with a fixed access token (a relay or emulator; see [`FcmConfig::access_token`]).
     pub fn new(project_id: impl Into<String>, access_token: impl Into<String>) -> Self {
         Self {
             endpoint: default_fcm_endpoint(),
             project_id: project_id.into(),
-            access_token: access_token.into(),
+            service_account_key_file: None,
+            access_token: Some(access_token.into()),
+        }
+    }
+
+    /// FCM with tokens minted from a service-account key file.
+    pub fn with_service_account(project_id: impl Into<String>, key_file: impl Into<PathBuf>) -> Self {
+        Self {
+            endpoint: default_fcm_endpoint(),
+            project_id: project_id.into(),
+            service_account_key_file: Some(key_file.into()),
+            access_token: None,
         }
     }
 }
@@ -217,11 +238,25 @@ impl PushConfig {
                     "must be 1+ characters of [a-z0-9-]",
                 ));
             }
-            if f.access_token.trim().is_empty() || f.access_token.chars().any(char::is_control) {
-                return Err(PushError::config(
-                    "fcm.access_token",
-                    "must be a non-empty OAuth2 token",
-                ));
+            match (&f.service_account_key_file, &f.access_token) {
+                (Some(path), None) => {
+                    ServiceAccountKey::from_file(path)
+                        .map_err(|e| PushError::config("fcm.service_account_key_file", e))?;
+                }
+                (None, Some(token)) => {
+                    if token.trim().is_empty() || token.chars().any(char::is_control) {
+                        return Err(PushError::config(
+                            "fcm.access_token",
+                            "must be a non-empty OAuth2 token",
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(PushError::config(
+                        "fcm.service_account_key_file",
+                        "set exactly one of service_account_key_file and access_token",
+                    ))
+                }
             }
         }
         if !(1..=100).contains(&self.max_attempts) {
@@ -312,6 +347,14 @@ mod tests {
         let fcm: FcmConfig =
             serde_json::from_value(serde_json::json!({"project_id": "p", "access_token": "t"})).unwrap();
         assert_eq!(fcm.endpoint, FCM_DEFAULT_ENDPOINT);
+        let fcm: FcmConfig = serde_json::from_value(
+            serde_json::json!({"project_id": "p", "service_account_key_file": "/etc/meridian/fcm.json"}),
+        )
+        .unwrap();
+        assert_eq!(
+            fcm.service_account_key_file.as_deref(),
+            Some(std::path::Path::new("/etc/meridian/fcm.json"))
+        );
     }
 
     #[test]
@@ -350,8 +393,14 @@ mod tests {
         c.fcm.as_mut().unwrap().project_id = "My/Project".into();
         assert_eq!(field(&c), "fcm.project_id");
         let mut c = full();
-        c.fcm.as_mut().unwrap().access_token = "".into();
+        c.fcm.as_mut().unwrap().access_token = Some("".into());
         assert_eq!(field(&c), "fcm.access_token");
+        let mut c = full();
+        c.fcm.as_mut().unwrap().service_account_key_file = Some("/nonexistent/key.json".into());
+        assert_eq!(field(&c), "fcm.service_account_key_file", "both set");
+        let mut c = full();
+        c.fcm.as_mut().unwrap().access_token = None;
+        assert_eq!(field(&c), "fcm.service_account_key_file", "missing file");
         let mut c = full();
         c.fcm.as_mut().unwrap().endpoint = "".into();
         assert_eq!(field(&c), "fcm.endpoint");

@@ -61,6 +61,13 @@ impl RecentKeys {
         }
         true
     }
+
+    /// Gives up a claim (the work it guarded failed and may be tried again). The queue
+    /// keeps its slot, so a key claimed again may be forgotten a little early: a repeat,
+    /// never a loss.
+    pub(crate) fn forget(&mut self, k: &Key) {
+        self.set.remove(k);
+    }
 }
 
 #[cfg(test)]

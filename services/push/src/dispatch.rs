@@ -5,7 +5,9 @@ use std::hash::{BuildHasher as _, Hasher as _};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use meridian_model::{ConversationId, UserId};
+use meridian_bus::Bus;
+use meridian_model::events::{self, event_envelope::Body, EventEnvelope};
+use meridian_model::{ConversationId, EventId, HybridClock, UserId};
 use meridian_store::directory::DeviceView;
 use meridian_store::records::InboxEntry;
 use meridian_store::{Store, StoreError};
@@ -21,6 +23,11 @@ use crate::{Presence, PushConfig, PushError};
 /// before the entry is given up; the device still syncs it, so this need not be patient.
 const STORE_ATTEMPTS: u32 = 3;
 const STORE_BACKOFF: Duration = Duration::from_millis(50);
+/// Dead tokens remembered as already removed; they arrive in bursts (one per entry under
+/// way to the device), so a few thousand cover it.
+const UNREGISTERED_CAPACITY: usize = 4_096;
+/// The actor of events push publishes, as "admin" is the actor of admin calls.
+pub(crate) const PUSH_ACTOR: &str = "push";
 
 pub(crate) struct Dispatcher {
     cfg: PushConfig,
@@ -29,6 +36,12 @@ pub(crate) struct Dispatcher {
     metrics: Arc<PushMetrics>,
     providers: Providers,
     recent: Mutex<RecentKeys>,
+    /// Where a dead device token's removal is published, stamped with this clock.
+    bus: Bus,
+    clock: HybridClock,
+    /// (user, device, token) removals already published: every notification under way to
+    /// a dead token hears the same answer, and one event is enough.
+    unregistered: Mutex<RecentKeys>,
     /// Provider requests in flight. Held for one request, not across a backoff sleep, so
     /// a provider that is failing does not hold slots while it waits.
     sends: Semaphore,
@@ -37,6 +50,7 @@ pub(crate) struct Dispatcher {
 impl Dispatcher {
     pub(crate) fn new(
         cfg: PushConfig,
+        bus: Bus,
         store: Store,
         presence: Arc<dyn Presence>,
         metrics: Arc<PushMetrics>,
@@ -50,6 +64,9 @@ impl Dispatcher {
             metrics,
             providers,
             recent: Mutex::new(RecentKeys::new(dedup::CAPACITY)),
+            bus,
+            clock: HybridClock::new(),
+            unregistered: Mutex::new(RecentKeys::new(UNREGISTERED_CAPACITY)),
             sends,
         })
     }
@@ -154,6 +171,12 @@ impl Dispatcher {
                     tracing::debug!(user = %n.user_id, device = %n.device_id, seq = n.seq, provider = provider.as_str(), attempt, "push: sent");
                     return;
                 }
+                Attempt::Unregistered { reason } => {
+                    m.record_unregistered(provider);
+                    tracing::info!(user = %n.user_id, device = %n.device_id, seq = n.seq, provider = provider.as_str(), %reason, "push: the device token is dead; unregistering the device");
+                    self.unregister(&n).await;
+                    return;
+                }
                 Attempt::Permanent { reason } => {
                     m.record_failed(provider);
                     tracing::warn!(user = %n.user_id, device = %n.device_id, seq = n.seq, provider = provider.as_str(), %reason, "push: refused; not retrying");
@@ -172,6 +195,59 @@ impl Dispatcher {
                 }
             }
         }
+    }
+
+    /// Removes a registration whose token the provider reported dead, the way the device
+    /// itself would: a `DeviceUnregistered` event on the region's stream, applied by the
+    /// applier like any other and replicated with it. Push never writes the store. The
+    /// event names the dead token, so a registration renewed with a new token since (the
+    /// app reinstalled) is not the one removed.
+    async fn unregister(&self, n: &Notification) {
+        let claim = dedup::key(&n.user_id, &n.device_id, 0, n.token.as_bytes());
+        let first = match self.unregistered.lock() {
+            Ok(mut r) => r.insert(claim),
+            Err(poisoned) => poisoned.into_inner().insert(claim),
+        };
+        if !first {
+            return;
+        }
+        let mut span = meridian_telemetry::start_in_current(
+            meridian_telemetry::Role::Push,
+            "unregister device",
+            meridian_telemetry::SpanKind::Producer,
+        );
+        let event_id = EventId::new_v7();
+        let envelope = EventEnvelope {
+            event_id: event_id.as_bytes().to_vec(),
+            origin_region: self.bus.region().to_string(),
+            hlc: self.clock.now().0,
+            actor: PUSH_ACTOR.into(),
+            actor_device: String::new(),
+            traceparent: span.traceparent(),
+            tracestate: String::new(),
+            body: Some(Body::DeviceUnregistered(events::DeviceUnregistered {
+                user_id: n.user_id.clone(),
+                device_id: n.device_id.clone(),
+                token: n.token.clone(),
+            })),
+        };
+        match self.bus.publish_event(&envelope).await {
+            Ok(ack) => {
+                bump(&self.metrics.devices_unregistered);
+                span.set_attribute("meridian.stream_seq", ack.stream_seq as i64);
+                tracing::info!(user = %n.user_id, device = %n.device_id, %event_id, stream_seq = ack.stream_seq, "push: device unregistered");
+            }
+            Err(e) => {
+                bump(&self.metrics.unregister_failures);
+                span.set_error(e.to_string());
+                tracing::warn!(user = %n.user_id, device = %n.device_id, error = %e, "push: publishing the device removal failed; the next dead-token answer tries again");
+                match self.unregistered.lock() {
+                    Ok(mut r) => r.forget(&claim),
+                    Err(poisoned) => poisoned.into_inner().forget(&claim),
+                }
+            }
+        }
+        span.end();
     }
 
     /// `first_backoff_ms` doubled per retry, capped at `max_backoff_ms`, with jitter into
@@ -233,8 +309,8 @@ fn backoff(first_ms: u64, cap_ms: u64, attempt: u32, retry_after: Option<Duratio
     Duration::from_millis(jittered.max(floor))
 }
 
-fn bump(c: &std::sync::atomic::AtomicU64) {
-    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+fn bump(c: &prometheus_client::metrics::counter::Counter) {
+    c.inc();
 }
 
 /// A value in `0..=span`, random enough for jitter: std's `RandomState` is seeded per

@@ -16,11 +16,15 @@
 //! - `metrics`: [`PushMetrics`], atomics rendered as Prometheus text (`meridian_push_*`).
 //! - `payload`: [`Notification`] and the provider request bodies built from it (pure).
 //! - `apns`: the ES256 provider-token signer and its ~50 minute cache.
+//! - `fcm_auth`: FCM access tokens minted from a service-account key and refreshed before
+//!   they expire.
 //! - `providers`: the HTTP clients and one attempt per provider, classified as sent,
 //!   retryable or permanent.
 //! - `dedup`: a bounded set of recently notified (user, device, seq, order key) keys.
-//! - `dispatch`: one entry's filters (presence, own message, mute, devices) and one
-//!   device's retry loop.
+//! - `dispatch`: one entry's filters (presence, own message, mute, devices), one device's
+//!   retry loop, and the removal of a registration whose token the provider reported dead
+//!   (a `DeviceUnregistered` event on the region's stream: push publishes, never writes the
+//!   store).
 //! - this file: [`Presence`], [`PushError`] and [`run`], the subscription loop with its
 //!   bounded set of in-flight entry tasks and graceful shutdown.
 
@@ -28,6 +32,7 @@ mod apns;
 mod config;
 mod dedup;
 mod dispatch;
+mod fcm_auth;
 mod metrics;
 mod payload;
 mod providers;
@@ -48,6 +53,7 @@ use tokio_util::sync::CancellationToken;
 pub use config::{
     ApnsConfig, FcmConfig, PushConfig, APNS_DEFAULT_ENDPOINT, FCM_DEFAULT_ENDPOINT, WEBHOOK_URL_ENV,
 };
+pub use fcm_auth::ServiceAccountKey;
 pub use metrics::{ProviderMetrics, PushMetrics};
 pub use payload::{apns_body, fcm_body, webhook_body, Notification};
 pub use providers::Provider;
@@ -150,7 +156,13 @@ impl Push {
         }
         let concurrency = cfg.concurrency;
         let grace = Duration::from_millis(cfg.shutdown_grace_ms);
-        let dispatcher = Arc::new(dispatch::Dispatcher::new(cfg, store, presence, metrics.clone())?);
+        let dispatcher = Arc::new(dispatch::Dispatcher::new(
+            cfg,
+            bus.clone(),
+            store,
+            presence,
+            metrics.clone(),
+        )?);
         let sub = bus.subscribe(bus.delivery_wildcard()).await?;
         bus.ping().await?;
         tracing::info!(subject = %bus.delivery_wildcard(), "push: watching deliveries");

@@ -1,62 +1,130 @@
-//! [`PushMetrics`]: counters since start, shared (via `Arc`) with whoever serves `/metrics`.
+//! [`PushMetrics`]: counters since start, shared (via `Arc`) with whoever serves `/metrics`,
+//! which encodes them from the process's one prometheus-client registry
+//! ([`PushMetrics::register`]).
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 use crate::providers::Provider;
 
-/// One provider's counters. `attempts` counts HTTP requests made (first tries and retries).
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabel {
+    provider: &'static str,
+}
+
+/// One provider's counters: series of the `meridian_push_provider_*` families.
+/// `attempts` counts HTTP requests made (first tries and retries).
+#[derive(Debug)]
 pub struct ProviderMetrics {
-    pub attempts: AtomicU64,
-    pub sent: AtomicU64,
-    pub failed: AtomicU64,
-    pub retries: AtomicU64,
+    pub attempts: Counter,
+    pub sent: Counter,
+    pub failed: Counter,
+    pub retries: Counter,
+    /// Notifications the provider answered with "this device token is dead".
+    pub unregistered: Counter,
+}
+
+/// The labelled families; the named fields of [`PushMetrics`] and [`ProviderMetrics`] are
+/// their series (a `Counter` clone shares its value), created up front so every series is
+/// exported from the start, at zero.
+#[derive(Debug, Default)]
+struct Families {
+    skipped: Family<ReasonLabel, Counter>,
+    attempts: Family<ProviderLabel, Counter>,
+    sent: Family<ProviderLabel, Counter>,
+    failed: Family<ProviderLabel, Counter>,
+    retries: Family<ProviderLabel, Counter>,
+    unregistered: Family<ProviderLabel, Counter>,
 }
 
 /// Every counter is monotonic except the `in_flight` gauge.
 ///
 /// One delivery ends in exactly one of: a `skipped_*`, `undecodable`, `store_errors`, or
 /// per device one of `notifications_sent`, `failed`, `duplicates`, `skipped_unsupported`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PushMetrics {
     /// Deliveries read from the bus.
-    pub entries: AtomicU64,
+    pub entries: Counter,
     /// Device notifications a provider accepted.
-    pub notifications_sent: AtomicU64,
-    /// Device notifications given up on: a permanent refusal (4xx other than 429) or
-    /// `max_attempts` used up.
-    pub failed: AtomicU64,
+    pub notifications_sent: Counter,
+    /// Device notifications given up on: a permanent refusal (4xx other than 429), a dead
+    /// token, or `max_attempts` used up.
+    pub failed: Counter,
     /// Attempts that were followed by another (5xx, 429, transport errors).
-    pub retries: AtomicU64,
+    pub retries: Counter,
     /// The user had a live connection in the region.
-    pub skipped_online: AtomicU64,
+    pub skipped_online: Counter,
     /// The user muted the conversation.
-    pub skipped_muted: AtomicU64,
+    pub skipped_muted: Counter,
     /// The user has no registered device.
-    pub skipped_no_device: AtomicU64,
+    pub skipped_no_device: Counter,
     /// The user's own action (their message, their read): their other devices sync it.
-    pub skipped_own: AtomicU64,
+    pub skipped_own: Counter,
     /// Device notifications whose platform has no configured provider (or is unknown).
-    pub skipped_unsupported: AtomicU64,
+    pub skipped_unsupported: Counter,
     /// Device notifications already made for the same entry (a republished delivery).
-    pub duplicates: AtomicU64,
+    pub duplicates: Counter,
     /// Deliveries that were not an inbox entry for a user.
-    pub undecodable: AtomicU64,
+    pub undecodable: Counter,
     /// Deliveries dropped because the store could not be read (after retries).
-    pub store_errors: AtomicU64,
+    pub store_errors: Counter,
+    /// Device registrations removed (a `DeviceUnregistered` event published) because the
+    /// provider reported the token dead.
+    pub devices_unregistered: Counter,
+    /// Such removals whose publish failed (the next dead-token answer tries again).
+    pub unregister_failures: Counter,
     /// Entry tasks running now.
-    pub in_flight: AtomicU64,
+    pub in_flight: Gauge,
     pub webhook: ProviderMetrics,
     pub apns: ProviderMetrics,
     pub fcm: ProviderMetrics,
+    families: Families,
 }
 
-/// Picks one counter out of a provider's set, for rendering.
-type ProviderField = fn(&ProviderMetrics) -> &AtomicU64;
-
-fn inc(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
+impl Default for PushMetrics {
+    fn default() -> Self {
+        let families = Families::default();
+        let skipped = |reason| families.skipped.get_or_create(&ReasonLabel { reason }).clone();
+        let provider = |p: Provider| {
+            let label = ProviderLabel { provider: p.as_str() };
+            ProviderMetrics {
+                attempts: families.attempts.get_or_create(&label).clone(),
+                sent: families.sent.get_or_create(&label).clone(),
+                failed: families.failed.get_or_create(&label).clone(),
+                retries: families.retries.get_or_create(&label).clone(),
+                unregistered: families.unregistered.get_or_create(&label).clone(),
+            }
+        };
+        Self {
+            entries: Counter::default(),
+            notifications_sent: Counter::default(),
+            failed: Counter::default(),
+            retries: Counter::default(),
+            skipped_online: skipped("online"),
+            skipped_muted: skipped("muted"),
+            skipped_no_device: skipped("no_device"),
+            skipped_own: skipped("own"),
+            skipped_unsupported: skipped("unsupported"),
+            duplicates: Counter::default(),
+            undecodable: Counter::default(),
+            store_errors: Counter::default(),
+            devices_unregistered: Counter::default(),
+            unregister_failures: Counter::default(),
+            in_flight: Gauge::default(),
+            webhook: provider(Provider::Webhook),
+            apns: provider(Provider::Apns),
+            fcm: provider(Provider::Fcm),
+            families,
+        }
+    }
 }
 
 impl PushMetrics {
@@ -68,112 +136,111 @@ impl PushMetrics {
         }
     }
 
-    pub(crate) fn record_entry(&self) {
-        inc(&self.entries);
-    }
-    pub(crate) fn record_undecodable(&self) {
-        inc(&self.undecodable);
-    }
-    pub(crate) fn set_in_flight(&self, n: usize) {
-        self.in_flight.store(n as u64, Ordering::Relaxed);
-    }
-    pub(crate) fn record_attempt(&self, p: Provider) {
-        inc(&self.provider(p).attempts);
-    }
-    pub(crate) fn record_sent(&self, p: Provider) {
-        inc(&self.notifications_sent);
-        inc(&self.provider(p).sent);
-    }
-    pub(crate) fn record_failed(&self, p: Provider) {
-        inc(&self.failed);
-        inc(&self.provider(p).failed);
-    }
-    pub(crate) fn record_retry(&self, p: Provider) {
-        inc(&self.retries);
-        inc(&self.provider(p).retries);
-    }
-
-    /// The counters in Prometheus text exposition format.
-    pub fn render_prometheus(&self) -> String {
-        let mut out = String::new();
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    /// Registers every metric under `meridian_push_` (counters get `_total`).
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("meridian_push");
         let plain = [
-            ("entries", &self.entries, "Deliveries read from the bus."),
+            ("entries", "Deliveries read from the bus", &self.entries),
             (
                 "notifications_sent",
+                "Device notifications a provider accepted",
                 &self.notifications_sent,
-                "Device notifications a provider accepted.",
             ),
             (
                 "notifications_failed",
+                "Device notifications given up on (refused, dead token, or attempts used up)",
                 &self.failed,
-                "Device notifications given up on (refused, or attempts used up).",
             ),
-            ("retries", &self.retries, "Provider attempts followed by a retry."),
+            ("retries", "Provider attempts followed by a retry", &self.retries),
             (
                 "duplicates",
+                "Device notifications skipped as already made for the same entry",
                 &self.duplicates,
-                "Device notifications skipped as already made for the same entry.",
             ),
             (
                 "undecodable",
+                "Deliveries that were not an inbox entry",
                 &self.undecodable,
-                "Deliveries that were not an inbox entry.",
             ),
             (
                 "store_errors",
+                "Deliveries dropped because the store could not be read",
                 &self.store_errors,
-                "Deliveries dropped because the store could not be read.",
+            ),
+            (
+                "devices_unregistered",
+                "Device registrations removed because the provider reported the token dead",
+                &self.devices_unregistered,
+            ),
+            (
+                "unregister_failures",
+                "Device removals whose event could not be published",
+                &self.unregister_failures,
             ),
         ];
-        for (name, v, help) in plain {
-            let _ = writeln!(out, "# HELP meridian_push_{name}_total {help}");
-            let _ = writeln!(out, "# TYPE meridian_push_{name}_total counter");
-            let _ = writeln!(out, "meridian_push_{name}_total {}", load(v));
+        for (name, help, counter) in plain {
+            r.register(name, help, counter.clone());
         }
-
-        let _ = writeln!(
-            out,
-            "# HELP meridian_push_skipped_total Deliveries or device notifications not pushed, by reason."
+        r.register(
+            "skipped",
+            "Deliveries or device notifications not pushed, by reason",
+            self.families.skipped.clone(),
         );
-        let _ = writeln!(out, "# TYPE meridian_push_skipped_total counter");
-        for (reason, v) in [
-            ("online", &self.skipped_online),
-            ("muted", &self.skipped_muted),
-            ("no_device", &self.skipped_no_device),
-            ("own", &self.skipped_own),
-            ("unsupported", &self.skipped_unsupported),
+        let f = &self.families;
+        for (name, help, family) in [
+            ("provider_attempts", "Provider requests made", &f.attempts),
+            ("provider_sent", "Notifications the provider accepted", &f.sent),
+            ("provider_failed", "Notifications given up on", &f.failed),
+            ("provider_retries", "Requests followed by a retry", &f.retries),
+            (
+                "provider_unregistered",
+                "Notifications answered with \"this device token is dead\"",
+                &f.unregistered,
+            ),
         ] {
-            let _ = writeln!(
-                out,
-                "meridian_push_skipped_total{{reason=\"{reason}\"}} {}",
-                load(v)
-            );
+            r.register(name, help, family.clone());
         }
+        r.register("in_flight", "Entries being handled now", self.in_flight.clone());
+    }
 
-        let families: [(&str, &str, ProviderField); 4] = [
-            ("attempts", "Provider requests made.", |p| &p.attempts),
-            ("sent", "Notifications the provider accepted.", |p| &p.sent),
-            ("failed", "Notifications given up on.", |p| &p.failed),
-            ("retries", "Requests followed by a retry.", |p| &p.retries),
-        ];
-        for (name, help, get) in families {
-            let _ = writeln!(out, "# HELP meridian_push_provider_{name}_total {help}");
-            let _ = writeln!(out, "# TYPE meridian_push_provider_{name}_total counter");
-            for p in Provider::ALL {
-                let _ = writeln!(
-                    out,
-                    "meridian_push_provider_{name}_total{{provider=\"{}\"}} {}",
-                    p.as_str(),
-                    load(get(self.provider(p)))
-                );
-            }
-        }
-
-        let _ = writeln!(out, "# HELP meridian_push_in_flight Entries being handled now.");
-        let _ = writeln!(out, "# TYPE meridian_push_in_flight gauge");
-        let _ = writeln!(out, "meridian_push_in_flight {}", load(&self.in_flight));
+    /// These metrics alone in the exposition format (tests, debugging); `/metrics`
+    /// encodes the process registry instead.
+    pub fn render_prometheus(&self) -> String {
+        let mut registry = Registry::default();
+        self.register(&mut registry);
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
+    }
+
+    pub(crate) fn record_entry(&self) {
+        self.entries.inc();
+    }
+    pub(crate) fn record_undecodable(&self) {
+        self.undecodable.inc();
+    }
+    pub(crate) fn set_in_flight(&self, n: usize) {
+        self.in_flight.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    pub(crate) fn record_attempt(&self, p: Provider) {
+        self.provider(p).attempts.inc();
+    }
+    pub(crate) fn record_sent(&self, p: Provider) {
+        self.notifications_sent.inc();
+        self.provider(p).sent.inc();
+    }
+    pub(crate) fn record_failed(&self, p: Provider) {
+        self.failed.inc();
+        self.provider(p).failed.inc();
+    }
+    pub(crate) fn record_unregistered(&self, p: Provider) {
+        self.record_failed(p);
+        self.provider(p).unregistered.inc();
+    }
+    pub(crate) fn record_retry(&self, p: Provider) {
+        self.retries.inc();
+        self.provider(p).retries.inc();
     }
 }
 
@@ -188,7 +255,7 @@ mod tests {
         m.record_retry(Provider::Webhook);
         m.record_retry(Provider::Webhook);
         m.record_failed(Provider::Fcm);
-        inc(&m.skipped_muted);
+        m.skipped_muted.inc();
         let text = m.render_prometheus();
         for line in [
             "meridian_push_notifications_sent_total 1",
@@ -206,8 +273,9 @@ mod tests {
         // Every sample line belongs to a declared family.
         for l in text.lines().filter(|l| !l.starts_with('#')) {
             let name = l.split(['{', ' ']).next().unwrap();
+            let family = name.strip_suffix("_total").unwrap_or(name);
             assert!(
-                text.contains(&format!("# TYPE {name} ")),
+                text.contains(&format!("# TYPE {family} ")),
                 "{name} has no TYPE line"
             );
         }

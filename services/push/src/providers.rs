@@ -4,8 +4,10 @@
 //! Retry rules (the same for every provider): 2xx is sent; 429 and 5xx are retried, after
 //! the provider's `Retry-After` if it gave one; any other 4xx is permanent (a bad or
 //! unregistered token, a wrong topic: resending cannot fix it); transport errors (connect,
-//! reset, timeout) are retried. APNs' `403 ExpiredProviderToken` is the one 4xx retried:
-//! the cached token is dropped and the retry carries a fresh one.
+//! reset, timeout) are retried. APNs' `403 ExpiredProviderToken` and FCM's 401 (with a
+//! minted access token) are the 4xx retried: the cached token is dropped and the retry
+//! carries a fresh one. APNs 410 and FCM 404 `UNREGISTERED` say the device token is dead:
+//! [`Attempt::Unregistered`], and the dispatcher has the registration removed.
 
 use std::time::Duration;
 
@@ -14,6 +16,7 @@ use reqwest::{Client, Response, StatusCode};
 
 use crate::apns::{ApnsSigner, TokenCache};
 use crate::config::PushConfig;
+use crate::fcm_auth::{ServiceAccountKey, ServiceAccountTokens, TokenError};
 use crate::payload::{apns_body, apns_kind_headers, fcm_body, webhook_body, Notification};
 use crate::PushError;
 
@@ -66,6 +69,11 @@ pub(crate) enum Attempt {
     Permanent {
         reason: String,
     },
+    /// The provider says the device token is dead (the app was uninstalled, the token
+    /// rotated): resending will not help, and the registration should go.
+    Unregistered {
+        reason: String,
+    },
 }
 
 pub(crate) struct Providers {
@@ -89,7 +97,13 @@ struct Apns {
 struct Fcm {
     client: Client,
     url: String,
-    bearer: HeaderValue,
+    auth: FcmAuth,
+}
+
+enum FcmAuth {
+    Fixed(HeaderValue),
+    // Boxed: one per process, and the key pair makes it ten times the fixed variant.
+    ServiceAccount(Box<ServiceAccountTokens>),
 }
 
 impl Providers {
@@ -129,17 +143,39 @@ impl Providers {
         };
         let fcm = match &cfg.fcm {
             Some(f) => {
-                let mut bearer = HeaderValue::from_str(&format!("Bearer {}", f.access_token))
-                    .map_err(|_| PushError::config("fcm.access_token", "is not a valid header value"))?;
-                bearer.set_sensitive(true);
+                let client = build(http())?;
+                let auth = match (&f.service_account_key_file, &f.access_token) {
+                    (Some(path), _) => {
+                        let field = "fcm.service_account_key_file";
+                        let key =
+                            ServiceAccountKey::from_file(path).map_err(|e| PushError::config(field, e))?;
+                        FcmAuth::ServiceAccount(Box::new(
+                            ServiceAccountTokens::new(&key, client.clone())
+                                .map_err(|e| PushError::config(field, e))?,
+                        ))
+                    }
+                    (None, Some(token)) => {
+                        let mut bearer = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                            PushError::config("fcm.access_token", "is not a valid header value")
+                        })?;
+                        bearer.set_sensitive(true);
+                        FcmAuth::Fixed(bearer)
+                    }
+                    (None, None) => {
+                        return Err(PushError::config(
+                            "fcm.service_account_key_file",
+                            "set exactly one of service_account_key_file and access_token",
+                        ))
+                    }
+                };
                 Some(Fcm {
-                    client: build(http())?,
+                    client,
                     url: format!(
                         "{}/v1/projects/{}/messages:send",
                         f.endpoint.trim_end_matches('/'),
                         f.project_id
                     ),
-                    bearer,
+                    auth,
                 })
             }
             None => None,
@@ -229,6 +265,12 @@ impl Apns {
             Ok(r) => r,
             Err(e) => return transport(e),
         };
+        // 410: the token is no longer active for the topic (`Unregistered`, `ExpiredToken`).
+        if resp.status() == StatusCode::GONE {
+            return Attempt::Unregistered {
+                reason: format!("410 {}", error_body(resp).await),
+            };
+        }
         if resp.status() == StatusCode::FORBIDDEN {
             let body = error_body(resp).await;
             if body.contains("ExpiredProviderToken") {
@@ -248,16 +290,69 @@ impl Apns {
 
 impl Fcm {
     async fn send(&self, n: &Notification) -> Attempt {
+        let bearer = match &self.auth {
+            FcmAuth::Fixed(b) => b.clone(),
+            FcmAuth::ServiceAccount(tokens) => match tokens.bearer().await {
+                Ok(b) => b,
+                Err(TokenError::Retry(reason)) => {
+                    return Attempt::Retry {
+                        reason: format!("no access token: {reason}"),
+                        after: None,
+                    }
+                }
+                Err(TokenError::Permanent(reason)) => {
+                    return Attempt::Permanent {
+                        reason: format!("no access token: {reason}"),
+                    }
+                }
+            },
+        };
         let req = self
             .client
             .post(&self.url)
-            .header(AUTHORIZATION, self.bearer.clone())
+            .header(AUTHORIZATION, bearer.clone())
             .json(&fcm_body(n));
-        match req.send().await {
-            Ok(resp) => classify(resp).await,
-            Err(e) => transport(e),
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => return transport(e),
+        };
+        match resp.status() {
+            // The token expired early or was revoked: a minted one is dropped and the retry
+            // carries a fresh one. A fixed token cannot be refreshed.
+            StatusCode::UNAUTHORIZED => {
+                let reason = format!("401 {}", error_body(resp).await);
+                match &self.auth {
+                    FcmAuth::ServiceAccount(tokens) => {
+                        tokens.invalidate(&bearer).await;
+                        Attempt::Retry { reason, after: None }
+                    }
+                    FcmAuth::Fixed(_) => Attempt::Permanent { reason },
+                }
+            }
+            StatusCode::NOT_FOUND => {
+                let body = error_body(resp).await;
+                let reason = format!("404 {body}");
+                if fcm_says_unregistered(&body) {
+                    Attempt::Unregistered { reason }
+                } else {
+                    Attempt::Permanent { reason }
+                }
+            }
+            _ => classify(resp).await,
         }
     }
+}
+
+/// FCM answers a dead registration token with 404 and error code `UNREGISTERED`. A 404
+/// without it (a wrong project id, say) says nothing about the device and must not remove
+/// it.
+fn fcm_says_unregistered(body: &str) -> bool {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(body) else {
+        return false;
+    };
+    v["error"]["details"]
+        .as_array()
+        .is_some_and(|details| details.iter().any(|d| d["errorCode"] == "UNREGISTERED"))
 }
 
 /// The shared status rules (module doc).
@@ -327,6 +422,18 @@ mod tests {
             assert_eq!(Provider::from_platform(p.as_str()), Some(p));
         }
         assert_eq!(Provider::from_platform("sms"), None);
+    }
+
+    #[test]
+    fn only_fcm_unregistered_errors_name_a_dead_token() {
+        let unregistered = r#"{"error":{"code":404,"message":"Requested entity was not found.","status":"NOT_FOUND","details":[{"@type":"type.googleapis.com/google.firebase.fcm.v1.FcmError","errorCode":"UNREGISTERED"}]}}"#;
+        assert!(fcm_says_unregistered(unregistered));
+        // A wrong project id is a 404 too, without the error code: the device stays.
+        let wrong_project =
+            r#"{"error":{"code":404,"message":"Requested entity was not found.","status":"NOT_FOUND"}}"#;
+        assert!(!fcm_says_unregistered(wrong_project));
+        assert!(!fcm_says_unregistered("UNREGISTERED"));
+        assert!(!fcm_says_unregistered(""));
     }
 
     #[test]

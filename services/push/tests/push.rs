@@ -6,7 +6,6 @@
 //! delivery subjects.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -57,8 +56,9 @@ struct Recorded {
 #[derive(Default)]
 struct ServerState {
     requests: Mutex<Vec<Recorded>>,
-    /// Statuses to answer, in order; once used up, `default_status`.
-    script: Mutex<VecDeque<u16>>,
+    /// Statuses (and bodies, when given) to answer, in order; once used up,
+    /// `default_status`.
+    script: Mutex<VecDeque<(u16, Option<Value>)>>,
     default_status: Mutex<u16>,
     delay: Mutex<Duration>,
 }
@@ -74,8 +74,14 @@ impl Recorder {
     /// Answers `script` in order, then `then` for every later request. Speaks HTTP/1.1 and
     /// prior-knowledge HTTP/2 (h2c) on the same port, like axum's server does.
     async fn start(script: &[u16], then: u16) -> Result<Recorder> {
+        let replies: Vec<(u16, Option<Value>)> = script.iter().map(|s| (*s, None)).collect();
+        Self::start_replies(replies, then).await
+    }
+
+    /// Like [`Recorder::start`], with the body of each scripted answer given.
+    async fn start_replies(script: Vec<(u16, Option<Value>)>, then: u16) -> Result<Recorder> {
         let state = Arc::new(ServerState::default());
-        *state.script.lock().unwrap() = script.iter().copied().collect();
+        *state.script.lock().unwrap() = script.into_iter().collect();
         *state.default_status.lock().unwrap() = then;
         let app = axum::Router::new().fallback(record).with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -127,18 +133,20 @@ async fn record(State(state): State<Arc<ServerState>>, req: Request) -> impl Int
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let status = state
+    let (status, body) = state
         .script
         .lock()
         .unwrap()
         .pop_front()
-        .unwrap_or(*state.default_status.lock().unwrap());
+        .unwrap_or((*state.default_status.lock().unwrap(), None));
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let reply = if status.is_success() {
-        json!({"name": "projects/p/messages/1"})
-    } else {
-        json!({"reason": "Scripted"})
-    };
+    let reply = body.unwrap_or_else(|| {
+        if status.is_success() {
+            json!({"name": "projects/p/messages/1"})
+        } else {
+            json!({"reason": "Scripted"})
+        }
+    });
     (status, axum::Json(reply))
 }
 
@@ -294,6 +302,35 @@ impl Region {
         Ok(deliveries)
     }
 
+    /// The real applier on the region's stream, for the events push publishes. Returns its
+    /// stop token; it stops with the test's runtime otherwise.
+    async fn start_applier(&self) -> Result<CancellationToken> {
+        self.bus.ensure_stream().await?;
+        let stop = CancellationToken::new();
+        tokio::spawn(meridian_applier::run(
+            meridian_applier::ApplierConfig::new(RegionId::parse(REGION)?),
+            self.bus.clone(),
+            self.store.clone(),
+            stop.clone(),
+        ));
+        Ok(stop)
+    }
+
+    /// Polls until `user` has no active device registration.
+    async fn wait_no_devices(&self, user: &str) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let devices = self.store.devices(&uid(user)).await?;
+            if devices.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("the registration was never removed: {user} still has {devices:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// What the applier does after a commit.
     async fn publish(&self, deliveries: &[Delivery]) -> Result<()> {
         for d in deliveries {
@@ -347,7 +384,7 @@ async fn start_push(region: &Region, cfg: PushConfig, online: &'static [&'static
     // The probe is not an inbox entry, so it only counts as undecodable.
     let probe_user = uid("probe");
     let deadline = tokio::time::Instant::now() + WAIT;
-    while metrics.undecodable.load(Ordering::SeqCst) == 0 {
+    while metrics.undecodable.get() == 0 {
         if task.is_finished() {
             bail!("push exited early: {:?}", task.await);
         }
@@ -366,8 +403,8 @@ async fn start_push(region: &Region, cfg: PushConfig, online: &'static [&'static
 }
 
 impl Running {
-    fn get(&self, f: impl Fn(&PushMetrics) -> &std::sync::atomic::AtomicU64) -> u64 {
-        f(&self.metrics).load(Ordering::SeqCst)
+    fn get(&self, f: impl Fn(&PushMetrics) -> &prometheus_client::metrics::counter::Counter) -> u64 {
+        f(&self.metrics).get()
     }
 
     /// Waits until `cond` holds on the metrics, then a little longer so anything that
@@ -397,7 +434,7 @@ impl Running {
 }
 
 fn done(m: &PushMetrics) -> u64 {
-    m.notifications_sent.load(Ordering::SeqCst) + m.failed.load(Ordering::SeqCst)
+    m.notifications_sent.get() + m.failed.get()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -464,10 +501,8 @@ async fn online_user_gets_no_push() -> Result<()> {
 
     let deliveries = region.message("ann", &cid, "m1").await?;
     region.publish(&deliveries).await?;
-    push.wait_for("the online skip", |m| {
-        m.skipped_online.load(Ordering::SeqCst) >= 1
-    })
-    .await?;
+    push.wait_for("the online skip", |m| m.skipped_online.get() >= 1)
+        .await?;
     assert!(hook.requests().is_empty());
     assert_eq!(push.get(|m| &m.skipped_online), 1);
     assert_eq!(push.get(|m| &m.notifications_sent), 0);
@@ -487,7 +522,7 @@ async fn muted_conversation_gets_no_push() -> Result<()> {
 
     let deliveries = region.message("ann", &cid, "m1").await?;
     region.publish(&deliveries).await?;
-    push.wait_for("the muted skip", |m| m.skipped_muted.load(Ordering::SeqCst) >= 1)
+    push.wait_for("the muted skip", |m| m.skipped_muted.get() >= 1)
         .await?;
     assert!(hook.requests().is_empty());
     assert_eq!(push.get(|m| &m.skipped_muted), 1);
@@ -617,7 +652,7 @@ async fn the_same_entry_published_twice_notifies_once() -> Result<()> {
     region.publish(&[bob.clone(), bob.clone()]).await?;
     push.wait_for("the notification", |m| done(m) >= 1).await?;
     region.publish(std::slice::from_ref(&bob)).await?;
-    push.wait_for("both duplicates", |m| m.duplicates.load(Ordering::SeqCst) >= 2)
+    push.wait_for("both duplicates", |m| m.duplicates.get() >= 2)
         .await?;
 
     assert_eq!(hook.requests().len(), 1);
@@ -778,7 +813,7 @@ async fn a_user_without_devices_is_counted_and_skipped() -> Result<()> {
 
     let deliveries = region.message("ann", &cid, "m1").await?;
     region.publish(&deliveries).await?;
-    push.wait_for("the skip", |m| m.skipped_no_device.load(Ordering::SeqCst) >= 1)
+    push.wait_for("the skip", |m| m.skipped_no_device.get() >= 1)
         .await?;
     assert!(hook.requests().is_empty());
     push.stop().await?;
@@ -806,8 +841,8 @@ async fn shutdown_lets_a_notification_in_flight_finish() -> Result<()> {
     }
     // The provider is still answering: shutting down now must wait for it.
     let metrics = push.stop().await?;
-    assert_eq!(metrics.notifications_sent.load(Ordering::SeqCst), 1);
-    assert_eq!(metrics.in_flight.load(Ordering::SeqCst), 0);
+    assert_eq!(metrics.notifications_sent.get(), 1);
+    assert_eq!(metrics.in_flight.get(), 0);
     Ok(())
 }
 
@@ -828,5 +863,459 @@ async fn a_config_for_another_region_is_refused() -> Result<()> {
         Err(meridian_push::PushError::Config { field, .. }) => assert_eq!(field, "region"),
         other => bail!("expected a region config error, got {other:?}"),
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Item 13: dead device tokens are unregistered; FCM access tokens come from a service
+// account and are refreshed.
+
+const APNS_TOKEN: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
+
+fn apns_config(endpoint: &str) -> ApnsConfig {
+    let mut a = ApnsConfig::new("TEAM123456", "KEY1234567", TEST_KEY_PEM, "com.example.meridian");
+    a.endpoint = endpoint.to_string();
+    a
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item13_apns_410_unregistered_removes_the_device_registration() -> Result<()> {
+    // What APNs answers for a token whose app was uninstalled.
+    let apns = Recorder::start_replies(
+        vec![(
+            410,
+            Some(json!({"reason": "Unregistered", "timestamp": 1_700_000_000_000u64})),
+        )],
+        200,
+    )
+    .await?;
+    let mut region = Region::start().await?;
+    let cid = region.setup(&[("bob", "iphone", "apns", APNS_TOKEN)]).await?;
+    let applier = region.start_applier().await?;
+    let mut cfg = config();
+    cfg.apns = Some(apns_config(&apns.url));
+    let push = start_push(&region, cfg, &[]).await?;
+
+    let deliveries = region.message("ann", &cid, "m1").await?;
+    region.publish(&deliveries).await?;
+    push.wait_for("the refused notification", |m| done(m) >= 1)
+        .await?;
+    region.wait_no_devices("bob").await?;
+    assert_eq!(apns.requests().len(), 1, "a dead token is not retried");
+    assert_eq!(push.get(|m| &m.retries), 0);
+    assert_eq!(push.get(|m| &m.failed), 1);
+
+    // The next message finds no device to notify.
+    let next = region.message("ann", &cid, "m2").await?;
+    region.publish(&next).await?;
+    push.wait_for("the no-device skip", |m| m.skipped_no_device.get() >= 1)
+        .await?;
+    assert_eq!(apns.requests().len(), 1);
+    push.stop().await?;
+    applier.cancel();
+    Ok(())
+}
+
+/// FCM's answer for a registration token that is no longer valid.
+fn fcm_unregistered_body() -> Value {
+    json!({"error": {
+        "code": 404,
+        "message": "Requested entity was not found.",
+        "status": "NOT_FOUND",
+        "details": [{
+            "@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError",
+            "errorCode": "UNREGISTERED"
+        }]
+    }})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item13_fcm_404_unregistered_removes_the_device_registration() -> Result<()> {
+    let fcm = Recorder::start_replies(vec![(404, Some(fcm_unregistered_body()))], 200).await?;
+    let mut region = Region::start().await?;
+    let cid = region
+        .setup(&[
+            ("bob", "pixel", "fcm", "fcm-token-dead"),
+            ("bob", "phone", "webhook", "tok-bob"),
+        ])
+        .await?;
+    let hook = Recorder::start(&[], 200).await?;
+    let applier = region.start_applier().await?;
+    let mut cfg = config();
+    let mut f = FcmConfig::new("meridian-test", "test-access-token");
+    f.endpoint = fcm.url.clone();
+    cfg.fcm = Some(f);
+    cfg.webhook_url = Some(hook.url.clone());
+    let push = start_push(&region, cfg, &[]).await?;
+
+    let deliveries = region.message("ann", &cid, "m1").await?;
+    region.publish(&deliveries).await?;
+    push.wait_for("both devices' outcomes", |m| done(m) >= 2).await?;
+    // Only the dead registration goes; the webhook device stays.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let devices = region.store.devices(&uid("bob")).await?;
+        let ids: Vec<&str> = devices.iter().map(|d| d.device_id.as_str()).collect();
+        if ids == ["phone"] {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the dead FCM registration was never removed: bob has {devices:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(fcm.requests().len(), 1, "a dead token is not retried");
+    assert_eq!(push.get(|m| &m.fcm.failed), 1);
+    assert_eq!(push.get(|m| &m.webhook.sent), 1);
+    push.stop().await?;
+    applier.cancel();
+    Ok(())
+}
+
+// A stand-in for Google: the OAuth2 token endpoint (JWT bearer grant) and FCM HTTP v1,
+// which accepts only tokens that endpoint issued and that have not expired or been revoked.
+
+const TEST_RSA_PEM: &str = include_str!("data/test-service-account.pem");
+const SA_EMAIL: &str = "push@meridian-test.iam.gserviceaccount.com";
+const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+
+#[derive(Default)]
+struct GoogleState {
+    url: String,
+    /// `expires_in` of the tokens issued, in order; 3600 once used up.
+    lifetimes: Mutex<VecDeque<u64>>,
+    /// Issued tokens and when they expire.
+    issued: Mutex<Vec<(String, tokio::time::Instant)>>,
+    revoked: Mutex<Vec<String>>,
+    /// Every FCM send: the Authorization header and the status answered.
+    sends: Mutex<Vec<(String, u16)>>,
+    /// Why a token request was refused, if one was.
+    refusals: Mutex<Vec<String>>,
+}
+
+struct Google {
+    url: String,
+    state: Arc<GoogleState>,
+    _stop: CancellationToken,
+}
+
+impl Google {
+    async fn start(lifetimes: &[u64]) -> Result<Google> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let state = Arc::new(GoogleState {
+            url: url.clone(),
+            lifetimes: Mutex::new(lifetimes.iter().copied().collect()),
+            ..Default::default()
+        });
+        let app = axum::Router::new()
+            .route("/token", axum::routing::post(google_token))
+            .fallback(google_fcm)
+            .with_state(state.clone());
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stopped.cancelled().await })
+                .await;
+        });
+        Ok(Google {
+            url,
+            state,
+            _stop: stop,
+        })
+    }
+
+    /// A service-account key file whose `token_uri` is this stand-in.
+    fn key_file(&self, dir: &std::path::Path) -> Result<std::path::PathBuf> {
+        let path = dir.join("service-account.json");
+        let key = json!({
+            "type": "service_account",
+            "project_id": "meridian-test",
+            "private_key_id": "kid-1",
+            "private_key": TEST_RSA_PEM,
+            "client_email": SA_EMAIL,
+            "client_id": "100000000000000000001",
+            "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+            "token_uri": format!("{}/token", self.url),
+        });
+        std::fs::write(&path, key.to_string())?;
+        Ok(path)
+    }
+
+    fn sends(&self) -> Vec<(String, u16)> {
+        self.state.sends.lock().unwrap().clone()
+    }
+
+    fn tokens_issued(&self) -> usize {
+        self.state.issued.lock().unwrap().len()
+    }
+
+    fn expired(&self, token: &str) -> bool {
+        let now = tokio::time::Instant::now();
+        self.state
+            .issued
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(t, until)| t == token && *until <= now)
+    }
+
+    fn revoke(&self, token: &str) {
+        self.state.revoked.lock().unwrap().push(token.to_string());
+    }
+}
+
+/// Checks the assertion the way Google does (grant type, RS256 signature by the key,
+/// issuer, audience, scope, lifetime) and issues `tok-<n>`.
+async fn google_token(State(state): State<Arc<GoogleState>>, body: Bytes) -> axum::response::Response {
+    let form: Vec<(String, String)> = match serde_urlencoded::from_bytes(&body) {
+        Ok(f) => f,
+        Err(e) => return refuse(&state, format!("form: {e}")),
+    };
+    let field = |name: &str| {
+        form.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    if field("grant_type") != JWT_BEARER {
+        return refuse(&state, format!("grant_type {:?}", field("grant_type")));
+    }
+    if let Err(e) = check_assertion(&field("assertion"), &format!("{}/token", state.url)) {
+        return refuse(&state, e);
+    }
+    let lifetime = state.lifetimes.lock().unwrap().pop_front().unwrap_or(3600);
+    let mut issued = state.issued.lock().unwrap();
+    let token = format!("tok-{}", issued.len() + 1);
+    issued.push((
+        token.clone(),
+        tokio::time::Instant::now() + Duration::from_secs(lifetime),
+    ));
+    axum::Json(json!({"access_token": token, "expires_in": lifetime, "token_type": "Bearer"})).into_response()
+}
+
+fn refuse(state: &GoogleState, why: String) -> axum::response::Response {
+    state.refusals.lock().unwrap().push(why.clone());
+    (
+        StatusCode::BAD_REQUEST,
+        axum::Json(json!({"error": "invalid_grant", "error_description": why})),
+    )
+        .into_response()
+}
+
+fn check_assertion(jwt: &str, audience: &str) -> std::result::Result<(), String> {
+    let parts: Vec<&str> = jwt.split('.').collect();
+    let [header, claims, sig] = parts[..] else {
+        return Err("not a JWS".into());
+    };
+    let decode = |s: &str| URL_SAFE_NO_PAD.decode(s).map_err(|e| e.to_string());
+    let header: Value = serde_json::from_slice(&decode(header)?).map_err(|e| e.to_string())?;
+    if header["alg"] != "RS256" {
+        return Err(format!("alg {}", header["alg"]));
+    }
+    let (_, der) =
+        p256::pkcs8::der::pem::decode_vec(TEST_RSA_PEM.trim().as_bytes()).map_err(|e| e.to_string())?;
+    let key = ring::signature::RsaKeyPair::from_pkcs8(&der).map_err(|e| e.to_string())?;
+    ring::signature::UnparsedPublicKey::new(
+        &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+        key.public().as_ref(),
+    )
+    .verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &decode(sig)?)
+    .map_err(|_| "bad signature".to_string())?;
+    let claims: Value = serde_json::from_slice(&decode(claims)?).map_err(|e| e.to_string())?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_secs();
+    let (iat, exp) = (
+        claims["iat"].as_u64().unwrap_or(0),
+        claims["exp"].as_u64().unwrap_or(0),
+    );
+    if claims["iss"] != SA_EMAIL
+        || claims["aud"] != audience
+        || claims["scope"] != "https://www.googleapis.com/auth/firebase.messaging"
+        || iat > now + 60
+        || exp <= now
+        || exp - iat > 3600
+    {
+        return Err(format!("claims {claims}"));
+    }
+    Ok(())
+}
+
+async fn google_fcm(State(state): State<Arc<GoogleState>>, req: Request) -> axum::response::Response {
+    let auth = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let token = auth.strip_prefix("Bearer ").unwrap_or("");
+    let now = tokio::time::Instant::now();
+    let valid = !state.revoked.lock().unwrap().iter().any(|t| t == token)
+        && state
+            .issued
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(t, until)| t == token && now < *until);
+    let status = if valid { 200 } else { 401 };
+    state.sends.lock().unwrap().push((auth, status));
+    if valid {
+        axum::Json(json!({"name": "projects/meridian-test/messages/1"})).into_response()
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(json!({"error": {
+                "code": 401,
+                "message": "Request had invalid authentication credentials.",
+                "status": "UNAUTHENTICATED"
+            }})),
+        )
+            .into_response()
+    }
+}
+
+/// bob's FCM device, push configured with a service-account key whose `token_uri` is the
+/// stand-in Google.
+struct FcmWorld {
+    google: Google,
+    region: Region,
+    cid: ConversationId,
+    push: Running,
+    sent: u64,
+    _dir: tempfile::TempDir,
+}
+
+impl FcmWorld {
+    async fn start(token_lifetimes: &[u64]) -> Result<FcmWorld> {
+        let google = Google::start(token_lifetimes).await?;
+        let dir = tempfile::tempdir()?;
+        let mut region = Region::start().await?;
+        let cid = region.setup(&[("bob", "pixel", "fcm", "fcm-token-1")]).await?;
+        let mut cfg = config();
+        let mut fcm = FcmConfig::with_service_account("meridian-test", google.key_file(dir.path())?);
+        fcm.endpoint = google.url.clone();
+        cfg.fcm = Some(fcm);
+        let push = start_push(&region, cfg, &[]).await?;
+        Ok(FcmWorld {
+            google,
+            region,
+            cid,
+            push,
+            sent: 0,
+            _dir: dir,
+        })
+    }
+
+    /// ann sends one more message; waits until bob's notification is done.
+    async fn notify_bob(&mut self) -> Result<()> {
+        self.sent += 1;
+        let n = self.sent;
+        let deliveries = self.region.message("ann", &self.cid, &format!("m{n}")).await?;
+        self.region.publish(&deliveries).await?;
+        self.push
+            .wait_for(&format!("notification {n}"), |m| done(m) >= n)
+            .await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item13_fcm_token_is_minted_from_the_service_account_and_refreshed_after_expiry() -> Result<()> {
+    // The first token lives one second, the next an hour.
+    let mut w = FcmWorld::start(&[1]).await?;
+    w.notify_bob().await?;
+    assert_eq!(w.google.sends(), [("Bearer tok-1".to_string(), 200)]);
+
+    // The hour passes (here, the second): FCM would now refuse tok-1.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !w.google.expired("tok-1") {
+        if tokio::time::Instant::now() > deadline {
+            bail!("tok-1 never expired");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    w.notify_bob().await?;
+    // And a fresh token is cached: the third send asks for none.
+    w.notify_bob().await?;
+
+    assert_eq!(
+        w.google.sends(),
+        [
+            ("Bearer tok-1".to_string(), 200),
+            ("Bearer tok-2".to_string(), 200),
+            ("Bearer tok-2".to_string(), 200),
+        ]
+    );
+    assert_eq!(w.google.tokens_issued(), 2);
+    assert!(w.google.state.refusals.lock().unwrap().is_empty());
+    assert_eq!(w.push.get(|m| &m.fcm.sent), 3);
+    assert_eq!(w.push.get(|m| &m.failed), 0);
+    assert_eq!(w.push.get(|m| &m.retries), 0);
+    w.push.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item13_fcm_401_drops_the_token_and_retries_with_a_fresh_one() -> Result<()> {
+    let mut w = FcmWorld::start(&[]).await?;
+    w.notify_bob().await?;
+    // Revoked before its hour is up (a rotated key, say): FCM answers 401.
+    w.google.revoke("tok-1");
+    w.notify_bob().await?;
+
+    assert_eq!(
+        w.google.sends(),
+        [
+            ("Bearer tok-1".to_string(), 200),
+            ("Bearer tok-1".to_string(), 401),
+            ("Bearer tok-2".to_string(), 200),
+        ]
+    );
+    assert_eq!(w.push.get(|m| &m.fcm.sent), 2);
+    assert_eq!(w.push.get(|m| &m.retries), 1);
+    assert_eq!(w.push.get(|m| &m.failed), 0);
+    w.push.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item13_a_registration_renewed_with_a_new_token_survives_the_dead_tokens_removal() -> Result<()> {
+    let mut region = Region::start().await?;
+    region.setup(&[("bob", "iphone", "apns", "aaaa")]).await?;
+    // The app was reinstalled: a new token for the same device id, then push's removal
+    // of the old token (reported dead) arrives.
+    let unregister = |region: &Region, token: &str| {
+        region.envelope(
+            "push",
+            EventId::new_v7(),
+            Body::DeviceUnregistered(events::DeviceUnregistered {
+                user_id: "bob".into(),
+                device_id: "iphone".into(),
+                token: token.into(),
+            }),
+        )
+    };
+    let renew = region.envelope(
+        "bob",
+        EventId::new_v7(),
+        Body::DeviceRegistered(events::DeviceRegistered {
+            user_id: "bob".into(),
+            device_id: "iphone".into(),
+            platform: "apns".into(),
+            token: "bbbb".into(),
+        }),
+    );
+    let stale = unregister(&region, "aaaa");
+    region.apply(vec![renew, stale]).await?;
+    let devices = region.store.devices(&uid("bob")).await?;
+    assert_eq!(devices.len(), 1, "{devices:?}");
+    assert_eq!(devices[0].token, "bbbb");
+
+    // The new token's own removal does remove it.
+    let current = unregister(&region, "bbbb");
+    region.apply(vec![current]).await?;
+    assert!(region.store.devices(&uid("bob")).await?.is_empty());
     Ok(())
 }

@@ -699,7 +699,17 @@ impl Planner<'_> {
             }
             Body::DeviceUnregistered(b) => {
                 let user = uid(&b.user_id)?;
-                self.set_device(&user, &b.device_id, false, "", "").await?;
+                // A token named (push: the provider reported it dead) removes only a
+                // registration that still has it; one renewed with a new token stays.
+                let key = self.keys.device(&user, &b.device_id);
+                let named_token_is_gone = !b.token.is_empty()
+                    && self
+                        .record::<DeviceRecord>(&key)
+                        .await?
+                        .is_none_or(|d| d.token != b.token);
+                if !named_token_is_gone {
+                    self.set_device(&user, &b.device_id, false, "", "").await?;
+                }
             }
             Body::RegionFailover(b) => {
                 let region = RegionId::parse(b.region.as_str())?;

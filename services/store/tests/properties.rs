@@ -196,6 +196,7 @@ fn scenario() -> (Vec<EventEnvelope>, ConversationId) {
             Body::DeviceUnregistered(events::DeviceUnregistered {
                 user_id: "eve".into(),
                 device_id: "p1".into(),
+                token: String::new(),
             }),
         ),
         us.body(

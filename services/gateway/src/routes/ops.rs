@@ -4,10 +4,11 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
+use crate::error::ApiError;
 use crate::state::AppState;
 
 /// Readiness fails when the applier is further behind the stream than this.
@@ -55,17 +56,28 @@ pub async fn readyz(State(s): State<Arc<AppState>>) -> (StatusCode, Json<Value>)
     )
 }
 
-pub async fn metrics(State(s): State<Arc<AppState>>) -> impl IntoResponse {
+/// The process registry in the OpenMetrics text format (Prometheus scrapes it as is).
+pub async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    s.metrics
+        .online_users
+        .set(i64::try_from(s.hub.online_users()).unwrap_or(i64::MAX));
     let mut out = String::new();
-    s.metrics.render(&mut out);
-    out.push_str(&format!(
-        "# HELP meridian_gateway_online_users users with an open WebSocket here\n# TYPE meridian_gateway_online_users gauge\nmeridian_gateway_online_users {}\n",
-        s.hub.online_users()
-    ));
-    for extra in &s.extra_metrics {
-        extra(&mut out);
+    if prometheus_client::encoding::text::encode(&mut out, &s.registry).is_err() {
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "encoding the metrics failed",
+        )
+        .into_response();
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
 }
 
 pub async fn openapi(State(s): State<Arc<AppState>>) -> Json<Value> {

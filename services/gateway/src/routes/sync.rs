@@ -122,6 +122,8 @@ pub async fn delete_device(
         Body::DeviceUnregistered(events::DeviceUnregistered {
             user_id: caller.user.to_string(),
             device_id: device.to_string(),
+            // The user's own call removes the registration whatever its token.
+            token: String::new(),
         }),
     )
     .await?;
