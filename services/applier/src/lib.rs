@@ -6,7 +6,9 @@
 //! batch commits its effects together with the stream checkpoint in one transaction, and
 //! the store skips anything at or below the checkpoint. The consumer is positioned from that
 //! checkpoint at start, acks only after the commit, and whatever NATS redelivers after a
-//! restart is skipped.
+//! restart is skipped. The store bounds each transaction (bytes, inbox appends), so one
+//! pulled batch may take several transactions: each is acked and delivered once it has
+//! committed, never before.
 //!
 //! # Layout
 //! - `config`: [`ApplierConfig`] and its validation.
@@ -96,6 +98,8 @@ pub async fn run_with_metrics(
         region: cfg.region.clone(),
         read_diffusion_threshold: cfg.read_diffusion_threshold,
         coalesce_window_ms: cfg.coalesce_window_ms,
+        batch_max_bytes: cfg.batch_max_bytes,
+        batch_max_inbox_appends: cfg.batch_max_inbox_appends,
     };
     // A child token: a failing stream stops its siblings without cancelling the caller's.
     let stop = shutdown.child_token();
@@ -192,18 +196,50 @@ impl StreamWorker {
             // Started before the transaction so each span covers the apply and the live
             // deliveries of its event; they end when `spans` drops.
             let spans = EventSpans::start(&self.stream, &batch);
-            let Some(report) = self.apply(&mut batch).await else {
-                // Stopped while the store was failing: nothing committed, nothing acked;
-                // the next run starts again from the checkpoint.
-                return Ok(());
-            };
-            // Acks only tidy the server's view; a lost one means a redelivery the store skips.
-            if let Err(e) = consumer.ack(&batch).await {
-                tracing::debug!(stream = %self.stream, error = %e, "ack failed");
+            let events = self.sequenced(&mut batch);
+            let mut committed = 0;
+            while committed < events.len() {
+                let Some(report) = self.apply(&events[committed..]).await else {
+                    // Stopped while the store was failing: what is not committed is not
+                    // acked; the next run starts again from the checkpoint.
+                    return Ok(());
+                };
+                if report.consumed == 0 {
+                    // The store takes at least one event of a non-empty batch; anything else
+                    // would spin here.
+                    return Err(ApplierError::Task(format!(
+                        "the store applied nothing of a batch on {}",
+                        self.stream
+                    )));
+                }
+                committed += report.consumed.min(events.len() - committed);
+                // Acks only tidy the server's view; a lost one means a redelivery the store
+                // skips.
+                if let Err(e) = consumer.ack(&batch[..committed]).await {
+                    tracing::debug!(stream = %self.stream, error = %e, "ack failed");
+                }
+                self.metrics.record_batch(&self.stream, &report);
+                self.deliver(report, &spans).await;
             }
-            self.metrics.record_batch(&self.stream, &report);
-            self.deliver(report, &spans).await;
         }
+    }
+
+    /// The events of a pulled batch as the store takes them.
+    fn sequenced(&self, batch: &mut [ReceivedEvent]) -> Vec<SequencedEvent> {
+        batch
+            .iter_mut()
+            .map(|r| SequencedEvent {
+                stream_seq: r.stream_seq,
+                // An undecodable payload still takes its place: the default envelope has no
+                // event id, which the store rejects (logged, counted) while moving the
+                // checkpoint past it, so a bad message can never wedge the stream.
+                envelope: r.envelope.take().unwrap_or_else(|| {
+                    self.metrics.record_undecodable();
+                    tracing::warn!(stream = %self.stream, seq = r.stream_seq, "undecodable event skipped");
+                    Default::default()
+                }),
+            })
+            .collect()
     }
 
     /// Positions a consumer right after the store's checkpoint. `None` if stopped first.
@@ -250,34 +286,21 @@ impl StreamWorker {
         }
     }
 
-    /// Applies `batch` in one store transaction, retrying the same batch until it commits.
-    /// `None` if stopped while the store was failing.
-    async fn apply(&self, batch: &mut [ReceivedEvent]) -> Option<ApplyReport> {
-        let events: Vec<SequencedEvent> = batch
-            .iter_mut()
-            .map(|r| SequencedEvent {
-                stream_seq: r.stream_seq,
-                // An undecodable payload still takes its place: the default envelope has no
-                // event id, which the store rejects (logged, counted) while moving the
-                // checkpoint past it, so a bad message can never wedge the stream.
-                envelope: r.envelope.take().unwrap_or_else(|| {
-                    self.metrics.record_undecodable();
-                    tracing::warn!(stream = %self.stream, seq = r.stream_seq, "undecodable event skipped");
-                    Default::default()
-                }),
-            })
-            .collect();
+    /// Applies `events` (or the prefix the store's bounds allow) in one store transaction,
+    /// retrying until it commits. `None` if stopped while the store was failing.
+    async fn apply(&self, events: &[SequencedEvent]) -> Option<ApplyReport> {
         let (first, last) = (events[0].stream_seq, events[events.len() - 1].stream_seq);
         let mut backoff = Backoff::new();
         loop {
             match self
                 .store
-                .apply_batch(&self.apply_cfg, &self.stream, &events)
+                .apply_batch(&self.apply_cfg, &self.stream, events)
                 .await
             {
                 Ok(report) => {
                     tracing::debug!(
-                        stream = %self.stream, first, last, applied = report.applied,
+                        stream = %self.stream, first, last, consumed = report.consumed,
+                        applied = report.applied,
                         duplicates = report.duplicates, skipped = report.below_checkpoint,
                         "batch applied"
                     );
@@ -299,9 +322,10 @@ impl StreamWorker {
     /// the store.
     async fn deliver(&self, report: ApplyReport, spans: &EventSpans) {
         for d in report.deliveries {
-            let span = d.entry.entry.as_ref().and_then(|e| spans.get(&e.event_id));
+            let span = spans.get(&d.entry.event_id);
             let traceparent = span.map(RoleSpan::traceparent);
-            let payload = bytes::Bytes::from(d.entry.encode_to_vec());
+            // Encoded one at a time: the deliveries share one copy of each timeline entry.
+            let payload = bytes::Bytes::from(d.inbox_entry().encode_to_vec());
             match self
                 .bus
                 .publish_delivery_traced(&d.user, payload, traceparent.as_deref())

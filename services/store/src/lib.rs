@@ -8,7 +8,8 @@
 //! - [`keys`]: the key layout, one table of record families.
 //! - [`records`]: the stored records and their merge rules (LWW and max registers).
 //! - [`apply`]: `plan_event`, the pure function from (state, event) to writes, and
-//!   `Store::apply_batch`, one transaction per batch with the stream checkpoint.
+//!   `Store::apply_batch`, one transaction per batch with the stream checkpoint, bounded in
+//!   bytes and inbox appends (`budget`).
 //! - [`inbox`]: sync timelines: reads with epoch and TTL checks, the expiry sweeper.
 //! - [`timeline`]: storage timeline reads (history pages, messages by id).
 //! - [`conversations`]: conversation info, members, the per-user conversation list.
@@ -16,6 +17,7 @@
 //! - [`digest`]: per-conversation and per-region digests of the replicated state.
 
 pub mod apply;
+mod budget;
 pub mod conversations;
 pub mod digest;
 pub mod directory;
