@@ -476,9 +476,11 @@ async fn item5_a_batch_past_the_store_bounds_commits_in_parts_each_acked_after_i
     })
     .await?;
     let last = (4 + N) as u64;
-    eventually(Duration::from_secs(10), "the checkpoint at the last event", || async {
-        Ok(w.store.checkpoint(&w.bus.stream()).await? == last)
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the checkpoint at the last event",
+        || async { Ok(w.store.checkpoint(&w.bus.stream()).await? == last) },
+    )
     .await?;
     for u in ["ann", "bob"] {
         let inbox = w.inbox(u).await?;

@@ -473,7 +473,9 @@ fn vm_kib(pid: i32, field: &str) -> Option<u64> {
 
 /// Bytes in the files below `dir`.
 fn dir_bytes(dir: &std::path::Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
     entries
         .flatten()
         .map(|e| match e.metadata() {
@@ -510,7 +512,10 @@ async fn item5_burst_of_large_messages_into_a_large_group_stays_bounded() -> Res
         .json(&json!({"kind": "group", "name": "burst", "members": &users[1..]}));
     let (st, body) = api.call(req).await?;
     ensure!(st == StatusCode::CREATED, "create group: {st} {body}");
-    let cid = body["conversation_id"].as_str().context("conversation_id")?.to_string();
+    let cid = body["conversation_id"]
+        .as_str()
+        .context("conversation_id")?
+        .to_string();
 
     let region = up.pid("region")?;
     let store_dir = up.data().join("us/store");
@@ -558,7 +563,10 @@ async fn item5_burst_of_large_messages_into_a_large_group_stays_bounded() -> Res
     let ids = futures::future::try_join_all(sends).await?;
     eprintln!("{BURST_MESSAGES} messages accepted in {:?}", sent.elapsed());
     let accepted: BTreeSet<String> = ids.into_iter().collect();
-    ensure!(accepted.len() == BURST_MESSAGES, "every send got its own message id");
+    ensure!(
+        accepted.len() == BURST_MESSAGES,
+        "every send got its own message id"
+    );
 
     // Every message applied: the history holds them all (polled, bounded).
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -587,12 +595,24 @@ async fn item5_burst_of_large_messages_into_a_large_group_stays_bounded() -> Res
         store_after.saturating_sub(store_before),
         BURST_MESSAGES * BURST_TEXT_BYTES
     );
-    ensure!(!killed, "the region passed {WATCHDOG_RSS_KIB} KiB resident and was killed");
-    ensure!(up.pid("region")? == region, "the region process was restarted during the burst");
+    ensure!(
+        !killed,
+        "the region passed {WATCHDOG_RSS_KIB} KiB resident and was killed"
+    );
+    ensure!(
+        up.pid("region")? == region,
+        "the region process was restarted during the burst"
+    );
     let hwm = hwm.context("region VmHWM")?;
-    ensure!(hwm < 512 * 1024, "region peak resident set {hwm} KiB, bound 512 MiB");
+    ensure!(
+        hwm < 512 * 1024,
+        "region peak resident set {hwm} KiB, bound 512 MiB"
+    );
     let growth = store_after.saturating_sub(store_before);
-    ensure!(growth < 100 * 1024 * 1024, "store grew {growth} bytes, bound 100 MB");
+    ensure!(
+        growth < 100 * 1024 * 1024,
+        "store grew {growth} bytes, bound 100 MB"
+    );
 
     exactly_once(
         history.iter().map(|m| m["message_id"].as_str().unwrap_or("?")),
@@ -600,11 +620,18 @@ async fn item5_burst_of_large_messages_into_a_large_group_stays_bounded() -> Res
     )
     .context("history")?;
     ensure!(
-        history.iter().all(|m| m["body"]["text"].as_str().map(str::len) == Some(BURST_TEXT_BYTES)),
+        history
+            .iter()
+            .all(|m| m["body"]["text"].as_str().map(str::len) == Some(BURST_TEXT_BYTES)),
         "a history body lost its text"
     );
     // Every message in the inbox of a few members, with its body.
-    for who in [&users[0], &users[1], &users[BURST_MEMBERS / 2], &users[BURST_MEMBERS - 1]] {
+    for who in [
+        &users[0],
+        &users[1],
+        &users[BURST_MEMBERS / 2],
+        &users[BURST_MEMBERS - 1],
+    ] {
         let token = api.token(who, "phone").await?;
         let entries = api.sync(&token).await?;
         let messages: Vec<&Value> = entries.iter().filter(|e| e["kind"] == "message").collect();

@@ -262,7 +262,8 @@ impl Store {
             if last_chunk {
                 head.stale_through = 0;
             }
-            txn.put(hkey.clone(), prost::Message::encode_to_vec(&head)).await?;
+            txn.put(hkey.clone(), prost::Message::encode_to_vec(&head))
+                .await?;
             txn.commit().await?;
             if last_chunk {
                 return Ok(deleted);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use meridian_model::events::{self, event_envelope::Body, EventEnvelope};
 use meridian_model::ConversationId;
-use meridian_store::inbox::SyncOutcome;
+use meridian_store::inbox::{InboxPage, SyncOutcome};
 use meridian_store::kv::embedded::EngineKind;
 use meridian_store::kv::prefix_end;
 use meridian_store::records::{decode, InboxEntry, InboxHead, TimelineEntry};
@@ -56,6 +56,19 @@ async fn raw_inbox(store: &Store, who: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
         .unwrap()
 }
 
+/// The page of `who`'s inbox after `after`, in the user's current epoch.
+async fn inbox_page(store: &Store, who: &str, after: u64) -> InboxPage {
+    let view = store.user(&user(who)).await.unwrap().unwrap();
+    match store
+        .read_inbox(&user(who), &view.epoch, Some(&view.epoch), after, 1_000)
+        .await
+        .unwrap()
+    {
+        SyncOutcome::Page(page) => page,
+        other => panic!("{who}: no page after {after}: {other:?}"),
+    }
+}
+
 fn group_setup(f: &EventFactory, cid: &ConversationId, members: &[String]) -> Vec<EventEnvelope> {
     let mut evs: Vec<EventEnvelope> = members.iter().map(|m| f.user(m, "us")).collect();
     let others: Vec<&str> = members[1..].iter().map(String::as_str).collect();
@@ -89,14 +102,7 @@ async fn item5_inbox_entries_reference_the_timeline_instead_of_copying_it() {
         );
 
         // Readers still get the whole entry.
-        let view = store.user(&user("m17")).await.unwrap().unwrap();
-        let SyncOutcome::Page(page) = store
-            .read_inbox(&user("m17"), &view.epoch, None, 0, 100)
-            .await
-            .unwrap()
-        else {
-            panic!("{}: no page", b.name)
-        };
+        let page = inbox_page(&store, "m17", 0).await;
         let kinds: Vec<&str> = page
             .entries
             .iter()
@@ -137,13 +143,7 @@ async fn item5_inbox_entries_reference_the_timeline_instead_of_copying_it() {
         .await
         .unwrap();
         txn.commit().await.unwrap();
-        let SyncOutcome::Page(page) = store
-            .read_inbox(&user("m17"), &view.epoch, None, 11, 100)
-            .await
-            .unwrap()
-        else {
-            panic!("{}: no page", b.name)
-        };
+        let page = inbox_page(&store, "m17", 11).await;
         assert_eq!(page.entries, vec![old], "{}", b.name);
     }
 }
@@ -171,16 +171,12 @@ async fn item5_apply_batch_commits_in_transactions_bounded_by_inbox_appends() {
         "a transaction wrote {most} keys ({} transactions)",
         commits.len()
     );
-    assert_eq!(store.checkpoint("SYNC_US").await.unwrap(), (setup.len() + 100) as u64);
+    assert_eq!(
+        store.checkpoint("SYNC_US").await.unwrap(),
+        (setup.len() + 100) as u64
+    );
     for who in ["g000", "g150", "g299"] {
-        let view = store.user(&user(who)).await.unwrap().unwrap();
-        let SyncOutcome::Page(page) = store
-            .read_inbox(&user(who), &view.epoch, None, 0, 1_000)
-            .await
-            .unwrap()
-        else {
-            panic!("no page for {who}")
-        };
+        let page = inbox_page(&store, who, 0).await;
         let n = page
             .entries
             .iter()
@@ -211,7 +207,12 @@ async fn item5_apply_batch_commits_in_transactions_bounded_by_bytes() {
         "a transaction wrote {most} bytes ({rounds} transactions)"
     );
     let history = store
-        .history(&cid, &user("bob"), meridian_store::timeline::HistoryPage::Latest, 1_000)
+        .history(
+            &cid,
+            &user("bob"),
+            meridian_store::timeline::HistoryPage::Latest,
+            1_000,
+        )
         .await
         .unwrap();
     assert_eq!(history.messages.len(), 300);
@@ -258,13 +259,7 @@ async fn item5_epoch_change_drops_the_old_inbox_in_bounded_chunks() {
         most <= 1_024,
         "the first append of the new epoch deleted {most} keys in one transaction"
     );
-    let SyncOutcome::Page(page) = store
-        .read_inbox(&user("ann"), &after.epoch, Some(&after.epoch), 0, 100)
-        .await
-        .unwrap()
-    else {
-        panic!("no page")
-    };
+    let page = inbox_page(&store, "ann", 0).await;
     assert_eq!(page.head, 1);
     assert_eq!(page.entries.len(), 1);
     assert_eq!(
@@ -283,13 +278,7 @@ async fn item5_epoch_change_drops_the_old_inbox_in_bounded_chunks() {
         let left = raw_inbox(&store, who).await;
         assert_eq!(left.len(), 1, "{who} keeps only the new epoch's entry");
     }
-    let SyncOutcome::Page(page) = store
-        .read_inbox(&user("ann"), &after.epoch, Some(&after.epoch), 0, 100)
-        .await
-        .unwrap()
-    else {
-        panic!("no page")
-    };
+    let page = inbox_page(&store, "ann", 0).await;
     assert_eq!(page.entries.len(), 1);
 }
 
