@@ -325,7 +325,7 @@ impl StreamWorker {
             let span = spans.get(&d.entry.event_id);
             let traceparent = span.map(RoleSpan::traceparent);
             // Encoded one at a time: the deliveries share one copy of each timeline entry.
-            let payload = bytes::Bytes::from(d.inbox_entry().encode_to_vec());
+            let payload = bytes::Bytes::from(d.live_entry().encode_to_vec());
             match self
                 .bus
                 .publish_delivery_traced(&d.user, payload, traceparent.as_deref())

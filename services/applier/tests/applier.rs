@@ -270,7 +270,8 @@ async fn applies_events_and_delivers_inbox_entries_live() -> Result<()> {
             .bus
             .delivery_user(&msg.subject)
             .context("not a delivery subject")?;
-        got.push((u, InboxEntry::decode(msg.payload.as_ref())?));
+        let live = meridian_model::events::LiveEntry::decode(msg.payload.as_ref())?;
+        got.push((u, InboxEntry::from(live)));
     }
     for u in ["ann", "bob"] {
         let live: Vec<InboxEntry> = got

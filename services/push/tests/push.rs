@@ -2,7 +2,7 @@
 //! stand in for the webhook receiver, APNs (h2c) and FCM, recording every request.
 //!
 //! Deliveries are made the way the applier makes them: events are applied to the store and
-//! the `report.deliveries` it returns are published as `InboxEntry` bytes on the users'
+//! the `report.deliveries` it returns are published as `LiveEntry` bytes on the users'
 //! delivery subjects.
 
 use std::collections::VecDeque;
@@ -298,7 +298,7 @@ impl Region {
     async fn publish(&self, deliveries: &[Delivery]) -> Result<()> {
         for d in deliveries {
             self.bus
-                .publish_delivery(&d.user, Bytes::from(d.inbox_entry().encode_to_vec()))
+                .publish_delivery(&d.user, Bytes::from(d.live_entry().encode_to_vec()))
                 .await?;
         }
         self.bus.client().flush().await?;

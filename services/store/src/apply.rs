@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use meridian_model::events::{event_envelope::Body, ConversationKind, EventEnvelope, MemberRole};
+use meridian_model::events::{event_envelope::Body, ConversationKind, EventEnvelope, LiveEntry, MemberRole};
 use meridian_model::{ConversationId, EventId, Hlc, OrderKey, RegionId, UserId};
 use serde_json::json;
 
@@ -71,14 +71,45 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// The entry as `Store::read_inbox` returns it (the timeline entry copied in).
-    pub fn inbox_entry(&self) -> InboxEntry {
-        InboxEntry {
+    /// The wire message live delivery publishes for this entry.
+    pub fn live_entry(&self) -> LiveEntry {
+        let t = &*self.entry;
+        LiveEntry {
             seq: self.seq,
             conversation_id: self.conversation_id.clone(),
             order_key: self.order_key.clone(),
             appended_at_ms: self.appended_at_ms,
-            entry: Some((*self.entry).clone()),
+            kind: t.kind.clone(),
+            event_id: t.event_id.clone(),
+            actor: t.actor.clone(),
+            at_ms: t.at_ms,
+            msg_type: t.msg_type.clone(),
+            body_json: t.body_json.clone(),
+            client_msg_id: t.client_msg_id.clone(),
+            detail_json: t.detail_json.clone(),
+        }
+    }
+}
+
+/// A live entry as the inbox entry `Store::read_inbox` would return for it, so receivers
+/// render live and replayed entries alike.
+impl From<LiveEntry> for InboxEntry {
+    fn from(l: LiveEntry) -> Self {
+        InboxEntry {
+            seq: l.seq,
+            conversation_id: l.conversation_id,
+            order_key: l.order_key,
+            appended_at_ms: l.appended_at_ms,
+            entry: Some(TimelineEntry {
+                kind: l.kind,
+                event_id: l.event_id,
+                actor: l.actor,
+                at_ms: l.at_ms,
+                msg_type: l.msg_type,
+                body_json: l.body_json,
+                client_msg_id: l.client_msg_id,
+                detail_json: l.detail_json,
+            }),
         }
     }
 }
