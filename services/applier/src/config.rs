@@ -11,6 +11,14 @@ pub struct ApplierConfig {
     /// Most events per store transaction.
     #[serde(default = "default_batch_max")]
     pub batch_max: usize,
+    /// A store transaction stops taking events of a batch once its writes hold this many
+    /// bytes; the rest of the batch follows in the next transactions.
+    #[serde(default = "default_batch_max_bytes")]
+    pub batch_max_bytes: usize,
+    /// A store transaction stops taking events of a batch once it has appended this many
+    /// inbox entries (a message to a group of n appends n).
+    #[serde(default = "default_batch_max_inbox_appends")]
+    pub batch_max_inbox_appends: usize,
     /// How long to wait for the first event of a batch before looking again; a lone event
     /// is applied as soon as it arrives, this only bounds the idle poll.
     #[serde(default = "default_batch_wait_ms")]
@@ -32,6 +40,12 @@ pub struct ApplierConfig {
 fn default_batch_max() -> usize {
     512
 }
+fn default_batch_max_bytes() -> usize {
+    8 * 1024 * 1024
+}
+fn default_batch_max_inbox_appends() -> usize {
+    20_000
+}
 fn default_batch_wait_ms() -> u64 {
     20
 }
@@ -50,6 +64,8 @@ impl ApplierConfig {
         Self {
             region,
             batch_max: default_batch_max(),
+            batch_max_bytes: default_batch_max_bytes(),
+            batch_max_inbox_appends: default_batch_max_inbox_appends(),
             batch_wait_ms: default_batch_wait_ms(),
             read_diffusion_threshold: default_read_diffusion_threshold(),
             coalesce_window_ms: default_coalesce_window_ms(),
@@ -62,6 +78,22 @@ impl ApplierConfig {
     pub fn validate(&self) -> Result<(), ApplierError> {
         if !(1..=10_000).contains(&self.batch_max) {
             return Err(ApplierError::config("batch_max", "must be 1-10000"));
+        }
+        // Below a few large messages per transaction the fsync per commit dominates; above
+        // a GiB one batch could hold the process's memory.
+        if !(64 * 1024..=1024 * 1024 * 1024).contains(&self.batch_max_bytes) {
+            return Err(ApplierError::config(
+                "batch_max_bytes",
+                "must be 65536-1073741824 (64 KiB to 1 GiB)",
+            ));
+        }
+        // At least one group message's fan-out should fit (read diffusion starts above
+        // `read_diffusion_threshold` members).
+        if !(1_000..=1_000_000).contains(&self.batch_max_inbox_appends) {
+            return Err(ApplierError::config(
+                "batch_max_inbox_appends",
+                "must be 1000-1000000",
+            ));
         }
         // Zero would spin: every empty poll would return at once.
         if !(1..=60_000).contains(&self.batch_wait_ms) {
@@ -121,6 +153,8 @@ mod tests {
         let parsed: ApplierConfig = serde_json::from_str(r#"{"region":"eu"}"#).unwrap();
         assert_eq!(parsed.batch_max, 512);
         assert_eq!(parsed.batch_wait_ms, 20);
+        assert_eq!(parsed.batch_max_bytes, 8 * 1024 * 1024);
+        assert_eq!(parsed.batch_max_inbox_appends, 20_000);
         assert_eq!(parsed.durable_name, "applier");
         assert!(parsed.streams.is_empty());
     }
@@ -131,6 +165,12 @@ mod tests {
         let mut c = base.clone();
         c.batch_max = 0;
         assert_eq!(field(&c), "batch_max");
+        let mut c = base.clone();
+        c.batch_max_bytes = 1024;
+        assert_eq!(field(&c), "batch_max_bytes");
+        let mut c = base.clone();
+        c.batch_max_inbox_appends = 0;
+        assert_eq!(field(&c), "batch_max_inbox_appends");
         let mut c = base.clone();
         c.batch_wait_ms = 0;
         assert_eq!(field(&c), "batch_wait_ms");

@@ -9,6 +9,9 @@
 //! restart is skipped. A checkpoint counts in one instance of the stream (its creation
 //! time): a stream found to be another instance, at start or when the consumer rebuilds
 //! its subscription, is applied from its start (see `StreamWorker::resume_after`).
+//! The store bounds each transaction (bytes, inbox appends), so one
+//! pulled batch may take several transactions: each is acked and delivered once it has
+//! committed, never before.
 //!
 //! # Layout
 //! - `config`: [`ApplierConfig`] and its validation.
@@ -99,6 +102,8 @@ pub async fn run_with_metrics(
         region: cfg.region.clone(),
         read_diffusion_threshold: cfg.read_diffusion_threshold,
         coalesce_window_ms: cfg.coalesce_window_ms,
+        batch_max_bytes: cfg.batch_max_bytes,
+        batch_max_inbox_appends: cfg.batch_max_inbox_appends,
     };
     // A child token: a failing stream stops its siblings without cancelling the caller's.
     let stop = shutdown.child_token();
@@ -172,7 +177,7 @@ impl StreamWorker {
             let Some(consumer) = self.open().await? else {
                 return Ok(());
             };
-            if !self.consume(consumer).await {
+            if !self.consume(consumer).await? {
                 return Ok(());
             }
         }
@@ -180,7 +185,7 @@ impl StreamWorker {
 
     /// Pulls, applies, acks and delivers until stopped (false) or until the stream is
     /// replaced under the consumer (true: open it again).
-    async fn consume(&self, mut consumer: EventConsumer) -> bool {
+    async fn consume(&self, mut consumer: EventConsumer) -> Result<bool, ApplierError> {
         tracing::info!(stream = %self.stream, next = ?consumer.expected_seq(), "applier consuming");
         let wait = Duration::from_millis(self.cfg.batch_wait_ms);
         let mut backoff = Backoff::new();
@@ -188,19 +193,19 @@ impl StreamWorker {
             // `biased`: once stop is asked for, no new batch is started.
             let next = tokio::select! {
                 biased;
-                _ = self.stop.cancelled() => return false,
+                _ = self.stop.cancelled() => return Ok(false),
                 next = consumer.next_batch(self.cfg.batch_max, wait) => next,
             };
             let mut batch = match next {
                 Ok(batch) => batch,
                 Err(BusError::StreamReplaced { reason, .. }) => {
                     tracing::warn!(stream = %self.stream, %reason, "the stream was replaced; opening it again");
-                    return true;
+                    return Ok(true);
                 }
                 Err(e) => {
                     tracing::warn!(stream = %self.stream, error = %e, "pulling events failed; retrying");
                     if !backoff.sleep(&self.stop).await {
-                        return false;
+                        return Ok(false);
                     }
                     continue;
                 }
@@ -212,20 +217,54 @@ impl StreamWorker {
             // Started before the transaction so each span covers the apply and the live
             // deliveries of its event; they end when `spans` drops.
             let spans = EventSpans::start(&self.stream, &batch);
-            let (taken, accepted_ms) = (std::time::Instant::now(), accepted_ms(&batch));
-            let Some(report) = self.apply(consumer.instance(), &mut batch).await else {
-                // Stopped while the store was failing: nothing committed, nothing acked;
-                // the next run starts again from the checkpoint.
-                return false;
-            };
-            // Acks only tidy the server's view; a lost one means a redelivery the store skips.
-            if let Err(e) = consumer.ack(&batch).await {
-                tracing::debug!(stream = %self.stream, error = %e, "ack failed");
+            let accepted = accepted_ms(&batch);
+            let events = self.sequenced(&mut batch);
+            let mut committed = 0;
+            while committed < events.len() {
+                let taken = std::time::Instant::now();
+                let Some(report) = self.apply(consumer.instance(), &events[committed..]).await else {
+                    // Stopped while the store was failing: what is not committed is not
+                    // acked; the next run starts again from the checkpoint.
+                    return Ok(false);
+                };
+                if report.consumed == 0 {
+                    // The store takes at least one event of a non-empty batch; anything else
+                    // would spin here.
+                    return Err(ApplierError::Task(format!(
+                        "the store applied nothing of a batch on {}",
+                        self.stream
+                    )));
+                }
+                let done = committed;
+                committed += report.consumed.min(events.len() - committed);
+                // Acks only tidy the server's view; a lost one means a redelivery the store
+                // skips.
+                if let Err(e) = consumer.ack(&batch[..committed]).await {
+                    tracing::debug!(stream = %self.stream, error = %e, "ack failed");
+                }
+                self.metrics
+                    .record_batch(&self.stream, &report, taken.elapsed(), &accepted[done..committed]);
+                self.deliver(report, &spans).await;
             }
-            self.metrics
-                .record_batch(&self.stream, &report, taken.elapsed(), &accepted_ms);
-            self.deliver(report, &spans).await;
         }
+    }
+
+    /// The events of a pulled batch as the store takes them.
+    fn sequenced(&self, batch: &mut [ReceivedEvent]) -> Vec<SequencedEvent> {
+        batch
+            .iter_mut()
+            .map(|r| SequencedEvent {
+                stream_seq: r.stream_seq,
+                // An undecodable payload still takes its place: the default envelope has no
+                // event id, which the store rejects (logged, counted) while moving the
+                // checkpoint past it, so a bad message can never wedge the stream.
+                envelope: r.envelope.take().unwrap_or_else(|| {
+                    self.metrics.record_undecodable();
+                    tracing::warn!(stream = %self.stream, seq = r.stream_seq, "undecodable event skipped");
+                    Default::default()
+                }),
+            })
+            .collect()
     }
 
     /// Positions a consumer right after the store's checkpoint, or at the start of the
@@ -295,35 +334,22 @@ impl StreamWorker {
         Ok(0)
     }
 
-    /// Applies `batch` (from the stream instance `instance`) in one store transaction,
-    /// retrying the same batch until it commits. `None` if stopped while the store was
-    /// failing.
-    async fn apply(&self, instance: u64, batch: &mut [ReceivedEvent]) -> Option<ApplyReport> {
-        let events: Vec<SequencedEvent> = batch
-            .iter_mut()
-            .map(|r| SequencedEvent {
-                stream_seq: r.stream_seq,
-                // An undecodable payload still takes its place: the default envelope has no
-                // event id, which the store rejects (logged, counted) while moving the
-                // checkpoint past it, so a bad message can never wedge the stream.
-                envelope: r.envelope.take().unwrap_or_else(|| {
-                    self.metrics.record_undecodable();
-                    tracing::warn!(stream = %self.stream, seq = r.stream_seq, "undecodable event skipped");
-                    Default::default()
-                }),
-            })
-            .collect();
+    /// Applies `events` (from the stream instance `instance`), or the prefix the store's
+    /// bounds allow, in one store transaction, retrying until it commits. `None` if stopped
+    /// while the store was failing.
+    async fn apply(&self, instance: u64, events: &[SequencedEvent]) -> Option<ApplyReport> {
         let (first, last) = (events[0].stream_seq, events[events.len() - 1].stream_seq);
         let mut backoff = Backoff::new();
         loop {
             match self
                 .store
-                .apply_batch(&self.apply_cfg, StreamRef::new(&self.stream, instance), &events)
+                .apply_batch(&self.apply_cfg, StreamRef::new(&self.stream, instance), events)
                 .await
             {
                 Ok(report) => {
                     tracing::debug!(
-                        stream = %self.stream, first, last, applied = report.applied,
+                        stream = %self.stream, first, last, consumed = report.consumed,
+                        applied = report.applied,
                         duplicates = report.duplicates, skipped = report.below_checkpoint,
                         "batch applied"
                     );
@@ -345,9 +371,10 @@ impl StreamWorker {
     /// the store.
     async fn deliver(&self, report: ApplyReport, spans: &EventSpans) {
         for d in report.deliveries {
-            let span = d.entry.entry.as_ref().and_then(|e| spans.get(&e.event_id));
+            let span = spans.get(&d.entry.event_id);
             let traceparent = span.map(RoleSpan::traceparent);
-            let payload = bytes::Bytes::from(d.entry.encode_to_vec());
+            // Encoded one at a time: the deliveries share one copy of each timeline entry.
+            let payload = bytes::Bytes::from(d.live_entry().encode_to_vec());
             match self
                 .bus
                 .publish_delivery_traced(&d.user, payload, traceparent.as_deref())
@@ -369,10 +396,10 @@ impl StreamWorker {
 
 /// The wall-clock part of each event's HLC: when its gateway accepted it (apply lag).
 fn accepted_ms(batch: &[ReceivedEvent]) -> Vec<u64> {
+    // One per event, aligned with the batch (0 for an undecodable one, which has no time).
     batch
         .iter()
-        .filter_map(|r| r.envelope.as_ref())
-        .map(|e| meridian_model::Hlc(e.hlc).physical_ms())
+        .map(|r| r.envelope.as_ref().map_or(0, |e| meridian_model::Hlc(e.hlc).physical_ms()))
         .collect()
 }
 

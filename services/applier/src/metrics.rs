@@ -162,7 +162,7 @@ impl ApplierMetrics {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let lag = self.apply_lag_seconds.get_or_create(&label);
-        for &at in accepted_ms {
+        for &at in accepted_ms.iter().filter(|&&at| at > 0) {
             // Another region's clock may run ahead of ours: no negative lag.
             lag.observe(now_ms.saturating_sub(at) as f64 / 1000.0);
         }

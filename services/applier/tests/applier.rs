@@ -57,10 +57,14 @@ impl World {
     }
 
     fn start_applier(&self) -> Applier {
+        self.start_applier_with(ApplierConfig::new(region()))
+    }
+
+    fn start_applier_with(&self, cfg: ApplierConfig) -> Applier {
         let metrics = Arc::new(ApplierMetrics::default());
         let stop = CancellationToken::new();
         let task = tokio::spawn(meridian_applier::run_with_metrics(
-            ApplierConfig::new(region()),
+            cfg,
             self.bus.clone(),
             self.store.clone(),
             metrics.clone(),
@@ -265,7 +269,8 @@ async fn applies_events_and_delivers_inbox_entries_live() -> Result<()> {
             .bus
             .delivery_user(&msg.subject)
             .context("not a delivery subject")?;
-        got.push((u, InboxEntry::decode(msg.payload.as_ref())?));
+        let live = meridian_model::events::LiveEntry::decode(msg.payload.as_ref())?;
+        got.push((u, InboxEntry::from(live)));
     }
     for u in ["ann", "bob"] {
         let live: Vec<InboxEntry> = got
@@ -530,5 +535,66 @@ async fn a_region_mismatch_is_a_config_error() -> Result<()> {
         ),
         "{err}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item5_a_batch_past_the_store_bounds_commits_in_parts_each_acked_after_its_commit() -> Result<()> {
+    const N: usize = 40;
+    let w = World::new().await?;
+    let ev = Events::new();
+    let cid = setup(&w, &ev).await?;
+    // 40 messages of 20 KB, all in the stream before the applier starts, so it pulls them
+    // as one batch; a transaction stops taking events once past 64 KiB: after the fourth.
+    let text = "w".repeat(20_000);
+    let sent: Vec<EventEnvelope> = (0..N)
+        .map(|n| {
+            let mut e = ev.message("ann", &cid, n);
+            if let Some(Body::MessageSent(m)) = e.body.as_mut() {
+                m.body_json = serde_json::json!({ "text": text }).to_string();
+            }
+            e
+        })
+        .collect();
+    w.bus.publish_events(&sent).await?;
+    let mut cfg = ApplierConfig::new(region());
+    cfg.batch_max_bytes = 64 * 1024;
+    let applier = w.start_applier_with(cfg);
+
+    eventually(Duration::from_secs(30), "every message in history", || async {
+        Ok(w.messages(&cid, "bob").await?.len() == N)
+    })
+    .await?;
+    let last = (4 + N) as u64;
+    eventually(
+        Duration::from_secs(10),
+        "the checkpoint at the last event",
+        || async { Ok(w.store.checkpoint(&w.bus.stream()).await? == last) },
+    )
+    .await?;
+    for u in ["ann", "bob"] {
+        let inbox = w.inbox(u).await?;
+        assert_eq!(inbox.len(), 1 + N, "{u}");
+        assert!(inbox[1..]
+            .iter()
+            .all(|e| e.entry.as_ref().is_some_and(|t| t.body_json.len() > 20_000)));
+    }
+    // Everything committed is acked, and the acks reached the last event.
+    let stream = w.bus.jetstream().get_stream(w.bus.stream()).await?;
+    eventually(Duration::from_secs(10), "acks up to the last event", || {
+        let stream = stream.clone();
+        async move {
+            let info = stream.consumer_info("applier").await?;
+            Ok(info.ack_floor.stream_sequence == last)
+        }
+    })
+    .await?;
+    let metrics = applier.stop().await?;
+    let commits = metrics.batches.get();
+    assert!(
+        commits >= (N / 4) as u64,
+        "{N} messages of 20 KB in {commits} transactions of at most 64 KiB"
+    );
+    assert_eq!(metrics.deliveries.get(), 2 + 2 * N as u64);
     Ok(())
 }

@@ -32,6 +32,7 @@ use axum::response::Response;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt as _, SinkExt as _, StreamExt};
 use meridian_bus::Bus;
+use meridian_model::events::LiveEntry;
 use meridian_store::records::InboxEntry;
 use meridian_telemetry::{Role, SpanKind};
 use prost::Message as _;
@@ -303,8 +304,8 @@ impl Connection {
             }
             return Ok(());
         }
-        let entry = match InboxEntry::decode(msg.payload.as_ref()) {
-            Ok(entry) => entry,
+        let entry = match LiveEntry::decode(msg.payload.as_ref()) {
+            Ok(live) => InboxEntry::from(live),
             Err(e) => {
                 tracing::warn!(error = %e, "undecodable delivery");
                 return Ok(());

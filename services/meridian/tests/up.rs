@@ -547,3 +547,198 @@ async fn up_survives_kill_9_of_region_and_nats_and_stops_cleanly() -> Result<()>
     eprintln!("drill finished in {:?}", started.elapsed());
     Ok(())
 }
+
+/// Users in the burst test's group, and its messages: 150 messages of 60 KB into a group of
+/// 300 took the region process to 4.8 GB and the store to 1.85 GB (issue 8, item 5).
+const BURST_MEMBERS: usize = 300;
+const BURST_MESSAGES: usize = 150;
+const BURST_TEXT_BYTES: usize = 60_000;
+/// The watchdog kills the region process past this, so an unbounded apply fails the test
+/// instead of exhausting a shared machine.
+const WATCHDOG_RSS_KIB: u64 = 3 * 1024 * 1024;
+
+/// A `Vm*` line of /proc/<pid>/status, in KiB.
+fn vm_kib(pid: i32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Bytes in the files below `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item5_burst_of_large_messages_into_a_large_group_stays_bounded() -> Result<()> {
+    let mut up = Up::start(port_base())?;
+    let cluster = up.wait_cluster(Duration::from_secs(60)).await?;
+    let api = Arc::new(Api {
+        http: reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(30))
+            .build()?,
+        base: cluster["regions"]["us"]["endpoint"]
+            .as_str()
+            .context("endpoint")?
+            .to_string(),
+    });
+    let users: Vec<String> = (0..BURST_MEMBERS).map(|i| format!("burst-{i:03}")).collect();
+    for u in &users {
+        api.admin_put_user(u).await?;
+    }
+    let owner = api.token(&users[0], "laptop").await?;
+    let req = api
+        .http
+        .post(format!("{}/v1/conversations", api.base))
+        .bearer_auth(&owner)
+        .json(&json!({"kind": "group", "name": "burst", "members": &users[1..]}));
+    let (st, body) = api.call(req).await?;
+    ensure!(st == StatusCode::CREATED, "create group: {st} {body}");
+    let cid = body["conversation_id"]
+        .as_str()
+        .context("conversation_id")?
+        .to_string();
+
+    let region = up.pid("region")?;
+    let store_dir = up.data().join("us/store");
+    let store_before = dir_bytes(&store_dir);
+    let rss_before = vm_kib(region, "VmRSS").context("region VmRSS")?;
+    eprintln!("region {region}: {rss_before} KiB resident, store {store_before} bytes before the burst");
+
+    // Samples the region's resident set while the burst is applied; past the bound it kills
+    // the process (the launcher restarts it; the pid check below then fails the test).
+    let watchdog_stop = tokio_util::sync::CancellationToken::new();
+    let watchdog = {
+        let stop = watchdog_stop.clone();
+        tokio::spawn(async move {
+            let mut peak_rss = 0;
+            while !stop.is_cancelled() {
+                let rss = vm_kib(region, "VmRSS").unwrap_or(0);
+                peak_rss = peak_rss.max(rss);
+                if rss > WATCHDOG_RSS_KIB {
+                    eprintln!("watchdog: region at {rss} KiB resident; killing it");
+                    signal(region, libc::SIGKILL);
+                    return (peak_rss, true);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (peak_rss, false)
+        })
+    };
+
+    // The burst: every message at once (the per-user rate limit's burst allows 150).
+    let text = "x".repeat(BURST_TEXT_BYTES);
+    let sent = Instant::now();
+    let sends = (0..BURST_MESSAGES).map(|n| {
+        let (api, owner, cid, text) = (api.clone(), owner.clone(), cid.clone(), text.clone());
+        async move {
+            let req = api
+                .http
+                .post(format!("{}/v1/conversations/{cid}/messages", api.base))
+                .bearer_auth(&owner)
+                .json(&json!({"client_msg_id": format!("b-{n}"), "type": "text", "body": {"text": text}}));
+            let (st, body) = api.call(req).await?;
+            ensure!(st == StatusCode::ACCEPTED, "send b-{n}: {st} {body}");
+            Ok::<_, anyhow::Error>(body["message_id"].as_str().context("message_id")?.to_string())
+        }
+    });
+    let ids = futures::future::try_join_all(sends).await?;
+    eprintln!("{BURST_MESSAGES} messages accepted in {:?}", sent.elapsed());
+    let accepted: BTreeSet<String> = ids.into_iter().collect();
+    ensure!(
+        accepted.len() == BURST_MESSAGES,
+        "every send got its own message id"
+    );
+
+    // Every message applied: the history holds them all (polled, bounded).
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let history = loop {
+        let h = match api.history(&owner, &cid).await {
+            Ok(h) => h,
+            // The region may be down (killed by the watchdog): the pid check names that.
+            Err(e) => {
+                eprintln!("history: {e}");
+                Vec::new()
+            }
+        };
+        if h.len() >= BURST_MESSAGES || Instant::now() > deadline || watchdog.is_finished() {
+            break h;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    watchdog_stop.cancel();
+    let (peak_sampled, killed) = watchdog.await?;
+    let hwm = vm_kib(region, "VmHWM");
+    let store_after = dir_bytes(&store_dir);
+    eprintln!(
+        "burst applied after {:?}: region peak {hwm:?} KiB (sampled {peak_sampled} KiB), \
+         store grew {} bytes for {} bytes of text",
+        sent.elapsed(),
+        store_after.saturating_sub(store_before),
+        BURST_MESSAGES * BURST_TEXT_BYTES
+    );
+    ensure!(
+        !killed,
+        "the region passed {WATCHDOG_RSS_KIB} KiB resident and was killed"
+    );
+    ensure!(
+        up.pid("region")? == region,
+        "the region process was restarted during the burst"
+    );
+    let hwm = hwm.context("region VmHWM")?;
+    ensure!(
+        hwm < 512 * 1024,
+        "region peak resident set {hwm} KiB, bound 512 MiB"
+    );
+    let growth = store_after.saturating_sub(store_before);
+    ensure!(
+        growth < 100 * 1024 * 1024,
+        "store grew {growth} bytes, bound 100 MB"
+    );
+
+    exactly_once(
+        history.iter().map(|m| m["message_id"].as_str().unwrap_or("?")),
+        &accepted,
+    )
+    .context("history")?;
+    ensure!(
+        history
+            .iter()
+            .all(|m| m["body"]["text"].as_str().map(str::len) == Some(BURST_TEXT_BYTES)),
+        "a history body lost its text"
+    );
+    // Every message in the inbox of a few members, with its body.
+    for who in [
+        &users[0],
+        &users[1],
+        &users[BURST_MEMBERS / 2],
+        &users[BURST_MEMBERS - 1],
+    ] {
+        let token = api.token(who, "phone").await?;
+        let entries = api.sync(&token).await?;
+        let messages: Vec<&Value> = entries.iter().filter(|e| e["kind"] == "message").collect();
+        exactly_once(
+            messages.iter().map(|e| e["message_id"].as_str().unwrap_or("?")),
+            &accepted,
+        )
+        .with_context(|| format!("inbox of {who}"))?;
+        ensure!(
+            messages
+                .iter()
+                .all(|e| e["body"]["text"].as_str().map(str::len) == Some(BURST_TEXT_BYTES)),
+            "an inbox entry of {who} lost its body"
+        );
+    }
+    Ok(())
+}

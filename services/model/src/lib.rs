@@ -7,7 +7,8 @@
 //! - [`hlc`]: the hybrid logical clock that stamps every event.
 //! - [`order_key`]: `(hlc, origin_region, event_id)` with an order-preserving byte encoding
 //!   and the opaque cursor strings clients see.
-//! - [`events`]: the prost types generated from `proto/meridian/v1/events.proto`.
+//! - [`events`]: the prost types generated from `proto/meridian/v1/`: the event envelope
+//!   (`events.proto`) and the live delivery message `LiveEntry` (`live.proto`).
 //! - [`error`]: `ModelError`, raised when input does not validate.
 
 pub mod error;
@@ -15,7 +16,8 @@ pub mod hlc;
 pub mod ids;
 pub mod order_key;
 
-/// The event envelope and every event body, generated from `proto/meridian/v1/events.proto`.
+/// The event envelope and every event body (`proto/meridian/v1/events.proto`), and the live
+/// delivery message `LiveEntry` (`proto/meridian/v1/live.proto`).
 #[allow(clippy::all, missing_docs)]
 pub mod events {
     include!(concat!(env!("OUT_DIR"), "/meridian.v1.rs"));

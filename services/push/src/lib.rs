@@ -5,7 +5,7 @@
 //! message text: the app wakes up and pulls `GET /v1/sync` before it shows anything.
 //!
 //! The input is the applier's live-delivery fan-out: after each commit it publishes every
-//! new inbox entry (`InboxEntry` prost bytes) on the user's core-NATS delivery subject, and
+//! new inbox entry (a `LiveEntry`, proto/meridian/v1/live.proto) on the user's core-NATS delivery subject, and
 //! this role subscribes to the region's delivery wildcard alongside the gateways. Core NATS
 //! is at-most-once, so a push missed while this role is down is not replayed; devices still
 //! get everything on their next sync, which is the guarantee that matters (docs/design.md §5).
@@ -42,6 +42,7 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use meridian_bus::{Bus, BusError};
+use meridian_model::events::LiveEntry;
 use meridian_model::UserId;
 use meridian_store::records::InboxEntry;
 use meridian_store::Store;
@@ -215,8 +216,8 @@ impl Push {
                         tracing::warn!(subject = %msg.subject, "push: delivery subject names no user");
                         continue;
                     };
-                    let entry = match InboxEntry::decode(msg.payload) {
-                        Ok(e) => e,
+                    let entry = match LiveEntry::decode(msg.payload) {
+                        Ok(live) => InboxEntry::from(live),
                         Err(e) => {
                             metrics.record_undecodable();
                             tracing::warn!(%user, error = %e, "push: delivery is not an inbox entry");

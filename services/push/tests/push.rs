@@ -2,7 +2,7 @@
 //! stand in for the webhook receiver, APNs (h2c) and FCM, recording every request.
 //!
 //! Deliveries are made the way the applier makes them: events are applied to the store and
-//! the `report.deliveries` it returns are published as `InboxEntry` bytes on the users'
+//! the `report.deliveries` it returns are published as `LiveEntry` bytes on the users'
 //! delivery subjects.
 
 use std::collections::VecDeque;
@@ -335,7 +335,7 @@ impl Region {
     async fn publish(&self, deliveries: &[Delivery]) -> Result<()> {
         for d in deliveries {
             self.bus
-                .publish_delivery(&d.user, Bytes::from(d.entry.encode_to_vec()))
+                .publish_delivery(&d.user, Bytes::from(d.live_entry().encode_to_vec()))
                 .await?;
         }
         self.bus.client().flush().await?;
@@ -456,7 +456,7 @@ async fn offline_user_gets_exactly_one_webhook_post_with_seq_and_token() -> Resu
     let reqs = hook.requests();
     assert_eq!(reqs.len(), 1, "{reqs:?}");
     let bob = for_user(&deliveries, "bob");
-    let entry = bob.entry.entry.as_ref().unwrap();
+    let entry = &bob.entry;
     assert_eq!(reqs[0].path, "/hook");
     assert_eq!(
         reqs[0].body,
@@ -465,7 +465,7 @@ async fn offline_user_gets_exactly_one_webhook_post_with_seq_and_token() -> Resu
             "device_id": "phone",
             "token": "tok-bob",
             "platform": "webhook",
-            "seq": bob.entry.seq,
+            "seq": bob.seq,
             "conversation_id": cid.to_string(),
             "kind": "message",
             "sender": "ann",
@@ -668,7 +668,7 @@ async fn the_same_entry_published_twice_notifies_once() -> Result<()> {
         .iter()
         .map(|r| r.body["seq"].as_u64().unwrap())
         .collect();
-    assert_eq!(seqs, [bob.entry.seq, bob.entry.seq + 1]);
+    assert_eq!(seqs, [bob.seq, bob.seq + 1]);
     push.stop().await?;
     Ok(())
 }
@@ -726,7 +726,7 @@ async fn apns_request_is_http2_with_token_auth_and_the_right_shape() -> Result<(
     );
     assert_eq!(r.body["aps"]["alert"]["body"], "New message");
     assert_eq!(r.body["aps"]["mutable-content"], 1);
-    assert_eq!(r.body["seq"], bob.entry.seq);
+    assert_eq!(r.body["seq"], bob.seq);
     assert_eq!(r.body["conversation_id"], cid.to_string());
     assert!(!r.body.to_string().contains("secret text"));
     assert_eq!(push.get(|m| &m.apns.sent), 1);
@@ -762,7 +762,7 @@ async fn fcm_request_has_the_v1_path_bearer_and_body() -> Result<()> {
     assert_eq!(m["token"], "fcm-token-1");
     assert_eq!(
         m["data"],
-        json!({"seq": bob.entry.seq.to_string(), "conversation_id": cid.to_string(), "kind": "message"})
+        json!({"seq": bob.seq.to_string(), "conversation_id": cid.to_string(), "kind": "message"})
     );
     assert_eq!(m["notification"], json!({"title": "ANN", "body": "New message"}));
     assert!(!r.body.to_string().contains("secret text"));

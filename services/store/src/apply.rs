@@ -10,11 +10,13 @@
 //! region-local effect: a region appends to the inboxes of the users it serves.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
-use meridian_model::events::{event_envelope::Body, ConversationKind, EventEnvelope, MemberRole};
+use meridian_model::events::{event_envelope::Body, ConversationKind, EventEnvelope, LiveEntry, MemberRole};
 use meridian_model::{ConversationId, EventId, Hlc, OrderKey, RegionId, UserId};
 use serde_json::json;
 
+use crate::budget::BatchBudget;
 use crate::checkpoint::{self, StreamRef};
 use crate::keys::Keys;
 use crate::kv::{prefix_end, KvTxn, ScanOrder};
@@ -30,6 +32,11 @@ pub struct ApplyConfig {
     pub read_diffusion_threshold: usize,
     /// Read diffusion gives a member at most one "conversation advanced" entry per window.
     pub coalesce_window_ms: u64,
+    /// A batch stops planning once its staged writes hold this many bytes: it commits the
+    /// events planned so far and reports how far it got (`ApplyReport::consumed`).
+    pub batch_max_bytes: usize,
+    /// A batch stops planning once it has appended this many inbox entries (fan-out).
+    pub batch_max_inbox_appends: usize,
 }
 
 impl ApplyConfig {
@@ -38,6 +45,8 @@ impl ApplyConfig {
             region,
             read_diffusion_threshold: 500,
             coalesce_window_ms: 1_000,
+            batch_max_bytes: 8 * 1024 * 1024,
+            batch_max_inbox_appends: 20_000,
         }
     }
 }
@@ -49,11 +58,61 @@ pub enum Write {
     Delete(Vec<u8>),
 }
 
-/// An inbox entry to hand to live delivery once the transaction has committed.
+/// An inbox entry to hand to live delivery once the transaction has committed. The timeline
+/// entry is shared by every delivery of one event: a message to a large group is held once,
+/// not once per member.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delivery {
     pub user: UserId,
-    pub entry: InboxEntry,
+    pub seq: u64,
+    pub conversation_id: String,
+    pub order_key: Vec<u8>,
+    pub appended_at_ms: u64,
+    pub entry: Arc<TimelineEntry>,
+}
+
+impl Delivery {
+    /// The wire message live delivery publishes for this entry.
+    pub fn live_entry(&self) -> LiveEntry {
+        let t = &*self.entry;
+        LiveEntry {
+            seq: self.seq,
+            conversation_id: self.conversation_id.clone(),
+            order_key: self.order_key.clone(),
+            appended_at_ms: self.appended_at_ms,
+            kind: t.kind.clone(),
+            event_id: t.event_id.clone(),
+            actor: t.actor.clone(),
+            at_ms: t.at_ms,
+            msg_type: t.msg_type.clone(),
+            body_json: t.body_json.clone(),
+            client_msg_id: t.client_msg_id.clone(),
+            detail_json: t.detail_json.clone(),
+        }
+    }
+}
+
+/// A live entry as the inbox entry `Store::read_inbox` would return for it, so receivers
+/// render live and replayed entries alike.
+impl From<LiveEntry> for InboxEntry {
+    fn from(l: LiveEntry) -> Self {
+        InboxEntry {
+            seq: l.seq,
+            conversation_id: l.conversation_id,
+            order_key: l.order_key,
+            appended_at_ms: l.appended_at_ms,
+            entry: Some(TimelineEntry {
+                kind: l.kind,
+                event_id: l.event_id,
+                actor: l.actor,
+                at_ms: l.at_ms,
+                msg_type: l.msg_type,
+                body_json: l.body_json,
+                client_msg_id: l.client_msg_id,
+                detail_json: l.detail_json,
+            }),
+        }
+    }
 }
 
 /// What one event does.
@@ -77,6 +136,10 @@ pub struct ApplyReport {
     /// Events at or below the checkpoint (redelivered by the stream).
     pub below_checkpoint: usize,
     pub checkpoint: u64,
+    /// How many of the given events this batch got through (applied, or skipped as at or
+    /// below the checkpoint). Fewer than given when the batch reached a bound of
+    /// `ApplyConfig` (never zero for a non-empty batch): apply the rest in another call.
+    pub consumed: usize,
     pub deliveries: Vec<Delivery>,
     /// Conflicts retried before the batch committed.
     pub retries: usize,
@@ -93,7 +156,9 @@ const MAX_CONFLICT_RETRIES: usize = 64;
 
 impl Store {
     /// Applies `events` (from `stream`, in stream order) in one transaction with the stream
-    /// checkpoint. On a conflict the whole batch is planned again from fresh state.
+    /// checkpoint: all of them, or a prefix when the staged writes reach a bound of `cfg`
+    /// (`ApplyReport::consumed` says how many; the checkpoint is the prefix's last event).
+    /// On a conflict the batch is planned again from fresh state.
     /// `stream` is a name (instance unknown) or a [`StreamRef`] naming the instance the
     /// events come from: a checkpoint of another instance counts as nothing applied.
     pub async fn apply_batch<'a>(
@@ -147,12 +212,18 @@ impl Store {
             checkpoint: next.seq,
             ..Default::default()
         };
+        let mut budget = BatchBudget::new(cfg);
         for ev in events {
+            if budget.spent() {
+                break;
+            }
+            report.consumed += 1;
             if ev.stream_seq <= report.checkpoint {
                 report.below_checkpoint += 1;
                 continue;
             }
             let plan = plan_event(txn.as_mut(), keys, cfg, now_ms, &ev.envelope).await?;
+            budget.charge(&plan);
             if plan.duplicate {
                 report.duplicates += 1;
             } else if let Some(reason) = &plan.rejected {
@@ -273,6 +344,7 @@ pub async fn plan_event(
         order_key,
         plan: Plan::default(),
         staged: BTreeMap::new(),
+        timeline_entry: None,
     };
     if !is_message {
         p.put(applied_key, Vec::new());
@@ -311,6 +383,9 @@ struct Planner<'a> {
     plan: Plan,
     /// Writes keyed by key, so reading a key this plan already wrote sees the new value.
     staged: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// The entry this event appended to a storage timeline: inbox entries equal to it
+    /// reference it instead of copying it.
+    timeline_entry: Option<(ConversationId, Arc<TimelineEntry>)>,
 }
 
 fn cid(s: &str) -> Result<ConversationId> {
@@ -323,9 +398,6 @@ fn uid(s: &str) -> Result<UserId> {
 impl Planner<'_> {
     fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.staged.insert(key, Some(value));
-    }
-    fn delete(&mut self, key: Vec<u8>) {
-        self.staged.insert(key, None);
     }
 
     async fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -388,6 +460,7 @@ impl Planner<'_> {
     async fn append_timeline(&mut self, cid: &ConversationId, entry: &TimelineEntry) -> Result<()> {
         let key = self.keys.timeline(cid, &self.order_key);
         self.put_record(key, entry);
+        self.timeline_entry = Some((cid.clone(), Arc::new(entry.clone())));
         let akey = self.keys.activity(cid);
         let mut activity = self.get(&akey).await?.unwrap_or_default();
         if max_into(&mut activity, &self.version) {
@@ -797,9 +870,10 @@ impl Planner<'_> {
     ) -> Result<()> {
         let users: Vec<UserId> = users.into_iter().collect::<BTreeSet<_>>().into_iter().collect();
         let epochs = self.served_epochs(&users).await?;
+        let (entry, in_timeline) = self.shared_entry(cid, entry);
         for (user, epoch) in users.into_iter().zip(epochs) {
             if let Some(epoch) = epoch {
-                self.append_inbox(cid, user, &epoch, entry.clone()).await?;
+                self.append_inbox(cid, user, &epoch, &entry, in_timeline).await?;
             }
         }
         Ok(())
@@ -815,11 +889,13 @@ impl Planner<'_> {
         entry: TimelineEntry,
     ) -> Result<()> {
         let epochs = self.served_epochs(&users).await?;
-        let advanced = self.entry("conversation_advanced", serde_json::Value::Null);
+        let (entry, in_timeline) = self.shared_entry(cid, entry);
+        // Not in the timeline (the message is, under the same order key): stored inline.
+        let advanced = Arc::new(self.entry("conversation_advanced", serde_json::Value::Null));
         for (user, epoch) in users.into_iter().zip(epochs) {
             let Some(epoch) = epoch else { continue };
             if &user == sender {
-                self.append_inbox(cid, user, &epoch, entry.clone()).await?;
+                self.append_inbox(cid, user, &epoch, &entry, in_timeline).await?;
                 continue;
             }
             let wkey = self.keys.coalesce_window(&user, cid);
@@ -829,36 +905,36 @@ impl Planner<'_> {
             };
             if self.now_ms.saturating_sub(last) >= self.cfg.coalesce_window_ms {
                 self.put(wkey, self.now_ms.to_be_bytes().to_vec());
-                self.append_inbox(cid, user, &epoch, advanced.clone()).await?;
+                self.append_inbox(cid, user, &epoch, &advanced, false).await?;
             }
         }
         Ok(())
     }
 
+    /// `entry` shared between the inbox appends of this event, and whether it is the entry
+    /// the event appended to `cid`'s storage timeline (then the inboxes reference it).
+    fn shared_entry(&self, cid: &ConversationId, entry: TimelineEntry) -> (Arc<TimelineEntry>, bool) {
+        match &self.timeline_entry {
+            Some((c, appended)) if c == cid && **appended == entry => (appended.clone(), true),
+            _ => (Arc::new(entry), false),
+        }
+    }
+
+    /// Appends to `user`'s inbox: a reference to the timeline entry when `in_timeline`, else
+    /// the entry itself (see `records::InboxEntry`).
     async fn append_inbox(
         &mut self,
         cid: &ConversationId,
         user: UserId,
         epoch: &str,
-        entry: TimelineEntry,
+        entry: &Arc<TimelineEntry>,
+        in_timeline: bool,
     ) -> Result<()> {
         let hkey = self.keys.inbox_head(&user);
         let mut head: InboxHead = match self.record::<InboxHead>(&hkey).await? {
             Some(h) if h.epoch == epoch => h,
-            stale => {
-                // A new epoch (first use, or the serving region changed): start again at 1
-                // and drop what the old epoch left behind.
-                if let Some(old) = stale {
-                    for seq in old.oldest..=old.head {
-                        self.delete(self.keys.inbox_entry(&user, seq));
-                    }
-                }
-                InboxHead {
-                    epoch: epoch.to_string(),
-                    head: 0,
-                    oldest: 1,
-                }
-            }
+            // A new epoch (first use, or the serving region changed): start again at 1.
+            stale => crate::inbox::new_epoch_head(epoch, stale.as_ref()),
         };
         head.head += 1;
         let stored = InboxEntry {
@@ -866,11 +942,18 @@ impl Planner<'_> {
             conversation_id: cid.to_string(),
             order_key: self.version.clone(),
             appended_at_ms: self.now_ms,
-            entry: Some(entry),
+            entry: (!in_timeline).then(|| (**entry).clone()),
         };
         self.put_record(self.keys.inbox_entry(&user, head.head), &stored);
         self.put_record(hkey, &head);
-        self.plan.deliveries.push(Delivery { user, entry: stored });
+        self.plan.deliveries.push(Delivery {
+            user,
+            seq: stored.seq,
+            conversation_id: stored.conversation_id,
+            order_key: stored.order_key,
+            appended_at_ms: stored.appended_at_ms,
+            entry: entry.clone(),
+        });
         Ok(())
     }
 }

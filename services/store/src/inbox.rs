@@ -1,15 +1,33 @@
 //! Sync timelines (inboxes): gap-free seqs from 1 per user in the serving region, an epoch
 //! that changes when the serving region does, and TTL expiry by a background sweeper.
+//!
+//! Entries that are also storage timeline entries are stored as references and resolved
+//! here on read (see `records::InboxEntry`). An epoch change leaves the old epoch's entries
+//! above the new head for the sweeper, which deletes them in bounded chunks.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use meridian_model::{ConversationId, EventId, UserId};
+use meridian_model::{ConversationId, EventId, OrderKey, UserId};
 use tokio_util::sync::CancellationToken;
 
-use crate::kv::{prefix_end, ScanOrder};
-use crate::records::{decode, InboxEntry, InboxHead};
+use crate::kv::{prefix_end, KvTxn, ScanOrder};
+use crate::records::{decode, InboxEntry, InboxHead, TimelineEntry};
 use crate::{Result, Store};
+
+/// Most stale entries of an earlier epoch one sweep transaction deletes.
+const STALE_CHUNK: usize = 1024;
+
+/// The head of an inbox starting `epoch` (seq 1 next) after `old`: the old epoch's entries
+/// are not deleted here, in the appending transaction, but marked for the sweeper.
+pub(crate) fn new_epoch_head(epoch: &str, old: Option<&InboxHead>) -> InboxHead {
+    InboxHead {
+        epoch: epoch.to_string(),
+        head: 0,
+        oldest: 1,
+        stale_through: old.map_or(0, |o| o.head.max(o.stale_through)),
+    }
+}
 
 /// A page of one inbox.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,11 +87,7 @@ impl Store {
         let mut txn = self.kv().begin_read().await?;
         let head: InboxHead = match txn.get(&key).await? {
             Some(b) => decode(&key, &b)?,
-            None => InboxHead {
-                epoch: current_epoch.to_string(),
-                head: 0,
-                oldest: 1,
-            },
+            None => new_epoch_head(current_epoch, None),
         };
         if head.epoch != current_epoch {
             // Nothing appended yet in the new epoch: an empty inbox under it.
@@ -100,11 +114,15 @@ impl Store {
         let mut entries = Vec::with_capacity(rows.len());
         for (k, v) in rows {
             let e: InboxEntry = decode(&k, &v)?;
+            // Above the head: nothing yet, or what an earlier epoch left for the sweeper.
             if e.seq > head.head {
                 break;
             }
             entries.push(e);
         }
+        self.resolve_timeline_references(txn.as_mut(), &mut entries)
+            .await?;
+        // After the references are resolved: a recalled message's body may come from there.
         let recalled = self.clear_recalled(txn.as_mut(), &mut entries).await?;
         let last = entries.last().map_or(after, |e| e.seq);
         Ok(SyncOutcome::Page(InboxPage {
@@ -116,7 +134,7 @@ impl Store {
         }))
     }
 
-    /// Inbox entries hold the message as it was sent; a recall comes later as a tombstone
+    /// Inbox entries show the message as it was sent; a recall comes later as a tombstone
     /// record (what history reads). Clears the body of every recalled message in `entries`
     /// and returns their seqs, in the page's snapshot.
     async fn clear_recalled(
@@ -155,9 +173,44 @@ impl Store {
         Ok(recalled)
     }
 
+    /// Fills in the `entry` of entries stored as references to a storage timeline entry, with
+    /// one batch read.
+    async fn resolve_timeline_references(
+        &self,
+        txn: &mut dyn KvTxn,
+        entries: &mut [InboxEntry],
+    ) -> Result<()> {
+        let mut keys = Vec::new();
+        let mut at = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            if e.entry.is_none() {
+                let cid = ConversationId::parse(e.conversation_id.clone())?;
+                keys.push(self.keys().timeline(&cid, &OrderKey::from_bytes(&e.order_key)?));
+                at.push(i);
+            }
+        }
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let found = txn.batch_get(&keys).await?;
+        for ((i, key), value) in at.into_iter().zip(&keys).zip(found) {
+            match value {
+                Some(v) => entries[i].entry = Some(decode::<TimelineEntry>(key, &v)?),
+                // Timelines are never truncated; should one entry be missing, the device
+                // still gets the seq (as kind "unknown") and its sync stays gap-free.
+                None => tracing::warn!(
+                    key = %String::from_utf8_lossy(key),
+                    "inbox entry references a missing timeline entry"
+                ),
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes inbox entries appended before `cutoff_ms` and moves each inbox's oldest
-    /// retained seq. Returns how many entries it deleted. An inbox whose head changes while
-    /// it is swept (a concurrent append) is left for the next sweep.
+    /// retained seq, and deletes what earlier epochs left (in chunks of `STALE_CHUNK`).
+    /// Returns how many entries it deleted. An inbox whose head changes while it is swept
+    /// (a concurrent append) is left for the next sweep.
     pub async fn sweep_expired(&self, cutoff_ms: u64) -> Result<usize> {
         const PAGE: usize = 256;
         let family = self.keys().family(b'X');
@@ -169,9 +222,18 @@ impl Store {
             let heads = txn.scan(&from, &end, PAGE, ScanOrder::Forward).await?;
             txn.rollback().await?;
             let full = heads.len() == PAGE;
-            for (k, _) in &heads {
+            for (k, v) in &heads {
                 let user = UserId::parse(String::from_utf8_lossy(&k[family.len()..]).into_owned())?;
                 match self.sweep_one(&user, cutoff_ms).await {
+                    Ok(n) => deleted += n,
+                    Err(e) if e.is_conflict() => {}
+                    Err(e) => return Err(e),
+                }
+                // Only inboxes whose epoch changed have leftovers: no transaction for the rest.
+                if decode::<InboxHead>(k, v)?.stale_through == 0 {
+                    continue;
+                }
+                match self.sweep_stale_epoch(&user).await {
                     Ok(n) => deleted += n,
                     Err(e) if e.is_conflict() => {}
                     Err(e) => return Err(e),
@@ -215,6 +277,49 @@ impl Store {
         txn.put(hkey, prost::Message::encode_to_vec(&head)).await?;
         txn.commit().await?;
         Ok(deleted)
+    }
+}
+
+impl Store {
+    /// Deletes the entries an earlier epoch left above `user`'s head, one transaction per
+    /// chunk of `STALE_CHUNK`. Each transaction reads and writes the head, so it conflicts
+    /// with a concurrent append instead of deleting the entry that append writes.
+    async fn sweep_stale_epoch(&self, user: &UserId) -> Result<usize> {
+        let hkey = self.keys().inbox_head(user);
+        let mut deleted = 0;
+        loop {
+            let mut txn = self.kv().begin().await?;
+            let Some(bytes) = txn.get(&hkey).await? else {
+                txn.rollback().await?;
+                return Ok(deleted);
+            };
+            let mut head: InboxHead = decode(&hkey, &bytes)?;
+            if head.stale_through == 0 {
+                txn.rollback().await?;
+                return Ok(deleted);
+            }
+            let rows = if head.stale_through > head.head {
+                let start = self.keys().inbox_entry(user, head.head + 1);
+                let end = self.keys().inbox_entry(user, head.stale_through + 1);
+                txn.scan(&start, &end, STALE_CHUNK, ScanOrder::Forward).await?
+            } else {
+                Vec::new()
+            };
+            let last_chunk = rows.len() < STALE_CHUNK;
+            deleted += rows.len();
+            for (k, _) in rows {
+                txn.delete(k).await?;
+            }
+            if last_chunk {
+                head.stale_through = 0;
+            }
+            txn.put(hkey.clone(), prost::Message::encode_to_vec(&head))
+                .await?;
+            txn.commit().await?;
+            if last_chunk {
+                return Ok(deleted);
+            }
+        }
     }
 }
 

@@ -8,7 +8,8 @@
 //! - [`keys`]: the key layout, one table of record families.
 //! - [`records`]: the stored records and their merge rules (LWW and max registers).
 //! - [`apply`]: `plan_event`, the pure function from (state, event) to writes, and
-//!   `Store::apply_batch`, one transaction per batch with the stream checkpoint.
+//!   `Store::apply_batch`, one transaction per batch with the stream checkpoint, bounded in
+//!   bytes and inbox appends (`budget`).
 //! - [`checkpoint`]: stream checkpoints, (stream instance, seq) pairs, and the max HLC
 //!   applied.
 //! - [`inbox`]: sync timelines: reads with epoch and TTL checks, the expiry sweeper.
@@ -22,6 +23,7 @@
 
 pub mod apply;
 pub mod checkpoint;
+mod budget;
 pub mod conversations;
 pub mod digest;
 pub mod directory;

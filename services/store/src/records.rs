@@ -215,9 +215,22 @@ pub struct InboxHead {
     /// Oldest seq still retained; `head + 1` when every entry has expired.
     #[prost(uint64, tag = "3")]
     pub oldest: u64,
+    /// Seqs an earlier epoch may have left above `head`, up to this one (0: none). A new
+    /// epoch restarts at seq 1 and overwrites the old entries as it goes; the ones above its
+    /// head are garbage that the sweeper deletes in bounded chunks, so an epoch change never
+    /// deletes a whole inbox in one transaction (`inbox::Store::sweep_stale_epoch`).
+    #[prost(uint64, tag = "4")]
+    pub stale_through: u64,
 }
 
 /// One inbox (sync timeline) entry.
+///
+/// As stored, an entry that is also in its conversation's storage timeline (messages,
+/// conversation and membership changes) has no `entry`: it references the timeline entry
+/// at (`conversation_id`, `order_key`), so a message to a group is stored once instead of
+/// once per member. Entries that exist only in the inbox (settings, read marks, hides,
+/// read-diffusion notices, all small) carry their `entry` inline, as did every entry written
+/// before references existed. `Store::read_inbox` returns entries with `entry` filled in.
 #[derive(Clone, PartialEq, Message)]
 pub struct InboxEntry {
     #[prost(uint64, tag = "1")]
