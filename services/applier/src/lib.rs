@@ -399,7 +399,11 @@ fn accepted_ms(batch: &[ReceivedEvent]) -> Vec<u64> {
     // One per event, aligned with the batch (0 for an undecodable one, which has no time).
     batch
         .iter()
-        .map(|r| r.envelope.as_ref().map_or(0, |e| meridian_model::Hlc(e.hlc).physical_ms()))
+        .map(|r| {
+            r.envelope
+                .as_ref()
+                .map_or(0, |e| meridian_model::Hlc(e.hlc).physical_ms())
+        })
         .collect()
 }
 
