@@ -74,7 +74,7 @@ impl Gateway {
         let live_bus = bus.connect_bounded(cfg.ws_subscription_capacity).await?;
         let clock = HybridClock::with_offset_ms(cfg.clock_offset_ms);
         // Start above everything applied, so a restart on a wall clock that stepped back
-        // never stamps below what is stored (DESIGN.md section 4).
+        // never stamps below what is stored (docs/design.md §4).
         let applied = store.max_applied_hlc().await?;
         clock.observe(applied);
         let metrics = GatewayMetrics::default();

@@ -86,8 +86,8 @@ impl AppState {
         body: Body,
         traceparent: String,
     ) -> ApiResult<Published> {
-        // Stamp above every version this event overwrites or must sort after (DESIGN.md
-        // section 4): a clock behind the store (restarted on a wall clock that stepped back,
+        // Stamp above every version this event overwrites or must sort after (docs/design.md
+        // §4): a clock behind the store (restarted on a wall clock that stepped back,
         // or behind a region whose events were applied here) would otherwise lose the write
         // to last-writer-wins while answering 200, or sort a new message before stored ones.
         let hlc = match self.store.overwritten_version(&body).await? {

@@ -1,7 +1,7 @@
 //! The newest version a state change would overwrite, for the clock that stamps it.
 //!
-//! Replicated state merges by last-writer-wins on `(hlc, origin, event_id)` (DESIGN.md
-//! section 4). A gateway whose clock is behind what is stored (restarted on a wall clock that
+//! Replicated state merges by last-writer-wins on `(hlc, origin, event_id)` (docs/design.md
+//! §4). A gateway whose clock is behind what is stored (restarted on a wall clock that
 //! stepped back, or lagging a region whose events it applied) would stamp a change below the
 //! version it replaces: the change is dropped by the merge while the call answers 200, or a
 //! new message sorts before ones already stored. So before stamping, the gateway observes the

@@ -62,7 +62,7 @@ macro_rules! api {
 api! {
     get "/healthz" => ops::healthz, spec::healthz, Public, 200, "Liveness: the process answers.";
     get "/readyz" => ops::readyz, spec::readyz, Public, 200, "Readiness: store and NATS reachable, applier lag under bound (503 with the same body otherwise).";
-    get "/metrics" => ops::metrics, spec::none, Public, 200, "Prometheus text metrics.";
+    get "/metrics" => ops::metrics, spec::none, Public, 200, "Metrics, OpenMetrics text (Prometheus scrapes it as is).";
     get "/openapi.json" => ops::openapi, spec::openapi, Public, 200, "This document.";
     put "/v1/admin/users/{user_id}" => admin::put_user, spec::put_user, Admin, 200, "Provision or update a user: {home_region, display_name}.";
     post "/v1/admin/tokens" => admin::post_token, spec::post_token, Admin, 200, "Mint a client token: {user_id, device_id, ttl_s} -> {token, expires_at}.";
@@ -124,7 +124,7 @@ pub fn openapi_document(cfg: &GatewayConfig) -> Value {
             op.insert(
                 "requestBody".into(),
                 json!({"required": true,
-                       "description": format!("JSON, at most {} bytes (413 payload_too_large above).", cfg.max_body_bytes),
+                       "description": format!("JSON, at most {} bytes (413 too_large above).", cfg.max_body_bytes),
                        "x-max-body-bytes": cfg.max_body_bytes,
                        "content": {"application/json": {"schema": body}}}),
             );
@@ -142,7 +142,7 @@ pub fn openapi_document(cfg: &GatewayConfig) -> Value {
             (Some(schema), _) => json!({"description": "success",
                 "content": {"application/json": {"schema": schema}}}),
             (None, "/metrics") => json!({"description": "success",
-                "content": {"text/plain": {"schema": {"type": "string"}}}}),
+                "content": {"application/openmetrics-text": {"schema": {"type": "string"}}}}),
             (None, _) => json!({"description": "success, no body"}),
         };
         let mut responses = Map::new();
