@@ -365,6 +365,20 @@ async fn item8_app_minted_tokens_have_a_maximum_lifetime() -> Result<()> {
         b["message"].as_str().unwrap_or_default().contains("lifetime"),
         "{b}"
     );
+    // An `iat` in the future does not buy a longer life: a ten-year token that claims it was
+    // issued an hour before it expires is still ten years from now.
+    let far = auth::now_s() + 10 * 365 * 24 * 3600;
+    let future_iat = auth::sign(
+        JWT_SECRET.as_bytes(),
+        &Claims {
+            sub: "ann".into(),
+            dev: "watch".into(),
+            exp: far,
+            iat: Some(far - 3600),
+        },
+    );
+    let (st, b) = answer(r.http.get(&me).bearer_auth(future_iat).send().await?).await?;
+    assert_eq!(st, 401, "a ten-year token with a future iat: {b}");
     // Admin issuance is capped by the same maximum.
     let (st, b) = r
         .admin(

@@ -83,7 +83,9 @@ pub fn verify(secret: &[u8], token: &str, now_s: u64, max_lifetime_s: u64) -> Re
     if claims.exp <= now_s {
         return Err(TokenError::Expired);
     }
-    let issued = claims.iat.unwrap_or(now_s);
+    // An `iat` in the future would let a token claim a short life while living long: the
+    // lifetime counts from whichever is earlier, its `iat` or now.
+    let issued = claims.iat.map_or(now_s, |i| i.min(now_s));
     if claims.exp.saturating_sub(issued) > max_lifetime_s {
         return Err(TokenError::LifetimeTooLong {
             max_s: max_lifetime_s,
