@@ -109,8 +109,12 @@ pub async fn post_token(
 
 pub async fn get_regions(_: Admin, State(s): State<Arc<AppState>>) -> ApiResult<Json<Value>> {
     let stream = s.bus.stream();
-    let applied = s.store.checkpoint(&stream).await?;
-    let last = s.bus.stream_state(&stream).await.ok().map(|st| st.last_seq);
+    let cp = s.store.stream_checkpoint(&stream).await?;
+    let state = s.bus.stream_state(&stream).await.ok();
+    let applied = state
+        .as_ref()
+        .map_or(cp.seq, |st| crate::state::applied_in(&cp, st));
+    let last = state.map(|st| st.last_seq);
     let serving = s.store.region_serving(&s.cfg.region).await?;
     let status = if serving.serving == s.cfg.region {
         "active"

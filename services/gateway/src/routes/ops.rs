@@ -20,9 +20,9 @@ pub async fn healthz() -> Json<Value> {
 
 pub async fn readyz(State(s): State<Arc<AppState>>) -> (StatusCode, Json<Value>) {
     let stream = s.bus.stream();
-    let store = s.store.checkpoint(&stream).await;
+    let store = s.store.stream_checkpoint(&stream).await;
     let nats = s.bus.ping().await;
-    let last = s.bus.stream_state(&stream).await.map(|st| st.last_seq);
+    let state = s.bus.stream_state(&stream).await;
     let mut problems = Vec::new();
     if let Err(e) = &store {
         problems.push(format!("store: {e}"));
@@ -30,8 +30,8 @@ pub async fn readyz(State(s): State<Arc<AppState>>) -> (StatusCode, Json<Value>)
     if let Err(e) = &nats {
         problems.push(format!("nats: {e}"));
     }
-    let lag = match (&store, &last) {
-        (Ok(applied), Ok(last)) => Some(last.saturating_sub(*applied)),
+    let lag = match (&store, &state) {
+        (Ok(cp), Ok(st)) => Some(st.last_seq.saturating_sub(crate::state::applied_in(cp, st))),
         _ => None,
     };
     if lag.is_some_and(|l| l > READY_MAX_APPLY_LAG) {
