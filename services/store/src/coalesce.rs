@@ -28,7 +28,7 @@ pub struct PendingAdvance {
     /// The newest message coalesced away: the order key the trailing entries carry.
     #[prost(bytes = "vec", tag = "1")]
     pub order_key: Vec<u8>,
-    /// That message's sender, who got the message itself.
+    /// That message's sender (the entries' actor).
     #[prost(string, tag = "2")]
     pub sender: String,
     /// Later than the apply of every message coalesced away and than the last notification
@@ -36,6 +36,11 @@ pub struct PendingAdvance {
     /// has been notified since; the flush is due one window after it.
     #[prost(uint64, tag = "3")]
     pub stamp_ms: u64,
+    /// Whether the messages coalesced away came from more than one sender. When they all
+    /// came from `sender`, none was coalesced away for `sender` (a sender gets their own
+    /// messages), so the flush leaves them out; otherwise they missed someone else's.
+    #[prost(bool, tag = "4")]
+    pub several_senders: bool,
 }
 
 /// The marker after one more message (`order_key`, from `sender`) was coalesced away at
@@ -52,6 +57,9 @@ pub(crate) fn mark_pending(
         Some(b) => decode(key, b)?,
         None => PendingAdvance::default(),
     };
+    if current.is_some() && pending.sender != sender.as_str() {
+        pending.several_senders = true;
+    }
     if order_key > pending.order_key.as_slice() {
         pending.order_key = order_key.to_vec();
         pending.sender = sender.to_string();
@@ -173,7 +181,7 @@ impl Store {
             .members_in(txn.as_mut(), cid)
             .await?
             .into_iter()
-            .filter(|u| u.as_str() != pending.sender)
+            .filter(|u| pending.several_senders || u.as_str() != pending.sender)
             .collect();
         let epochs = self.served_epochs_in(txn.as_mut(), &cfg.region, &members).await?;
         let served: Vec<(UserId, String)> = members

@@ -141,3 +141,63 @@ async fn coalesced_burst_ends_with_conversation_advanced_for_every_served_member
     assert!(again.deliveries.is_empty(), "flushed twice: {again:?}");
     assert_eq!(again.flushed, 0);
 }
+
+/// A sender is left out of the flush only when every message coalesced away was their own:
+/// one who sent the newest message but missed someone else's earlier is told too.
+#[tokio::test]
+async fn a_sender_who_missed_another_senders_message_is_told_too() {
+    let backend = embedded(EngineKind::Fjall);
+    let store = backend.store();
+    let cfg = small_group_cfg();
+    let f = EventFactory::new("us");
+    let cid = ConversationId::new_group();
+    let mut setup: Vec<_> = ["ana", "m1", "m2", "m3", "m4"]
+        .iter()
+        .map(|u| f.user(u, "us"))
+        .collect();
+    setup.push(f.group("ana", &cid, &["m1", "m2", "m3", "m4"]));
+    let t0 = 1_900_000_000_000;
+    store
+        .apply_batch_at(&cfg, "SYNC_US", &sequenced(&setup, 1), t0)
+        .await
+        .unwrap();
+    // ana's message opens everyone else's window; m1's first opens ana's; m1's second is
+    // coalesced away for ana; ana's last is the newest.
+    let burst = [
+        f.message("ana", &cid, "a1", "one"),
+        f.message("m1", &cid, "b1", "two"),
+        f.message("m1", &cid, "b2", "three"),
+        f.message("ana", &cid, "a2", "four"),
+    ];
+    let mut seq = setup.len() as u64;
+    for (i, ev) in burst.iter().enumerate() {
+        seq += 1;
+        store
+            .apply_batch_at(
+                &cfg,
+                "SYNC_US",
+                &sequenced(std::slice::from_ref(ev), seq),
+                t0 + 100 * (i as u64 + 1),
+            )
+            .await
+            .unwrap();
+    }
+    let missed = &burst[2];
+    let missed_key = OrderKey::new(
+        Hlc(missed.hlc),
+        region("us"),
+        EventId::from_bytes(&missed.event_id).unwrap(),
+    )
+    .to_bytes();
+    store
+        .flush_coalesced(&cfg, t0 + 400 + 2 * WINDOW_MS, None, 64)
+        .await
+        .unwrap();
+    for who in ["ana", "m1", "m2", "m3", "m4"] {
+        let advanced = last_advanced(&store, who).await;
+        assert!(
+            advanced.as_ref().is_some_and(|k| *k >= missed_key),
+            "{who} was not told of m1's coalesced message (newest conversation_advanced: {advanced:?})"
+        );
+    }
+}
