@@ -119,7 +119,18 @@ impl Store {
         };
         let mut attempted = 0;
         for (i, (key, value)) in markers.iter().enumerate() {
-            let pending: PendingAdvance = decode(key, value)?;
+            // One bad marker must not stop every other conversation's flush.
+            let parsed = decode::<PendingAdvance>(key, value).and_then(|p| {
+                let cid = String::from_utf8_lossy(&key[family.len()..]).into_owned();
+                Ok((p, ConversationId::parse(cid)?))
+            });
+            let (pending, cid) = match parsed {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping an unreadable coalesce marker");
+                    continue;
+                }
+            };
             if now_ms < pending.stamp_ms.saturating_add(cfg.coalesce_window_ms) {
                 continue;
             }
@@ -132,7 +143,6 @@ impl Store {
                 break;
             }
             attempted += 1;
-            let cid = ConversationId::parse(String::from_utf8_lossy(&key[family.len()..]).into_owned())?;
             let mut retries = 0;
             loop {
                 match self.try_flush(cfg, &cid, now_ms).await {
