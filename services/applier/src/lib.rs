@@ -21,6 +21,7 @@
 //!   the per-stream loop (pull, apply, ack, deliver), with one "apply" span per event whose
 //!   deliveries carry its `traceparent` on to the gateways (meridian-telemetry).
 
+mod coalesce;
 mod config;
 mod metrics;
 
@@ -29,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_bus::{Bus, BusError, EventConsumer, ReceivedEvent, StreamState};
-use meridian_store::{ApplyConfig, ApplyReport, SequencedEvent, Store, StoreError, StreamRef};
+use meridian_store::{ApplyConfig, ApplyReport, Delivery, SequencedEvent, Store, StoreError, StreamRef};
 use meridian_telemetry::{Role, RoleSpan, SpanKind};
 use prost::Message as _;
 use thiserror::Error;
@@ -120,6 +121,14 @@ pub async fn run_with_metrics(
         };
         tasks.spawn(worker.run());
     }
+    // Read diffusion's trailing edge (meridian_store::coalesce): region-local, like fan-out.
+    tasks.spawn(coalesce::run_flusher(
+        store.clone(),
+        bus.clone(),
+        apply_cfg,
+        metrics.clone(),
+        stop.clone(),
+    ));
     let mut result = Ok(());
     while let Some(joined) = tasks.join_next().await {
         let outcome = joined
@@ -370,26 +379,34 @@ impl StreamWorker {
     /// produced it. Best effort: a device that misses one sees the seq gap and reads it from
     /// the store.
     async fn deliver(&self, report: ApplyReport, spans: &EventSpans) {
-        for d in report.deliveries {
-            let span = spans.get(&d.entry.event_id);
-            let traceparent = span.map(RoleSpan::traceparent);
-            // Encoded one at a time: the deliveries share one copy of each timeline entry.
-            let payload = bytes::Bytes::from(d.live_entry().encode_to_vec());
-            match self
-                .bus
-                .publish_delivery_traced(&d.user, payload, traceparent.as_deref())
-                .await
-            {
-                Ok(()) => self.metrics.record_delivery(true),
-                Err(e) => {
-                    self.metrics.record_delivery(false);
-                    tracing::debug!(
-                        user = %d.user, error = %e,
-                        trace_id = span.map(RoleSpan::trace_id).unwrap_or_default(),
-                        "live delivery dropped"
-                    );
-                }
-            }
+        for d in &report.deliveries {
+            publish_delivery(&self.bus, &self.metrics, d, spans.get(&d.entry.event_id)).await;
+        }
+    }
+}
+
+/// Publishes one committed inbox entry to live delivery, in the trace of `span` if any.
+pub(crate) async fn publish_delivery(
+    bus: &Bus,
+    metrics: &ApplierMetrics,
+    d: &Delivery,
+    span: Option<&RoleSpan>,
+) {
+    let traceparent = span.map(RoleSpan::traceparent);
+    // Encoded one at a time: the deliveries share one copy of each timeline entry.
+    let payload = bytes::Bytes::from(d.live_entry().encode_to_vec());
+    match bus
+        .publish_delivery_traced(&d.user, payload, traceparent.as_deref())
+        .await
+    {
+        Ok(()) => metrics.record_delivery(true),
+        Err(e) => {
+            metrics.record_delivery(false);
+            tracing::debug!(
+                user = %d.user, error = %e,
+                trace_id = span.map(RoleSpan::trace_id).unwrap_or_default(),
+                "live delivery dropped"
+            );
         }
     }
 }

@@ -892,6 +892,8 @@ impl Planner<'_> {
         let (entry, in_timeline) = self.shared_entry(cid, entry);
         // Not in the timeline (the message is, under the same order key): stored inline.
         let advanced = Arc::new(self.entry("conversation_advanced", serde_json::Value::Null));
+        // Coalesced away for someone: the latest notification among those (see coalesce.rs).
+        let mut coalesced_after: Option<u64> = None;
         for (user, epoch) in users.into_iter().zip(epochs) {
             let Some(epoch) = epoch else { continue };
             if &user == sender {
@@ -906,7 +908,22 @@ impl Planner<'_> {
             if self.now_ms.saturating_sub(last) >= self.cfg.coalesce_window_ms {
                 self.put(wkey, self.now_ms.to_be_bytes().to_vec());
                 self.append_inbox(cid, user, &epoch, &advanced, false).await?;
+            } else {
+                coalesced_after = Some(coalesced_after.unwrap_or(0).max(last));
             }
+        }
+        if let Some(latest_notified) = coalesced_after {
+            let key = self.keys.coalesce_pending(cid);
+            let current = self.get(&key).await?;
+            let pending = crate::coalesce::mark_pending(
+                &key,
+                current.as_deref(),
+                &self.version,
+                sender,
+                self.now_ms,
+                latest_notified,
+            )?;
+            self.put(key, pending);
         }
         Ok(())
     }

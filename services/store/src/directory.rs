@@ -60,7 +60,7 @@ impl Store {
         self.region_serving_in(txn.as_mut(), region).await
     }
 
-    async fn region_serving_in(
+    pub(crate) async fn region_serving_in(
         &self,
         txn: &mut dyn crate::KvTxn,
         region: &RegionId,

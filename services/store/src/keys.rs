@@ -24,7 +24,8 @@
 //! Derived or region-local families (not in the digest):
 //! `L/uid/cid` the user's conversations, `A/cid` last activity, `E/event_id` applied
 //! events, `P/stream` applied checkpoints, `X/uid` inbox head, `Y/uid/seq` inbox entries,
-//! `W/uid/cid` read-diffusion coalescing window, `K/uid/digest` a client's idempotency key
+//! `W/uid/cid` read-diffusion coalescing window, `Q/cid` read-diffusion activity no member
+//! has been told of yet (see `coalesce.rs`), `K/uid/digest` a client's idempotency key
 //! (digest of route and key; see `requests.rs`), `N/cid` the current member list (derived
 //! from `B/cid/*` in the same transactions that change it, so fan-out is one point read
 //! instead of a range scan; conversations from before it existed fall back to the scan).
@@ -148,6 +149,10 @@ impl Keys {
     }
     pub fn coalesce_window(&self, uid: &UserId, cid: &ConversationId) -> Vec<u8> {
         self.key(b'W', &[uid.as_str().as_bytes(), cid.as_str().as_bytes()])
+    }
+    /// A read-diffusion conversation with messages some members were not notified of.
+    pub fn coalesce_pending(&self, cid: &ConversationId) -> Vec<u8> {
+        self.key(b'Q', &[cid.as_str().as_bytes()])
     }
 
     /// An idempotency key of `uid`'s: `digest` covers the route and the key.

@@ -10,6 +10,8 @@
 //! - [`apply`]: `plan_event`, the pure function from (state, event) to writes, and
 //!   `Store::apply_batch`, one transaction per batch with the stream checkpoint, bounded in
 //!   bytes and inbox appends (`budget`).
+//! - [`coalesce`]: read diffusion's trailing edge: the per-conversation marker of messages
+//!   coalesced away, and the flush that notifies the members who missed them.
 //! - [`checkpoint`]: stream checkpoints, (stream instance, seq) pairs, and the max HLC
 //!   applied.
 //! - [`inbox`]: sync timelines: reads with epoch and TTL checks, the expiry sweeper.
@@ -24,6 +26,7 @@
 pub mod apply;
 mod budget;
 pub mod checkpoint;
+pub mod coalesce;
 pub mod conversations;
 pub mod digest;
 pub mod directory;
