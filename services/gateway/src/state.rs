@@ -311,6 +311,18 @@ impl GatewayMetrics {
     }
 }
 
+/// How far `stream` is applied, counted in the stream instance the bus sees now: a checkpoint
+/// of an earlier instance (the stream was recreated or lost its storage, and the applier has
+/// not reset it yet) counts as nothing applied, so lag and readiness do not read 0 while a
+/// new instance waits.
+pub fn applied_in(cp: &meridian_store::checkpoint::Checkpoint, state: &meridian_bus::StreamState) -> u64 {
+    if cp.instance == 0 || cp.instance == state.instance {
+        cp.seq
+    } else {
+        0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,17 +337,5 @@ mod tests {
         assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
         // Buckets are per user.
         assert!(l.check("b").is_ok());
-    }
-}
-
-/// How far `stream` is applied, counted in the stream instance the bus sees now: a checkpoint
-/// of an earlier instance (the stream was recreated or lost its storage, and the applier has
-/// not reset it yet) counts as nothing applied, so lag and readiness do not read 0 while a
-/// new instance waits.
-pub fn applied_in(cp: &meridian_store::checkpoint::Checkpoint, state: &meridian_bus::StreamState) -> u64 {
-    if cp.instance == 0 || cp.instance == state.instance {
-        cp.seq
-    } else {
-        0
     }
 }
