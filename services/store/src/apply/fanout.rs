@@ -75,7 +75,7 @@ impl Planner<'_> {
         let epochs = self.served_epochs(&users).await?;
         let (entry, in_timeline) = self.shared_entry(cid, entry);
         // Not in the timeline (the message is, under the same order key): stored inline.
-        let advanced = Arc::new(self.entry("conversation_advanced", serde_json::Value::Null));
+        let advanced = Arc::new(self.entry("conversation_advanced", None));
         for (user, epoch) in users.into_iter().zip(epochs) {
             let Some(epoch) = epoch else { continue };
             if &user == sender {

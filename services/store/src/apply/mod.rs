@@ -91,6 +91,7 @@ impl Delivery {
             body_json: t.body_json.clone(),
             client_msg_id: t.client_msg_id.clone(),
             detail_json: t.detail_json.clone(),
+            detail: t.detail.clone(),
         }
     }
 }
@@ -113,6 +114,7 @@ impl From<LiveEntry> for InboxEntry {
                 body_json: l.body_json,
                 client_msg_id: l.client_msg_id,
                 detail_json: l.detail_json,
+                detail: l.detail,
             }),
         }
     }

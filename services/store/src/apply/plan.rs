@@ -3,14 +3,18 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use meridian_model::events::entry_detail::Change;
 use meridian_model::events::{event_envelope::Body, ConversationKind, EventEnvelope, MemberRole};
 use meridian_model::events::{
     ConversationCreated, ConversationDissolved, ConversationHidden, ConversationUpdated, DeviceRegistered,
     DeviceUnregistered, MemberRemoved, MemberRoleChanged, MembersAdded, MessageDeletedForMe, MessageRecalled,
     MessageSent, ReadIndexSet, RegionFailback, RegionFailover, UserSettingsChanged, UserUpserted,
 };
+use meridian_model::events::{
+    ConversationCreatedDetail, ConversationUpdatedDetail, EntryDetail, MemberRemovedDetail,
+    MemberRoleChangedDetail, MembersAddedDetail, MessageRefDetail, ReadDetail, SettingsDetail,
+};
 use meridian_model::{ConversationId, EventId, Hlc, OrderKey, RegionId, UserId};
-use serde_json::json;
 
 use crate::keys::Keys;
 use crate::kv::{prefix_end, KvTxn, ScanOrder};
@@ -163,17 +167,14 @@ impl Planner<'_> {
         }
     }
 
-    pub(super) fn entry(&self, kind: &str, detail: serde_json::Value) -> TimelineEntry {
+    /// The timeline entry of this event: `kind` and, for a state change, what it changed.
+    pub(super) fn entry(&self, kind: &str, change: Option<Change>) -> TimelineEntry {
         TimelineEntry {
             kind: kind.to_string(),
             event_id: self.order_key.event_id.as_bytes().to_vec(),
             actor: self.ev.actor.clone(),
             at_ms: self.order_key.hlc.physical_ms(),
-            detail_json: if detail.is_null() {
-                String::new()
-            } else {
-                detail.to_string()
-            },
+            detail: change.map(|change| EntryDetail { change: Some(change) }),
             ..Default::default()
         }
     }
@@ -334,7 +335,13 @@ impl Planner<'_> {
             self.set_member(&c, &user, true, Some(role)).await?;
             users.push(user.to_string());
         }
-        let entry = self.entry("conversation_created", json!({"name": b.name, "user_ids": users}));
+        let entry = self.entry(
+            "conversation_created",
+            Some(Change::ConversationCreated(ConversationCreatedDetail {
+                name: b.name,
+                user_ids: users,
+            })),
+        );
         self.append_timeline(&c, &entry).await?;
         let members = self.members(&c).await?;
         self.fan_out(&c, members, entry).await?;
@@ -345,21 +352,22 @@ impl Planner<'_> {
         let c = cid(&b.conversation_id)?;
         let key = self.keys.conversation(&c);
         let mut rec: ConversationRecord = self.record_or_default(&key).await?;
-        let mut detail = serde_json::Map::new();
         if let Some(name) = &b.name {
             lww(&mut rec.name, self.str_reg(name));
-            detail.insert("name".into(), json!(name));
         }
         if let Some(a) = &b.announcement {
             lww(&mut rec.announcement, self.str_reg(a));
-            detail.insert("announcement".into(), json!(a));
         }
         if let Some(m) = b.members_can_add {
             lww(&mut rec.members_can_add, self.bool_reg(m));
-            detail.insert("members_can_add".into(), json!(m));
         }
         self.put_record(key, &rec);
-        let entry = self.entry("conversation_updated", serde_json::Value::Object(detail));
+        let detail = ConversationUpdatedDetail {
+            name: b.name,
+            announcement: b.announcement,
+            members_can_add: b.members_can_add,
+        };
+        let entry = self.entry("conversation_updated", Some(Change::ConversationUpdated(detail)));
         self.append_timeline(&c, &entry).await?;
         let members = self.members(&c).await?;
         self.fan_out(&c, members, entry).await?;
@@ -372,7 +380,7 @@ impl Planner<'_> {
         let mut rec: ConversationRecord = self.record_or_default(&key).await?;
         lww(&mut rec.dissolved, self.bool_reg(true));
         self.put_record(key, &rec);
-        let entry = self.entry("conversation_dissolved", serde_json::Value::Null);
+        let entry = self.entry("conversation_dissolved", None);
         self.append_timeline(&c, &entry).await?;
         let members = self.members(&c).await?;
         self.fan_out(&c, members, entry).await?;
@@ -388,7 +396,7 @@ impl Planner<'_> {
         if max_into(&mut rec.hidden_at, &version) {
             self.put_record(key, &rec);
         }
-        let entry = self.entry("conversation_hidden", serde_json::Value::Null);
+        let entry = self.entry("conversation_hidden", None);
         self.fan_out(&c, vec![user], entry).await?;
         Ok(())
     }
@@ -404,7 +412,10 @@ impl Planner<'_> {
             self.set_member(&c, &user, true, None).await?;
             added.push(user.to_string());
         }
-        let entry = self.entry("member_added", json!({"user_ids": added}));
+        let entry = self.entry(
+            "member_added",
+            Some(Change::MembersAdded(MembersAddedDetail { user_ids: added })),
+        );
         self.append_timeline(&c, &entry).await?;
         let members = self.members(&c).await?;
         self.fan_out(&c, members, entry).await?;
@@ -419,7 +430,12 @@ impl Planner<'_> {
         // otherwise, instead of silently regaining admin or ownership.
         self.set_member(&c, &user, false, Some(MemberRole::Member as i32))
             .await?;
-        let entry = self.entry("member_removed", json!({"user_id": user.as_str()}));
+        let entry = self.entry(
+            "member_removed",
+            Some(Change::MemberRemoved(MemberRemovedDetail {
+                user_id: user.to_string(),
+            })),
+        );
         self.append_timeline(&c, &entry).await?;
         let mut members = self.members(&c).await?;
         members.push(user);
@@ -435,12 +451,12 @@ impl Planner<'_> {
         if lww(&mut rec.role, self.int_reg(b.role)) {
             self.put_record(key, &rec);
         }
-        let role = MemberRole::try_from(b.role)
-            .map(|r| r.as_str_name())
-            .unwrap_or("unknown");
         let entry = self.entry(
             "member_role_changed",
-            json!({"user_id": user.as_str(), "role": role}),
+            Some(Change::MemberRoleChanged(MemberRoleChangedDetail {
+                user_id: user.to_string(),
+                role: b.role,
+            })),
         );
         self.append_timeline(&c, &entry).await?;
         let members = self.members(&c).await?;
@@ -460,7 +476,13 @@ impl Planner<'_> {
             lww(&mut rec.pinned, self.bool_reg(p));
         }
         self.put_record(key, &rec);
-        let entry = self.entry("settings", json!({"muted": b.muted, "pinned": b.pinned}));
+        let entry = self.entry(
+            "settings",
+            Some(Change::Settings(SettingsDetail {
+                muted: b.muted,
+                pinned: b.pinned,
+            })),
+        );
         self.fan_out(&c, vec![user], entry).await?;
         Ok(())
     }
@@ -468,7 +490,7 @@ impl Planner<'_> {
     async fn plan_message_sent(&mut self, b: MessageSent) -> Result<()> {
         let c = cid(&b.conversation_id)?;
         let sender = uid(&self.ev.actor)?;
-        let mut entry = self.entry("message", serde_json::Value::Null);
+        let mut entry = self.entry("message", None);
         entry.msg_type = b.msg_type.clone();
         entry.body_json = b.body_json.clone();
         entry.client_msg_id = b.client_msg_id.clone();
@@ -498,7 +520,12 @@ impl Planner<'_> {
             rec.actor = self.ev.actor.clone();
             self.put_record(key, &rec);
         }
-        let entry = self.entry("recall", json!({"message_id": msg.to_string()}));
+        let entry = self.entry(
+            "recall",
+            Some(Change::Recall(MessageRefDetail {
+                message_id: msg.as_bytes().to_vec(),
+            })),
+        );
         self.append_timeline(&c, &entry).await?;
         let members = self.members(&c).await?;
         self.fan_out(&c, members, entry).await?;
@@ -510,7 +537,12 @@ impl Planner<'_> {
         let msg = EventId::from_bytes(&b.message_id)?;
         let user = uid(&b.user_id)?;
         self.put(self.keys.hidden_message(&c, &user, &msg), Vec::new());
-        let entry = self.entry("message_deleted", json!({"message_id": msg.to_string()}));
+        let entry = self.entry(
+            "message_deleted",
+            Some(Change::MessageDeleted(MessageRefDetail {
+                message_id: msg.as_bytes().to_vec(),
+            })),
+        );
         self.fan_out(&c, vec![user], entry).await?;
         Ok(())
     }
@@ -518,14 +550,18 @@ impl Planner<'_> {
     async fn plan_read_index_set(&mut self, b: ReadIndexSet) -> Result<()> {
         let c = cid(&b.conversation_id)?;
         let user = uid(&b.user_id)?;
-        let read_at = OrderKey::from_bytes(&b.order_key)?;
+        // A read index that is not an order key is rejected.
+        OrderKey::from_bytes(&b.order_key)?;
         let key = self.keys.read_index(&c, &user);
         let mut cur = self.get(&key).await?.unwrap_or_default();
         if max_into(&mut cur, &b.order_key) {
             self.put(key, cur);
             let entry = self.entry(
                 "read",
-                json!({"user_id": user.as_str(), "cursor": read_at.cursor().as_str()}),
+                Some(Change::Read(ReadDetail {
+                    user_id: user.to_string(),
+                    read_index: b.order_key.clone(),
+                })),
             );
             self.fan_out(&c, vec![user], entry).await?;
         }
