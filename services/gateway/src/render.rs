@@ -2,8 +2,10 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use meridian_model::events::entry_detail::Change;
+use meridian_model::events::MemberRole;
 use meridian_model::{ConversationId, EventId, OrderKey};
-use meridian_store::conversations::{ConversationSummary, ConversationView};
+use meridian_store::conversations::{role_name, ConversationSummary, ConversationView};
 use meridian_store::records::InboxEntry;
 use meridian_store::timeline::MessageView;
 use serde::Serialize;
@@ -92,12 +94,74 @@ pub fn inbox_entry(e: &InboxEntry, recalled: bool) -> Value {
         out.insert("sent_at".into(), json!(t.at_ms));
         out.insert("client_msg_id".into(), json!(t.client_msg_id));
     }
-    if let Ok(Value::Object(detail)) = serde_json::from_str::<Value>(&t.detail_json) {
-        for (k, v) in detail {
-            out.entry(k).or_insert(v);
-        }
+    match t.detail.as_ref().and_then(|d| d.change.as_ref()) {
+        Some(change) => insert_change(&mut out, change),
+        None => insert_legacy_detail(&mut out, &t.detail_json),
     }
     Value::Object(out)
+}
+
+/// The fields docs/api.md §5 lists for a state change, named here: the store keeps them
+/// typed. A detail field is what the entry is about, so it replaces an entry field of the
+/// same name (a `read` entry's `cursor` is the read index it set, not the event's position).
+fn insert_change(out: &mut Map<String, Value>, change: &Change) {
+    let message_id = |id: &[u8]| EventId::from_bytes(id).map(|i| i.to_string()).unwrap_or_default();
+    match change {
+        Change::ConversationCreated(d) => {
+            out.insert("name".into(), json!(d.name));
+            out.insert("user_ids".into(), json!(d.user_ids));
+        }
+        Change::ConversationUpdated(d) => {
+            if let Some(name) = &d.name {
+                out.insert("name".into(), json!(name));
+            }
+            if let Some(a) = &d.announcement {
+                out.insert("announcement".into(), json!(a));
+            }
+            if let Some(m) = d.members_can_add {
+                out.insert("members_can_add".into(), json!(m));
+            }
+        }
+        Change::MembersAdded(d) => {
+            out.insert("user_ids".into(), json!(d.user_ids));
+        }
+        Change::MemberRemoved(d) => {
+            out.insert("user_id".into(), json!(d.user_id));
+        }
+        Change::MemberRoleChanged(d) => {
+            out.insert("user_id".into(), json!(d.user_id));
+            out.insert("role".into(), json!(role_name(d.role)));
+        }
+        Change::Settings(d) => {
+            out.insert("muted".into(), json!(d.muted));
+            out.insert("pinned".into(), json!(d.pinned));
+        }
+        Change::Recall(d) | Change::MessageDeleted(d) => {
+            out.insert("message_id".into(), json!(message_id(&d.message_id)));
+        }
+        Change::Read(d) => {
+            out.insert("user_id".into(), json!(d.user_id));
+            let cursor = OrderKey::from_bytes(&d.read_index)
+                .ok()
+                .map(|k| k.cursor().as_str().to_string());
+            out.insert("cursor".into(), json!(cursor));
+        }
+    }
+}
+
+/// Entries stored before details were typed carry them as JSON with the API's names, except
+/// a role, stored as the protobuf enum name (`MEMBER_ROLE_ADMIN`).
+fn insert_legacy_detail(out: &mut Map<String, Value>, detail_json: &str) {
+    let Ok(Value::Object(detail)) = serde_json::from_str::<Value>(detail_json) else {
+        return;
+    };
+    for (k, v) in detail {
+        let v = match (k.as_str(), v.as_str().and_then(MemberRole::from_str_name)) {
+            ("role", Some(role)) => json!(role_name(role as i32)),
+            _ => v,
+        };
+        out.insert(k, v);
+    }
 }
 
 /// The WebSocket `entry` frame of one live inbox entry (just applied, so not recalled):
@@ -133,7 +197,7 @@ pub fn entry_frame(e: &InboxEntry) -> String {
     if let Some(t) = e
         .entry
         .as_ref()
-        .filter(|t| t.kind == "message" && t.detail_json.is_empty())
+        .filter(|t| t.kind == "message" && t.detail.is_none() && t.detail_json.is_empty())
     {
         let frame = MessageFrame {
             op: "entry",
@@ -229,6 +293,7 @@ mod tests {
                 body_json: body_json.into(),
                 client_msg_id: "c-1".into(),
                 detail_json: detail_json.into(),
+                detail: None,
             }),
         }
     }
@@ -246,6 +311,32 @@ mod tests {
             let got: Value = serde_json::from_str(&entry_frame(&e)).unwrap();
             assert_eq!(got, expected, "body {body} detail {detail}");
         }
+    }
+
+    /// Entries stored before details were typed (JSON in `detail_json`) render as typed ones
+    /// do: the read index as the `cursor`, the role by its API name.
+    #[test]
+    fn a_legacy_json_detail_renders_with_the_api_names() {
+        let read_index = OrderKey::new(
+            meridian_model::Hlc(3 << 16),
+            meridian_model::RegionId::parse("us").unwrap(),
+            EventId::new_v7(),
+        );
+        let read_cursor = read_index.cursor().as_str().to_string();
+        let mut e = message_entry("", "");
+        let t = e.entry.as_mut().unwrap();
+        t.kind = "read".into();
+        t.detail_json = json!({"user_id": "ann", "cursor": read_cursor}).to_string();
+        let v = inbox_entry(&e, false);
+        assert_eq!(v["cursor"], read_cursor, "{v}");
+        assert_eq!(v["user_id"], "ann");
+
+        let t = e.entry.as_mut().unwrap();
+        t.kind = "member_role_changed".into();
+        t.detail_json = r#"{"user_id":"bob","role":"MEMBER_ROLE_ADMIN"}"#.into();
+        let v = inbox_entry(&e, false);
+        assert_eq!(v["role"], "admin", "{v}");
+        assert_eq!(v["user_id"], "bob");
     }
 
     #[test]

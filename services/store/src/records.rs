@@ -3,6 +3,7 @@
 //! which are order-key bytes `(hlc, origin, event_id)`, so every region picks the same
 //! winner whatever order events arrive in.
 
+use meridian_model::events::EntryDetail;
 use prost::Message;
 
 use crate::{Result, StoreError};
@@ -99,9 +100,13 @@ pub struct TimelineEntry {
     pub body_json: String,
     #[prost(string, tag = "7")]
     pub client_msg_id: String,
-    /// For state changes: what changed, as JSON (`{"user_ids": [...]}`, `{"message_id": ..}`).
+    /// Written before details were typed: what changed, as JSON with the API's field names.
+    /// Never written now; readers fall back to it when `detail` is absent.
     #[prost(string, tag = "8")]
     pub detail_json: String,
+    /// For state changes: what changed, typed (the gateway names the fields).
+    #[prost(message, optional, tag = "9")]
+    pub detail: Option<EntryDetail>,
 }
 
 /// Where a message lives; its presence also marks the send as applied.

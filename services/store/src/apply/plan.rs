@@ -1,0 +1,639 @@
+//! `plan_event`: from (state, event) to writes, one planning function per event kind.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use meridian_model::events::entry_detail::Change;
+use meridian_model::events::{event_envelope::Body, ConversationKind, EventEnvelope, MemberRole};
+use meridian_model::events::{
+    ConversationCreated, ConversationDissolved, ConversationHidden, ConversationUpdated, DeviceRegistered,
+    DeviceUnregistered, MemberRemoved, MemberRoleChanged, MembersAdded, MessageDeletedForMe, MessageRecalled,
+    MessageSent, ReadIndexSet, RegionFailback, RegionFailover, UserSettingsChanged, UserUpserted,
+};
+use meridian_model::events::{
+    ConversationCreatedDetail, ConversationUpdatedDetail, EntryDetail, MemberRemovedDetail,
+    MemberRoleChangedDetail, MembersAddedDetail, MessageRefDetail, ReadDetail, SettingsDetail,
+};
+use meridian_model::{ConversationId, EventId, Hlc, OrderKey, RegionId, UserId};
+
+use crate::keys::Keys;
+use crate::kv::{prefix_end, KvTxn, ScanOrder};
+use crate::records::*;
+use crate::{Result, StoreError};
+
+use super::{decode_member_list, encode_member_list, ApplyConfig, Plan, Write};
+
+/// Plans one event: reads through `view`, writes nothing, returns the writes.
+pub async fn plan_event(
+    view: &mut dyn KvTxn,
+    keys: &Keys,
+    cfg: &ApplyConfig,
+    now_ms: u64,
+    ev: &EventEnvelope,
+) -> Result<Plan> {
+    let (event_id, origin) = match (
+        EventId::from_bytes(&ev.event_id),
+        RegionId::parse(ev.origin_region.as_str()),
+    ) {
+        (Ok(id), Ok(origin)) => (id, origin),
+        (Err(e), _) | (_, Err(e)) => {
+            // Without a valid id the event cannot even be recorded as applied; the stream
+            // checkpoint still moves past it.
+            return Ok(Plan {
+                rejected: Some(format!("bad envelope: {e}")),
+                ..Default::default()
+            });
+        }
+    };
+    // A message's locator doubles as its applied marker: one point read (nearly always a
+    // miss, the costly kind in an LSM) and one write fewer for the bulk of the traffic.
+    let is_message = matches!(ev.body, Some(Body::MessageSent(_)));
+    let applied_key = if is_message {
+        keys.message(&event_id)
+    } else {
+        keys.applied_event(&event_id)
+    };
+    if view.get(&applied_key).await?.is_some() {
+        return Ok(Plan {
+            duplicate: true,
+            ..Default::default()
+        });
+    }
+    let order_key = OrderKey::new(Hlc(ev.hlc), origin, event_id);
+    let mut p = Planner {
+        view,
+        keys,
+        cfg,
+        now_ms,
+        ev,
+        version: order_key.to_bytes(),
+        order_key,
+        plan: Plan::default(),
+        staged: BTreeMap::new(),
+        timeline_entry: None,
+    };
+    if !is_message {
+        p.put(applied_key, Vec::new());
+    }
+    if let Err(e) = p.plan().await {
+        match e {
+            StoreError::Model(m) => {
+                // A body that does not validate: record the event as applied, change nothing.
+                let applied = keys.applied_event(&event_id);
+                return Ok(Plan {
+                    writes: vec![Write::Put(applied, Vec::new())],
+                    rejected: Some(m.to_string()),
+                    ..Default::default()
+                });
+            }
+            other => return Err(other),
+        }
+    }
+    let mut plan = p.plan;
+    plan.writes.extend(p.staged.into_iter().map(|(k, v)| match v {
+        Some(v) => Write::Put(k, v),
+        None => Write::Delete(k),
+    }));
+    Ok(plan)
+}
+
+pub(super) struct Planner<'a> {
+    pub(super) view: &'a mut dyn KvTxn,
+    pub(super) keys: &'a Keys,
+    pub(super) cfg: &'a ApplyConfig,
+    pub(super) now_ms: u64,
+    pub(super) ev: &'a EventEnvelope,
+    pub(super) order_key: OrderKey,
+    /// The event's order key bytes: the version every register write carries.
+    pub(super) version: Vec<u8>,
+    pub(super) plan: Plan,
+    /// Writes keyed by key, so reading a key this plan already wrote sees the new value.
+    pub(super) staged: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// The entry this event appended to a storage timeline: inbox entries equal to it
+    /// reference it instead of copying it.
+    pub(super) timeline_entry: Option<(ConversationId, Arc<TimelineEntry>)>,
+}
+
+fn cid(s: &str) -> Result<ConversationId> {
+    Ok(ConversationId::parse(s)?)
+}
+fn uid(s: &str) -> Result<UserId> {
+    Ok(UserId::parse(s)?)
+}
+
+impl Planner<'_> {
+    pub(super) fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.staged.insert(key, Some(value));
+    }
+
+    pub(super) async fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if let Some(v) = self.staged.get(key) {
+            return Ok(v.clone());
+        }
+        self.view.get(key).await
+    }
+
+    pub(super) async fn record<M: prost::Message + Default>(&mut self, key: &[u8]) -> Result<Option<M>> {
+        match self.get(key).await? {
+            Some(bytes) => Ok(Some(decode(key, &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub(super) async fn record_or_default<M: prost::Message + Default>(&mut self, key: &[u8]) -> Result<M> {
+        Ok(self.record(key).await?.unwrap_or_default())
+    }
+
+    pub(super) fn put_record<M: prost::Message>(&mut self, key: Vec<u8>, m: &M) {
+        self.put(key, m.encode_to_vec());
+    }
+
+    fn str_reg(&self, value: &str) -> StrReg {
+        StrReg {
+            value: value.to_string(),
+            version: self.version.clone(),
+        }
+    }
+    fn bool_reg(&self, value: bool) -> BoolReg {
+        BoolReg {
+            value,
+            version: self.version.clone(),
+        }
+    }
+    fn int_reg(&self, value: i32) -> IntReg {
+        IntReg {
+            value,
+            version: self.version.clone(),
+        }
+    }
+
+    /// The timeline entry of this event: `kind` and, for a state change, what it changed.
+    pub(super) fn entry(&self, kind: &str, change: Option<Change>) -> TimelineEntry {
+        TimelineEntry {
+            kind: kind.to_string(),
+            event_id: self.order_key.event_id.as_bytes().to_vec(),
+            actor: self.ev.actor.clone(),
+            at_ms: self.order_key.hlc.physical_ms(),
+            detail: change.map(|change| EntryDetail { change: Some(change) }),
+            ..Default::default()
+        }
+    }
+
+    /// Appends `entry` to the storage timeline and moves the conversation's activity.
+    async fn append_timeline(&mut self, cid: &ConversationId, entry: &TimelineEntry) -> Result<()> {
+        let key = self.keys.timeline(cid, &self.order_key);
+        self.put_record(key, entry);
+        self.timeline_entry = Some((cid.clone(), Arc::new(entry.clone())));
+        let akey = self.keys.activity(cid);
+        let mut activity = self.get(&akey).await?.unwrap_or_default();
+        if max_into(&mut activity, &self.version) {
+            self.put(akey, activity);
+        }
+        Ok(())
+    }
+
+    /// Current members of a conversation, sorted: from the derived member list when the
+    /// conversation has one, else by scanning its member records.
+    async fn members(&mut self, cid: &ConversationId) -> Result<Vec<UserId>> {
+        if let Some(list) = self.get(&self.keys.member_list(cid)).await? {
+            return decode_member_list(&list);
+        }
+        self.scan_members(cid).await
+    }
+
+    async fn scan_members(&mut self, cid: &ConversationId) -> Result<Vec<UserId>> {
+        let prefix = self.keys.members_prefix(cid);
+        let end = prefix_end(&prefix);
+        let mut out = BTreeSet::new();
+        let mut start = prefix.clone();
+        loop {
+            let page = self.view.scan(&start, &end, 1024, ScanOrder::Forward).await?;
+            let n = page.len();
+            for (k, v) in &page {
+                let rec: MemberRecord = decode(k, v)?;
+                if rec.is_member() {
+                    out.insert(uid(&String::from_utf8_lossy(&k[prefix.len()..]))?);
+                }
+            }
+            match page.last() {
+                Some((k, _)) if n == 1024 => {
+                    start = k.clone();
+                    start.push(0);
+                }
+                _ => break,
+            }
+        }
+        // Staged member writes of this plan (members added by this very event).
+        for (k, v) in self.staged.range(prefix.clone()..end) {
+            let user = uid(&String::from_utf8_lossy(&k[prefix.len()..]))?;
+            match v {
+                Some(v) if decode::<MemberRecord>(k, v)?.is_member() => {
+                    out.insert(user);
+                }
+                _ => {
+                    out.remove(&user);
+                }
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    async fn set_member(
+        &mut self,
+        cid: &ConversationId,
+        user: &UserId,
+        member: bool,
+        role: Option<i32>,
+    ) -> Result<()> {
+        let key = self.keys.member(cid, user);
+        let mut rec: MemberRecord = self.record_or_default(&key).await?;
+        let mut changed = lww(&mut rec.member, self.bool_reg(member));
+        if let Some(role) = role {
+            changed |= lww(&mut rec.role, self.int_reg(role));
+        }
+        if changed {
+            self.put_record(key, &rec);
+            // Keep the derived list equal to the set of member records that say "member"
+            // (the LWW winner, whatever order events arrive in). The list is read through
+            // the transaction, so a concurrent change conflicts instead of being lost.
+            let mut members = self.members(cid).await?;
+            members.retain(|m| m != user);
+            if rec.is_member() {
+                members.push(user.clone());
+                members.sort();
+            }
+            self.put(self.keys.member_list(cid), encode_member_list(&members));
+        }
+        if member {
+            self.put(self.keys.user_conversation(user, cid), Vec::new());
+        }
+        Ok(())
+    }
+
+    async fn plan(&mut self) -> Result<()> {
+        let Some(body) = self.ev.body.clone() else {
+            self.plan.rejected = Some("event without a body".into());
+            return Ok(());
+        };
+        match body {
+            Body::UserUpserted(b) => self.plan_user_upserted(b).await,
+            Body::ConversationCreated(b) => self.plan_conversation_created(b).await,
+            Body::ConversationUpdated(b) => self.plan_conversation_updated(b).await,
+            Body::ConversationDissolved(b) => self.plan_conversation_dissolved(b).await,
+            Body::ConversationHidden(b) => self.plan_conversation_hidden(b).await,
+            Body::MembersAdded(b) => self.plan_members_added(b).await,
+            Body::MemberRemoved(b) => self.plan_member_removed(b).await,
+            Body::MemberRoleChanged(b) => self.plan_member_role_changed(b).await,
+            Body::UserSettingsChanged(b) => self.plan_user_settings_changed(b).await,
+            Body::MessageSent(b) => self.plan_message_sent(b).await,
+            Body::MessageRecalled(b) => self.plan_message_recalled(b).await,
+            Body::MessageDeletedForMe(b) => self.plan_message_deleted_for_me(b).await,
+            Body::ReadIndexSet(b) => self.plan_read_index_set(b).await,
+            Body::DeviceRegistered(b) => self.plan_device_registered(b).await,
+            Body::DeviceUnregistered(b) => self.plan_device_unregistered(b).await,
+            Body::RegionFailover(b) => self.plan_region_failover(b).await,
+            Body::RegionFailback(b) => self.plan_region_failback(b).await,
+        }
+    }
+
+    async fn plan_user_upserted(&mut self, b: UserUpserted) -> Result<()> {
+        let user = uid(&b.user_id)?;
+        let home = RegionId::parse(b.home_region.as_str())?;
+        let key = self.keys.user(&user);
+        let mut rec: UserRecord = self.record_or_default(&key).await?;
+        let mut changed = lww(&mut rec.home_region, self.str_reg(home.as_str()));
+        if !b.display_name.is_empty() {
+            changed |= lww(&mut rec.display_name, self.str_reg(&b.display_name));
+        }
+        if changed {
+            self.put_record(key, &rec);
+        }
+        Ok(())
+    }
+
+    async fn plan_conversation_created(&mut self, b: ConversationCreated) -> Result<()> {
+        let c = cid(&b.conversation_id)?;
+        let key = self.keys.conversation(&c);
+        let mut rec: ConversationRecord = self.record_or_default(&key).await?;
+        if rec.created.is_empty() || self.version < rec.created {
+            rec.created = self.version.clone();
+            rec.created_by = self.ev.actor.clone();
+        }
+        rec.kind = b.kind;
+        if b.kind == ConversationKind::Group as i32 {
+            lww(&mut rec.name, self.str_reg(&b.name));
+        }
+        self.put_record(key, &rec);
+        let mut users = Vec::new();
+        for g in &b.members {
+            let user = uid(&g.user_id)?;
+            let role = if g.role == 0 {
+                MemberRole::Member as i32
+            } else {
+                g.role
+            };
+            self.set_member(&c, &user, true, Some(role)).await?;
+            users.push(user.to_string());
+        }
+        let entry = self.entry(
+            "conversation_created",
+            Some(Change::ConversationCreated(ConversationCreatedDetail {
+                name: b.name,
+                user_ids: users,
+            })),
+        );
+        self.append_timeline(&c, &entry).await?;
+        let members = self.members(&c).await?;
+        self.fan_out(&c, members, entry).await?;
+        Ok(())
+    }
+
+    async fn plan_conversation_updated(&mut self, b: ConversationUpdated) -> Result<()> {
+        let c = cid(&b.conversation_id)?;
+        let key = self.keys.conversation(&c);
+        let mut rec: ConversationRecord = self.record_or_default(&key).await?;
+        if let Some(name) = &b.name {
+            lww(&mut rec.name, self.str_reg(name));
+        }
+        if let Some(a) = &b.announcement {
+            lww(&mut rec.announcement, self.str_reg(a));
+        }
+        if let Some(m) = b.members_can_add {
+            lww(&mut rec.members_can_add, self.bool_reg(m));
+        }
+        self.put_record(key, &rec);
+        let detail = ConversationUpdatedDetail {
+            name: b.name,
+            announcement: b.announcement,
+            members_can_add: b.members_can_add,
+        };
+        let entry = self.entry("conversation_updated", Some(Change::ConversationUpdated(detail)));
+        self.append_timeline(&c, &entry).await?;
+        let members = self.members(&c).await?;
+        self.fan_out(&c, members, entry).await?;
+        Ok(())
+    }
+
+    async fn plan_conversation_dissolved(&mut self, b: ConversationDissolved) -> Result<()> {
+        let c = cid(&b.conversation_id)?;
+        let key = self.keys.conversation(&c);
+        let mut rec: ConversationRecord = self.record_or_default(&key).await?;
+        lww(&mut rec.dissolved, self.bool_reg(true));
+        self.put_record(key, &rec);
+        let entry = self.entry("conversation_dissolved", None);
+        self.append_timeline(&c, &entry).await?;
+        let members = self.members(&c).await?;
+        self.fan_out(&c, members, entry).await?;
+        Ok(())
+    }
+
+    async fn plan_conversation_hidden(&mut self, b: ConversationHidden) -> Result<()> {
+        let c = cid(&b.conversation_id)?;
+        let user = uid(&b.user_id)?;
+        let key = self.keys.settings(&c, &user);
+        let mut rec: SettingsRecord = self.record_or_default(&key).await?;
+        let version = self.version.clone();
+        if max_into(&mut rec.hidden_at, &version) {
+            self.put_record(key, &rec);
+        }
+        let entry = self.entry("conversation_hidden", None);
+        self.fan_out(&c, vec![user], entry).await?;
+        Ok(())
+    }
+
+    async fn plan_members_added(&mut self, b: MembersAdded) -> Result<()> {
+        let c = cid(&b.conversation_id)?;
+        let mut added = Vec::new();
+        for u in &b.user_ids {
+            let user = uid(u)?;
+            // An add never writes the role: whatever order it meets a creation or
+            // a role change in, it cannot demote (or promote) anyone. A member
+            // without a role register is a plain member.
+            self.set_member(&c, &user, true, None).await?;
+            added.push(user.to_string());
+        }
+        let entry = self.entry(
+            "member_added",
+            Some(Change::MembersAdded(MembersAddedDetail { user_ids: added })),
+        );
+        self.append_timeline(&c, &entry).await?;
+        let members = self.members(&c).await?;
+        self.fan_out(&c, members, entry).await?;
+        Ok(())
+    }
+
+    async fn plan_member_removed(&mut self, b: MemberRemoved) -> Result<()> {
+        let c = cid(&b.conversation_id)?;
+        let user = uid(&b.user_id)?;
+        // Leaving ends the role too (an explicit write at the removal's version), so
+        // someone added back later is a plain member until a role change says
+        // otherwise, instead of silently regaining admin or ownership.
+        self.set_member(&c, &user, false, Some(MemberRole::Member as i32))
+            .await?;
+        let entry = self.entry(
+            "member_removed",
+            Some(Change::MemberRemoved(MemberRemovedDetail {
+                user_id: user.to_string(),
+            })),
+        );
+        self.append_timeline(&c, &entry).await?;
+        let mut members = self.members(&c).await?;
+        members.push(user);
+        self.fan_out(&c, members, entry).await?;
+        Ok(())
+    }
+
+    async fn plan_member_role_changed(&mut self, b: MemberRoleChanged) -> Result<()> {
+        let c = cid(&b.conversation_id)?;
+        let user = uid(&b.user_id)?;
+        let key = self.keys.member(&c, &user);
+        let mut rec: MemberRecord = self.record_or_default(&key).await?;
+        if lww(&mut rec.role, self.int_reg(b.role)) {
+            self.put_record(key, &rec);
+        }
+        let entry = self.entry(
+            "member_role_changed",
+            Some(Change::MemberRoleChanged(MemberRoleChangedDetail {
+                user_id: user.to_string(),
+                role: b.role,
+            })),
+        );
+        self.append_timeline(&c, &entry).await?;
+        let members = self.members(&c).await?;
+        self.fan_out(&c, members, entry).await?;
+        Ok(())
+    }
+
+    async fn plan_user_settings_changed(&mut self, b: UserSettingsChanged) -> Result<()> {
+        let c = cid(&b.conversation_id)?;
+        let user = uid(&b.user_id)?;
+        let key = self.keys.settings(&c, &user);
+        let mut rec: SettingsRecord = self.record_or_default(&key).await?;
+        if let Some(m) = b.muted {
+            lww(&mut rec.muted, self.bool_reg(m));
+        }
+        if let Some(p) = b.pinned {
+            lww(&mut rec.pinned, self.bool_reg(p));
+        }
+        self.put_record(key, &rec);
+        let entry = self.entry(
+            "settings",
+            Some(Change::Settings(SettingsDetail {
+                muted: b.muted,
+                pinned: b.pinned,
+            })),
+        );
+        self.fan_out(&c, vec![user], entry).await?;
+        Ok(())
+    }
+
+    async fn plan_message_sent(&mut self, b: MessageSent) -> Result<()> {
+        let c = cid(&b.conversation_id)?;
+        let sender = uid(&self.ev.actor)?;
+        let mut entry = self.entry("message", None);
+        entry.msg_type = b.msg_type.clone();
+        entry.body_json = b.body_json.clone();
+        entry.client_msg_id = b.client_msg_id.clone();
+        self.append_timeline(&c, &entry).await?;
+        let locator = MessageLocator {
+            conversation_id: c.to_string(),
+            order_key: self.version.clone(),
+            sender: sender.to_string(),
+        };
+        self.put_record(self.keys.message(&self.order_key.event_id), &locator);
+        let members = self.members(&c).await?;
+        if members.len() > self.cfg.read_diffusion_threshold {
+            self.fan_out_coalesced(&c, members, &sender, entry).await?;
+        } else {
+            self.fan_out(&c, members, entry).await?;
+        }
+        Ok(())
+    }
+
+    async fn plan_message_recalled(&mut self, b: MessageRecalled) -> Result<()> {
+        let c = cid(&b.conversation_id)?;
+        let msg = EventId::from_bytes(&b.message_id)?;
+        let key = self.keys.recall(&c, &msg);
+        let mut rec: RecallRecord = self.record_or_default(&key).await?;
+        if self.version > rec.version {
+            rec.version = self.version.clone();
+            rec.actor = self.ev.actor.clone();
+            self.put_record(key, &rec);
+        }
+        let entry = self.entry(
+            "recall",
+            Some(Change::Recall(MessageRefDetail {
+                message_id: msg.as_bytes().to_vec(),
+            })),
+        );
+        self.append_timeline(&c, &entry).await?;
+        let members = self.members(&c).await?;
+        self.fan_out(&c, members, entry).await?;
+        Ok(())
+    }
+
+    async fn plan_message_deleted_for_me(&mut self, b: MessageDeletedForMe) -> Result<()> {
+        let c = cid(&b.conversation_id)?;
+        let msg = EventId::from_bytes(&b.message_id)?;
+        let user = uid(&b.user_id)?;
+        self.put(self.keys.hidden_message(&c, &user, &msg), Vec::new());
+        let entry = self.entry(
+            "message_deleted",
+            Some(Change::MessageDeleted(MessageRefDetail {
+                message_id: msg.as_bytes().to_vec(),
+            })),
+        );
+        self.fan_out(&c, vec![user], entry).await?;
+        Ok(())
+    }
+
+    async fn plan_read_index_set(&mut self, b: ReadIndexSet) -> Result<()> {
+        let c = cid(&b.conversation_id)?;
+        let user = uid(&b.user_id)?;
+        // A read index that is not an order key is rejected.
+        OrderKey::from_bytes(&b.order_key)?;
+        let key = self.keys.read_index(&c, &user);
+        let mut cur = self.get(&key).await?.unwrap_or_default();
+        if max_into(&mut cur, &b.order_key) {
+            self.put(key, cur);
+            let entry = self.entry(
+                "read",
+                Some(Change::Read(ReadDetail {
+                    user_id: user.to_string(),
+                    read_index: b.order_key.clone(),
+                })),
+            );
+            self.fan_out(&c, vec![user], entry).await?;
+        }
+        Ok(())
+    }
+
+    async fn plan_device_registered(&mut self, b: DeviceRegistered) -> Result<()> {
+        let user = uid(&b.user_id)?;
+        meridian_model::DeviceId::parse(b.device_id.as_str())?;
+        self.set_device(&user, &b.device_id, true, &b.platform, &b.token)
+            .await?;
+        Ok(())
+    }
+
+    async fn plan_device_unregistered(&mut self, b: DeviceUnregistered) -> Result<()> {
+        let user = uid(&b.user_id)?;
+        // A token named (push: the provider reported it dead) removes only a
+        // registration that still has it; one renewed with a new token stays.
+        let key = self.keys.device(&user, &b.device_id);
+        let named_token_is_gone = !b.token.is_empty()
+            && self
+                .record::<DeviceRecord>(&key)
+                .await?
+                .is_none_or(|d| d.token != b.token);
+        if !named_token_is_gone {
+            self.set_device(&user, &b.device_id, false, "", "").await?;
+        }
+        Ok(())
+    }
+
+    async fn plan_region_failover(&mut self, b: RegionFailover) -> Result<()> {
+        let region = RegionId::parse(b.region.as_str())?;
+        let to = RegionId::parse(b.to.as_str())?;
+        let serving = if to == region { "" } else { to.as_str() };
+        self.set_serving(&region, serving).await?;
+        Ok(())
+    }
+
+    async fn plan_region_failback(&mut self, b: RegionFailback) -> Result<()> {
+        let region = RegionId::parse(b.region.as_str())?;
+        self.set_serving(&region, "").await?;
+        Ok(())
+    }
+
+    async fn set_device(
+        &mut self,
+        user: &UserId,
+        device: &str,
+        active: bool,
+        platform: &str,
+        token: &str,
+    ) -> Result<()> {
+        let key = self.keys.device(user, device);
+        let cur: Option<DeviceRecord> = self.record(&key).await?;
+        if cur.as_ref().is_none_or(|c| c.version < self.version) {
+            let rec = DeviceRecord {
+                version: self.version.clone(),
+                active,
+                platform: platform.into(),
+                token: token.into(),
+            };
+            self.put_record(key, &rec);
+        }
+        Ok(())
+    }
+
+    async fn set_serving(&mut self, region: &RegionId, serving: &str) -> Result<()> {
+        let key = self.keys.region(region);
+        let mut rec: RegionRecord = self.record_or_default(&key).await?;
+        if lww(&mut rec.serving, self.str_reg(serving)) {
+            self.put_record(key, &rec);
+        }
+        Ok(())
+    }
+}
