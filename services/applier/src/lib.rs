@@ -17,12 +17,16 @@
 //! - `config`: [`ApplierConfig`] and its validation.
 //! - `metrics`: [`ApplierMetrics`], prometheus-client metrics registered into the process
 //!   registry by whoever serves `/metrics`.
+//! - `testing` (feature `testing`): a region of real parts (nats-server, bus, temporary
+//!   store) and the applier running on it, for this crate's and push's tests.
 //! - this file: [`run`] / [`run_with_metrics`], one owned, cancellable task per stream, and
 //!   the per-stream loop (pull, apply, ack, deliver), with one "apply" span per event whose
 //!   deliveries carry its `traceparent` on to the gateways (meridian-telemetry).
 
 mod config;
 mod metrics;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -399,7 +403,11 @@ fn accepted_ms(batch: &[ReceivedEvent]) -> Vec<u64> {
     // One per event, aligned with the batch (0 for an undecodable one, which has no time).
     batch
         .iter()
-        .map(|r| r.envelope.as_ref().map_or(0, |e| meridian_model::Hlc(e.hlc).physical_ms()))
+        .map(|r| {
+            r.envelope
+                .as_ref()
+                .map_or(0, |e| meridian_model::Hlc(e.hlc).physical_ms())
+        })
         .collect()
 }
 

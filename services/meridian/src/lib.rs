@@ -11,7 +11,7 @@
 
 pub mod bench;
 pub mod config;
-pub mod nats_auth;
 pub mod logging;
+pub mod nats_auth;
 pub mod region;
 pub mod up;

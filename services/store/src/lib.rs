@@ -23,8 +23,8 @@
 //!   clock observes before stamping it.
 
 pub mod apply;
-pub mod checkpoint;
 mod budget;
+pub mod checkpoint;
 pub mod conversations;
 pub mod digest;
 pub mod directory;

@@ -47,6 +47,11 @@ impl EventFactory {
         }
     }
 
+    /// The clock the factory stamps HLCs from.
+    pub fn clock(&self) -> &HybridClock {
+        &self.clock
+    }
+
     pub fn envelope(&self, actor: &str, body: Body) -> EventEnvelope {
         self.envelope_with_id(actor, EventId::new_v7(), body)
     }
@@ -110,7 +115,13 @@ impl EventFactory {
     }
 
     /// A text message `{"text": text}`, its event id derived as the gateway derives it.
-    pub fn message(&self, sender: &str, cid: &ConversationId, client_msg_id: &str, text: &str) -> EventEnvelope {
+    pub fn message(
+        &self,
+        sender: &str,
+        cid: &ConversationId,
+        client_msg_id: &str,
+        text: &str,
+    ) -> EventEnvelope {
         self.message_json(
             sender,
             cid,
@@ -199,21 +210,12 @@ impl TempStore {
     }
 }
 
-/// The deadline of [`eventually`] passed before its condition held.
-#[derive(Debug, thiserror::Error)]
-#[error("timed out after {within:?} waiting for {what}")]
-pub struct TimedOut {
-    pub what: String,
-    pub within: Duration,
-}
-
-/// Polls `check` every 20 ms until it returns true, its error, or [`TimedOut`] once `within`
-/// has passed: the bounded way to wait for something asynchronous, instead of a sleep.
-pub async fn eventually<F, Fut, E>(within: Duration, what: &str, mut check: F) -> Result<(), E>
+/// Polls `check` every 10 ms until it returns true or its error, or fails once `within` has
+/// passed: the bounded way to wait for something asynchronous, instead of a sleep.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<bool, E>>,
-    E: From<TimedOut>,
+    Fut: Future<Output = anyhow::Result<bool>>,
 {
     let deadline = tokio::time::Instant::now() + within;
     loop {
@@ -221,13 +223,9 @@ where
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(TimedOut {
-                what: what.to_string(),
-                within,
-            }
-            .into());
+            anyhow::bail!("timed out after {within:?} waiting for {what}");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -1,6 +1,6 @@
 //! Shared by the store's integration tests: opening each backend under a unique namespace,
 //! and a KV wrapper that tallies commits. Events come from `meridian_store::testing`.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::sync::Arc;
 
@@ -9,7 +9,7 @@ use meridian_store::testing::unique_namespace;
 use meridian_store::{KvStore, Store};
 
 // The event factory and helpers every crate's tests share.
-pub use meridian_store::testing::{apply_config as cfg, sequenced, user, EventFactory};
+pub use meridian_store::testing::{apply_config as cfg, region, sequenced, user, EventFactory};
 
 /// A backend under test, with what it needs kept alive.
 pub struct Backend {
