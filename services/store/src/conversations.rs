@@ -95,7 +95,7 @@ pub struct UserSettings {
 /// Unread counts stop at this many (clients show "999+").
 pub const UNREAD_CAP: usize = 999;
 
-pub fn role_name(role: i32) -> &'static str {
+fn role_name(role: i32) -> &'static str {
     match MemberRole::try_from(role) {
         Ok(MemberRole::Owner) => "owner",
         Ok(MemberRole::Admin) => "admin",

@@ -5,7 +5,6 @@
 
 use std::future::Future;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -171,19 +170,10 @@ pub fn sequenced(events: &[EventEnvelope], first_seq: u64) -> Vec<SequencedEvent
         .collect()
 }
 
-/// A key namespace no other test (in this or a concurrent test process) uses.
+/// A key namespace no other test (in this or any other process, on a shared TiKV) uses: a
+/// fresh v7 event id, unique by construction.
 pub fn unique_namespace() -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!(
-        "t{}-{}-{}/",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed),
-        nanos
-    )
+    format!("t{}/", EventId::new_v7())
 }
 
 /// An embedded store in a temporary directory, under a unique namespace. Dropping it removes
