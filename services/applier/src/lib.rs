@@ -17,6 +17,8 @@
 //! - `config`: [`ApplierConfig`] and its validation.
 //! - `metrics`: [`ApplierMetrics`], prometheus-client metrics registered into the process
 //!   registry by whoever serves `/metrics`.
+//! - `testing` (feature `testing`): a region of real parts (nats-server, bus, temporary
+//!   store) and the applier running on it, for this crate's and push's tests.
 //! - this file: [`run`] / [`run_with_metrics`], one owned, cancellable task per stream, and
 //!   the per-stream loop (pull, apply, ack, deliver), with one "apply" span per event whose
 //!   deliveries carry its `traceparent` on to the gateways (meridian-telemetry).
@@ -24,6 +26,8 @@
 mod coalesce;
 mod config;
 mod metrics;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::collections::HashMap;
 use std::sync::Arc;

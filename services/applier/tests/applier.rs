@@ -1,24 +1,19 @@
 //! The applier against a real nats-server and the embedded store.
 
 use std::collections::HashSet;
-use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use futures::StreamExt;
-use meridian_applier::{ApplierConfig, ApplierMetrics};
-use meridian_bus::testing::{unique_prefix, NatsServer};
-use meridian_bus::{Bus, BusConfig};
-use meridian_model::events::{self, event_envelope::Body, EventEnvelope};
-use meridian_model::{ConversationId, EventId, HybridClock, RegionId, UserId};
+use meridian_applier::testing::TestRegion as World;
+use meridian_applier::ApplierConfig;
+use meridian_model::events::{event_envelope::Body, EventEnvelope};
+use meridian_model::{ConversationId, EventId, RegionId, UserId};
 use meridian_store::inbox::SyncOutcome;
-use meridian_store::kv::embedded::{EmbeddedStore, EngineKind};
 use meridian_store::records::InboxEntry;
+use meridian_store::testing::{eventually, user, EventFactory};
 use meridian_store::timeline::HistoryPage;
-use meridian_store::Store;
 use prost::Message as _;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const REGION: &str = "eu-west";
@@ -26,53 +21,14 @@ const REGION: &str = "eu-west";
 fn region() -> RegionId {
     RegionId::parse(REGION).unwrap()
 }
-fn user(s: &str) -> UserId {
-    UserId::parse(s).unwrap()
+
+/// What these tests read back from the store.
+trait Reads {
+    async fn messages(&self, cid: &ConversationId, viewer: &str) -> Result<Vec<EventId>>;
+    async fn inbox(&self, u: &str) -> Result<Vec<InboxEntry>>;
 }
 
-/// One test's world: a nats-server, a bus under a unique prefix, an embedded store.
-struct World {
-    server: NatsServer,
-    bus: Bus,
-    store: Store,
-    _dir: tempfile::TempDir,
-}
-
-impl World {
-    async fn new() -> Result<World> {
-        let server = NatsServer::start()?;
-        let mut cfg = BusConfig::new(server.url(), region());
-        cfg.prefix = unique_prefix();
-        let bus = Bus::connect(cfg).await?;
-        bus.ensure_stream().await?;
-        let dir = tempfile::tempdir()?;
-        let kv = EmbeddedStore::open(dir.path(), EngineKind::Fjall)?;
-        let store = Store::new(Arc::new(kv), unique_prefix().as_bytes());
-        Ok(World {
-            server,
-            bus,
-            store,
-            _dir: dir,
-        })
-    }
-
-    fn start_applier(&self) -> Applier {
-        self.start_applier_with(ApplierConfig::new(region()))
-    }
-
-    fn start_applier_with(&self, cfg: ApplierConfig) -> Applier {
-        let metrics = Arc::new(ApplierMetrics::default());
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(meridian_applier::run_with_metrics(
-            cfg,
-            self.bus.clone(),
-            self.store.clone(),
-            metrics.clone(),
-            stop.clone(),
-        ));
-        Applier { metrics, stop, task }
-    }
-
+impl Reads for World {
     async fn messages(&self, cid: &ConversationId, viewer: &str) -> Result<Vec<EventId>> {
         let h = self
             .store
@@ -109,109 +65,20 @@ impl World {
     }
 }
 
-struct Applier {
-    metrics: Arc<ApplierMetrics>,
-    stop: CancellationToken,
-    task: JoinHandle<Result<(), meridian_applier::ApplierError>>,
+async fn world() -> Result<World> {
+    Ok(World::start(region()).await?)
 }
 
-impl Applier {
-    async fn stop(self) -> Result<Arc<ApplierMetrics>> {
-        self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .context("applier did not stop")???;
-        Ok(self.metrics)
-    }
+/// Makes events as a gateway of REGION would, with a trace context.
+fn events() -> EventFactory {
+    let mut ev = EventFactory::new(REGION);
+    ev.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into();
+    ev
 }
 
-/// Makes events as a gateway of REGION would.
-struct Events {
-    clock: HybridClock,
-}
-
-impl Events {
-    fn new() -> Self {
-        Events {
-            clock: HybridClock::new(),
-        }
-    }
-
-    fn envelope(&self, actor: &str, id: EventId, body: Body) -> EventEnvelope {
-        EventEnvelope {
-            event_id: id.as_bytes().to_vec(),
-            origin_region: REGION.into(),
-            hlc: self.clock.now().0,
-            actor: actor.into(),
-            actor_device: "d1".into(),
-            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
-            tracestate: String::new(),
-            body: Some(body),
-        }
-    }
-
-    fn user(&self, id: &str) -> EventEnvelope {
-        self.envelope(
-            "admin",
-            EventId::new_v7(),
-            Body::UserUpserted(events::UserUpserted {
-                user_id: id.into(),
-                home_region: REGION.into(),
-                display_name: id.to_uppercase(),
-            }),
-        )
-    }
-
-    fn direct(&self, a: &str, b: &str) -> (ConversationId, EventEnvelope) {
-        let cid = ConversationId::direct(&user(a), &user(b));
-        let grant = |u: &str| events::MemberGrant {
-            user_id: u.into(),
-            role: events::MemberRole::Member as i32,
-        };
-        let ev = self.envelope(
-            a,
-            EventId::new_v7(),
-            Body::ConversationCreated(events::ConversationCreated {
-                conversation_id: cid.to_string(),
-                kind: events::ConversationKind::Direct as i32,
-                name: String::new(),
-                members: vec![grant(a), grant(b)],
-            }),
-        );
-        (cid, ev)
-    }
-
-    fn message(&self, sender: &str, cid: &ConversationId, n: usize) -> EventEnvelope {
-        let client_msg_id = format!("m{n}");
-        self.envelope(
-            sender,
-            EventId::for_message(&user(sender), cid, &client_msg_id),
-            Body::MessageSent(events::MessageSent {
-                conversation_id: cid.to_string(),
-                client_msg_id,
-                msg_type: "text".into(),
-                body_json: format!("{{\"text\":\"hello {n}\"}}"),
-            }),
-        )
-    }
-}
-
-/// Polls `check` until it returns true or `within` passes.
-async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<bool>>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if check().await? {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// Message `n` of `sender`: client message id `m<n>`, text `hello <n>`.
+fn message(ev: &EventFactory, sender: &str, cid: &ConversationId, n: usize) -> EventEnvelope {
+    ev.message(sender, cid, &format!("m{n}"), &format!("hello {n}"))
 }
 
 fn id(env: &EventEnvelope) -> EventId {
@@ -219,10 +86,14 @@ fn id(env: &EventEnvelope) -> EventId {
 }
 
 /// Users ann and bob and their direct conversation.
-async fn setup(w: &World, ev: &Events) -> Result<ConversationId> {
+async fn setup(w: &World, ev: &EventFactory) -> Result<ConversationId> {
     let (cid, created) = ev.direct("ann", "bob");
     w.bus
-        .publish_events(&[ev.user("ann"), ev.user("bob.smith"), ev.user("bob")])
+        .publish_events(&[
+            ev.user("ann", REGION),
+            ev.user("bob.smith", REGION),
+            ev.user("bob", REGION),
+        ])
         .await?;
     w.bus.publish_event(&created).await?;
     Ok(cid)
@@ -230,14 +101,14 @@ async fn setup(w: &World, ev: &Events) -> Result<ConversationId> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn applies_events_and_delivers_inbox_entries_live() -> Result<()> {
-    let w = World::new().await?;
-    let ev = Events::new();
+    let w = world().await?;
+    let ev = events();
     let mut deliveries = w.bus.subscribe(w.bus.delivery_wildcard()).await?;
     w.bus.client().flush().await?;
     let applier = w.start_applier();
 
     let cid = setup(&w, &ev).await?;
-    let sent: Vec<EventEnvelope> = (0..5).map(|n| ev.message("ann", &cid, n)).collect();
+    let sent: Vec<EventEnvelope> = (0..5).map(|n| message(&ev, "ann", &cid, n)).collect();
     w.bus.publish_events(&sent).await?;
 
     eventually(Duration::from_secs(15), "5 messages in history", || async {
@@ -295,11 +166,11 @@ async fn applies_events_and_delivers_inbox_entries_live() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_9_of_nats_mid_stream_applies_every_event_once() -> Result<()> {
     const N: usize = 300;
-    let mut w = World::new().await?;
-    let ev = Events::new();
+    let mut w = world().await?;
+    let ev = events();
     let applier = w.start_applier();
     let cid = setup(&w, &ev).await?;
-    let sent: Vec<EventEnvelope> = (0..N).map(|n| ev.message("ann", &cid, n)).collect();
+    let sent: Vec<EventEnvelope> = (0..N).map(|n| message(&ev, "ann", &cid, n)).collect();
 
     let (progress_tx, mut progress_rx) = tokio::sync::mpsc::channel::<usize>(N);
     let publisher = tokio::spawn({
@@ -358,11 +229,11 @@ async fn a_kill_9_of_nats_mid_stream_applies_every_event_once() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_applier_restart_resumes_without_duplicate_effects() -> Result<()> {
     const N: usize = 200;
-    let w = World::new().await?;
-    let ev = Events::new();
+    let w = world().await?;
+    let ev = events();
     let first = w.start_applier();
     let cid = setup(&w, &ev).await?;
-    let sent: Vec<EventEnvelope> = (0..N).map(|n| ev.message("bob", &cid, n)).collect();
+    let sent: Vec<EventEnvelope> = (0..N).map(|n| message(&ev, "bob", &cid, n)).collect();
     let publisher = tokio::spawn({
         let bus = w.bus.clone();
         let sent = sent.clone();
@@ -411,11 +282,11 @@ async fn an_applier_restart_resumes_without_duplicate_effects() -> Result<()> {
 /// its subscription breaks and applies the new instance from its start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item1_a_stream_replaced_under_a_running_applier_is_applied_from_its_start() -> Result<()> {
-    let mut w = World::new().await?;
-    let ev = Events::new();
+    let mut w = world().await?;
+    let ev = events();
     let applier = w.start_applier();
     let cid = setup(&w, &ev).await?;
-    let mut sent: Vec<EventEnvelope> = (0..3).map(|n| ev.message("ann", &cid, n)).collect();
+    let mut sent: Vec<EventEnvelope> = (0..3).map(|n| message(&ev, "ann", &cid, n)).collect();
     w.bus.publish_events(&sent).await?;
     eventually(Duration::from_secs(15), "the first 3 messages", || async {
         Ok(w.messages(&cid, "bob").await?.len() == 3)
@@ -424,7 +295,7 @@ async fn item1_a_stream_replaced_under_a_running_applier_is_applied_from_its_sta
 
     w.bus.jetstream().delete_stream(w.bus.stream()).await?;
     w.bus.ensure_stream().await?;
-    let batch: Vec<EventEnvelope> = (3..6).map(|n| ev.message("ann", &cid, n)).collect();
+    let batch: Vec<EventEnvelope> = (3..6).map(|n| message(&ev, "ann", &cid, n)).collect();
     w.bus.publish_events(&batch).await?;
     sent.extend(batch);
     eventually(
@@ -436,7 +307,7 @@ async fn item1_a_stream_replaced_under_a_running_applier_is_applied_from_its_sta
 
     w.server.restart_empty()?;
     // Nobody but the applier recreates the stream: the publish waits for it.
-    let batch: Vec<EventEnvelope> = (6..9).map(|n| ev.message("ann", &cid, n)).collect();
+    let batch: Vec<EventEnvelope> = (6..9).map(|n| message(&ev, "ann", &cid, n)).collect();
     w.bus.publish_events(&batch).await?;
     sent.extend(batch);
     eventually(
@@ -473,14 +344,14 @@ async fn item1_a_stream_replaced_under_a_running_applier_is_applied_from_its_sta
 /// from its start, and the checkpoint then names the instance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item1_an_old_checkpoint_beyond_the_stream_end_applies_the_stream_from_its_start() -> Result<()> {
-    let w = World::new().await?;
+    let w = world().await?;
     let key = w.store.keys().checkpoint(&w.bus.stream());
     let mut txn = w.store.kv().begin().await?;
     txn.put(key, 100u64.to_be_bytes().to_vec()).await?;
     txn.commit().await?;
-    let ev = Events::new();
+    let ev = events();
     let cid = setup(&w, &ev).await?;
-    let sent: Vec<EventEnvelope> = (0..3).map(|n| ev.message("ann", &cid, n)).collect();
+    let sent: Vec<EventEnvelope> = (0..3).map(|n| message(&ev, "ann", &cid, n)).collect();
     w.bus.publish_events(&sent).await?;
 
     let applier = w.start_applier();
@@ -497,8 +368,8 @@ async fn item1_an_old_checkpoint_beyond_the_stream_end_applies_the_stream_from_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_messages_move_the_checkpoint_without_wedging() -> Result<()> {
-    let w = World::new().await?;
-    let ev = Events::new();
+    let w = world().await?;
+    let ev = events();
     let applier = w.start_applier();
     let subject = format!("{}sync.{}.events", w.bus.config().prefix, REGION);
     w.bus
@@ -507,7 +378,7 @@ async fn undecodable_messages_move_the_checkpoint_without_wedging() -> Result<()
         .await?
         .await?;
     let cid = setup(&w, &ev).await?;
-    w.bus.publish_event(&ev.message("ann", &cid, 1)).await?;
+    w.bus.publish_event(&message(&ev, "ann", &cid, 1)).await?;
     eventually(
         Duration::from_secs(15),
         "the message after the bad one",
@@ -523,7 +394,7 @@ async fn undecodable_messages_move_the_checkpoint_without_wedging() -> Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_region_mismatch_is_a_config_error() -> Result<()> {
-    let w = World::new().await?;
+    let w = world().await?;
     let cfg = ApplierConfig::new(RegionId::parse("elsewhere")?);
     let err = meridian_applier::run(cfg, w.bus.clone(), w.store.clone(), CancellationToken::new())
         .await
@@ -541,15 +412,15 @@ async fn a_region_mismatch_is_a_config_error() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item5_a_batch_past_the_store_bounds_commits_in_parts_each_acked_after_its_commit() -> Result<()> {
     const N: usize = 40;
-    let w = World::new().await?;
-    let ev = Events::new();
+    let w = world().await?;
+    let ev = events();
     let cid = setup(&w, &ev).await?;
     // 40 messages of 20 KB, all in the stream before the applier starts, so it pulls them
     // as one batch; a transaction stops taking events once past 64 KiB: after the fourth.
     let text = "w".repeat(20_000);
     let sent: Vec<EventEnvelope> = (0..N)
         .map(|n| {
-            let mut e = ev.message("ann", &cid, n);
+            let mut e = message(&ev, "ann", &cid, n);
             if let Some(Body::MessageSent(m)) = e.body.as_mut() {
                 m.body_json = serde_json::json!({ "text": text }).to_string();
             }

@@ -238,11 +238,6 @@ impl Bus {
         self.inner.stream.clone()
     }
 
-    /// The name of `region`'s stream under this bus's prefix (a mirror, for other regions).
-    pub fn stream_for(&self, region: &RegionId) -> String {
-        self.inner.cfg.stream_name(region)
-    }
-
     pub fn client(&self) -> &async_nats::Client {
         &self.inner.client
     }

@@ -141,11 +141,6 @@ impl NatsServer {
         self.port
     }
 
-    /// The HTTP monitoring port (`/healthz`, `/jsz`, `/varz`).
-    pub fn monitor_port(&self) -> u16 {
-        self.monitor_port
-    }
-
     /// The server's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -155,11 +150,11 @@ impl NatsServer {
         self.dir.path().join("jetstream")
     }
 
-    pub fn log_path(&self) -> PathBuf {
+    fn log_path(&self) -> PathBuf {
         self.dir.path().join("nats-server.log")
     }
 
-    pub fn config_path(&self) -> PathBuf {
+    fn config_path(&self) -> PathBuf {
         self.dir.path().join("nats-server.conf")
     }
 
@@ -362,7 +357,7 @@ pub fn binary() -> PathBuf {
 }
 
 /// The workspace root, from this crate's manifest directory (services/bus).
-pub fn repo_root() -> PathBuf {
+fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 

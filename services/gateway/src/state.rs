@@ -143,7 +143,7 @@ impl AppState {
 
     /// Waits until the region's own stream is applied through `seq`, at most
     /// `read_your_writes_ms`.
-    pub async fn wait_applied(&self, seq: u64) {
+    async fn wait_applied(&self, seq: u64) {
         let deadline = Instant::now() + Duration::from_millis(self.cfg.read_your_writes_ms);
         let stream = self.bus.stream();
         let mut pause = Duration::from_millis(1);

@@ -59,7 +59,7 @@ pub const CLOSE_TOKEN_EXPIRED: u16 = 4401;
 /// `max_body_bytes`, checked by the service layer as for POST) plus a few short fields;
 /// twice the body limit leaves room for those and for escaping. Larger frames close the
 /// socket with 1009.
-pub fn frame_limit(s: &AppState) -> usize {
+fn frame_limit(s: &AppState) -> usize {
     s.cfg.max_body_bytes * 2
 }
 

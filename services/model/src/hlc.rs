@@ -66,7 +66,7 @@ impl HybridClock {
     }
 
     /// A clock on a wall clock of the caller's (tests use this to inject skew).
-    pub fn with_wall_clock(wall_ms: WallClock) -> Self {
+    fn with_wall_clock(wall_ms: WallClock) -> Self {
         Self {
             last: AtomicU64::new(0),
             wall_ms,

@@ -16,12 +16,12 @@ use axum::response::IntoResponse;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use bytes::Bytes;
-use meridian_bus::testing::{unique_prefix, NatsServer};
-use meridian_bus::{Bus, BusConfig};
+use meridian_applier::testing::{RunningApplier, TestRegion};
 use meridian_model::events::{self, event_envelope::Body, EventEnvelope};
-use meridian_model::{ConversationId, EventId, HybridClock, RegionId, UserId};
+use meridian_model::{ConversationId, RegionId, UserId};
 use meridian_push::{ApnsConfig, FcmConfig, PushConfig, PushMetrics};
-use meridian_store::{ApplyConfig, Delivery, SequencedEvent, Store};
+use meridian_store::testing::{eventually, user as uid, EventFactory};
+use meridian_store::{ApplyConfig, Delivery, SequencedEvent};
 use p256::ecdsa::signature::Verifier as _;
 use p256::ecdsa::{Signature, SigningKey};
 use p256::pkcs8::DecodePrivateKey as _;
@@ -154,47 +154,18 @@ async fn record(State(state): State<Arc<ServerState>>, req: Request) -> impl Int
 // The region: NATS, store, and an event factory that numbers events like a stream.
 
 struct Region {
-    _nats: NatsServer,
-    _dir: tempfile::TempDir,
-    bus: Bus,
-    store: Store,
-    clock: HybridClock,
+    world: TestRegion,
+    events: EventFactory,
     next_seq: u64,
-}
-
-fn uid(s: &str) -> UserId {
-    UserId::parse(s).unwrap()
 }
 
 impl Region {
     async fn start() -> Result<Region> {
-        let nats = NatsServer::start()?;
-        let mut bc = BusConfig::new(nats.url(), RegionId::parse(REGION)?);
-        bc.prefix = unique_prefix();
-        let bus = Bus::connect(bc).await?;
-        let dir = tempfile::tempdir()?;
-        let store = Store::open(&format!("embedded://{}", dir.path().display()), b"").await?;
         Ok(Region {
-            _nats: nats,
-            _dir: dir,
-            bus,
-            store,
-            clock: HybridClock::new(),
+            world: TestRegion::start(RegionId::parse(REGION)?).await?,
+            events: EventFactory::new(REGION),
             next_seq: 1,
         })
-    }
-
-    fn envelope(&self, actor: &str, id: EventId, body: Body) -> EventEnvelope {
-        EventEnvelope {
-            event_id: id.as_bytes().to_vec(),
-            origin_region: REGION.into(),
-            hlc: self.clock.now().0,
-            actor: actor.into(),
-            actor_device: "d1".into(),
-            traceparent: String::new(),
-            tracestate: String::new(),
-            body: Some(body),
-        }
     }
 
     async fn apply(&mut self, envs: Vec<EventEnvelope>) -> Result<Vec<Delivery>> {
@@ -210,6 +181,7 @@ impl Region {
             })
             .collect();
         let report = self
+            .world
             .store
             .apply_batch(&ApplyConfig::new(RegionId::parse(REGION)?), "TEST", &events)
             .await?;
@@ -219,37 +191,15 @@ impl Region {
     /// ann and bob, homed here, with a direct conversation; `devices` are (user, device,
     /// platform, token).
     async fn setup(&mut self, devices: &[(&str, &str, &str, &str)]) -> Result<ConversationId> {
-        let mut envs = Vec::new();
-        for u in ["ann", "bob"] {
-            envs.push(self.envelope(
-                "admin",
-                EventId::new_v7(),
-                Body::UserUpserted(events::UserUpserted {
-                    user_id: u.into(),
-                    home_region: REGION.into(),
-                    display_name: u.to_uppercase(),
-                }),
-            ));
-        }
-        let cid = ConversationId::direct(&uid("ann"), &uid("bob"));
-        let member = |u: &str| events::MemberGrant {
-            user_id: u.into(),
-            role: events::MemberRole::Member as i32,
-        };
-        envs.push(self.envelope(
-            "ann",
-            EventId::new_v7(),
-            Body::ConversationCreated(events::ConversationCreated {
-                conversation_id: cid.to_string(),
-                kind: events::ConversationKind::Direct as i32,
-                name: String::new(),
-                members: vec![member("ann"), member("bob")],
-            }),
-        ));
+        let (cid, created) = self.events.direct("ann", "bob");
+        let mut envs = vec![
+            self.events.user("ann", REGION),
+            self.events.user("bob", REGION),
+            created,
+        ];
         for (user, device, platform, token) in devices {
-            envs.push(self.envelope(
+            envs.push(self.events.envelope(
                 user,
-                EventId::new_v7(),
                 Body::DeviceRegistered(events::DeviceRegistered {
                     user_id: (*user).into(),
                     device_id: (*device).into(),
@@ -264,9 +214,8 @@ impl Region {
     }
 
     async fn mute(&mut self, user: &str, cid: &ConversationId) -> Result<()> {
-        let env = self.envelope(
+        let env = self.events.envelope(
             user,
-            EventId::new_v7(),
             Body::UserSettingsChanged(events::UserSettingsChanged {
                 user_id: user.into(),
                 conversation_id: cid.to_string(),
@@ -285,16 +234,7 @@ impl Region {
         cid: &ConversationId,
         client_msg_id: &str,
     ) -> Result<Vec<Delivery>> {
-        let env = self.envelope(
-            sender,
-            EventId::for_message(&uid(sender), cid, client_msg_id),
-            Body::MessageSent(events::MessageSent {
-                conversation_id: cid.to_string(),
-                client_msg_id: client_msg_id.into(),
-                msg_type: "text".into(),
-                body_json: json!({"text": "secret text"}).to_string(),
-            }),
-        );
+        let env = self.events.message(sender, cid, client_msg_id, "secret text");
         let deliveries = self.apply(vec![env]).await?;
         if deliveries.len() != 2 {
             bail!("expected a delivery per member, got {deliveries:?}");
@@ -302,43 +242,29 @@ impl Region {
         Ok(deliveries)
     }
 
-    /// The real applier on the region's stream, for the events push publishes. Returns its
-    /// stop token; it stops with the test's runtime otherwise.
-    async fn start_applier(&self) -> Result<CancellationToken> {
-        self.bus.ensure_stream().await?;
-        let stop = CancellationToken::new();
-        tokio::spawn(meridian_applier::run(
-            meridian_applier::ApplierConfig::new(RegionId::parse(REGION)?),
-            self.bus.clone(),
-            self.store.clone(),
-            stop.clone(),
-        ));
-        Ok(stop)
+    /// The real applier on the region's stream, for the events push publishes. It stops
+    /// with the test's runtime.
+    fn start_applier(&self) -> RunningApplier {
+        self.world.start_applier()
     }
 
     /// Polls until `user` has no active device registration.
     async fn wait_no_devices(&self, user: &str) -> Result<()> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let devices = self.store.devices(&uid(user)).await?;
-            if devices.is_empty() {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!("the registration was never removed: {user} still has {devices:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(WAIT, &format!("{user}'s registration to be removed"), || async {
+            Ok(self.world.store.devices(&uid(user)).await?.is_empty())
+        })
+        .await
     }
 
     /// What the applier does after a commit.
     async fn publish(&self, deliveries: &[Delivery]) -> Result<()> {
         for d in deliveries {
-            self.bus
+            self.world
+                .bus
                 .publish_delivery(&d.user, Bytes::from(d.live_entry().encode_to_vec()))
                 .await?;
         }
-        self.bus.client().flush().await?;
+        self.world.bus.client().flush().await?;
         Ok(())
     }
 }
@@ -374,8 +300,8 @@ async fn start_push(region: &Region, cfg: PushConfig, online: &'static [&'static
     let presence = Arc::new(move |u: &UserId| online.contains(&u.as_str()));
     let task = tokio::spawn(meridian_push::run(
         cfg,
-        region.bus.clone(),
-        region.store.clone(),
+        region.world.bus.clone(),
+        region.world.store.clone(),
         presence,
         metrics.clone(),
         stop.clone(),
@@ -392,6 +318,7 @@ async fn start_push(region: &Region, cfg: PushConfig, online: &'static [&'static
             bail!("push never subscribed");
         }
         region
+            .world
             .bus
             .publish_delivery(&probe_user, Bytes::from_static(&[0x0a, 0xff]))
             .await?;
@@ -410,16 +337,9 @@ impl Running {
     /// Waits until `cond` holds on the metrics, then a little longer so anything that
     /// should not happen has had the chance to.
     async fn wait_for(&self, what: &str, cond: impl Fn(&PushMetrics) -> bool) -> Result<()> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while !cond(&self.metrics) {
-            if tokio::time::Instant::now() > deadline {
-                bail!(
-                    "timed out waiting for {what}:\n{}",
-                    self.metrics.render_prometheus()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually(WAIT, what, || async { Ok(cond(&self.metrics)) })
+            .await
+            .with_context(|| self.metrics.render_prometheus())?;
         tokio::time::sleep(SETTLE).await;
         Ok(())
     }
@@ -832,13 +752,7 @@ async fn shutdown_lets_a_notification_in_flight_finish() -> Result<()> {
 
     let deliveries = region.message("ann", &cid, "m1").await?;
     region.publish(&deliveries).await?;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while hook.requests().is_empty() {
-        if tokio::time::Instant::now() > deadline {
-            bail!("the request never arrived");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(WAIT, "the request", || async { Ok(!hook.requests().is_empty()) }).await?;
     // The provider is still answering: shutting down now must wait for it.
     let metrics = push.stop().await?;
     assert_eq!(metrics.notifications_sent.get(), 1);
@@ -852,8 +766,8 @@ async fn a_config_for_another_region_is_refused() -> Result<()> {
     let cfg = PushConfig::new(RegionId::parse("us")?);
     let r = meridian_push::run(
         cfg,
-        region.bus.clone(),
-        region.store.clone(),
+        region.world.bus.clone(),
+        region.world.store.clone(),
         Arc::new(meridian_push::NobodyOnline),
         Arc::new(PushMetrics::default()),
         CancellationToken::new(),
@@ -891,7 +805,7 @@ async fn item13_apns_410_unregistered_removes_the_device_registration() -> Resul
     .await?;
     let mut region = Region::start().await?;
     let cid = region.setup(&[("bob", "iphone", "apns", APNS_TOKEN)]).await?;
-    let applier = region.start_applier().await?;
+    let applier = region.start_applier();
     let mut cfg = config();
     cfg.apns = Some(apns_config(&apns.url));
     let push = start_push(&region, cfg, &[]).await?;
@@ -912,7 +826,7 @@ async fn item13_apns_410_unregistered_removes_the_device_registration() -> Resul
         .await?;
     assert_eq!(apns.requests().len(), 1);
     push.stop().await?;
-    applier.cancel();
+    applier.stop().await?;
     Ok(())
 }
 
@@ -940,7 +854,7 @@ async fn item13_fcm_404_unregistered_removes_the_device_registration() -> Result
         ])
         .await?;
     let hook = Recorder::start(&[], 200).await?;
-    let applier = region.start_applier().await?;
+    let applier = region.start_applier();
     let mut cfg = config();
     let mut f = FcmConfig::new("meridian-test", "test-access-token");
     f.endpoint = fcm.url.clone();
@@ -952,23 +866,16 @@ async fn item13_fcm_404_unregistered_removes_the_device_registration() -> Result
     region.publish(&deliveries).await?;
     push.wait_for("both devices' outcomes", |m| done(m) >= 2).await?;
     // Only the dead registration goes; the webhook device stays.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let devices = region.store.devices(&uid("bob")).await?;
-        let ids: Vec<&str> = devices.iter().map(|d| d.device_id.as_str()).collect();
-        if ids == ["phone"] {
-            break;
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("the dead FCM registration was never removed: bob has {devices:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(WAIT, "the dead FCM registration to be removed", || async {
+        let devices = region.world.store.devices(&uid("bob")).await?;
+        Ok(devices.iter().map(|d| d.device_id.as_str()).eq(["phone"]))
+    })
+    .await?;
     assert_eq!(fcm.requests().len(), 1, "a dead token is not retried");
     assert_eq!(push.get(|m| &m.fcm.failed), 1);
     assert_eq!(push.get(|m| &m.webhook.sent), 1);
     push.stop().await?;
-    applier.cancel();
+    applier.stop().await?;
     Ok(())
 }
 
@@ -1229,13 +1136,10 @@ async fn item13_fcm_token_is_minted_from_the_service_account_and_refreshed_after
     assert_eq!(w.google.sends(), [("Bearer tok-1".to_string(), 200)]);
 
     // The hour passes (here, the second): FCM would now refuse tok-1.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !w.google.expired("tok-1") {
-        if tokio::time::Instant::now() > deadline {
-            bail!("tok-1 never expired");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(WAIT, "tok-1 to expire", || async {
+        Ok(w.google.expired("tok-1"))
+    })
+    .await?;
     w.notify_bob().await?;
     // And a fresh token is cached: the third send asks for none.
     w.notify_bob().await?;
@@ -1287,9 +1191,8 @@ async fn item13_a_registration_renewed_with_a_new_token_survives_the_dead_tokens
     // The app was reinstalled: a new token for the same device id, then push's removal
     // of the old token (reported dead) arrives.
     let unregister = |region: &Region, token: &str| {
-        region.envelope(
+        region.events.envelope(
             "push",
-            EventId::new_v7(),
             Body::DeviceUnregistered(events::DeviceUnregistered {
                 user_id: "bob".into(),
                 device_id: "iphone".into(),
@@ -1297,9 +1200,8 @@ async fn item13_a_registration_renewed_with_a_new_token_survives_the_dead_tokens
             }),
         )
     };
-    let renew = region.envelope(
+    let renew = region.events.envelope(
         "bob",
-        EventId::new_v7(),
         Body::DeviceRegistered(events::DeviceRegistered {
             user_id: "bob".into(),
             device_id: "iphone".into(),
@@ -1309,13 +1211,13 @@ async fn item13_a_registration_renewed_with_a_new_token_survives_the_dead_tokens
     );
     let stale = unregister(&region, "aaaa");
     region.apply(vec![renew, stale]).await?;
-    let devices = region.store.devices(&uid("bob")).await?;
+    let devices = region.world.store.devices(&uid("bob")).await?;
     assert_eq!(devices.len(), 1, "{devices:?}");
     assert_eq!(devices[0].token, "bbbb");
 
     // The new token's own removal does remove it.
     let current = unregister(&region, "bbbb");
     region.apply(vec![current]).await?;
-    assert!(region.store.devices(&uid("bob")).await?.is_empty());
+    assert!(region.world.store.devices(&uid("bob")).await?.is_empty());
     Ok(())
 }

@@ -7,82 +7,66 @@
 //! Run: `cargo bench -p meridian-store` (figures in the crate README).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use meridian_model::events::{self, event_envelope::Body, EventEnvelope};
-use meridian_model::{ConversationId, EventId, HybridClock, OrderKey, RegionId, UserId};
-use meridian_store::kv::embedded::{EmbeddedStore, EngineKind};
+use meridian_model::{ConversationId, EventId, OrderKey, RegionId, UserId};
+use meridian_store::kv::embedded::EngineKind;
 use meridian_store::records::TimelineEntry;
+use meridian_store::testing::{apply_config, EventFactory, TempStore};
 use meridian_store::timeline::HistoryPage;
-use meridian_store::{ApplyConfig, SequencedEvent, Store};
+use meridian_store::{SequencedEvent, Store};
 use prost::Message;
 use rand::Rng;
 
 struct Env {
     rt: tokio::runtime::Runtime,
     store: Store,
-    clock: HybridClock,
+    events: EventFactory,
     seq: AtomicU64,
     _dir: tempfile::TempDir,
 }
 
 fn env(kind: EngineKind) -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let kv = Arc::new(EmbeddedStore::open(dir.path(), kind).unwrap());
+    let TempStore { store, dir } = TempStore::open_with(kind).unwrap();
     Env {
         rt: tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap(),
-        store: Store::new(kv, b""),
-        clock: HybridClock::new(),
+        store,
+        events: EventFactory::new("us"),
         seq: AtomicU64::new(0),
         _dir: dir,
     }
 }
 
 impl Env {
-    fn envelope(&self, actor: &str, id: EventId, body: Body) -> SequencedEvent {
+    /// Numbers `envelope` as the next event of the stream.
+    fn sequence(&self, envelope: EventEnvelope) -> SequencedEvent {
         SequencedEvent {
             stream_seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
-            envelope: EventEnvelope {
-                event_id: id.as_bytes().to_vec(),
-                origin_region: "us".into(),
-                hlc: self.clock.now().0,
-                actor: actor.into(),
-                body: Some(body),
-                ..Default::default()
-            },
+            envelope,
         }
     }
     fn user(&self, u: &str) -> SequencedEvent {
-        self.envelope(
-            "admin",
-            EventId::new_v7(),
-            Body::UserUpserted(events::UserUpserted {
-                user_id: u.into(),
-                home_region: "us".into(),
-                display_name: String::new(),
-            }),
-        )
+        self.sequence(self.events.user(u, "us"))
     }
     fn message(&self, sender: &str, cid: &ConversationId) -> SequencedEvent {
         let body = format!("{{\"text\":\"{}\"}}", "x".repeat(80));
-        self.envelope(
+        self.sequence(self.events.envelope(
             sender,
-            EventId::new_v7(),
             Body::MessageSent(events::MessageSent {
                 conversation_id: cid.to_string(),
                 client_msg_id: String::new(),
                 msg_type: "text".into(),
                 body_json: body,
             }),
-        )
+        ))
     }
     fn apply(&self, evs: &[SequencedEvent]) {
-        let cfg = ApplyConfig::new(RegionId::parse("us").unwrap());
+        let cfg = apply_config("us");
         self.rt
             .block_on(self.store.apply_batch(&cfg, "SYNC_US", evs))
             .unwrap();
@@ -94,27 +78,8 @@ const ENGINES: [(EngineKind, &str); 2] = [(EngineKind::Fjall, "fjall"), (EngineK
 fn append(c: &mut Criterion) {
     for (kind, name) in ENGINES {
         let e = env(kind);
-        let (a, b) = (UserId::parse("ann").unwrap(), UserId::parse("bob").unwrap());
-        let cid = ConversationId::direct(&a, &b);
-        let create = e.envelope(
-            "ann",
-            EventId::new_v7(),
-            Body::ConversationCreated(events::ConversationCreated {
-                conversation_id: cid.to_string(),
-                kind: events::ConversationKind::Direct as i32,
-                name: String::new(),
-                members: vec![
-                    events::MemberGrant {
-                        user_id: "ann".into(),
-                        role: 1,
-                    },
-                    events::MemberGrant {
-                        user_id: "bob".into(),
-                        role: 1,
-                    },
-                ],
-            }),
-        );
+        let (cid, create) = e.events.direct("ann", "bob");
+        let create = e.sequence(create);
         e.apply(&[e.user("ann"), e.user("bob"), create]);
         let mut g = c.benchmark_group(format!("append/{name}"));
         g.sample_size(20);
@@ -145,7 +110,7 @@ fn reverse_read(c: &mut Criterion) {
                 let mut t = e.store.kv().begin().await.unwrap();
                 for cid in chunk {
                     for _ in 0..PER_TIMELINE {
-                        let key = OrderKey::new(e.clock.now(), region.clone(), EventId::new_v7());
+                        let key = OrderKey::new(e.events.clock().now(), region.clone(), EventId::new_v7());
                         let entry = TimelineEntry {
                             kind: "message".into(),
                             event_id: key.event_id.as_bytes().to_vec(),
@@ -182,22 +147,9 @@ fn fan_out(c: &mut Criterion) {
         let e = env(kind);
         let cid = ConversationId::new_group();
         let mut setup: Vec<SequencedEvent> = (0..500).map(|i| e.user(&format!("u{i}"))).collect();
-        let members = (0..500)
-            .map(|i| events::MemberGrant {
-                user_id: format!("u{i}"),
-                role: if i == 0 { 3 } else { 1 },
-            })
-            .collect();
-        setup.push(e.envelope(
-            "u0",
-            EventId::new_v7(),
-            Body::ConversationCreated(events::ConversationCreated {
-                conversation_id: cid.to_string(),
-                kind: events::ConversationKind::Group as i32,
-                name: "big".into(),
-                members,
-            }),
-        ));
+        let members: Vec<String> = (1..500).map(|i| format!("u{i}")).collect();
+        let members: Vec<&str> = members.iter().map(String::as_str).collect();
+        setup.push(e.sequence(e.events.group("u0", &cid, &members)));
         e.apply(&setup);
         let mut g = c.benchmark_group("fan_out_500");
         g.sample_size(20);

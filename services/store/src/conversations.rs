@@ -95,6 +95,7 @@ pub struct UserSettings {
 /// Unread counts stop at this many (clients show "999+").
 pub const UNREAD_CAP: usize = 999;
 
+/// The name of a member role as views carry it (and the gateway renders it).
 pub fn role_name(role: i32) -> &'static str {
     match MemberRole::try_from(role) {
         Ok(MemberRole::Owner) => "owner",

@@ -20,6 +20,7 @@
 //! - [`directory`]: users, serving regions, devices.
 //! - [`digest`]: per-conversation and per-region digests of the replicated state.
 //! - [`requests`]: client idempotency keys (region-local, written directly).
+//! - `testing` (feature `testing`): fixtures for tests that apply events to a real store.
 //! - `versions`: the newest version a state change would overwrite, which the gateway's
 //!   clock observes before stamping it.
 
@@ -36,6 +37,8 @@ pub mod keys;
 pub mod kv;
 pub mod records;
 pub mod requests;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod timeline;
 mod versions;
 

@@ -159,7 +159,7 @@ impl Store {
     }
 
     /// Where a message lives, if it has been applied in this region.
-    pub async fn message_locator(&self, id: &EventId) -> Result<Option<MessageLocator>> {
+    async fn message_locator(&self, id: &EventId) -> Result<Option<MessageLocator>> {
         let key = self.keys().message(id);
         let mut txn = self.kv().begin_read().await?;
         match txn.get(&key).await? {
@@ -189,30 +189,5 @@ impl Store {
         };
         let entry: TimelineEntry = decode(&key, &bytes)?;
         self.visible_message(txn.as_mut(), cid, viewer, okey, entry).await
-    }
-
-    /// Storage timeline entries of every kind strictly after `after`, for resync.
-    pub async fn timeline_after(
-        &self,
-        cid: &ConversationId,
-        after: Option<&OrderKey>,
-        limit: usize,
-    ) -> Result<Vec<(OrderKey, TimelineEntry)>> {
-        let prefix = self.keys().timeline_prefix(cid);
-        let start = match after {
-            Some(k) => {
-                let mut s = self.keys().timeline(cid, k);
-                s.push(0);
-                s
-            }
-            None => prefix.clone(),
-        };
-        let mut txn = self.kv().begin_read().await?;
-        let rows = txn
-            .scan(&start, &prefix_end(&prefix), limit, ScanOrder::Forward)
-            .await?;
-        rows.into_iter()
-            .map(|(k, v)| Ok((OrderKey::from_bytes(&k[prefix.len()..])?, decode(&k, &v)?)))
-            .collect()
     }
 }

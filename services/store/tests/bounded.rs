@@ -14,6 +14,7 @@ use meridian_store::inbox::{InboxPage, SyncOutcome};
 use meridian_store::kv::embedded::EngineKind;
 use meridian_store::kv::prefix_end;
 use meridian_store::records::{decode, InboxEntry, InboxHead, TimelineEntry};
+use meridian_store::testing::dir_bytes;
 use meridian_store::{ApplyConfig, ScanOrder, SequencedEvent, Store};
 use support::*;
 
@@ -234,14 +235,14 @@ async fn item5_epoch_change_drops_the_old_inbox_in_bounded_chunks() {
 
     // us fails over to eu and back: us serves ann again, under a new epoch.
     let away = vec![
-        f.body(
+        f.envelope(
             "admin",
             Body::RegionFailover(events::RegionFailover {
                 region: "us".into(),
                 to: "eu".into(),
             }),
         ),
-        f.body(
+        f.envelope(
             "admin",
             Body::RegionFailback(events::RegionFailback { region: "us".into() }),
         ),
@@ -280,19 +281,6 @@ async fn item5_epoch_change_drops_the_old_inbox_in_bounded_chunks() {
     }
     let page = inbox_page(&store, "ann", 0).await;
     assert_eq!(page.entries.len(), 1);
-}
-
-/// Bytes in the files below `dir`.
-fn dir_bytes(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 /// A measurement, not a check: what a one-to-one message with a 100-byte body costs the

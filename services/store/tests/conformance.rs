@@ -334,9 +334,9 @@ async fn overwritten_version_is_the_newest_version_an_event_replaces() {
             muted: Some(true),
             pinned: None,
         };
-        let mut from_eu = eu.body("ann", Body::ConversationUpdated(update.clone()));
+        let mut from_eu = eu.envelope("ann", Body::ConversationUpdated(update.clone()));
         from_eu.hlc = ahead;
-        let mut settings_eu = eu.body("ann", Body::UserSettingsChanged(settings.clone()));
+        let mut settings_eu = eu.envelope("ann", Body::UserSettingsChanged(settings.clone()));
         settings_eu.hlc = ahead + 5;
         let evs = [us.user("ann", "us"), us.group("ann", &g, &[]), from_eu];
         store
@@ -415,14 +415,14 @@ async fn recall_read_index_and_delete_for_me() {
         );
 
         let later = vec![
-            us.body(
+            us.envelope(
                 "ann",
                 Body::MessageRecalled(events::MessageRecalled {
                     conversation_id: cid.to_string(),
                     message_id: id1.as_bytes().to_vec(),
                 }),
             ),
-            us.body(
+            us.envelope(
                 "bob",
                 Body::ReadIndexSet(events::ReadIndexSet {
                     conversation_id: cid.to_string(),
@@ -431,7 +431,7 @@ async fn recall_read_index_and_delete_for_me() {
                 }),
             ),
             // An older read index arrives late: the max register ignores it.
-            us.body(
+            us.envelope(
                 "bob",
                 Body::ReadIndexSet(events::ReadIndexSet {
                     conversation_id: cid.to_string(),
@@ -439,7 +439,7 @@ async fn recall_read_index_and_delete_for_me() {
                     order_key: k1.to_bytes(),
                 }),
             ),
-            us.body(
+            us.envelope(
                 "bob",
                 Body::MessageDeletedForMe(events::MessageDeletedForMe {
                     conversation_id: cid.to_string(),
@@ -491,14 +491,14 @@ async fn membership_roles_and_conversation_list_order() {
             us.user("cat", "us"),
             us.group("ann", &g1, &["bob"]),
             us.group("ann", &g2, &["bob"]),
-            us.body(
+            us.envelope(
                 "ann",
                 Body::MembersAdded(events::MembersAdded {
                     conversation_id: g1.to_string(),
                     user_ids: vec!["cat".into()],
                 }),
             ),
-            us.body(
+            us.envelope(
                 "ann",
                 Body::MemberRoleChanged(events::MemberRoleChanged {
                     conversation_id: g1.to_string(),
@@ -506,7 +506,7 @@ async fn membership_roles_and_conversation_list_order() {
                     role: events::MemberRole::Admin as i32,
                 }),
             ),
-            us.body(
+            us.envelope(
                 "bob",
                 Body::MemberRemoved(events::MemberRemoved {
                     conversation_id: g2.to_string(),
@@ -590,7 +590,7 @@ async fn inbox_fan_out_only_for_users_this_region_serves_and_epoch_changes_on_fa
         assert_eq!(eve.serving_region.as_str(), "eu");
         // eu fails over to us: us now serves eve, under a new epoch.
         let fo = vec![
-            us.body(
+            us.envelope(
                 "admin",
                 Body::RegionFailover(events::RegionFailover {
                     region: "eu".into(),
@@ -693,7 +693,7 @@ async fn malformed_events_are_recorded_not_fatal() {
     for b in backends().await {
         let store = b.store();
         let us = EventFactory::new("us");
-        let bad = us.body(
+        let bad = us.envelope(
             "ann",
             Body::MembersAdded(events::MembersAdded {
                 conversation_id: "not-an-id".into(),
@@ -755,7 +755,7 @@ async fn send_check_answers_membership_dissolution_and_earlier_sends() {
 
         let c = store.send_check(&group, &user("bob"), &fresh).await.unwrap();
         assert_eq!((c.role, c.dissolved), (Some(events::MemberRole::Member), false));
-        let dissolve = us.body(
+        let dissolve = us.envelope(
             "ann",
             Body::ConversationDissolved(events::ConversationDissolved {
                 conversation_id: group.to_string(),

@@ -33,14 +33,14 @@ fn scenario() -> (Vec<EventEnvelope>, ConversationId) {
         create_d_us,
         create_d_eu,
         us.group("ann", &g, &["bob"]),
-        eu.body(
+        eu.envelope(
             "eve",
             Body::MembersAdded(events::MembersAdded {
                 conversation_id: g.to_string(),
                 user_ids: vec!["eve".into()],
             }),
         ),
-        us.body(
+        us.envelope(
             "ann",
             Body::MemberRoleChanged(events::MemberRoleChanged {
                 conversation_id: g.to_string(),
@@ -48,7 +48,7 @@ fn scenario() -> (Vec<EventEnvelope>, ConversationId) {
                 role: events::MemberRole::Admin as i32,
             }),
         ),
-        eu.body(
+        eu.envelope(
             "eve",
             Body::MemberRoleChanged(events::MemberRoleChanged {
                 conversation_id: g.to_string(),
@@ -56,7 +56,7 @@ fn scenario() -> (Vec<EventEnvelope>, ConversationId) {
                 role: events::MemberRole::Member as i32,
             }),
         ),
-        us.body(
+        us.envelope(
             "ann",
             Body::ConversationUpdated(events::ConversationUpdated {
                 conversation_id: g.to_string(),
@@ -65,7 +65,7 @@ fn scenario() -> (Vec<EventEnvelope>, ConversationId) {
                 members_can_add: Some(true),
             }),
         ),
-        eu.body(
+        eu.envelope(
             "eve",
             Body::ConversationUpdated(events::ConversationUpdated {
                 conversation_id: g.to_string(),
@@ -78,21 +78,21 @@ fn scenario() -> (Vec<EventEnvelope>, ConversationId) {
         m2,
         us.message("bob", &g, "g1", "group one"),
         eu.message("eve", &g, "g2", "group two"),
-        us.body(
+        us.envelope(
             "ann",
             Body::MessageRecalled(events::MessageRecalled {
                 conversation_id: d.to_string(),
                 message_id: m1_id.as_bytes().to_vec(),
             }),
         ),
-        eu.body(
+        eu.envelope(
             "eve",
             Body::MessageRecalled(events::MessageRecalled {
                 conversation_id: d.to_string(),
                 message_id: m1_id.as_bytes().to_vec(),
             }),
         ),
-        us.body(
+        us.envelope(
             "ann",
             Body::ReadIndexSet(events::ReadIndexSet {
                 conversation_id: d.to_string(),
@@ -100,7 +100,7 @@ fn scenario() -> (Vec<EventEnvelope>, ConversationId) {
                 order_key: m2_key,
             }),
         ),
-        eu.body(
+        eu.envelope(
             "eve",
             Body::MessageDeletedForMe(events::MessageDeletedForMe {
                 conversation_id: d.to_string(),
@@ -108,7 +108,7 @@ fn scenario() -> (Vec<EventEnvelope>, ConversationId) {
                 user_id: "eve".into(),
             }),
         ),
-        us.body(
+        us.envelope(
             "ann",
             Body::UserSettingsChanged(events::UserSettingsChanged {
                 user_id: "ann".into(),
@@ -117,7 +117,7 @@ fn scenario() -> (Vec<EventEnvelope>, ConversationId) {
                 pinned: None,
             }),
         ),
-        us.body(
+        us.envelope(
             "ann",
             Body::UserSettingsChanged(events::UserSettingsChanged {
                 user_id: "ann".into(),
@@ -126,7 +126,7 @@ fn scenario() -> (Vec<EventEnvelope>, ConversationId) {
                 pinned: Some(true),
             }),
         ),
-        eu.body(
+        eu.envelope(
             "eve",
             Body::ConversationHidden(events::ConversationHidden {
                 conversation_id: d.to_string(),
@@ -135,7 +135,7 @@ fn scenario() -> (Vec<EventEnvelope>, ConversationId) {
         ),
         // Adds of people who are members already, after their roles were given: they must
         // change no role, whatever order they are applied in.
-        eu.body(
+        eu.envelope(
             "eve",
             Body::MembersAdded(events::MembersAdded {
                 conversation_id: g.to_string(),
@@ -144,14 +144,14 @@ fn scenario() -> (Vec<EventEnvelope>, ConversationId) {
         ),
         // Leave, then be added back: the role given before the leave does not come back.
         us.user("cat", "us"),
-        us.body(
+        us.envelope(
             "ann",
             Body::MembersAdded(events::MembersAdded {
                 conversation_id: g.to_string(),
                 user_ids: vec!["cat".into()],
             }),
         ),
-        us.body(
+        us.envelope(
             "ann",
             Body::MemberRoleChanged(events::MemberRoleChanged {
                 conversation_id: g.to_string(),
@@ -159,7 +159,7 @@ fn scenario() -> (Vec<EventEnvelope>, ConversationId) {
                 role: events::MemberRole::Admin as i32,
             }),
         ),
-        us.body(
+        us.envelope(
             "cat",
             Body::MemberRemoved(events::MemberRemoved {
                 conversation_id: g.to_string(),
@@ -168,21 +168,21 @@ fn scenario() -> (Vec<EventEnvelope>, ConversationId) {
         ),
         // From the same region, so it sorts after the leave (the two regions' clocks only
         // order events a millisecond or more apart).
-        us.body(
+        us.envelope(
             "bob",
             Body::MembersAdded(events::MembersAdded {
                 conversation_id: g.to_string(),
                 user_ids: vec!["cat".into()],
             }),
         ),
-        us.body(
+        us.envelope(
             "bob",
             Body::MemberRemoved(events::MemberRemoved {
                 conversation_id: g.to_string(),
                 user_id: "bob".into(),
             }),
         ),
-        eu.body(
+        eu.envelope(
             "eve",
             Body::DeviceRegistered(events::DeviceRegistered {
                 user_id: "eve".into(),
@@ -191,7 +191,7 @@ fn scenario() -> (Vec<EventEnvelope>, ConversationId) {
                 token: "t".into(),
             }),
         ),
-        eu.body(
+        eu.envelope(
             "eve",
             Body::DeviceUnregistered(events::DeviceUnregistered {
                 user_id: "eve".into(),
@@ -199,14 +199,14 @@ fn scenario() -> (Vec<EventEnvelope>, ConversationId) {
                 token: String::new(),
             }),
         ),
-        us.body(
+        us.envelope(
             "admin",
             Body::RegionFailover(events::RegionFailover {
                 region: "eu".into(),
                 to: "us".into(),
             }),
         ),
-        us.body(
+        us.envelope(
             "admin",
             Body::RegionFailback(events::RegionFailback { region: "eu".into() }),
         ),

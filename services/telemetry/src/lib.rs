@@ -71,7 +71,7 @@ impl Role {
     pub const ALL: [Role; 3] = [Role::Gateway, Role::Applier, Role::Push];
 
     /// The `service.name` its spans carry.
-    pub fn service_name(self) -> &'static str {
+    fn service_name(self) -> &'static str {
         match self {
             Role::Gateway => "meridian-gateway",
             Role::Applier => "meridian-applier",
@@ -149,11 +149,6 @@ fn with_tracer<T>(role: Role, f: impl FnOnce(&SdkTracer) -> T) -> T {
     }
 }
 
-/// The tracer of `role` (the exporting one once [`init`] ran, else one that exports nothing).
-pub fn tracer(role: Role) -> SdkTracer {
-    with_tracer(role, SdkTracer::clone)
-}
-
 /// Sets up export from the standard variables: when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
 /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, each role's spans are batched and sent over
 /// OTLP, grpc or http/protobuf per `OTEL_EXPORTER_OTLP_PROTOCOL` (see [`ExportConfig`]).
@@ -180,7 +175,6 @@ fn install(cfg: Option<ExportConfig>) -> Result<Telemetry, TelemetryError> {
         *installed = Some(Arc::new(Providers::silent()));
         return Ok(Telemetry {
             runtime: None,
-            export: None,
             stopped: false,
         });
     };
@@ -201,7 +195,6 @@ fn install(cfg: Option<ExportConfig>) -> Result<Telemetry, TelemetryError> {
     tracing::info!(endpoint = %cfg.endpoint, protocol = ?cfg.protocol, "exporting traces over OTLP");
     Ok(Telemetry {
         runtime: Some(runtime),
-        export: Some(cfg),
         stopped: false,
     })
 }
@@ -228,16 +221,10 @@ pub fn flush() -> Result<(), TelemetryError> {
 pub struct Telemetry {
     /// Drives the exporters (see `export::runtime`); stopped after the providers.
     runtime: Option<tokio::runtime::Runtime>,
-    export: Option<ExportConfig>,
     stopped: bool,
 }
 
 impl Telemetry {
-    /// Where spans go; `None` when nothing is exported.
-    pub fn export_config(&self) -> Option<&ExportConfig> {
-        self.export.as_ref()
-    }
-
     /// See [`flush`].
     pub fn flush(&self) -> Result<(), TelemetryError> {
         flush()
@@ -326,8 +313,10 @@ fn start_in(role: Role, name: impl Into<Cow<'static, str>>, kind: SpanKind, pare
     RoleSpan { role, span }
 }
 
-/// The traceparent of the span current in this future, if any (see [`RoleSpan::scope`]).
-pub fn current_traceparent() -> Option<String> {
+/// The traceparent of the span current in this future, if any (see [`RoleSpan::scope`]):
+/// what the tests check a scope sets.
+#[cfg(test)]
+fn current_traceparent() -> Option<String> {
     let cx = Context::current();
     let span = cx.span();
     let sc = span.span_context();
@@ -378,12 +367,7 @@ impl RoleSpan {
         self.child_with_kind(role, name, SpanKind::Internal)
     }
 
-    pub fn child_with_kind(
-        &self,
-        role: Role,
-        name: impl Into<Cow<'static, str>>,
-        kind: SpanKind,
-    ) -> RoleSpan {
+    fn child_with_kind(&self, role: Role, name: impl Into<Cow<'static, str>>, kind: SpanKind) -> RoleSpan {
         start_in(role, name, kind, &self.parent_context())
     }
 
@@ -401,7 +385,7 @@ impl RoleSpan {
         Context::new().with_remote_span_context(local)
     }
 
-    /// Runs `fut` with this span current: [`start_in_current`] and [`current_traceparent`]
+    /// Runs `fut` with this span current: [`start_in_current`] and the OpenTelemetry context
     /// inside it see this span.
     pub fn scope<F: Future>(&self, fut: F) -> impl Future<Output = F::Output> {
         fut.with_context(self.parent_context())

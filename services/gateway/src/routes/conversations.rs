@@ -45,7 +45,7 @@ async fn require_group_member(
 }
 
 /// Refuses writes to a dissolved group.
-pub async fn require_active(
+async fn require_active(
     s: &AppState,
     cid: &ConversationId,
 ) -> ApiResult<meridian_store::conversations::ConversationView> {
