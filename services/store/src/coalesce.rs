@@ -12,14 +12,13 @@
 //! gap-free, epochs are respected, and a concurrent applier append conflicts and retries),
 //! and starts that member's window again, as a leading-edge notification would.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use meridian_model::{ConversationId, OrderKey, RegionId, UserId};
+use meridian_model::{ConversationId, OrderKey, UserId};
 
 use crate::apply::{decode_member_list, decode_u64, ApplyConfig, Delivery};
 use crate::kv::{prefix_end, KvTxn, ScanOrder};
-use crate::records::{decode, InboxEntry, InboxHead, MemberRecord, TimelineEntry, UserRecord};
+use crate::records::{decode, InboxEntry, InboxHead, MemberRecord, TimelineEntry};
 use crate::{Result, Store};
 
 /// A conversation with messages some members were not notified of.
@@ -193,7 +192,7 @@ impl Store {
             .into_iter()
             .filter(|u| pending.several_senders || u.as_str() != pending.sender)
             .collect();
-        let epochs = self.served_epochs_in(txn.as_mut(), &cfg.region, &members).await?;
+        let epochs = crate::directory::served_epochs_in(txn.as_mut(), keys, &cfg.region, &members).await?;
         let served: Vec<(UserId, String)> = members
             .into_iter()
             .zip(epochs)
@@ -264,40 +263,6 @@ impl Store {
                     String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
                 )?);
             }
-        }
-        Ok(out)
-    }
-
-    /// For each user, the inbox epoch if `region` serves them, else `None`.
-    async fn served_epochs_in(
-        &self,
-        txn: &mut dyn KvTxn,
-        region: &RegionId,
-        users: &[UserId],
-    ) -> Result<Vec<Option<String>>> {
-        let user_keys: Vec<Vec<u8>> = users.iter().map(|u| self.keys().user(u)).collect();
-        let found = txn.batch_get(&user_keys).await?;
-        let mut by_home: HashMap<String, Option<String>> = HashMap::new();
-        let mut out = Vec::with_capacity(users.len());
-        for (k, v) in user_keys.iter().zip(found) {
-            let home = match v {
-                Some(v) => decode::<UserRecord>(k, &v)?.home_region.map(|r| r.value),
-                None => None,
-            };
-            let Some(home) = home else {
-                out.push(None);
-                continue;
-            };
-            if !by_home.contains_key(&home) {
-                let serving = self
-                    .region_serving_in(txn, &RegionId::parse(home.as_str())?)
-                    .await?;
-                by_home.insert(
-                    home.clone(),
-                    (serving.serving == *region).then_some(serving.epoch),
-                );
-            }
-            out.push(by_home[&home].clone());
         }
         Ok(out)
     }

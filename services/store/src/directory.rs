@@ -1,8 +1,11 @@
 //! The user directory, serving regions and push devices.
 
+use std::collections::HashMap;
+
 use meridian_model::{RegionId, UserId};
 
 use crate::apply::inbox_epoch;
+use crate::keys::Keys;
 use crate::kv::prefix_end;
 use crate::records::{decode, DeviceRecord, RegionRecord, UserRecord};
 use crate::{Result, Store};
@@ -65,21 +68,7 @@ impl Store {
         txn: &mut dyn crate::KvTxn,
         region: &RegionId,
     ) -> Result<RegionServing> {
-        let key = self.keys().region(region);
-        let rec: RegionRecord = match txn.get(&key).await? {
-            Some(b) => decode(&key, &b)?,
-            None => RegionRecord::default(),
-        };
-        let (serving, version) = match rec.serving {
-            Some(s) if !s.value.is_empty() => (RegionId::parse(s.value)?, s.version),
-            Some(s) => (region.clone(), s.version),
-            None => (region.clone(), Vec::new()),
-        };
-        Ok(RegionServing {
-            region: region.clone(),
-            epoch: inbox_epoch(&serving, &version),
-            serving,
-        })
+        region_serving_in(txn, self.keys(), region).await
     }
 
     /// The active push devices of a user.
@@ -100,4 +89,61 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// Who serves the users homed in `region`, read through `txn`.
+async fn region_serving_in(
+    txn: &mut dyn crate::KvTxn,
+    keys: &Keys,
+    region: &RegionId,
+) -> Result<RegionServing> {
+    let key = keys.region(region);
+    let rec: RegionRecord = match txn.get(&key).await? {
+        Some(b) => decode(&key, &b)?,
+        None => RegionRecord::default(),
+    };
+    let (serving, version) = match rec.serving {
+        Some(s) if !s.value.is_empty() => (RegionId::parse(s.value)?, s.version),
+        Some(s) => (region.clone(), s.version),
+        None => (region.clone(), Vec::new()),
+    };
+    Ok(RegionServing {
+        region: region.clone(),
+        epoch: inbox_epoch(&serving, &version),
+        serving,
+    })
+}
+
+/// For each user, their inbox epoch if `region` serves them, else `None`, read through
+/// `txn`: the one rule for "who fans out to this inbox", used by the applier's fan-out and
+/// read diffusion's trailing-edge flush alike.
+pub(crate) async fn served_epochs_in(
+    txn: &mut dyn crate::KvTxn,
+    keys: &Keys,
+    region: &RegionId,
+    users: &[UserId],
+) -> Result<Vec<Option<String>>> {
+    let user_keys: Vec<Vec<u8>> = users.iter().map(|u| keys.user(u)).collect();
+    let found = txn.batch_get(&user_keys).await?;
+    let mut by_home: HashMap<String, Option<String>> = HashMap::new();
+    let mut out = Vec::with_capacity(users.len());
+    for (k, v) in user_keys.iter().zip(found) {
+        let home = match v {
+            Some(v) => decode::<UserRecord>(k, &v)?.home_region.map(|r| r.value),
+            None => None,
+        };
+        let Some(home) = home else {
+            out.push(None);
+            continue;
+        };
+        if !by_home.contains_key(&home) {
+            let serving = region_serving_in(txn, keys, &RegionId::parse(home.as_str())?).await?;
+            by_home.insert(
+                home.clone(),
+                (serving.serving == *region).then_some(serving.epoch),
+            );
+        }
+        out.push(by_home[&home].clone());
+    }
+    Ok(out)
 }

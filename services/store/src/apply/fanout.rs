@@ -1,48 +1,23 @@
 //! Fan-out: appending an event's entry to the inboxes of the members this region serves,
 //! directly or (read diffusion) as coalesced "conversation advanced" entries.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use meridian_model::{ConversationId, RegionId, UserId};
+use meridian_model::{ConversationId, UserId};
 
 use crate::records::*;
 use crate::Result;
 
 use super::plan::Planner;
-use super::{inbox_epoch, Delivery};
+use super::Delivery;
 
 impl Planner<'_> {
-    /// For each user, the inbox epoch if this region serves them, else `None`.
+    /// For each user, the inbox epoch if this region serves them, else `None`. User and
+    /// region records are read through the batch's transaction: no event that fans out
+    /// stages either, so the plan's own staged writes need not be consulted.
     async fn served_epochs(&mut self, users: &[UserId]) -> Result<Vec<Option<String>>> {
-        let user_keys: Vec<Vec<u8>> = users.iter().map(|u| self.keys.user(u)).collect();
-        let found = self.view.batch_get(&user_keys).await?;
-        let mut region_cache: HashMap<String, (RegionId, Vec<u8>)> = HashMap::new();
-        let mut out = Vec::with_capacity(users.len());
-        for (k, v) in user_keys.iter().zip(found) {
-            let home = match v {
-                Some(v) => decode::<UserRecord>(k, &v)?.home_region.map(|r| r.value),
-                None => None,
-            };
-            let Some(home) = home else {
-                out.push(None);
-                continue;
-            };
-            if !region_cache.contains_key(&home) {
-                let home_id = RegionId::parse(home.as_str())?;
-                let rkey = self.keys.region(&home_id);
-                let rec: RegionRecord = self.record_or_default(&rkey).await?;
-                let (serving, version) = match rec.serving {
-                    Some(s) if !s.value.is_empty() => (RegionId::parse(s.value)?, s.version),
-                    Some(s) => (home_id, s.version),
-                    None => (home_id, Vec::new()),
-                };
-                region_cache.insert(home.clone(), (serving, version));
-            }
-            let (serving, version) = &region_cache[&home];
-            out.push((*serving == self.cfg.region).then(|| inbox_epoch(serving, version)));
-        }
-        Ok(out)
+        crate::directory::served_epochs_in(&mut *self.view, self.keys, &self.cfg.region, users).await
     }
 
     /// Appends `entry` to the inbox of every user in `users` this region serves.
