@@ -13,6 +13,10 @@
 //!   container's environment (the Secrets' keys in place of the placeholders), for the role
 //!   its command runs; the Compose trial likewise.
 //!
+//! - the committed NATS configurations run: a region node joins the hub over TLS with its nkey,
+//!   and two regions of three nodes each replicate an R3 stream into an R3 mirror through the
+//!   hub.
+//!
 //! Kustomize itself is not needed: the kustomizations are resolved here (resources,
 //! configMapGenerator, secretGenerator). When `kubectl` is on PATH, the overlays are also
 //! rendered by its kustomize, with credentials made as deploy/README.md says, and the rendered
@@ -498,7 +502,8 @@ impl Pki {
     /// (certificate, key) for `name`.
     fn issue(&self, name: &str) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+        // Every certificate also names localhost: the run-time tests dial the hub there.
+        let cert = rcgen::CertificateParams::new(vec![name.to_string(), "localhost".to_string()])
             .unwrap()
             .signed_by(&key, &self.ca, &self.ca_key)
             .unwrap();
@@ -1126,7 +1131,7 @@ fn item9_kubectl_kustomize_renders_each_overlay_when_installed() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The leafnode link, at run time.
+// The production topology at run time.
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -1156,77 +1161,138 @@ impl Drop for Running {
     }
 }
 
-/// The production hub and one node of a region, from their committed configurations (ports
-/// moved to free ones, container paths into temporary folders, certificates and the leaf user
-/// made as deploy/README.md says), really link: the hub verifies the region's client
-/// certificate and its nkey, the region verifies the hub's certificate. `nats-server -t`
-/// cannot show that (it does not connect anything).
+/// One node of a region's cluster, or the hub, started from a committed configuration.
+struct Node {
+    _process: Running,
+    client_port: u16,
+    http_port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// Starts `conf`, laid out by [`lay_out_nats_config`] in its own folder, with its client
+    /// and monitoring ports moved to free ones, `edits` (`from`, `to`, each found once)
+    /// applied, and `auth` as its auth.conf when given.
+    fn start(
+        conf: &Path,
+        pki: &Pki,
+        edits: &[(String, String)],
+        auth: Option<&str>,
+        vars: &[(&str, String)],
+    ) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let laid_out = lay_out_nats_config(conf, dir.path(), pki);
+        let mut text = std::fs::read_to_string(&laid_out).unwrap();
+        for (from, to) in edits {
+            text = replace_once(&text, from, to);
+        }
+        let (client_port, http_port) = (free_port(), free_port());
+        text = replace_once(&text, "http_port: 8222", &format!("http_port: {http_port}"));
+        text = if text.contains("127.0.0.1:4222") {
+            replace_once(&text, "127.0.0.1:4222", &format!("127.0.0.1:{client_port}"))
+        } else {
+            replace_once(&text, "port: 4222", &format!("port: {client_port}"))
+        };
+        std::fs::write(&laid_out, text).unwrap();
+        if let Some(auth) = auth {
+            std::fs::write(dir.path().join("etc/auth.conf"), auth).unwrap();
+        }
+        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+        let process = Command::new(meridian_bus::testing::binary())
+            .arg("-c")
+            .arg(&laid_out)
+            .env_clear()
+            .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Node {
+            _process: Running(process),
+            client_port,
+            http_port,
+            dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+}
+
+/// The hub from `k8s/hub/hub.conf`, its leafnode port returned too.
+fn start_hub(pki: &Pki, leaf: &LeafUser) -> (Node, u16) {
+    let leaf_port = free_port();
+    let edits = [
+        ("port: 6222".to_string(), format!("port: {}", free_port())),
+        ("port: 7422".to_string(), format!("port: {leaf_port}")),
+    ];
+    let vars = [
+        ("SERVER_NAME", "hub-0".to_string()),
+        ("LEAF_NKEY", leaf.public.clone()),
+    ];
+    let hub = Node::start(&deploy_dir().join("k8s/hub/hub.conf"), pki, &edits, None, &vars);
+    (hub, leaf_port)
+}
+
+/// Node `i` of `region` from `k8s/base/nats.conf`: its cluster port is `cluster_ports[i]` and
+/// its routes the loopback ports of its peers; the rest (domain, leafnode remote with TLS and
+/// the nkey, auth include) as committed.
+fn start_region_node(
+    region: &str,
+    i: usize,
+    cluster_ports: &[u16],
+    hub_leaf_port: u16,
+    pki: &Pki,
+    leaf: &LeafUser,
+    auth: Option<&str>,
+) -> Node {
+    let mut edits = vec![("port: 6222".to_string(), format!("port: {}", cluster_ports[i]))];
+    for (j, peer) in cluster_ports.iter().enumerate() {
+        edits.push((
+            format!("nats-route://nats-{j}.nats:6222"),
+            format!("nats-route://127.0.0.1:{peer}"),
+        ));
+    }
+    let vars = [
+        ("SERVER_NAME", format!("{region}-{i}")),
+        ("REGION", region.to_string()),
+        ("HUB_URL", format!("nats-leaf://localhost:{hub_leaf_port}")),
+        ("LEAF_NKEY_SEED", leaf.seed.clone()),
+    ];
+    Node::start(&deploy_dir().join("k8s/base/nats.conf"), pki, &edits, auth, &vars)
+}
+
+const RUN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The production hub and one node of a region, from their committed configurations, really
+/// link: the hub verifies the region's client certificate and its nkey, the region verifies
+/// the hub's certificate. `nats-server -t` cannot show that (it connects nothing).
 #[tokio::test]
 async fn item9_a_region_node_joins_the_hub_as_a_leafnode_with_tls_and_its_nkey() {
     let pki = Pki::new();
     let leaf = LeafUser::new();
-    let hub_dir = tempfile::tempdir().unwrap();
-    let region_dir = tempfile::tempdir().unwrap();
-    let hub_conf = lay_out_nats_config(&deploy_dir().join("k8s/hub/hub.conf"), hub_dir.path(), &pki);
-    let region_conf = lay_out_nats_config(&deploy_dir().join("k8s/base/nats.conf"), region_dir.path(), &pki);
-    // The hub's certificate must name the address the region dials.
-    let (cert, key) = pki.issue("localhost");
-    std::fs::write(hub_dir.path().join("etc/tls/hub.crt"), cert).unwrap();
-    std::fs::write(hub_dir.path().join("etc/tls/hub.key"), key).unwrap();
-
-    let (hub_http, hub_leaf) = (free_port(), free_port());
-    let mut text = std::fs::read_to_string(&hub_conf).unwrap();
-    text = replace_once(&text, "127.0.0.1:4222", &format!("127.0.0.1:{}", free_port()));
-    text = replace_once(&text, "http_port: 8222", &format!("http_port: {hub_http}"));
-    text = replace_once(&text, "port: 6222", &format!("port: {}", free_port()));
-    text = replace_once(&text, "port: 7422", &format!("port: {hub_leaf}"));
-    std::fs::write(&hub_conf, text).unwrap();
-    let mut text = std::fs::read_to_string(&region_conf).unwrap();
-    text = replace_once(&text, "port: 4222", &format!("port: {}", free_port()));
-    text = replace_once(&text, "http_port: 8222", &format!("http_port: {}", free_port()));
-    text = replace_once(&text, "port: 6222", &format!("port: {}", free_port()));
-    std::fs::write(&region_conf, text).unwrap();
-
-    let start = |conf: &Path, vars: Vec<(&str, String)>| {
-        let log = std::fs::File::create(conf.with_extension("log")).unwrap();
-        Running(
-            Command::new(meridian_bus::testing::binary())
-                .arg("-c")
-                .arg(conf)
-                .env_clear()
-                .envs(vars)
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        )
-    };
-    let _hub = start(
-        &hub_conf,
-        vec![
-            ("SERVER_NAME", "hub-0".into()),
-            ("LEAF_NKEY", leaf.public.clone()),
-        ],
-    );
-    let _region = start(
-        &region_conf,
-        vec![
-            ("SERVER_NAME", "nats-0".into()),
-            ("REGION", "us".into()),
-            ("HUB_URL", format!("nats-leaf://localhost:{hub_leaf}")),
-            ("LEAF_NKEY_SEED", leaf.seed.clone()),
-        ],
+    let (hub, hub_leaf) = start_hub(&pki, &leaf);
+    // Its two peers are not started: the leafnode link does not need them.
+    let region = start_region_node(
+        "us",
+        0,
+        &[free_port(), free_port(), free_port()],
+        hub_leaf,
+        &pki,
+        &leaf,
+        None,
     );
     // The hub's monitoring endpoint lists its leafnodes; poll it (bounded) until the region's
     // node is there.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + RUN_DEADLINE;
+    let url = format!("http://127.0.0.1:{}/leafz", hub.http_port);
     let mut last = String::new();
     loop {
-        let url = format!("http://127.0.0.1:{hub_http}/leafz");
         if let Ok(body) = async { reqwest::get(&url).await?.text().await }.await {
             let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
             if v["leafnodes"] == 1 {
-                assert_eq!(v["leafs"][0]["name"], "nats-0", "{body}");
+                assert_eq!(v["leafs"][0]["name"], "us-0", "{body}");
                 break;
             }
             last = body;
@@ -1234,9 +1300,153 @@ async fn item9_a_region_node_joins_the_hub_as_a_leafnode_with_tls_and_its_nkey()
         assert!(
             std::time::Instant::now() < deadline,
             "the region never joined the hub: {last}\nhub log:\n{}\nregion log:\n{}",
-            std::fs::read_to_string(hub_conf.with_extension("log")).unwrap_or_default(),
-            std::fs::read_to_string(region_conf.with_extension("log")).unwrap_or_default()
+            hub.log(),
+            region.log()
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// The production topology at work on real servers: two regions of three nodes each, every
+/// node from `k8s/base/nats.conf`, and the hub from `k8s/hub/hub.conf`. Region us holds
+/// `SYNC_US` as an R3 stream; region eu holds its R3 mirror through `$JS.us.API`, which
+/// reaches us only through the hub. The mirror ends up with every event at the origin's
+/// sequence numbers, and both streams have a leader and two followers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item9_r3_stream_mirrored_across_regions_through_the_production_hub() {
+    use async_nats::jetstream::{self, stream};
+    let pki = Pki::new();
+    let leaf = LeafUser::new();
+    // The test connects as an all-subjects user beside the roles' nkey users (which may not
+    // create mirrors before issue 9's bus work).
+    let admin_password = format!("pw-{}", free_port());
+    let auth = |region: &str| {
+        let id = RegionId::parse(region).unwrap();
+        let mut users: Vec<meridian_bus::NatsUser> = BusRole::ALL
+            .iter()
+            .map(|&role| meridian_bus::RoleCredentials::generate(role, "", &id).user)
+            .collect();
+        users.push(meridian_bus::NatsUser {
+            login: meridian_bus::NatsLogin::Password {
+                user: "admin".into(),
+                password: admin_password.clone(),
+            },
+            permissions: None,
+        });
+        meridian_bus::nats_server_auth_config(&users, None)
+    };
+    let (hub, hub_leaf) = start_hub(&pki, &leaf);
+    let mut nodes = BTreeMap::new();
+    for region in ["us", "eu"] {
+        let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let auth = auth(region);
+        let started: Vec<Node> = (0..3)
+            .map(|i| start_region_node(region, i, &cluster_ports, hub_leaf, &pki, &leaf, Some(&auth)))
+            .collect();
+        nodes.insert(region, started);
+    }
+    let logs = || {
+        let mut out = format!("hub:\n{}", hub.log());
+        for (region, ns) in &nodes {
+            for (i, n) in ns.iter().enumerate() {
+                out.push_str(&format!("\n{region}-{i}:\n{}", n.log()));
+            }
+        }
+        out
+    };
+    let connect = |port: u16| {
+        // The servers are still starting: connect in the background.
+        async_nats::ConnectOptions::with_user_and_password("admin".into(), admin_password.clone())
+            .retry_on_initial_connect()
+            .connect(format!("nats://127.0.0.1:{port}"))
+    };
+    let us = jetstream::new(connect(nodes["us"][0].client_port).await.unwrap());
+    let eu = jetstream::new(connect(nodes["eu"][1].client_port).await.unwrap());
+    let deadline = std::time::Instant::now() + RUN_DEADLINE;
+    let origin = stream::Config {
+        name: "SYNC_US".into(),
+        subjects: vec!["sync.us.>".into()],
+        num_replicas: 3,
+        ..Default::default()
+    };
+    let mirror = stream::Config {
+        name: "SYNC_US".into(),
+        num_replicas: 3,
+        mirror: Some(stream::Source {
+            name: "SYNC_US".into(),
+            external: Some(stream::External {
+                api_prefix: "$JS.us.API".into(),
+                delivery_prefix: None,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // Until each cluster has elected its JetStream meta leader, creating a stream fails:
+    // retry, bounded.
+    for (js, config, region) in [(&us, &origin, "us"), (&eu, &mirror, "eu")] {
+        loop {
+            match js.get_or_create_stream(config.clone()).await {
+                Ok(_) => break,
+                Err(e) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "creating {} in {region}: {e}\n{}",
+                        config.name,
+                        logs()
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                }
+            }
+        }
+    }
+    const EVENTS: u64 = 20;
+    for i in 0..EVENTS {
+        us.publish("sync.us.events", format!("event {i}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let mut last = None;
+    loop {
+        if let Ok(mut s) = eu.get_stream("SYNC_US").await {
+            if let Ok(info) = s.info().await {
+                let followers = info.cluster.as_ref().map_or(0, |c| c.replicas.len());
+                if info.state.messages == EVENTS && info.state.last_sequence == EVENTS && followers == 2 {
+                    break;
+                }
+                last = Some((info.state.messages, info.state.last_sequence, followers));
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "eu's mirror never caught up (messages, last seq, followers): {last:?}\n{}",
+            logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let info = us
+        .get_stream("SYNC_US")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.config.num_replicas, 3);
+    assert_eq!(
+        info.cluster.map(|c| c.replicas.len()),
+        Some(2),
+        "R3: a leader and two followers"
+    );
+    // Same sequence, same event.
+    let m = eu
+        .get_stream("SYNC_US")
+        .await
+        .unwrap()
+        .get_raw_message(EVENTS)
+        .await
+        .unwrap();
+    assert_eq!(&m.payload[..], format!("event {}", EVENTS - 1).as_bytes());
 }
