@@ -455,7 +455,10 @@ mod tests {
             assert_eq!(round_trip(&mut s, &[i]).await.unwrap(), vec![i]);
             let rtt = started.elapsed();
             // Lower bound only: the machine may always be slower than asked.
-            assert!(rtt >= 2 * delay, "round trip {rtt:?} under twice the one-way delay {delay:?}");
+            assert!(
+                rtt >= 2 * delay,
+                "round trip {rtt:?} under twice the one-way delay {delay:?}"
+            );
         }
         p.shutdown.cancel();
         p.task.await.unwrap();
@@ -473,7 +476,10 @@ mod tests {
         let started = std::time::Instant::now();
         round_trip(&mut s, b"x").await.unwrap();
         let rtt = started.elapsed();
-        assert!(rtt >= 2 * rto, "every chunk lost both ways, yet the round trip took {rtt:?}");
+        assert!(
+            rtt >= 2 * rto,
+            "every chunk lost both ways, yet the round trip took {rtt:?}"
+        );
         p.shutdown.cancel();
         p.task.await.unwrap();
     }
