@@ -222,6 +222,16 @@ impl Api {
         Ok(())
     }
 
+    /// Opens (or finds) the caller's direct conversation with `with`.
+    async fn create_direct(&self, token: &str, with: &str) -> Result<(StatusCode, Value)> {
+        let req = self
+            .http
+            .post(format!("{}/v1/conversations", self.base))
+            .bearer_auth(token)
+            .json(&json!({"kind": "direct", "members": [with]}));
+        self.call(req).await
+    }
+
     async fn token(&self, user: &str, device: &str) -> Result<String> {
         let req = self
             .http
@@ -445,12 +455,7 @@ async fn up_survives_kill_9_of_region_and_nats_and_stops_cleanly() -> Result<()>
     api.admin_put_user("bob").await?;
     let ann = api.token("ann", "laptop").await?;
     let bob = api.token("bob", "phone").await?;
-    let req = api
-        .http
-        .post(format!("{}/v1/conversations", api.base))
-        .bearer_auth(&ann)
-        .json(&json!({"kind": "direct", "members": ["bob"]}));
-    let (st, body) = api.call(req).await?;
+    let (st, body) = api.create_direct(&ann, "bob").await?;
     ensure!(st == StatusCode::CREATED, "create conversation: {st} {body}");
     let cid = body["conversation_id"]
         .as_str()
@@ -843,12 +848,7 @@ async fn item2_three_regions_over_a_wan_replicate_and_pin_users() -> Result<()> 
 
     // Ann (us) writes to Bob (eu) once us knows Bob.
     let cid = poll("ann opens a conversation with bob", Duration::from_secs(15), || async {
-        let req = us
-            .http
-            .post(format!("{}/v1/conversations", us.base))
-            .bearer_auth(&ann)
-            .json(&json!({"kind": "direct", "members": ["bob"]}));
-        let (st, body) = us.call(req).await?;
+        let (st, body) = us.create_direct(&ann, "bob").await?;
         ensure!(st.is_success() || st.is_client_error(), "create: {st} {body}");
         Ok(body["conversation_id"].as_str().map(str::to_string))
     })
