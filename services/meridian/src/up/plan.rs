@@ -210,7 +210,8 @@ impl RegionPlan {
             .map_err(io_err(format!("cannot create {}", self.dir.display())))?;
         // The one process per region runs every role, so it logs in as the region user;
         // nats-server accepts no one else.
-        let creds = RoleCredentials::generate(BusRole::Region, "", &self.region);
+        // Its permissions cover the mirrors it creates and reads the health of.
+        let creds = RoleCredentials::generate_with_mirrors(BusRole::Region, "", &self.region, &self.mirrors);
         write_file(&self.nats_seed(), creds.seed.as_bytes(), 0o600)?;
         let leaf_remotes = self
             .link_port
