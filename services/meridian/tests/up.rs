@@ -111,22 +111,34 @@ impl Up {
     }
 }
 
+impl Up {
+    /// The regions cluster.json names (us before it exists).
+    fn regions(&self) -> Vec<String> {
+        match self.cluster().as_ref().and_then(|c| c["regions"].as_object()) {
+            Some(r) => r.keys().cloned().collect(),
+            None => vec!["us".to_string()],
+        }
+    }
+
+    /// The ends of every log, for a failed test's output.
+    fn print_logs(&self) {
+        let mut files = vec!["up.log".to_string(), "data/hub/nats.log".to_string()];
+        for r in self.regions() {
+            files.push(format!("data/{r}/region.log"));
+            files.push(format!("data/{r}/nats.log"));
+        }
+        for f in files {
+            eprintln!("--- {f} ---\n{}", self.tail(&f, 40));
+        }
+    }
+}
+
 impl Drop for Up {
     fn drop(&mut self) {
         let cluster = self.cluster().unwrap_or(Value::Null);
-        let regions: Vec<String> = match cluster["regions"].as_object() {
-            Some(r) => r.keys().cloned().collect(),
-            None => vec!["us".to_string()],
-        };
+        let regions = self.regions();
         if std::thread::panicking() {
-            let mut files = vec!["up.log".to_string(), "data/hub/nats.log".to_string()];
-            for r in &regions {
-                files.push(format!("data/{r}/region.log"));
-                files.push(format!("data/{r}/nats.log"));
-            }
-            for f in files {
-                eprintln!("--- {f} ---\n{}", self.tail(&f, 40));
-            }
+            self.print_logs();
         }
         // Every process cluster.json names: each region's, and the hub.
         let mut pids: Vec<i32> = regions
@@ -767,23 +779,22 @@ async fn item5_burst_of_large_messages_into_a_large_group_stays_bounded() -> Res
     Ok(())
 }
 
-/// Polls `check` every 100 ms until it yields a value, for at most `bound`; the error names
-/// `what` and the last reason `check` gave.
+/// Polls `check` every 10 ms (often enough to time a WAN crossing) until it succeeds, for at most `bound`; an error from `check`
+/// means "not yet", and the last one is named if time runs out.
 async fn poll<T, F, Fut>(what: &str, bound: Duration, mut check: F) -> Result<T>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>>>,
+    Fut: std::future::Future<Output = Result<T>>,
 {
     let deadline = Instant::now() + bound;
-    let mut last = String::from("never checked");
+    let mut last;
     loop {
         match check().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
+            Ok(v) => return Ok(v),
             Err(e) => last = format!("{e:#}"),
         }
         ensure!(Instant::now() < deadline, "{what}: not within {bound:?}; last: {last}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -792,14 +803,24 @@ where
 /// reading in eu, and once traffic stops the three digests are equal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item2_three_regions_over_a_wan_replicate_and_pin_users() -> Result<()> {
-    const REGIONS: [&str; 3] = ["us", "eu", "ap"];
     let started = Instant::now();
     let port_base = port_base_for(4);
     eprintln!("port base {port_base}");
     let mut up = Up::start_with(
         port_base,
-        &["--regions", "us,eu,ap", "--wan-delay", "40ms", "--wan-jitter", "5ms"],
+        &["--regions", "us,eu,ap", "--wan-delay", "40ms", "--wan-jitter", "5ms", "--wan-loss", "0.01"],
     )?;
+    let result = three_regions_replicate(&mut up, started).await;
+    if result.is_err() {
+        up.print_logs();
+    }
+    result
+}
+
+async fn three_regions_replicate(up: &mut Up, started: Instant) -> Result<()> {
+    const REGIONS: [&str; 3] = ["us", "eu", "ap"];
+    /// `--wan-delay` below.
+    const WAN_DELAY: Duration = Duration::from_millis(40);
     let cluster = up.wait_cluster(Duration::from_secs(60)).await?;
     eprintln!("ready after {:?}", started.elapsed());
     ensure!(cluster["hub"]["pid"].as_i64() > Some(0), "hub pid: {cluster}");
@@ -838,7 +859,8 @@ async fn item2_three_regions_over_a_wan_replicate_and_pin_users() -> Result<()> 
     // eu learns of Ann through the mirror of us's stream, and sends her home.
     let wrong = poll("eu answers 421 for ann", Duration::from_secs(15), || async {
         let (st, body) = eu.call(eu.http.get(format!("{}/v1/sync", eu.base)).bearer_auth(&ann)).await?;
-        Ok((st == StatusCode::MISDIRECTED_REQUEST).then_some(body))
+        ensure!(st == StatusCode::MISDIRECTED_REQUEST, "{st} {body}");
+        Ok(body)
     })
     .await?;
     ensure!(
@@ -849,19 +871,25 @@ async fn item2_three_regions_over_a_wan_replicate_and_pin_users() -> Result<()> 
     // Ann (us) writes to Bob (eu) once us knows Bob.
     let cid = poll("ann opens a conversation with bob", Duration::from_secs(15), || async {
         let (st, body) = us.create_direct(&ann, "bob").await?;
-        ensure!(st.is_success() || st.is_client_error(), "create: {st} {body}");
-        Ok(body["conversation_id"].as_str().map(str::to_string))
+        ensure!(st.is_success(), "{st} {body}");
+        Ok(body["conversation_id"].as_str().context("conversation_id")?.to_string())
     })
     .await?;
+    let sending = Instant::now();
     let sent = us
         .send_until_accepted(&ann, &cid, 0, Instant::now() + Duration::from_secs(15))
         .await?;
     let read = poll("bob reads ann's message in eu", Duration::from_secs(15), || async {
         let history = eu.history(&bob, &cid).await?;
-        Ok(history.iter().any(|m| m["message_id"] == sent.as_str()).then_some(history))
+        ensure!(history.iter().any(|m| m["message_id"] == sent.as_str()), "{history:?}");
+        Ok(history)
     })
     .await?;
     ensure!(read.len() == 1, "one message: {read:?}");
+    // The message crossed the WAN: us's link to the hub, then the hub's to eu, 20 ms each.
+    let crossed = sending.elapsed();
+    ensure!(crossed >= WAN_DELAY, "in eu {crossed:?} after sending, under the WAN's one-way {WAN_DELAY:?}");
+    eprintln!("sent in us, read in eu {crossed:?} later");
 
     // Traffic has stopped: every region converges on the same state.
     let digests = poll("equal digests in us, eu and ap", Duration::from_secs(20), || async {
@@ -875,7 +903,8 @@ async fn item2_three_regions_over_a_wan_replicate_and_pin_users() -> Result<()> 
             ensure!(st == StatusCode::OK, "digest: {st} {body}");
             digests.push(body["digest"].as_str().context("digest")?.to_string());
         }
-        Ok(digests.iter().all(|d| *d == digests[0]).then_some(digests))
+        ensure!(digests.iter().all(|d| *d == digests[0]), "{digests:?}");
+        Ok(digests)
     })
     .await?;
     eprintln!("digest {} in every region, {:?} after start", digests[0], started.elapsed());
