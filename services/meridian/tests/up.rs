@@ -193,7 +193,10 @@ fn port_base_for(blocks: u16) -> u16 {
     for _ in 0..50 {
         let base = 20_000 + (seed % (2_000 - u64::from(blocks))) as u16 * 10;
         let ports = (0..blocks).flat_map(|b| (0..3).map(move |p| base + 10 * b + p));
-        if ports.into_iter().all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+        if ports
+            .into_iter()
+            .all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        {
             return base;
         }
         seed = seed.rotate_left(17).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -793,7 +796,10 @@ where
             Ok(v) => return Ok(v),
             Err(e) => last = format!("{e:#}"),
         }
-        ensure!(Instant::now() < deadline, "{what}: not within {bound:?}; last: {last}");
+        ensure!(
+            Instant::now() < deadline,
+            "{what}: not within {bound:?}; last: {last}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -808,7 +814,16 @@ async fn item2_three_regions_over_a_wan_replicate_and_pin_users() -> Result<()> 
     eprintln!("port base {port_base}");
     let mut up = Up::start_with(
         port_base,
-        &["--regions", "us,eu,ap", "--wan-delay", "40ms", "--wan-jitter", "5ms", "--wan-loss", "0.01"],
+        &[
+            "--regions",
+            "us,eu,ap",
+            "--wan-delay",
+            "40ms",
+            "--wan-jitter",
+            "5ms",
+            "--wan-loss",
+            "0.01",
+        ],
     )?;
     let result = three_regions_replicate(&mut up, started).await;
     if result.is_err() {
@@ -833,11 +848,20 @@ async fn three_regions_replicate(up: &mut Up, started: Instant) -> Result<()> {
             .filter_map(Value::as_str)
             .collect();
         let own = format!("SYNC_{}", r.to_uppercase());
-        ensure!(streams.first() == Some(&own.as_str()), "{r} applies its own stream first: {streams:?}");
+        ensure!(
+            streams.first() == Some(&own.as_str()),
+            "{r} applies its own stream first: {streams:?}"
+        );
         let mut all = streams.clone();
         all.sort_unstable();
-        ensure!(all == ["SYNC_AP", "SYNC_EU", "SYNC_US"], "{r} applies every stream: {streams:?}");
-        ensure!(cluster["regions"][r]["link_proxy"].is_string(), "{r} link: {cluster}");
+        ensure!(
+            all == ["SYNC_AP", "SYNC_EU", "SYNC_US"],
+            "{r} applies every stream: {streams:?}"
+        );
+        ensure!(
+            cluster["regions"][r]["link_proxy"].is_string(),
+            "{r} link: {cluster}"
+        );
     }
     let http = reqwest::Client::builder()
         .no_proxy()
@@ -846,7 +870,10 @@ async fn three_regions_replicate(up: &mut Up, started: Instant) -> Result<()> {
     let api = |r: &str| -> Result<Api> {
         Ok(Api {
             http: http.clone(),
-            base: cluster["regions"][r]["endpoint"].as_str().context("endpoint")?.to_string(),
+            base: cluster["regions"][r]["endpoint"]
+                .as_str()
+                .context("endpoint")?
+                .to_string(),
         })
     };
     let (us, eu, ap) = (api("us")?, api("eu")?, api("ap")?);
@@ -858,7 +885,9 @@ async fn three_regions_replicate(up: &mut Up, started: Instant) -> Result<()> {
 
     // eu learns of Ann through the mirror of us's stream, and sends her home.
     let wrong = poll("eu answers 421 for ann", Duration::from_secs(15), || async {
-        let (st, body) = eu.call(eu.http.get(format!("{}/v1/sync", eu.base)).bearer_auth(&ann)).await?;
+        let (st, body) = eu
+            .call(eu.http.get(format!("{}/v1/sync", eu.base)).bearer_auth(&ann))
+            .await?;
         ensure!(st == StatusCode::MISDIRECTED_REQUEST, "{st} {body}");
         Ok(body)
     })
@@ -869,45 +898,70 @@ async fn three_regions_replicate(up: &mut Up, started: Instant) -> Result<()> {
     );
 
     // Ann (us) writes to Bob (eu) once us knows Bob.
-    let cid = poll("ann opens a conversation with bob", Duration::from_secs(15), || async {
-        let (st, body) = us.create_direct(&ann, "bob").await?;
-        ensure!(st.is_success(), "{st} {body}");
-        Ok(body["conversation_id"].as_str().context("conversation_id")?.to_string())
-    })
+    let cid = poll(
+        "ann opens a conversation with bob",
+        Duration::from_secs(15),
+        || async {
+            let (st, body) = us.create_direct(&ann, "bob").await?;
+            ensure!(st.is_success(), "{st} {body}");
+            Ok(body["conversation_id"]
+                .as_str()
+                .context("conversation_id")?
+                .to_string())
+        },
+    )
     .await?;
     let sending = Instant::now();
     let sent = us
         .send_until_accepted(&ann, &cid, 0, Instant::now() + Duration::from_secs(15))
         .await?;
-    let read = poll("bob reads ann's message in eu", Duration::from_secs(15), || async {
-        let history = eu.history(&bob, &cid).await?;
-        ensure!(history.iter().any(|m| m["message_id"] == sent.as_str()), "{history:?}");
-        Ok(history)
-    })
+    let read = poll(
+        "bob reads ann's message in eu",
+        Duration::from_secs(15),
+        || async {
+            let history = eu.history(&bob, &cid).await?;
+            ensure!(
+                history.iter().any(|m| m["message_id"] == sent.as_str()),
+                "{history:?}"
+            );
+            Ok(history)
+        },
+    )
     .await?;
     ensure!(read.len() == 1, "one message: {read:?}");
     // The message crossed the WAN: us's link to the hub, then the hub's to eu, 20 ms each.
     let crossed = sending.elapsed();
-    ensure!(crossed >= WAN_DELAY, "in eu {crossed:?} after sending, under the WAN's one-way {WAN_DELAY:?}");
+    ensure!(
+        crossed >= WAN_DELAY,
+        "in eu {crossed:?} after sending, under the WAN's one-way {WAN_DELAY:?}"
+    );
     eprintln!("sent in us, read in eu {crossed:?} later");
 
     // Traffic has stopped: every region converges on the same state.
-    let digests = poll("equal digests in us, eu and ap", Duration::from_secs(20), || async {
-        let mut digests = Vec::new();
-        for region in [&us, &eu, &ap] {
-            let req = region
-                .http
-                .get(format!("{}/v1/admin/digest", region.base))
-                .header("X-Admin-Key", ADMIN_KEY);
-            let (st, body) = region.call(req).await?;
-            ensure!(st == StatusCode::OK, "digest: {st} {body}");
-            digests.push(body["digest"].as_str().context("digest")?.to_string());
-        }
-        ensure!(digests.iter().all(|d| *d == digests[0]), "{digests:?}");
-        Ok(digests)
-    })
+    let digests = poll(
+        "equal digests in us, eu and ap",
+        Duration::from_secs(20),
+        || async {
+            let mut digests = Vec::new();
+            for region in [&us, &eu, &ap] {
+                let req = region
+                    .http
+                    .get(format!("{}/v1/admin/digest", region.base))
+                    .header("X-Admin-Key", ADMIN_KEY);
+                let (st, body) = region.call(req).await?;
+                ensure!(st == StatusCode::OK, "digest: {st} {body}");
+                digests.push(body["digest"].as_str().context("digest")?.to_string());
+            }
+            ensure!(digests.iter().all(|d| *d == digests[0]), "{digests:?}");
+            Ok(digests)
+        },
+    )
     .await?;
-    eprintln!("digest {} in every region, {:?} after start", digests[0], started.elapsed());
+    eprintln!(
+        "digest {} in every region, {:?} after start",
+        digests[0],
+        started.elapsed()
+    );
 
     // SIGTERM stops everything, the hub included.
     let pids: Vec<i32> = REGIONS
@@ -920,7 +974,10 @@ async fn three_regions_replicate(up: &mut Up, started: Instant) -> Result<()> {
     signal(up.child.id() as i32, libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(30);
     while up.child.try_wait()?.is_none() {
-        ensure!(Instant::now() < deadline, "meridian up did not stop after SIGTERM");
+        ensure!(
+            Instant::now() < deadline,
+            "meridian up did not stop after SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let left: Vec<i32> = pids.into_iter().filter(|p| alive(*p)).collect();

@@ -62,8 +62,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meridian_bus::{
-    nats_hub_config, nats_server_auth_config, nats_server_config, BusRole, Durability, HubSpec,
-    LeafRemote, NatsServerSpec, RoleCredentials,
+    nats_hub_config, nats_server_auth_config, nats_server_config, BusRole, Durability, HubSpec, LeafRemote,
+    NatsServerSpec, RoleCredentials,
 };
 use meridian_chaos::{LinkConfig, LinkProxy};
 use meridian_model::RegionId;
@@ -269,7 +269,11 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> Result<(), UpE
         .map(|p| (p.region.to_string(), p.endpoint()))
         .collect();
     // One leafnode login per region, new every start like the nkeys.
-    let leaf_logins: Vec<LeafLogin> = layout.regions.iter().map(|p| LeafLogin::generate(&p.region)).collect();
+    let leaf_logins: Vec<LeafLogin> = layout
+        .regions
+        .iter()
+        .map(|p| LeafLogin::generate(&p.region))
+        .collect();
     // Per region, the streams its applier applies: its own, then its mirrors.
     let mut streams = BTreeMap::new();
     for (plan, login) in layout.regions.iter().zip(&leaf_logins) {
@@ -468,7 +472,10 @@ mod tests {
         let layout = Layout::new(&o).unwrap();
         let links: Vec<_> = layout.regions.iter().map(|p| p.link_port).collect();
         assert_eq!(links, vec![Some(7002), Some(7012), Some(7022)]);
-        let hub = layout.hub.as_ref().expect("three regions are linked through a hub");
+        let hub = layout
+            .hub
+            .as_ref()
+            .expect("three regions are linked through a hub");
         assert_eq!((hub.port, hub.leaf_port), (7030, 7031));
         let mirrors: Vec<String> = layout.regions[1].mirrors.iter().map(|r| r.to_string()).collect();
         assert_eq!(mirrors, vec!["us", "ap"]);
@@ -478,7 +485,10 @@ mod tests {
         assert!(layout.hub.is_none() && layout.regions[0].link_port.is_none());
         assert!(layout.regions[0].mirrors.is_empty());
         o.wan.delay = Duration::from_millis(40);
-        let err = Layout::new(&o).err().expect("a WAN needs two regions").to_string();
+        let err = Layout::new(&o)
+            .err()
+            .expect("a WAN needs two regions")
+            .to_string();
         assert!(err.contains("--wan-delay"), "{err}");
     }
 
@@ -491,7 +501,10 @@ mod tests {
         };
         let a = "127.0.0.1:1".parse().unwrap();
         let link = wan.link(a, a);
-        assert_eq!((link.delay, link.jitter), (Duration::from_millis(20), Duration::from_millis(5)));
+        assert_eq!(
+            (link.delay, link.jitter),
+            (Duration::from_millis(20), Duration::from_millis(5))
+        );
         // Two links in a row lose a chunk with probability 1 - (1 - p)^2 = wan.loss.
         let both = 1.0 - (1.0 - link.loss).powi(2);
         assert!((both - wan.loss).abs() < 1e-9, "{both}");

@@ -32,7 +32,12 @@ impl Launcher {
     pub(super) fn spawn_nats(&self, plan: &RegionPlan) -> Result<Proc, UpError> {
         let mut cmd = child_command(&self.nats_bin, &plan.nats_log(), "nats-server")?;
         cmd.arg("-c").arg(plan.nats_conf());
-        Proc::spawn(cmd, "nats-server", &format!("region {}", plan.region), plan.nats_log())
+        Proc::spawn(
+            cmd,
+            "nats-server",
+            &format!("region {}", plan.region),
+            plan.nats_log(),
+        )
     }
 
     pub(super) fn spawn_hub(&self, hub: &HubPlan) -> Result<Proc, UpError> {
@@ -50,7 +55,12 @@ impl Launcher {
                 cmd.env_remove(&key);
             }
         }
-        Proc::spawn(cmd, "region", &format!("region {}", plan.region), plan.region_log())
+        Proc::spawn(
+            cmd,
+            "region",
+            &format!("region {}", plan.region),
+            plan.region_log(),
+        )
     }
 }
 
@@ -119,7 +129,12 @@ pub(super) struct Proc {
 }
 
 impl Proc {
-    pub(super) fn spawn(mut cmd: Command, what: &'static str, owner: &str, log: PathBuf) -> Result<Proc, UpError> {
+    pub(super) fn spawn(
+        mut cmd: Command,
+        what: &'static str,
+        owner: &str,
+        log: PathBuf,
+    ) -> Result<Proc, UpError> {
         let child = cmd.spawn().map_err(io_err(format!(
             "cannot start {what} of {owner} ({:?})",
             cmd.as_std().get_program()
