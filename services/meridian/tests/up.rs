@@ -120,6 +120,37 @@ impl Up {
         }
     }
 
+    /// Every pid cluster.json names: each region's processes, and the hub's.
+    fn pids(&self) -> Vec<i32> {
+        let cluster = self.cluster().unwrap_or(Value::Null);
+        let mut pids: Vec<i32> = self
+            .regions()
+            .iter()
+            .flat_map(|r| ["region", "nats"].map(|w| cluster["regions"][r]["pids"][w].as_i64()))
+            .chain([cluster["hub"]["pid"].as_i64()])
+            .flatten()
+            .map(|p| p as i32)
+            .collect();
+        pids.retain(|p| *p > 0);
+        pids
+    }
+
+    /// SIGTERM to the launcher, then waits (bounded) for it to exit.
+    async fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        signal(self.child.id() as i32, libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "meridian up did not exit after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The ends of every log, for a failed test's output.
     fn print_logs(&self) {
         let mut files = vec!["up.log".to_string(), "data/hub/nats.log".to_string()];
@@ -135,20 +166,10 @@ impl Up {
 
 impl Drop for Up {
     fn drop(&mut self) {
-        let cluster = self.cluster().unwrap_or(Value::Null);
-        let regions = self.regions();
         if std::thread::panicking() {
             self.print_logs();
         }
-        // Every process cluster.json names: each region's, and the hub.
-        let mut pids: Vec<i32> = regions
-            .iter()
-            .flat_map(|r| ["region", "nats"].map(|w| cluster["regions"][r]["pids"][w].as_i64()))
-            .chain([cluster["hub"]["pid"].as_i64()])
-            .flatten()
-            .map(|p| p as i32)
-            .collect();
-        pids.retain(|p| *p > 0);
+        let pids = self.pids();
         let _ = self.child.kill();
         let _ = self.child.wait();
         for pid in pids {
@@ -428,15 +449,7 @@ async fn item8_up_never_prints_the_admin_key_and_keeps_its_files_private() -> Re
     api.admin_put_user("ann").await?;
     api.token("ann", "laptop").await?;
 
-    signal(up.child.id() as i32, libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while up.child.try_wait()?.is_none() {
-        ensure!(
-            Instant::now() < deadline,
-            "meridian up did not exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    up.terminate().await?;
     let leaked = files_with_admin_key(&up, &OUTPUT);
     ensure!(leaked.is_empty(), "after a run, the admin key is in {leaked:?}");
     Ok(())
@@ -580,18 +593,7 @@ async fn up_survives_kill_9_of_region_and_nats_and_stops_cleanly() -> Result<()>
 
     // SIGTERM: an ordered stop, exit 0, no process left.
     let pids = [up.pid("region")?, up.pid("nats")?];
-    signal(up.child.id() as i32, libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = up.child.try_wait()? {
-            break status;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "meridian up did not exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = up.terminate().await?;
     assert!(status.success(), "meridian up exited with {status}");
     for pid in pids {
         assert!(!alive(pid), "process {pid} outlived meridian up");
@@ -964,22 +966,13 @@ async fn three_regions_replicate(up: &mut Up, started: Instant) -> Result<()> {
     );
 
     // SIGTERM stops everything, the hub included.
-    let pids: Vec<i32> = REGIONS
-        .iter()
-        .flat_map(|r| ["region", "nats"].map(|w| cluster["regions"][r]["pids"][w].as_i64()))
-        .chain([cluster["hub"]["pid"].as_i64()])
-        .flatten()
-        .map(|p| p as i32)
-        .collect();
-    signal(up.child.id() as i32, libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while up.child.try_wait()?.is_none() {
-        ensure!(
-            Instant::now() < deadline,
-            "meridian up did not stop after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let pids = up.pids();
+    ensure!(
+        pids.len() == 2 * REGIONS.len() + 1,
+        "every process is named: {pids:?}"
+    );
+    let status = up.terminate().await?;
+    ensure!(status.success(), "meridian up exited with {status}");
     let left: Vec<i32> = pids.into_iter().filter(|p| alive(*p)).collect();
     ensure!(left.is_empty(), "processes left behind: {left:?}");
     eprintln!("whole test {:?}", started.elapsed());
