@@ -806,9 +806,26 @@ where
     }
 }
 
+/// The digest every region reports, when they are all equal.
+async fn equal_digests(regions: &[&Api]) -> Result<String> {
+    let mut digests = Vec::new();
+    for region in regions {
+        let req = region
+            .http
+            .get(format!("{}/v1/admin/digest", region.base))
+            .header("X-Admin-Key", ADMIN_KEY);
+        let (st, body) = region.call(req).await?;
+        ensure!(st == StatusCode::OK, "digest: {st} {body}");
+        digests.push(body["digest"].as_str().context("digest")?.to_string());
+    }
+    ensure!(digests.iter().all(|d| *d == digests[0]), "{digests:?}");
+    Ok(digests.swap_remove(0))
+}
+
 /// Three regions linked through the hub over a 40 ms WAN: a user provisioned in us is known
 /// to eu (which answers 421 naming us), a message sent in us by its user reaches an eu user
-/// reading in eu, and once traffic stops the three digests are equal.
+/// reading in eu no sooner than the WAN allows, and once traffic stops the three digests
+/// are equal. A SIGKILLed hub is restarted and replication resumes through it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item2_three_regions_over_a_wan_replicate_and_pin_users() -> Result<()> {
     let started = Instant::now();
@@ -940,30 +957,50 @@ async fn three_regions_replicate(up: &mut Up, started: Instant) -> Result<()> {
     eprintln!("sent in us, read in eu {crossed:?} later");
 
     // Traffic has stopped: every region converges on the same state.
-    let digests = poll(
-        "equal digests in us, eu and ap",
-        Duration::from_secs(20),
+    let all = [&us, &eu, &ap];
+    let digest = poll("equal digests in us, eu and ap", Duration::from_secs(20), || {
+        equal_digests(&all)
+    })
+    .await?;
+    eprintln!(
+        "digest {digest} in every region, {:?} after start",
+        started.elapsed()
+    );
+
+    // The hub dies: the launcher restarts it, the regions' leafnodes reconnect through their
+    // links, and what us accepts afterwards still reaches eu.
+    let hub = cluster["hub"]["pid"].as_i64().context("hub pid")? as i32;
+    signal(hub, libc::SIGKILL);
+    let killed = Instant::now();
+    poll("the hub restarted", Duration::from_secs(15), || async {
+        let pid = up.cluster().and_then(|c| c["hub"]["pid"].as_i64()).unwrap_or(0) as i32;
+        ensure!(pid != hub && pid > 0 && alive(pid), "hub pid {pid}");
+        Ok(pid)
+    })
+    .await?;
+    let second = us
+        .send_until_accepted(&ann, &cid, 1, Instant::now() + Duration::from_secs(15))
+        .await?;
+    poll(
+        "bob reads in eu what ann sent after the hub restarted",
+        Duration::from_secs(30),
         || async {
-            let mut digests = Vec::new();
-            for region in [&us, &eu, &ap] {
-                let req = region
-                    .http
-                    .get(format!("{}/v1/admin/digest", region.base))
-                    .header("X-Admin-Key", ADMIN_KEY);
-                let (st, body) = region.call(req).await?;
-                ensure!(st == StatusCode::OK, "digest: {st} {body}");
-                digests.push(body["digest"].as_str().context("digest")?.to_string());
-            }
-            ensure!(digests.iter().all(|d| *d == digests[0]), "{digests:?}");
-            Ok(digests)
+            let history = eu.history(&bob, &cid).await?;
+            ensure!(
+                history.iter().any(|m| m["message_id"] == second.as_str()),
+                "{history:?}"
+            );
+            Ok(())
         },
     )
     .await?;
-    eprintln!(
-        "digest {} in every region, {:?} after start",
-        digests[0],
-        started.elapsed()
-    );
+    poll(
+        "equal digests after the hub restarted",
+        Duration::from_secs(20),
+        || equal_digests(&all),
+    )
+    .await?;
+    eprintln!("hub killed; replicating again {:?} later", killed.elapsed());
 
     // SIGTERM stops everything, the hub included.
     let pids = up.pids();

@@ -203,14 +203,16 @@ pub(super) struct RegionProcs {
     pub(super) region: Option<Proc>,
 }
 
-/// Starts the hub (if any), every nats-server, then every region process, then waits for
-/// each to be ready. Started processes are put in `hub` and `running` as they start, so the
-/// caller can stop them on error. `Ok(false)`: shutdown was requested meanwhile.
+/// Starts the hub (if any) and every nats-server, runs `prepare` once they all accept
+/// connections, then starts every region process and waits for each to be ready. Started
+/// processes are put in `hub` and `running` as they start, so the caller can stop them on
+/// error. `Ok(false)`: shutdown was requested meanwhile.
 pub(super) async fn start_all(
     layout: &Layout,
     launcher: &Launcher,
     hub: &mut Option<Proc>,
     running: &mut Vec<RegionProcs>,
+    prepare: impl Future<Output = Result<(), UpError>>,
     shutdown: &CancellationToken,
 ) -> Result<bool, UpError> {
     if let Some(plan) = &layout.hub {
@@ -250,6 +252,12 @@ pub(super) async fn start_all(
             Ok(false) => return Ok(false),
             Err(reason) => return Err(nats.start_error(reason)),
         }
+    }
+    tokio::select! {
+        _ = shutdown.cancelled() => return Ok(false),
+        prepared = prepare => prepared?,
+    }
+    for r in running.iter_mut() {
         let region = launcher.spawn_region(&r.plan)?;
         println!(
             "  {}: region pid {}, gateway {} (log {})",
