@@ -235,6 +235,14 @@ async fn item2_ensure_mirrors_is_idempotent_and_repairs_a_wrong_stream() -> Resu
     );
     assert_eq!(after.last_seq, 5);
 
+    // Changed limits are updated in place: same instance, nothing copied again.
+    let mut longer = eu.config().clone();
+    longer.max_age_s += 3600;
+    Bus::connect(longer.clone()).await?.ensure_mirrors().await?;
+    let info = eu.jetstream().get_stream(&mirror).await?.cached_info().clone();
+    assert_eq!(info.config.max_age, Duration::from_secs(longer.max_age_s));
+    assert_eq!(eu.stream_state(&mirror).await?.instance, before.instance);
+
     // A plain stream where the mirror belongs (as an operator's mistake would leave it).
     eu.jetstream().delete_stream(&mirror).await?;
     eu.jetstream()
