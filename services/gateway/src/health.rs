@@ -11,8 +11,6 @@
 
 use std::time::Duration;
 
-use meridian_bus::Bus;
-use meridian_model::RegionId;
 use serde::Serialize;
 
 use crate::error::ApiResult;
@@ -39,33 +37,11 @@ pub struct StreamHealth {
     pub error: Option<String>,
 }
 
-/// What JetStream says of one mirror (the bus's `MirrorHealth`, see [`mirrors`]).
-#[derive(Debug, Clone)]
-pub struct MirrorState {
-    pub region: RegionId,
-    pub stream: String,
-    pub lag: u64,
-    pub active_age: Option<Duration>,
-    pub last_seq: u64,
-    pub error: Option<String>,
-}
-
-/// The mirrors of this region's bus and their state; empty for a region that mirrors
-/// nothing. Until the bus reports mirrors (h/bus: `Bus::mirror_health`), there are none.
-async fn mirrors(_bus: &Bus) -> Result<Vec<MirrorState>, String> {
-    Ok(Vec::new())
-}
-
-/// The streams this region's applier applies, own first (h/bus: `Bus::applied_streams`).
-pub fn applied_streams(bus: &Bus) -> Vec<String> {
-    vec![bus.stream()]
-}
-
 /// Every stream this region applies, its own first, then each mirror.
 pub async fn streams(s: &AppState) -> ApiResult<Vec<StreamHealth>> {
     let own = s.bus.stream();
     let mut out = vec![applied_state(s, &own, s.cfg.region.as_str(), false).await?];
-    match mirrors(&s.bus).await {
+    match s.bus.mirror_health().await {
         Ok(mirrors) => {
             for m in mirrors {
                 let mut h = applied_state(s, &m.stream, m.region.as_str(), true).await?;
@@ -81,17 +57,16 @@ pub async fn streams(s: &AppState) -> ApiResult<Vec<StreamHealth>> {
                 out.push(h);
             }
         }
-        Err(e) => out.push(StreamHealth {
-            stream: "mirrors".into(),
-            origin: String::new(),
-            mirror: true,
-            last_seq: None,
-            applied: 0,
-            apply_lag: None,
-            mirror_lag: 0,
-            active_age_ms: None,
-            error: Some(e),
-        }),
+        // JetStream did not answer: every mirror is of unknown health, so each is reported
+        // with the error (and /readyz fails naming it).
+        Err(e) => {
+            for origin in &s.bus.config().mirrors {
+                let mut h =
+                    applied_state(s, &s.bus.config().stream_name(origin), origin.as_str(), true).await?;
+                h.error = Some(e.to_string());
+                out.push(h);
+            }
+        }
     }
     Ok(out)
 }

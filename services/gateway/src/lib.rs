@@ -81,9 +81,7 @@ impl Gateway {
                 source,
             })?;
         let live_bus = bus.connect_bounded(cfg.ws_subscription_capacity).await?;
-        let presence_requests = bus
-            .subscribe(regions::presence_subject(&bus, &cfg.region))
-            .await?;
+        let presence_requests = bus.subscribe(bus.presence_subject(&cfg.region)).await?;
         let clock = HybridClock::with_offset_ms(cfg.clock_offset_ms);
         // Start above everything applied, so a restart on a wall clock that stepped back
         // never stamps below what is stored (docs/design.md §4).

@@ -51,17 +51,6 @@ pub struct PresenceReply {
     pub users: BTreeMap<String, UserPresence>,
 }
 
-/// The typing subject of `user` served by `region`: `{prefix}deliver.{region}.{user}.t`,
-/// the user id written as one subject token as the bus writes it ('.' as '~').
-pub fn ephemeral_subject_in(bus: &Bus, region: &RegionId, user: &UserId) -> String {
-    bus.subject(&format!("deliver.{region}.{}.t", user.as_str().replace('.', "~")))
-}
-
-/// The subject `region`'s gateways answer presence requests on: `{prefix}presence.{region}`.
-pub fn presence_subject(bus: &Bus, region: &RegionId) -> String {
-    bus.subject(&format!("presence.{region}"))
-}
-
 /// Answers presence requests for this region from `hub` until `shutdown`.
 pub async fn run_presence_responder(
     bus: Bus,
@@ -121,7 +110,7 @@ pub async fn remote_presence(
             Ok(p) => Bytes::from(p),
             Err(_) => return Vec::new(),
         };
-        let subject = presence_subject(bus, &region);
+        let subject = bus.presence_subject(&region);
         let reply = match tokio::time::timeout(PRESENCE_TIMEOUT, bus.client().request(subject, payload)).await
         {
             Ok(Ok(msg)) => msg,

@@ -275,7 +275,7 @@ pub async fn typing(s: &AppState, caller: &Caller, cid: &str) -> ApiResult<()> {
         // that is another region (docs/design.md §3), never stored.
         let subject = match s.store.user(m).await? {
             Some(view) if view.serving_region != s.cfg.region => {
-                crate::regions::ephemeral_subject_in(&s.bus, &view.serving_region, m)
+                s.bus.ephemeral_subject_in(&view.serving_region, m)
             }
             Some(_) => s.bus.ephemeral_subject(m),
             None => continue,

@@ -166,7 +166,7 @@ pub async fn get_regions(_: Admin, State(s): State<Arc<AppState>>) -> ApiResult<
 /// before and after the digest and the answer says whether they held still (`settled`), so
 /// a digest taken while the applier moves is not compared as if it were not.
 pub async fn get_digest(_: Admin, State(s): State<Arc<AppState>>) -> ApiResult<Json<Value>> {
-    let streams = health::applied_streams(&s.bus);
+    let streams = s.bus.applied_streams();
     let positions = |s: Arc<AppState>, streams: Vec<String>| async move {
         let mut applied = serde_json::Map::new();
         for stream in streams {

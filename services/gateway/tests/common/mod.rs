@@ -1,9 +1,15 @@
-//! Regions of real parts for the gateway's tests: one nats-server, and per region its own
-//! stream under one shared prefix, an embedded store, the real applier and a gateway on a
-//! free port, each gateway knowing the others' endpoints. Core NATS subjects are shared by
-//! the regions as the NATS link between regions shares them, so typing and presence cross
-//! regions the way they do in production; the streams are not mirrored here, so a test
-//! provisions users in each region whose directory it relies on ([`Cluster::provision`]).
+//! Regions of real parts for the gateway's tests: per region its own stream, an embedded
+//! store, the real applier and a gateway on a free port, each gateway knowing the others'
+//! endpoints. Two kinds of NATS under them:
+//!
+//! - [`Cluster::start`]: one nats-server shared by the regions (one prefix). Core NATS
+//!   subjects are shared as the link between regions shares them, so typing and presence
+//!   cross regions; the streams are not mirrored, so a test provisions users in each region
+//!   whose directory it relies on ([`Cluster::provision_in`]) and can make the directories
+//!   disagree on purpose.
+//! - [`Cluster::start_linked`]: a nats-server per region linked through a hub (the bus's
+//!   `NatsCluster`), each region mirroring the others' streams and applying them, logged in
+//!   as the `region` role with its real permissions: the production topology.
 
 #![allow(dead_code)] // each test binary uses part of it
 
@@ -12,8 +18,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use futures::{SinkExt, StreamExt};
-use meridian_bus::testing::{unique_prefix, NatsServer};
-use meridian_bus::{Bus, BusConfig};
+use meridian_bus::testing::{unique_prefix, NatsCluster, NatsServer};
+use meridian_bus::{Bus, BusConfig, BusRole};
 use meridian_gateway::{Gateway, GatewayConfig};
 use meridian_model::RegionId;
 use meridian_store::testing::TempStore;
@@ -43,8 +49,24 @@ impl Drop for Region {
     }
 }
 
+/// The NATS under a [`Cluster`].
+pub enum Nats {
+    Shared(NatsServer),
+    Linked(NatsCluster),
+}
+
+impl Nats {
+    /// The linked cluster (to kill or restart a region's server).
+    pub fn linked(&mut self) -> &mut NatsCluster {
+        match self {
+            Nats::Linked(c) => c,
+            Nats::Shared(_) => panic!("a cluster started with Cluster::start is not linked"),
+        }
+    }
+}
+
 pub struct Cluster {
-    pub nats: NatsServer,
+    pub nats: Nats,
     pub regions: Vec<Region>,
     pub http: reqwest::Client,
 }
@@ -66,8 +88,29 @@ impl Cluster {
         absent: &[&str],
         tweak: impl Fn(&mut GatewayConfig),
     ) -> Result<Cluster> {
-        let nats = NatsServer::start().context("starting nats-server")?;
+        let nats = Nats::Shared(NatsServer::start().context("starting nats-server")?);
+        Self::start_on(nats, &unique_prefix(), serving, absent, tweak).await
+    }
+
+    /// Regions `regions` on linked nats-servers, each mirroring and applying the others'
+    /// streams, as the `region` role.
+    pub async fn start_linked(regions: &[&str], tweak: impl Fn(&mut GatewayConfig)) -> Result<Cluster> {
         let prefix = unique_prefix();
+        let linked = NatsCluster::builder(regions)?
+            .roles(&prefix, &[BusRole::Region])
+            .start()
+            .context("starting the linked nats-servers")?;
+        linked.wait_linked(Duration::from_secs(20))?;
+        Self::start_on(Nats::Linked(linked), &prefix, regions, &[], tweak).await
+    }
+
+    async fn start_on(
+        nats: Nats,
+        prefix: &str,
+        serving: &[&str],
+        absent: &[&str],
+        tweak: impl Fn(&mut GatewayConfig),
+    ) -> Result<Cluster> {
         let mut endpoints = BTreeMap::new();
         for r in serving {
             endpoints.insert(r.to_string(), format!("http://127.0.0.1:{}", free_port()?));
@@ -79,15 +122,26 @@ impl Cluster {
         let mut regions = Vec::new();
         for r in serving {
             let id = RegionId::parse(*r)?;
-            let mut bus_cfg = BusConfig::new(nats.url(), id.clone());
-            bus_cfg.prefix = prefix.clone();
+            let bus_cfg = match &nats {
+                Nats::Shared(server) => {
+                    let mut cfg = BusConfig::new(server.url(), id.clone());
+                    cfg.prefix = prefix.to_string();
+                    cfg
+                }
+                Nats::Linked(cluster) => cluster.role_config(r, BusRole::Region)?,
+            };
             let bus = Bus::connect(bus_cfg).await?;
             bus.ensure_stream().await?;
+            // The mirrors and the streams to apply are named here rather than left to the
+            // applier's defaults, so the harness does not depend on which applier creates
+            // them.
+            bus.ensure_mirrors().await?;
             let store = TempStore::open()?;
             let stop = CancellationToken::new();
             let applier = tokio::spawn({
                 let (bus, store, stop) = (bus.clone(), store.store.clone(), stop.clone());
-                let cfg = meridian_applier::ApplierConfig::new(id.clone());
+                let mut cfg = meridian_applier::ApplierConfig::new(id.clone());
+                cfg.streams = bus.applied_streams();
                 async move {
                     if let Err(e) = meridian_applier::run(cfg, bus, store, stop).await {
                         panic!("applier failed: {e}");
@@ -353,6 +407,24 @@ where
     loop {
         if check().await? {
             return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{what}: not within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `check` every 20 ms until it gives a value, for at most `within`.
+pub async fn eventually_some<T, F, Fut>(within: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
         }
         if tokio::time::Instant::now() > deadline {
             bail!("{what}: not within {within:?}");
