@@ -126,17 +126,16 @@ pub const FENCE_HOME_REFRESH: Duration = Duration::from_secs(2);
 /// Closes the sockets of users whose serving region moved away: every [`FENCE_POLL`] it
 /// reads who serves each region the connected users are homed in, and every
 /// [`FENCE_HOME_REFRESH`] it re-reads those users' homes; users served elsewhere are fenced
-/// ([`Hub::fence`]). The next round starts a poll after one ends, so however many users are
-/// online the fence takes a bounded share of a core. Runs until `shutdown`.
+/// ([`Hub::fence`]). The next round starts [`FENCE_POLL`] after one ends, so however many
+/// users are online the fence takes a bounded share of a core. Runs until `shutdown`.
 pub async fn run_fence(cfg: GatewayConfig, store: Store, hub: Arc<Hub>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(FENCE_POLL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut homes: HashMap<UserId, RegionId> = HashMap::new();
     let mut homes_read_at = tokio::time::Instant::now();
     loop {
+        // A pause after each round, not a fixed rate: a long round cannot run into the next.
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep(FENCE_POLL) => {}
         }
         let connected = hub.connected_users();
         if homes_read_at.elapsed() >= FENCE_HOME_REFRESH {
