@@ -232,7 +232,11 @@ impl Store {
         // winner. One batch read of locators, one of the winners' entries.
         let ids: Vec<Vec<u8>> = missing
             .iter()
-            .map(|(i, _)| Ok(self.keys().message(&OrderKey::from_bytes(&entries[*i].order_key)?.event_id)))
+            .map(|(i, _)| {
+                Ok(self
+                    .keys()
+                    .message(&OrderKey::from_bytes(&entries[*i].order_key)?.event_id))
+            })
             .collect::<Result<_>>()?;
         let locators = txn.batch_get(&ids).await?;
         let mut winners = Vec::new();
@@ -241,7 +245,11 @@ impl Store {
                 Some(b) => {
                     let loc: MessageLocator = decode(lkey, &b)?;
                     let cid = ConversationId::parse(loc.conversation_id.clone())?;
-                    winners.push((i, self.keys().timeline(&cid, &OrderKey::from_bytes(&loc.order_key)?), loc));
+                    winners.push((
+                        i,
+                        self.keys().timeline(&cid, &OrderKey::from_bytes(&loc.order_key)?),
+                        loc,
+                    ));
                 }
                 // Timelines are never truncated; should one entry be missing, the device
                 // still gets the seq (as kind "unknown") and its sync stays gap-free.
@@ -309,7 +317,9 @@ impl Store {
                 t.detail.as_ref().and_then(|d| d.change.as_ref()),
                 Some(Change::MemberRemoved(r)) if r.user_id == user.as_str()
             );
-            let member = records.get(&e.conversation_id).and_then(|r| r.member_at(&e.order_key));
+            let member = records
+                .get(&e.conversation_id)
+                .and_then(|r| r.member_at(&e.order_key));
             if member == Some(false) && !told_of_own_removal {
                 e.entry = None;
                 withheld.insert(e.seq);

@@ -65,14 +65,21 @@ async fn apply(store: &Store, region: &str, stream: &str, events: &[EventEnvelop
     let batch = sequenced(events, first_seq);
     let mut done = 0;
     while done < batch.len() {
-        let report = store.apply_batch(&cfg(region), stream, &batch[done..]).await.unwrap();
+        let report = store
+            .apply_batch(&cfg(region), stream, &batch[done..])
+            .await
+            .unwrap();
         done += report.consumed;
     }
 }
 
 async fn inbox(store: &Store, who: &str) -> InboxPage {
     let u = store.user(&user(who)).await.unwrap().unwrap();
-    match store.read_inbox(&user(who), &u.epoch, None, 0, 10_000).await.unwrap() {
+    match store
+        .read_inbox(&user(who), &u.epoch, None, 0, 10_000)
+        .await
+        .unwrap()
+    {
         SyncOutcome::Page(p) => p,
         other => panic!("{who}'s inbox: {other:?}"),
     }
@@ -83,7 +90,11 @@ async fn inbox(store: &Store, who: &str) -> InboxPage {
 async fn visible_messages(store: &Store, who: &str) -> Vec<(EventId, String, Vec<u8>)> {
     let page = inbox(store, who).await;
     let seqs: Vec<u64> = page.entries.iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, (1..=page.head).collect::<Vec<_>>(), "{who}'s inbox seqs are gap-free");
+    assert_eq!(
+        seqs,
+        (1..=page.head).collect::<Vec<_>>(),
+        "{who}'s inbox seqs are gap-free"
+    );
     page.entries
         .iter()
         .filter_map(|e| {
@@ -152,31 +163,59 @@ async fn item3_the_copy_of_a_message_with_the_smallest_order_key_wins_in_any_ord
         "both regions keep the same copy"
     );
     for (name, store) in [("winner first", &winner_first), ("loser first", &loser_first)] {
-        let history = store.history(&d, &user("bob"), HistoryPage::Latest, 10).await.unwrap();
+        let history = store
+            .history(&d, &user("bob"), HistoryPage::Latest, 10)
+            .await
+            .unwrap();
         assert_eq!(history.messages.len(), 1, "{name}: one message in history");
-        assert_eq!(history.messages[0].order_key, winner, "{name}: the smallest order key");
-        assert_eq!(history.messages[0].body_json.as_deref(), Some(r#"{"text":"hello"}"#), "{name}");
+        assert_eq!(
+            history.messages[0].order_key, winner,
+            "{name}: the smallest order key"
+        );
+        assert_eq!(
+            history.messages[0].body_json.as_deref(),
+            Some(r#"{"text":"hello"}"#),
+            "{name}"
+        );
         let one = store.message(&d, &user("bob"), &msg).await.unwrap().unwrap();
         assert_eq!(one.order_key, winner, "{name}: the message's locator");
         let (list, _) = store.conversations_for(&user("bob"), 10, None).await.unwrap();
         assert_eq!(list.len(), 1, "{name}");
-        assert_eq!(list[0].activity, winner.to_bytes(), "{name}: the list orders by the winner");
+        assert_eq!(
+            list[0].activity,
+            winner.to_bytes(),
+            "{name}: the list orders by the winner"
+        );
         assert_eq!(
             list[0].last_message.as_ref().map(|m| m.order_key.clone()),
             Some(winner.clone()),
             "{name}: last message"
         );
         let inbox = visible_messages(store, "bob").await;
-        assert_eq!(ids(&inbox), vec![msg], "{name}: bob's devices get the message once");
+        assert_eq!(
+            ids(&inbox),
+            vec![msg],
+            "{name}: bob's devices get the message once"
+        );
         assert_eq!(inbox[0].1, r#"{"text":"hello"}"#, "{name}: as the winner says");
         assert_eq!(inbox[0].2, winner.to_bytes(), "{name}: at the winner's order key");
     }
     // A recall names the message id: it finds the winner, wherever the copies came from.
     for store in [&winner_first, &loser_first] {
         apply(store, "eu", "SYNC_US", std::slice::from_ref(&recall), 5).await;
-        assert!(store.message(&d, &user("bob"), &msg).await.unwrap().unwrap().recalled);
+        assert!(
+            store
+                .message(&d, &user("bob"), &msg)
+                .await
+                .unwrap()
+                .unwrap()
+                .recalled
+        );
     }
-    assert_eq!(winner_first.digest().await.unwrap(), loser_first.digest().await.unwrap());
+    assert_eq!(
+        winner_first.digest().await.unwrap(),
+        loser_first.digest().await.unwrap()
+    );
 }
 
 /// Fan-out follows membership at the message's order key. A removal that lags in a mirror
@@ -185,7 +224,11 @@ async fn item3_the_copy_of_a_message_with_the_smallest_order_key_wins_in_any_ord
 #[tokio::test]
 async fn item3_a_lagging_removal_withholds_later_messages_and_an_earlier_one_still_arrives() {
     let backend = embedded(EngineKind::Fjall);
-    let (us, eu, ap) = (EventFactory::new("us"), EventFactory::new("eu"), EventFactory::new("ap"));
+    let (us, eu, ap) = (
+        EventFactory::new("us"),
+        EventFactory::new("eu"),
+        EventFactory::new("ap"),
+    );
     let t = base_ms();
     let g = ConversationId::new_group();
     let us_stream = vec![
@@ -220,7 +263,9 @@ async fn item3_a_lagging_removal_withholds_later_messages_and_an_earlier_one_sti
     );
     let page = inbox(&lagging, "bob").await;
     assert!(
-        page.entries.iter().any(|e| e.entry.as_ref().is_some_and(|t| t.kind == "member_removed")),
+        page.entries
+            .iter()
+            .any(|e| e.entry.as_ref().is_some_and(|t| t.kind == "member_removed")),
         "bob is told he was removed"
     );
     assert_eq!(
@@ -236,7 +281,11 @@ async fn item3_a_lagging_removal_withholds_later_messages_and_an_earlier_one_sti
 #[tokio::test]
 async fn item3_a_lagging_add_delivers_the_messages_ordered_after_it() {
     let backend = embedded(EngineKind::Fjall);
-    let (us, eu, ap) = (EventFactory::new("us"), EventFactory::new("eu"), EventFactory::new("ap"));
+    let (us, eu, ap) = (
+        EventFactory::new("us"),
+        EventFactory::new("eu"),
+        EventFactory::new("ap"),
+    );
     let t = base_ms();
     let g = ConversationId::new_group();
     let us_stream = vec![
@@ -282,7 +331,11 @@ struct ThreeRegions {
 }
 
 fn three_regions() -> ThreeRegions {
-    let (us, eu, ap) = (EventFactory::new("us"), EventFactory::new("eu"), EventFactory::new("ap"));
+    let (us, eu, ap) = (
+        EventFactory::new("us"),
+        EventFactory::new("eu"),
+        EventFactory::new("ap"),
+    );
     let t = base_ms();
     let g = ConversationId::new_group();
     let (d, create_d_us) = us.direct("ann", "bob");
@@ -409,7 +462,12 @@ fn three_regions() -> ThreeRegions {
 /// Each stream's leading user records are applied first: users are provisioned before
 /// anyone talks to them. (A directory record that arrives after messages to its user is a
 /// gap the store does not close: fan-out to an unknown user appends nothing; see the report.)
-async fn apply_interleaved(store: &Store, region: &str, streams: &BTreeMap<&str, Vec<EventEnvelope>>, rng: &mut StdRng) {
+async fn apply_interleaved(
+    store: &Store,
+    region: &str,
+    streams: &BTreeMap<&str, Vec<EventEnvelope>>,
+    rng: &mut StdRng,
+) {
     let names: Vec<&str> = streams.keys().copied().collect();
     let mut next: BTreeMap<&str, usize> = BTreeMap::new();
     for (name, events) in streams {
@@ -417,19 +475,34 @@ async fn apply_interleaved(store: &Store, region: &str, streams: &BTreeMap<&str,
             .iter()
             .take_while(|e| matches!(e.body, Some(Body::UserUpserted(_))))
             .count();
-        apply(store, region, &format!("SYNC_{}", name.to_uppercase()), &events[..users], 1).await;
+        apply(
+            store,
+            region,
+            &format!("SYNC_{}", name.to_uppercase()),
+            &events[..users],
+            1,
+        )
+        .await;
         next.insert(name, users);
     }
     // Bounded: every turn applies at least one new event of some stream.
     let total: usize = streams.values().map(Vec::len).sum();
     for _ in 0..total {
-        let open: Vec<&str> = names.iter().copied().filter(|n| next[n] < streams[n].len()).collect();
+        let open: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| next[n] < streams[n].len())
+            .collect();
         let Some(&name) = open.get(rng.gen_range(0..open.len().max(1))) else {
             return;
         };
         let events = &streams[name];
         let from = next[name];
-        let redeliver = if from > 0 && rng.gen_bool(0.25) { rng.gen_range(1..=from.min(3)) } else { 0 };
+        let redeliver = if from > 0 && rng.gen_bool(0.25) {
+            rng.gen_range(1..=from.min(3))
+        } else {
+            0
+        };
         let to = (from + rng.gen_range(1..=4)).min(events.len());
         let start = from - redeliver;
         let batch: Vec<SequencedEvent> = (start..to)
@@ -441,7 +514,10 @@ async fn apply_interleaved(store: &Store, region: &str, streams: &BTreeMap<&str,
         let stream = format!("SYNC_{}", name.to_uppercase());
         let mut done = 0;
         while done < batch.len() {
-            let report = store.apply_batch(&cfg(region), stream.as_str(), &batch[done..]).await.unwrap();
+            let report = store
+                .apply_batch(&cfg(region), stream.as_str(), &batch[done..])
+                .await
+                .unwrap();
             done += report.consumed;
         }
         next.insert(name, to);
@@ -473,7 +549,10 @@ async fn item10_three_regions_converge_whatever_the_interleaving() {
             let digest = store.digest().await.unwrap();
             match &expected_digest {
                 None => expected_digest = Some(digest),
-                Some(d) => assert_eq!(&digest, d, "seed {seed}, round {round}: region {region}'s digest differs"),
+                Some(d) => assert_eq!(
+                    &digest, d,
+                    "seed {seed}, round {round}: region {region}'s digest differs"
+                ),
             }
             for (who, home) in &scenario.users {
                 if home != region {
@@ -481,7 +560,11 @@ async fn item10_three_regions_converge_whatever_the_interleaving() {
                 }
                 let seen = ids(&visible_messages(&store, who).await);
                 let unique: BTreeSet<EventId> = seen.iter().copied().collect();
-                assert_eq!(unique.len(), seen.len(), "seed {seed}, round {round}: {who} sees a message twice");
+                assert_eq!(
+                    unique.len(),
+                    seen.len(),
+                    "seed {seed}, round {round}: {who} sees a message twice"
+                );
                 match expected_inboxes.get(who) {
                     None => {
                         expected_inboxes.insert(who, unique);
@@ -489,11 +572,22 @@ async fn item10_three_regions_converge_whatever_the_interleaving() {
                     Some(e) => assert_eq!(&unique, e, "seed {seed}, round {round}: {who}'s messages differ"),
                 }
             }
-            let members = store.conversation(&scenario.group).await.unwrap().unwrap().members;
+            let members = store
+                .conversation(&scenario.group)
+                .await
+                .unwrap()
+                .unwrap()
+                .members;
             let mut from_records: Vec<String> = members.iter().map(|m| m.user_id.to_string()).collect();
             from_records.sort();
-            let derived: Vec<String> =
-                store.fan_out_members(&scenario.group).await.unwrap().unwrap().iter().map(|u| u.to_string()).collect();
+            let derived: Vec<String> = store
+                .fan_out_members(&scenario.group)
+                .await
+                .unwrap()
+                .unwrap()
+                .iter()
+                .map(|u| u.to_string())
+                .collect();
             assert_eq!(derived, from_records, "seed {seed}: the derived member list");
         }
     }

@@ -245,7 +245,12 @@ impl Planner<'_> {
 
     /// The event ids of `user`'s inbox entries about `cid`, newest first back to entries
     /// appended `INBOX_LOOKBACK_MS` before `since_ms` (at most `INBOX_LOOKBACK_ENTRIES`).
-    async fn inbox_event_ids(&mut self, user: &UserId, cid: &ConversationId, since_ms: u64) -> Result<HashSet<Vec<u8>>> {
+    async fn inbox_event_ids(
+        &mut self,
+        user: &UserId,
+        cid: &ConversationId,
+        since_ms: u64,
+    ) -> Result<HashSet<Vec<u8>>> {
         let mut out = HashSet::new();
         let Some(head) = self.record::<InboxHead>(&self.keys.inbox_head(user)).await? else {
             return Ok(out);

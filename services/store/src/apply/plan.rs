@@ -271,7 +271,10 @@ impl Planner<'_> {
     /// event (nearly always: streams arrive roughly in order), that is the current member
     /// list; otherwise each member record's history answers.
     pub(super) async fn members_at_event(&mut self, cid: &ConversationId) -> Result<Vec<UserId>> {
-        let changed = self.get(&self.keys.membership_changed(cid)).await?.unwrap_or_default();
+        let changed = self
+            .get(&self.keys.membership_changed(cid))
+            .await?
+            .unwrap_or_default();
         if changed <= self.version {
             return self.members(cid).await;
         }
