@@ -259,16 +259,75 @@ pub struct UserRecord {
     pub display_name: Option<StrReg>,
 }
 
+/// A push device: a last-writer-wins register over registrations and unregistrations
+/// (`version`, `registered`, `platform`, `token`), plus the tokens push providers reported
+/// dead after it. A report names a token, so it is not a plain write: it deactivates the
+/// registration of that token ordered before it, not a renewal with a new token, whatever
+/// order the two arrive in.
 #[derive(Clone, PartialEq, Message)]
 pub struct DeviceRecord {
     #[prost(bytes = "vec", tag = "1")]
     pub version: Vec<u8>,
+    /// Whether the device gets pushes: `registered`, unless its token was reported dead by
+    /// a report newer than the registration.
     #[prost(bool, tag = "2")]
     pub active: bool,
     #[prost(string, tag = "3")]
     pub platform: String,
     #[prost(string, tag = "4")]
     pub token: String,
+    /// Per token reported dead, the newest report's version, kept while newer than
+    /// `version` (an older report can never matter again: the register only moves up), so
+    /// the set is the same in every region once the same events are applied.
+    #[prost(message, repeated, tag = "5")]
+    pub dead_tokens: Vec<DeadToken>,
+    /// What the last registration or unregistration said. Records from before reports
+    /// were kept lack it: their `active` says it.
+    #[prost(bool, tag = "6")]
+    pub registered: bool,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct DeadToken {
+    #[prost(string, tag = "1")]
+    pub token: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub version: Vec<u8>,
+}
+
+impl DeviceRecord {
+    /// Records a report at `version` that `token` is dead. Returns whether it changed.
+    pub fn report_dead(&mut self, token: &str, version: &[u8]) -> bool {
+        if version <= self.version.as_slice() {
+            return false;
+        }
+        // A record from before reports were kept: its `active` was the register's value.
+        self.registered |= self.active;
+        match self.dead_tokens.iter_mut().find(|d| d.token == token) {
+            Some(d) if d.version.as_slice() >= version => return false,
+            Some(d) => d.version = version.to_vec(),
+            None => {
+                let at = self.dead_tokens.partition_point(|d| d.token.as_str() < token);
+                self.dead_tokens.insert(
+                    at,
+                    DeadToken {
+                        token: token.to_string(),
+                        version: version.to_vec(),
+                    },
+                );
+            }
+        }
+        self.settle();
+        true
+    }
+
+    /// After the register moved: drops the reports it overtook and works out `active`.
+    pub fn settle(&mut self) {
+        let version = self.version.clone();
+        self.dead_tokens.retain(|d| d.version > version);
+        let reported_dead = self.dead_tokens.iter().any(|d| d.token == self.token);
+        self.active = self.registered && !reported_dead;
+    }
 }
 
 #[derive(Clone, PartialEq, Message)]

@@ -32,6 +32,15 @@ fn at(mut ev: EventEnvelope, ms: u64) -> EventEnvelope {
     ev
 }
 
+/// The event factories of regions us, eu and ap.
+fn factories() -> (EventFactory, EventFactory, EventFactory) {
+    (
+        EventFactory::new("us"),
+        EventFactory::new("eu"),
+        EventFactory::new("ap"),
+    )
+}
+
 fn id_of(ev: &EventEnvelope) -> EventId {
     EventId::from_bytes(&ev.event_id).unwrap()
 }
@@ -56,6 +65,31 @@ fn added(f: &EventFactory, actor: &str, g: &ConversationId, who: &[&str]) -> Eve
         Body::MembersAdded(events::MembersAdded {
             conversation_id: g.to_string(),
             user_ids: who.iter().map(|w| w.to_string()).collect(),
+        }),
+    )
+}
+
+/// `who` registers push device p1 with `token`.
+fn registered(f: &EventFactory, who: &str, token: &str) -> EventEnvelope {
+    f.envelope(
+        who,
+        Body::DeviceRegistered(events::DeviceRegistered {
+            user_id: who.into(),
+            device_id: "p1".into(),
+            platform: "fcm".into(),
+            token: token.into(),
+        }),
+    )
+}
+
+/// Push reports that `token` of `who`'s device p1 is dead (the provider rejected it).
+fn reported_dead(f: &EventFactory, who: &str, token: &str) -> EventEnvelope {
+    f.envelope(
+        "push",
+        Body::DeviceUnregistered(events::DeviceUnregistered {
+            user_id: who.into(),
+            device_id: "p1".into(),
+            token: token.into(),
         }),
     )
 }
@@ -108,6 +142,37 @@ async fn visible_messages(store: &Store, who: &str) -> Vec<(EventId, String, Vec
             })
         })
         .collect()
+}
+
+/// Two stores of region eu, each given `first` from us, then the events of eu and of ap, in
+/// the two orders.
+async fn in_both_orders(
+    backend: &Backend,
+    first: &[EventEnvelope],
+    from_eu: &[EventEnvelope],
+    from_ap: &[EventEnvelope],
+) -> Vec<(&'static str, Store)> {
+    let mut out = Vec::new();
+    for order in ["eu, then ap", "ap, then eu"] {
+        let store = backend.store();
+        apply(&store, "eu", "SYNC_US", first, 1).await;
+        let eu_then_ap = [("SYNC_EU", from_eu), ("SYNC_AP", from_ap)];
+        let streams: Vec<_> = match order {
+            "eu, then ap" => eu_then_ap.to_vec(),
+            _ => eu_then_ap.into_iter().rev().collect(),
+        };
+        for (stream, events) in streams {
+            apply(&store, "eu", stream, events, 1).await;
+        }
+        out.push((order, store));
+    }
+    out
+}
+
+/// The tokens of `who`'s active push devices.
+async fn device_tokens(store: &Store, who: &str) -> Vec<String> {
+    let devices = store.devices(&user(who)).await.unwrap();
+    devices.into_iter().map(|d| d.token).collect()
 }
 
 fn ids(v: &[(EventId, String, Vec<u8>)]) -> Vec<EventId> {
@@ -224,11 +289,7 @@ async fn item3_the_copy_of_a_message_with_the_smallest_order_key_wins_in_any_ord
 #[tokio::test]
 async fn item3_a_lagging_removal_withholds_later_messages_and_an_earlier_one_still_arrives() {
     let backend = embedded(EngineKind::Fjall);
-    let (us, eu, ap) = (
-        EventFactory::new("us"),
-        EventFactory::new("eu"),
-        EventFactory::new("ap"),
-    );
+    let (us, eu, ap) = factories();
     let t = base_ms();
     let g = ConversationId::new_group();
     let us_stream = vec![
@@ -281,11 +342,7 @@ async fn item3_a_lagging_removal_withholds_later_messages_and_an_earlier_one_sti
 #[tokio::test]
 async fn item3_a_lagging_add_delivers_the_messages_ordered_after_it() {
     let backend = embedded(EngineKind::Fjall);
-    let (us, eu, ap) = (
-        EventFactory::new("us"),
-        EventFactory::new("eu"),
-        EventFactory::new("ap"),
-    );
+    let (us, eu, ap) = factories();
     let t = base_ms();
     let g = ConversationId::new_group();
     let us_stream = vec![
@@ -321,9 +378,43 @@ async fn item3_a_lagging_add_delivers_the_messages_ordered_after_it() {
     assert_eq!(ordered.digest().await.unwrap(), lagging.digest().await.unwrap());
 }
 
+/// A push provider's report that a token is dead (an unregistration naming the token) and a
+/// registration with a new token, stamped before the report in another region: whichever
+/// arrives first, every region keeps the new token registered.
+#[tokio::test]
+async fn item3_a_dead_token_report_and_a_new_registration_converge() {
+    let backend = embedded(EngineKind::Fjall);
+    let (us, eu, ap) = factories();
+    let t = base_ms();
+    let device = |f: &EventFactory, token: &str, ms: u64| at(registered(f, "eve", token), ms);
+    let dead = |f: &EventFactory, token: &str, ms: u64| at(reported_dead(f, "eve", token), ms);
+    let first = vec![at(us.user("eve", "eu"), t), device(&us, "t1", t + 1)];
+    let renewed = vec![device(&eu, "t2", t + 3)];
+    let reported = vec![dead(&ap, "t1", t + 4)];
+    let mut digests = BTreeSet::new();
+    for (order, store) in in_both_orders(&backend, &first, &renewed, &reported).await {
+        assert_eq!(
+            device_tokens(&store, "eve").await,
+            ["t2"],
+            "{order:?}: the renewed token stays registered"
+        );
+        digests.insert(store.digest().await.unwrap());
+    }
+    assert_eq!(digests.len(), 1, "one digest whatever the order");
+    // A report ordered after a registration of its own token deactivates it, in any order.
+    let registered = vec![device(&eu, "t1", t + 2)];
+    for (order, store) in in_both_orders(&backend, &first[..1], &registered, &reported).await {
+        assert!(
+            store.devices(&user("eve")).await.unwrap().is_empty(),
+            "{order:?}: t1 is dead"
+        );
+    }
+}
+
 /// The three regions' streams of one history: sends, a direct conversation created in two
 /// regions at once, group adds, removals and role changes, settings, read indexes, recalls,
-/// and two messages whose retry was stamped in another region.
+/// a push device renewed while its old token is reported dead, and two messages whose retry
+/// was stamped in another region.
 struct ThreeRegions {
     streams: BTreeMap<&'static str, Vec<EventEnvelope>>,
     users: BTreeMap<&'static str, &'static str>,
@@ -331,11 +422,7 @@ struct ThreeRegions {
 }
 
 fn three_regions() -> ThreeRegions {
-    let (us, eu, ap) = (
-        EventFactory::new("us"),
-        EventFactory::new("eu"),
-        EventFactory::new("ap"),
-    );
+    let (us, eu, ap) = factories();
     let t = base_ms();
     let g = ConversationId::new_group();
     let (d, create_d_us) = us.direct("ann", "bob");
@@ -374,6 +461,7 @@ fn three_regions() -> ThreeRegions {
         )
     };
     let ga2 = at(us.message("ann", &g, "ga2", "g ann two"), t + 37);
+    let device = |f: &EventFactory, token: &str| registered(f, "fay", token);
     let us_stream = vec![
         at(us.user("ann", "us"), t),
         at(us.user("dan", "us"), t + 1),
@@ -416,10 +504,13 @@ fn three_regions() -> ThreeRegions {
         // ... ann's retry of "a2", served here after a failover: a larger order key.
         at(eu.message("ann", &d, "a2", "a two (retry)"), t + 28),
         at(eu.message("eve", &g, "ge1", "g eve one"), t + 34),
+        // A push provider's report that fay's first token is dead, after she renewed it.
+        at(reported_dead(&eu, "fay", "t1"), t + 36),
     ];
     let ap_stream = vec![
         at(ap.user("cat", "ap"), t + 4),
         at(ap.user("fay", "ap"), t + 5),
+        at(device(&ap, "t1"), t + 6),
         at(added(&ap, "cat", &g, &["fay"]), t + 15),
         at(ap.message("fay", &g, "gf1", "g fay one"), t + 17),
         at(rename(&ap, "cat", "ap name", Some(true)), t + 19),
@@ -439,6 +530,7 @@ fn three_regions() -> ThreeRegions {
             ),
             t + 31,
         ),
+        at(device(&ap, "t2"), t + 33),
         at(removed(&ap, "cat", &g, "fay"), t + 35),
     ];
     ThreeRegions {
@@ -572,6 +664,11 @@ async fn item10_three_regions_converge_whatever_the_interleaving() {
                     Some(e) => assert_eq!(&unique, e, "seed {seed}, round {round}: {who}'s messages differ"),
                 }
             }
+            assert_eq!(
+                device_tokens(&store, "fay").await,
+                ["t2"],
+                "seed {seed}: fay's renewed device"
+            );
             let members = store
                 .conversation(&scenario.group)
                 .await

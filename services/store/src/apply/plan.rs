@@ -732,16 +732,16 @@ impl Planner<'_> {
 
     async fn plan_device_unregistered(&mut self, b: DeviceUnregistered) -> Result<()> {
         let user = uid(&b.user_id)?;
+        if b.token.is_empty() {
+            return self.set_device(&user, &b.device_id, false, "", "").await;
+        }
         // A token named (push: the provider reported it dead) removes only a
-        // registration that still has it; one renewed with a new token stays.
+        // registration with that token ordered before the report; one renewed with a new
+        // token stays, in whatever order the two arrive (see `DeviceRecord::dead_tokens`).
         let key = self.keys.device(&user, &b.device_id);
-        let named_token_is_gone = !b.token.is_empty()
-            && self
-                .record::<DeviceRecord>(&key)
-                .await?
-                .is_none_or(|d| d.token != b.token);
-        if !named_token_is_gone {
-            self.set_device(&user, &b.device_id, false, "", "").await?;
+        let mut rec: DeviceRecord = self.record_or_default(&key).await?;
+        if rec.report_dead(&b.token, &self.version) {
+            self.put_record(key, &rec);
         }
         Ok(())
     }
@@ -769,14 +769,13 @@ impl Planner<'_> {
         token: &str,
     ) -> Result<()> {
         let key = self.keys.device(user, device);
-        let cur: Option<DeviceRecord> = self.record(&key).await?;
-        if cur.as_ref().is_none_or(|c| c.version < self.version) {
-            let rec = DeviceRecord {
-                version: self.version.clone(),
-                active,
-                platform: platform.into(),
-                token: token.into(),
-            };
+        let mut rec: DeviceRecord = self.record_or_default(&key).await?;
+        if rec.version < self.version {
+            rec.version = self.version.clone();
+            rec.registered = active;
+            rec.platform = platform.into();
+            rec.token = token.into();
+            rec.settle();
             self.put_record(key, &rec);
         }
         Ok(())
