@@ -378,6 +378,42 @@ async fn item3_a_lagging_add_delivers_the_messages_ordered_after_it() {
     assert_eq!(ordered.digest().await.unwrap(), lagging.digest().await.unwrap());
 }
 
+/// A state change stamped twice (a request retried with its `Idempotency-Key` in the region
+/// that serves the user now: one event id, two order keys) races a change from a third
+/// region ordered between the copies. Each copy is applied once at its own order key, so
+/// the register ends the same everywhere: the latest of the three.
+#[tokio::test]
+async fn item3_a_state_change_stamped_twice_converges() {
+    let backend = embedded(EngineKind::Fjall);
+    let (us, eu, ap) = factories();
+    let t = base_ms();
+    let g = ConversationId::new_group();
+    let rename = |f: &EventFactory, id: EventId, name: &str, ms: u64| {
+        let body = Body::ConversationUpdated(events::ConversationUpdated {
+            conversation_id: g.to_string(),
+            name: Some(name.into()),
+            announcement: None,
+            members_can_add: None,
+        });
+        at(f.envelope_with_id("ann", id, body), ms)
+    };
+    let retried = EventId::new_v7();
+    let first = vec![
+        at(us.user("ann", "us"), t),
+        at(us.group("ann", &g, &[]), t + 1),
+        rename(&us, retried, "retried", t + 10),
+    ];
+    let retry = vec![rename(&eu, retried, "retried", t + 30)];
+    let between = vec![rename(&ap, EventId::new_v7(), "between", t + 20)];
+    let mut digests = BTreeSet::new();
+    for (order, store) in in_both_orders(&backend, &first, &retry, &between).await {
+        let name = store.conversation(&g).await.unwrap().unwrap().name;
+        assert_eq!(name, "retried", "{order}: the retry's copy is the latest change");
+        digests.insert(store.digest().await.unwrap());
+    }
+    assert_eq!(digests.len(), 1, "one digest whatever the order");
+}
+
 /// A push provider's report that a token is dead (an unregistration naming the token) and a
 /// registration with a new token, stamped before the report in another region: whichever
 /// arrives first, every region keeps the new token registered.
@@ -461,6 +497,17 @@ fn three_regions() -> ThreeRegions {
         )
     };
     let ga2 = at(us.message("ann", &g, "ga2", "g ann two"), t + 37);
+    // bob's announcement, acked in eu (the ack lost), retried in us: one id, two keys.
+    let announce_id = EventId::new_v7();
+    let announce = |f: &EventFactory| {
+        let body = Body::ConversationUpdated(events::ConversationUpdated {
+            conversation_id: g.to_string(),
+            name: None,
+            announcement: Some("hello all".into()),
+            members_can_add: Some(false),
+        });
+        f.envelope_with_id("bob", announce_id, body)
+    };
     let device = |f: &EventFactory, token: &str| registered(f, "fay", token);
     let us_stream = vec![
         at(us.user("ann", "us"), t),
@@ -481,6 +528,7 @@ fn three_regions() -> ThreeRegions {
         ga2.clone(),
         // A publish retried under a new stream seq.
         ga2,
+        at(announce(&us), t + 38),
     ];
     let eu_stream = vec![
         at(eu.user("bob", "eu"), t + 2),
@@ -489,6 +537,7 @@ fn three_regions() -> ThreeRegions {
         b1.clone(),
         at(eu.message("bob", &g, "gb1", "g bob one"), t + 16),
         at(rename(&eu, "bob", "eu name", None), t + 18),
+        at(announce(&eu), t + 19),
         at(added(&eu, "bob", &g, &["eve"]), t + 22),
         at(read(&eu, "bob", &g, &ga1), t + 23),
         at(
