@@ -622,13 +622,17 @@ impl Planner<'_> {
         };
         self.put_record(self.keys.message(&self.order_key.event_id), &locator);
         let members = self.members_at_event(&c).await?;
+        let read_diffusion = members.len() > self.cfg.read_diffusion_threshold;
         if let Some(old) = replaced {
             // The copy replaced went out to the members at its own order key; their inbox
             // entries now resolve to this copy (see `inbox.rs`). Those who are members at
-            // this copy's order key and did not get it get it now, once.
-            let earliest = self.order_key.hlc.physical_ms().min(hlc_ms_of(&old.order_key));
-            self.fan_out_missing(&c, members, entry, earliest).await?;
-        } else if members.len() > self.cfg.read_diffusion_threshold {
+            // this copy's order key and did not get it get it now, once. In a read-diffusion
+            // group members pull the timeline, and the replaced copy already announced it.
+            if !read_diffusion {
+                let earliest = self.order_key.hlc.physical_ms().min(hlc_ms_of(&old.order_key));
+                self.fan_out_missing(&c, members, entry, earliest).await?;
+            }
+        } else if read_diffusion {
             self.fan_out_coalesced(&c, members, &sender, entry).await?;
         } else {
             self.fan_out(&c, members, entry).await?;
