@@ -3,6 +3,15 @@
 //! replicated records are (up to hash collisions). Region-local and derived families
 //! (inboxes, checkpoints, applied-event marks, activity) are left out: they legitimately
 //! differ between regions. Computed on demand by scanning: an operator call, not a hot path.
+//!
+//! Covered (`keys::REPLICATED_TAGS`): storage timelines, conversation registers, member
+//! records (with their membership history), read indexes, recalls, deleted-for-me marks,
+//! per-user settings, message locators (the winning copy's), the user directory, push
+//! devices and which region serves each region's users (the epochs derive from it). Left
+//! out: inboxes and their heads (fan-out happens only in the serving region), applied
+//! markers and checkpoints (per region), and what is derived from covered records in each
+//! region (conversation lists `L`, activity `A`, member lists `N`, the latest membership
+//! change `J`, read diffusion's windows and markers `W`/`Q`), plus idempotency keys `K`.
 
 use meridian_model::ConversationId;
 use sha2::{Digest, Sha256};

@@ -4,15 +4,28 @@
 //! Entries that are also storage timeline entries are stored as references and resolved
 //! here on read (see `records::InboxEntry`). An epoch change leaves the old epoch's entries
 //! above the new head for the sweeper, which deletes them in bounded chunks.
+//!
+//! Two merge rules of docs/design.md §4 show here, because inbox entries, once appended,
+//! stay (seqs are gap-free and devices count on them):
+//! - a reference to a message copy that a copy with a smaller order key replaced resolves,
+//!   through the message's locator, to the winner (at the winner's order key);
+//! - an entry whose reader was not a member at its order key, as far as the membership
+//!   history now knows (a removal ordered before it arrived after it was fanned out), is
+//!   withheld: it keeps its seq but carries no entry, and its seq is in
+//!   `InboxPage::withheld`. Withholding on read rather than rewriting entries when the
+//!   removal arrives: the applying transaction need not search the member's inbox, and
+//!   should an add that arrives later make them a member at that key again, the entry
+//!   shows again instead of being appended twice.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use meridian_model::events::entry_detail::Change;
 use meridian_model::{ConversationId, EventId, OrderKey, UserId};
 use tokio_util::sync::CancellationToken;
 
 use crate::kv::{prefix_end, KvTxn, ScanOrder};
-use crate::records::{decode, InboxEntry, InboxHead, TimelineEntry};
+use crate::records::{decode, InboxEntry, InboxHead, MemberRecord, MessageLocator, TimelineEntry};
 use crate::{Result, Store};
 
 /// Most stale entries of an earlier epoch one sweep transaction deletes.
@@ -41,6 +54,10 @@ pub struct InboxPage {
     /// Seqs of the message entries whose message has been recalled since: their bodies are
     /// cleared in `entries`, and they are served as tombstones, as history serves them.
     pub recalled: BTreeSet<u64>,
+    /// Seqs of entries withheld from this reader: they were fanned out before a membership
+    /// change ordered before them was applied, and the reader was not a member at their
+    /// order key. Their `entry` is `None` (the seq stays, so sync stays gap-free).
+    pub withheld: BTreeSet<u64>,
 }
 
 /// Why a device must resync instead of reading on.
@@ -98,6 +115,7 @@ impl Store {
                     head: 0,
                     has_more: false,
                     recalled: BTreeSet::new(),
+                    withheld: BTreeSet::new(),
                 })
             } else {
                 resync()
@@ -120,7 +138,13 @@ impl Store {
             }
             entries.push(e);
         }
+        let references: Vec<usize> = (0..entries.len())
+            .filter(|&i| entries[i].entry.is_none())
+            .collect();
         self.resolve_timeline_references(txn.as_mut(), &mut entries)
+            .await?;
+        let withheld = self
+            .withhold_from_non_members(txn.as_mut(), user, &mut entries, &references)
             .await?;
         // After the references are resolved: a recalled message's body may come from there.
         let recalled = self.clear_recalled(txn.as_mut(), &mut entries).await?;
@@ -131,6 +155,7 @@ impl Store {
             head: head.head,
             entries,
             recalled,
+            withheld,
         }))
     }
 
@@ -193,18 +218,114 @@ impl Store {
             return Ok(());
         }
         let found = txn.batch_get(&keys).await?;
+        let mut missing = Vec::new();
         for ((i, key), value) in at.into_iter().zip(&keys).zip(found) {
             match value {
                 Some(v) => entries[i].entry = Some(decode::<TimelineEntry>(key, &v)?),
+                None => missing.push((i, key.clone())),
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        // A message copy replaced by one with a smaller order key: its locator names the
+        // winner. One batch read of locators, one of the winners' entries.
+        let ids: Vec<Vec<u8>> = missing
+            .iter()
+            .map(|(i, _)| {
+                Ok(self
+                    .keys()
+                    .message(&OrderKey::from_bytes(&entries[*i].order_key)?.event_id))
+            })
+            .collect::<Result<_>>()?;
+        let locators = txn.batch_get(&ids).await?;
+        let mut winners = Vec::new();
+        for ((i, key), (lkey, locator)) in missing.into_iter().zip(ids.iter().zip(locators)) {
+            match locator {
+                Some(b) => {
+                    let loc: MessageLocator = decode(lkey, &b)?;
+                    let cid = ConversationId::parse(loc.conversation_id.clone())?;
+                    winners.push((
+                        i,
+                        self.keys().timeline(&cid, &OrderKey::from_bytes(&loc.order_key)?),
+                        loc,
+                    ));
+                }
                 // Timelines are never truncated; should one entry be missing, the device
                 // still gets the seq (as kind "unknown") and its sync stays gap-free.
                 None => tracing::warn!(
-                    key = %String::from_utf8_lossy(key),
+                    key = %String::from_utf8_lossy(&key),
                     "inbox entry references a missing timeline entry"
                 ),
             }
         }
+        let keys: Vec<Vec<u8>> = winners.iter().map(|(_, k, _)| k.clone()).collect();
+        let found = txn.batch_get(&keys).await?;
+        for ((i, key, loc), value) in winners.into_iter().zip(found) {
+            match value {
+                Some(v) => {
+                    let e = &mut entries[i];
+                    e.entry = Some(decode::<TimelineEntry>(&key, &v)?);
+                    e.order_key = loc.order_key;
+                    e.conversation_id = loc.conversation_id;
+                }
+                None => tracing::warn!(
+                    key = %String::from_utf8_lossy(&key),
+                    "a message locator names a missing timeline entry"
+                ),
+            }
+        }
         Ok(())
+    }
+
+    /// Withholds the entries at `references` (resolved timeline references) whose reader
+    /// `user` was not a member of the conversation at the entry's order key by the
+    /// membership history (see the module doc). The removed member's own `member_removed`
+    /// entry is never withheld. Records without a history (from before it was kept) withhold
+    /// nothing. Returns the withheld seqs.
+    async fn withhold_from_non_members(
+        &self,
+        txn: &mut dyn KvTxn,
+        user: &UserId,
+        entries: &mut [InboxEntry],
+        references: &[usize],
+    ) -> Result<BTreeSet<u64>> {
+        let mut withheld = BTreeSet::new();
+        let cids: BTreeSet<&str> = references
+            .iter()
+            .filter(|&&i| entries[i].entry.is_some())
+            .map(|&i| entries[i].conversation_id.as_str())
+            .collect();
+        if cids.is_empty() {
+            return Ok(withheld);
+        }
+        let keys: Vec<Vec<u8>> = cids
+            .iter()
+            .map(|c| Ok(self.keys().member(&ConversationId::parse(c.to_string())?, user)))
+            .collect::<Result<_>>()?;
+        let found = txn.batch_get(&keys).await?;
+        let mut records = std::collections::HashMap::new();
+        for ((cid, key), value) in cids.into_iter().zip(&keys).zip(found) {
+            if let Some(b) = value {
+                records.insert(cid.to_string(), decode::<MemberRecord>(key, &b)?);
+            }
+        }
+        for &i in references {
+            let e = &mut entries[i];
+            let Some(t) = &e.entry else { continue };
+            let told_of_own_removal = matches!(
+                t.detail.as_ref().and_then(|d| d.change.as_ref()),
+                Some(Change::MemberRemoved(r)) if r.user_id == user.as_str()
+            );
+            let member = records
+                .get(&e.conversation_id)
+                .and_then(|r| r.member_at(&e.order_key));
+            if member == Some(false) && !told_of_own_removal {
+                e.entry = None;
+                withheld.insert(e.seq);
+            }
+        }
+        Ok(withheld)
     }
 
     /// Deletes inbox entries appended before `cutoff_ms` and moves each inbox's oldest

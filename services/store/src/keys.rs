@@ -28,7 +28,9 @@
 //! has been told of yet (see `coalesce.rs`), `K/uid/digest` a client's idempotency key
 //! (digest of route and key; see `requests.rs`), `N/cid` the current member list (derived
 //! from `B/cid/*` in the same transactions that change it, so fan-out is one point read
-//! instead of a range scan; conversations from before it existed fall back to the scan).
+//! instead of a range scan; conversations from before it existed fall back to the scan),
+//! `J/cid` the highest version of any membership change applied to the conversation (a max
+//! register: fan-out at an order key above it may use the current member list).
 
 use meridian_model::{ConversationId, EventId, OrderKey, RegionId, UserId};
 
@@ -158,6 +160,11 @@ impl Keys {
     /// An idempotency key of `uid`'s: `digest` covers the route and the key.
     pub fn request(&self, uid: &UserId, digest: &str) -> Vec<u8> {
         self.key(b'K', &[uid.as_str().as_bytes(), digest.as_bytes()])
+    }
+
+    /// The highest membership-change version applied to `cid` (see the module table).
+    pub fn membership_changed(&self, cid: &ConversationId) -> Vec<u8> {
+        self.key(b'J', &[cid.as_str().as_bytes()])
     }
 
     pub fn member_list(&self, cid: &ConversationId) -> Vec<u8> {

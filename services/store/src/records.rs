@@ -151,16 +151,85 @@ pub struct ConversationRecord {
 
 #[derive(Clone, PartialEq, Message)]
 pub struct MemberRecord {
+    /// The membership now: the last writer among `history`.
     #[prost(message, optional, tag = "1")]
     pub member: Option<BoolReg>,
     /// `meridian.v1.MemberRole` as i32.
     #[prost(message, optional, tag = "2")]
     pub role: Option<IntReg>,
+    /// Every membership change applied (adds, removals, creations), sorted by version, one
+    /// per version: a set, so the same in every region once the same events are applied,
+    /// whatever their order. Fan-out and inbox reads ask it for the membership in force at
+    /// an event's order key (docs/design.md §4), not the membership at apply time. Empty
+    /// in records written before it existed ([`MemberRecord::member_at`] then knows nothing).
+    #[prost(message, repeated, tag = "3")]
+    pub history: Vec<MemberChange>,
+}
+
+/// One membership change of a [`MemberRecord`]'s history.
+#[derive(Clone, PartialEq, Message)]
+pub struct MemberChange {
+    #[prost(bytes = "vec", tag = "1")]
+    pub version: Vec<u8>,
+    #[prost(bool, tag = "2")]
+    pub member: bool,
+}
+
+/// What recording one membership change found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedChange {
+    /// False when the history had this version already (a redelivery).
+    pub inserted: bool,
+    /// The membership in force just before the change's version.
+    pub before: bool,
+    /// The version of the next change after it, if any: the change decides the membership
+    /// at order keys from its version up to that one.
+    pub next: Option<Vec<u8>>,
 }
 
 impl MemberRecord {
     pub fn is_member(&self) -> bool {
         self.member.as_ref().is_some_and(|m| m.value)
+    }
+
+    /// The membership in force at order key `key` (a change at `key` itself counts), or
+    /// `None` for a record from before histories were kept.
+    pub fn member_at(&self, key: &[u8]) -> Option<bool> {
+        if self.history.is_empty() {
+            return None;
+        }
+        let after = self.history.partition_point(|c| c.version.as_slice() <= key);
+        Some(after > 0 && self.history[after - 1].member)
+    }
+
+    /// Adds a change at `version` to the history (a record from before histories starts
+    /// its history with its register). The `member` register is left to the caller's LWW.
+    pub fn record_change(&mut self, version: &[u8], member: bool) -> RecordedChange {
+        if self.history.is_empty() {
+            if let Some(reg) = &self.member {
+                self.history.push(MemberChange {
+                    version: reg.version.clone(),
+                    member: reg.value,
+                });
+            }
+        }
+        let at = self.history.partition_point(|c| c.version.as_slice() < version);
+        let before = at > 0 && self.history[at - 1].member;
+        let exists = self.history.get(at).is_some_and(|c| c.version == version);
+        if !exists {
+            self.history.insert(
+                at,
+                MemberChange {
+                    version: version.to_vec(),
+                    member,
+                },
+            );
+        }
+        RecordedChange {
+            inserted: !exists,
+            before,
+            next: self.history.get(at + 1).map(|c| c.version.clone()),
+        }
     }
     /// `meridian.v1.MemberRole` as i32; a member no creation or role change gave a role to
     /// (added later) is a plain member.
@@ -190,16 +259,75 @@ pub struct UserRecord {
     pub display_name: Option<StrReg>,
 }
 
+/// A push device: a last-writer-wins register over registrations and unregistrations
+/// (`version`, `registered`, `platform`, `token`), plus the tokens push providers reported
+/// dead after it. A report names a token, so it is not a plain write: it deactivates the
+/// registration of that token ordered before it, not a renewal with a new token, whatever
+/// order the two arrive in.
 #[derive(Clone, PartialEq, Message)]
 pub struct DeviceRecord {
     #[prost(bytes = "vec", tag = "1")]
     pub version: Vec<u8>,
+    /// Whether the device gets pushes: `registered`, unless its token was reported dead by
+    /// a report newer than the registration.
     #[prost(bool, tag = "2")]
     pub active: bool,
     #[prost(string, tag = "3")]
     pub platform: String,
     #[prost(string, tag = "4")]
     pub token: String,
+    /// Per token reported dead, the newest report's version, kept while newer than
+    /// `version` (an older report can never matter again: the register only moves up), so
+    /// the set is the same in every region once the same events are applied.
+    #[prost(message, repeated, tag = "5")]
+    pub dead_tokens: Vec<DeadToken>,
+    /// What the last registration or unregistration said. Records from before reports
+    /// were kept lack it: their `active` says it.
+    #[prost(bool, tag = "6")]
+    pub registered: bool,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct DeadToken {
+    #[prost(string, tag = "1")]
+    pub token: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub version: Vec<u8>,
+}
+
+impl DeviceRecord {
+    /// Records a report at `version` that `token` is dead. Returns whether it changed.
+    pub fn report_dead(&mut self, token: &str, version: &[u8]) -> bool {
+        if version <= self.version.as_slice() {
+            return false;
+        }
+        // A record from before reports were kept: its `active` was the register's value.
+        self.registered |= self.active;
+        match self.dead_tokens.iter_mut().find(|d| d.token == token) {
+            Some(d) if d.version.as_slice() >= version => return false,
+            Some(d) => d.version = version.to_vec(),
+            None => {
+                let at = self.dead_tokens.partition_point(|d| d.token.as_str() < token);
+                self.dead_tokens.insert(
+                    at,
+                    DeadToken {
+                        token: token.to_string(),
+                        version: version.to_vec(),
+                    },
+                );
+            }
+        }
+        self.settle();
+        true
+    }
+
+    /// After the register moved: drops the reports it overtook and works out `active`.
+    pub fn settle(&mut self) {
+        let version = self.version.clone();
+        self.dead_tokens.retain(|d| d.version > version);
+        let reported_dead = self.dead_tokens.iter().any(|d| d.token == self.token);
+        self.active = self.registered && !reported_dead;
+    }
 }
 
 #[derive(Clone, PartialEq, Message)]

@@ -100,7 +100,9 @@ impl Store {
             Source::Device(u, d) => match value(0) {
                 Some(v) => {
                     let rec: DeviceRecord = decode(&keys.device(u, d), &v)?;
-                    vec![hlc_of(&rec.version)]
+                    // A registration must also sort after a report that its token is dead.
+                    let reports = rec.dead_tokens.iter().map(|t| hlc_of(&t.version));
+                    std::iter::once(hlc_of(&rec.version)).chain(reports).collect()
                 }
                 None => Vec::new(),
             },

@@ -53,29 +53,69 @@ pub async fn plan_event(
     } else {
         keys.applied_event(&event_id)
     };
-    if view.get(&applied_key).await?.is_some() {
-        return Ok(Plan {
+    let order_key = OrderKey::new(Hlc(ev.hlc), origin, event_id);
+    let version = order_key.to_bytes();
+    let duplicate = || -> Result<Plan> {
+        Ok(Plan {
             duplicate: true,
             ..Default::default()
-        });
+        })
+    };
+    // An event id seen before is a redelivery when it comes with the same order key. With
+    // another one it is a copy stamped again (a sender whose ack was lost retried in the
+    // region that serves them now), and which copy counts must not depend on which one a
+    // region applies first (docs/design.md §4).
+    let mut replacing = None;
+    let mut applied_copies = Vec::new();
+    match view.get(&applied_key).await? {
+        None => {}
+        // A message: the copy with the smallest order key wins everywhere. A larger copy
+        // changes nothing; a smaller one replaces the copy applied (`plan_message_sent`).
+        Some(found) if is_message => {
+            let applied: MessageLocator = decode(&applied_key, &found)?;
+            if applied.order_key.as_slice() <= version.as_slice() {
+                return duplicate();
+            }
+            replacing = Some(applied);
+        }
+        // Any other event: its effects are registers merged by version and a timeline entry
+        // (an undo of the first copy's register writes is impossible), so every copy is
+        // applied once, each at its own order key: the union is the same in every region.
+        // Its inbox entries go out for the first copy applied only. A marker from before
+        // copies were recorded (empty) counts as this copy.
+        Some(found) => {
+            if found.is_empty() || copies(&found).any(|k| k == version.as_slice()) {
+                return duplicate();
+            }
+            applied_copies = found;
+        }
     }
-    let order_key = OrderKey::new(Hlc(ev.hlc), origin, event_id);
+    let repeat_copy = !applied_copies.is_empty();
     let mut p = Planner {
         view,
         keys,
         cfg,
         now_ms,
         ev,
-        version: order_key.to_bytes(),
+        version,
         order_key,
         plan: Plan::default(),
         staged: BTreeMap::new(),
         timeline_entry: None,
+        replacing,
+        repeat_copy,
+        lagging_adds: Vec::new(),
     };
     if !is_message {
-        p.put(applied_key, Vec::new());
+        let mut marker = applied_copies;
+        add_copy(&mut marker, &p.version);
+        p.put(applied_key, marker);
     }
-    if let Err(e) = p.plan().await {
+    let planned = match p.plan().await {
+        Ok(()) => p.deliver_after_lagging_adds().await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = planned {
         match e {
             StoreError::Model(m) => {
                 // A body that does not validate: record the event as applied, change nothing.
@@ -112,6 +152,40 @@ pub(super) struct Planner<'a> {
     /// The entry this event appended to a storage timeline: inbox entries equal to it
     /// reference it instead of copying it.
     pub(super) timeline_entry: Option<(ConversationId, Arc<TimelineEntry>)>,
+    /// A message applied before under a larger order key, which this copy replaces.
+    pub(super) replacing: Option<MessageLocator>,
+    /// Another copy of this (non-message) event was applied before: its inbox entries went
+    /// out then, so this one appends none.
+    pub(super) repeat_copy: bool,
+    /// Members this event added whose membership now starts before timeline entries that
+    /// were fanned out without them: (conversation, member, version of their next
+    /// membership change). See `Planner::deliver_after_lagging_adds`.
+    pub(super) lagging_adds: Vec<(ConversationId, UserId, Option<Vec<u8>>)>,
+}
+
+/// The order keys of the copies an applied marker (`E/event_id`) records: each a u16
+/// big-endian length, then the key.
+fn copies(marker: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = marker;
+    std::iter::from_fn(move || {
+        let len = u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize;
+        let key = rest.get(2..2 + len)?;
+        rest = &rest[2 + len..];
+        Some(key)
+    })
+}
+
+fn add_copy(marker: &mut Vec<u8>, key: &[u8]) {
+    marker.extend_from_slice(&(key.len() as u16).to_be_bytes());
+    marker.extend_from_slice(key);
+}
+
+/// The HLC physical time of order-key bytes (0 when too short to hold one).
+pub(super) fn hlc_ms_of(order_key: &[u8]) -> u64 {
+    order_key
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, |b| Hlc(u64::from_be_bytes(b)).physical_ms())
 }
 
 fn cid(s: &str) -> Result<ConversationId> {
@@ -192,9 +266,26 @@ impl Planner<'_> {
         Ok(())
     }
 
+    /// The members in force at this event's order key, sorted: who its inbox entries go to
+    /// (docs/design.md §4). When no membership change applied so far is ordered after the
+    /// event (nearly always: streams arrive roughly in order), that is the current member
+    /// list; otherwise each member record's history answers.
+    pub(super) async fn members_at_event(&mut self, cid: &ConversationId) -> Result<Vec<UserId>> {
+        let changed = self
+            .get(&self.keys.membership_changed(cid))
+            .await?
+            .unwrap_or_default();
+        if changed <= self.version {
+            return self.members(cid).await;
+        }
+        let version = self.version.clone();
+        self.scan_members_by(cid, |rec| rec.member_at(&version).unwrap_or(rec.is_member()))
+            .await
+    }
+
     /// Current members of a conversation, sorted: from the derived member list when the
     /// conversation has one, else by scanning its member records.
-    async fn members(&mut self, cid: &ConversationId) -> Result<Vec<UserId>> {
+    pub(super) async fn members(&mut self, cid: &ConversationId) -> Result<Vec<UserId>> {
         if let Some(list) = self.get(&self.keys.member_list(cid)).await? {
             return decode_member_list(&list);
         }
@@ -202,6 +293,16 @@ impl Planner<'_> {
     }
 
     async fn scan_members(&mut self, cid: &ConversationId) -> Result<Vec<UserId>> {
+        self.scan_members_by(cid, MemberRecord::is_member).await
+    }
+
+    /// The users whose member record in `cid` satisfies `member`, this plan's staged writes
+    /// included.
+    async fn scan_members_by(
+        &mut self,
+        cid: &ConversationId,
+        member: impl Fn(&MemberRecord) -> bool,
+    ) -> Result<Vec<UserId>> {
         let prefix = self.keys.members_prefix(cid);
         let end = prefix_end(&prefix);
         let mut out = BTreeSet::new();
@@ -211,7 +312,7 @@ impl Planner<'_> {
             let n = page.len();
             for (k, v) in &page {
                 let rec: MemberRecord = decode(k, v)?;
-                if rec.is_member() {
+                if member(&rec) {
                     out.insert(uid(&String::from_utf8_lossy(&k[prefix.len()..]))?);
                 }
             }
@@ -227,7 +328,7 @@ impl Planner<'_> {
         for (k, v) in self.staged.range(prefix.clone()..end) {
             let user = uid(&String::from_utf8_lossy(&k[prefix.len()..]))?;
             match v {
-                Some(v) if decode::<MemberRecord>(k, v)?.is_member() => {
+                Some(v) if member(&decode::<MemberRecord>(k, v)?) => {
                     out.insert(user);
                 }
                 _ => {
@@ -247,12 +348,27 @@ impl Planner<'_> {
     ) -> Result<()> {
         let key = self.keys.member(cid, user);
         let mut rec: MemberRecord = self.record_or_default(&key).await?;
+        let recorded = rec.record_change(&self.version, member);
         let mut changed = lww(&mut rec.member, self.bool_reg(member));
         if let Some(role) = role {
             changed |= lww(&mut rec.role, self.int_reg(role));
         }
-        if changed {
+        if recorded.inserted {
+            let jkey = self.keys.membership_changed(cid);
+            let mut latest = self.get(&jkey).await?.unwrap_or_default();
+            if max_into(&mut latest, &self.version) {
+                self.put(jkey, latest);
+            }
+            // An add that makes `user` a member at order keys where they were not: the
+            // entries already applied there went out without them.
+            if member && !recorded.before {
+                self.lagging_adds.push((cid.clone(), user.clone(), recorded.next));
+            }
+        }
+        if changed || recorded.inserted {
             self.put_record(key, &rec);
+        }
+        if changed {
             // Keep the derived list equal to the set of member records that say "member"
             // (the LWW winner, whatever order events arrive in). The list is read through
             // the transaction, so a concurrent change conflicts instead of being lost.
@@ -343,7 +459,7 @@ impl Planner<'_> {
             })),
         );
         self.append_timeline(&c, &entry).await?;
-        let members = self.members(&c).await?;
+        let members = self.members_at_event(&c).await?;
         self.fan_out(&c, members, entry).await?;
         Ok(())
     }
@@ -369,7 +485,7 @@ impl Planner<'_> {
         };
         let entry = self.entry("conversation_updated", Some(Change::ConversationUpdated(detail)));
         self.append_timeline(&c, &entry).await?;
-        let members = self.members(&c).await?;
+        let members = self.members_at_event(&c).await?;
         self.fan_out(&c, members, entry).await?;
         Ok(())
     }
@@ -382,7 +498,7 @@ impl Planner<'_> {
         self.put_record(key, &rec);
         let entry = self.entry("conversation_dissolved", None);
         self.append_timeline(&c, &entry).await?;
-        let members = self.members(&c).await?;
+        let members = self.members_at_event(&c).await?;
         self.fan_out(&c, members, entry).await?;
         Ok(())
     }
@@ -417,7 +533,7 @@ impl Planner<'_> {
             Some(Change::MembersAdded(MembersAddedDetail { user_ids: added })),
         );
         self.append_timeline(&c, &entry).await?;
-        let members = self.members(&c).await?;
+        let members = self.members_at_event(&c).await?;
         self.fan_out(&c, members, entry).await?;
         Ok(())
     }
@@ -437,7 +553,7 @@ impl Planner<'_> {
             })),
         );
         self.append_timeline(&c, &entry).await?;
-        let mut members = self.members(&c).await?;
+        let mut members = self.members_at_event(&c).await?;
         members.push(user);
         self.fan_out(&c, members, entry).await?;
         Ok(())
@@ -459,7 +575,7 @@ impl Planner<'_> {
             })),
         );
         self.append_timeline(&c, &entry).await?;
-        let members = self.members(&c).await?;
+        let members = self.members_at_event(&c).await?;
         self.fan_out(&c, members, entry).await?;
         Ok(())
     }
@@ -494,6 +610,10 @@ impl Planner<'_> {
         entry.msg_type = b.msg_type.clone();
         entry.body_json = b.body_json.clone();
         entry.client_msg_id = b.client_msg_id.clone();
+        let replaced = self.replacing.take();
+        if let Some(old) = &replaced {
+            self.remove_replaced_copy(old).await?;
+        }
         self.append_timeline(&c, &entry).await?;
         let locator = MessageLocator {
             conversation_id: c.to_string(),
@@ -501,11 +621,49 @@ impl Planner<'_> {
             sender: sender.to_string(),
         };
         self.put_record(self.keys.message(&self.order_key.event_id), &locator);
-        let members = self.members(&c).await?;
-        if members.len() > self.cfg.read_diffusion_threshold {
+        let members = self.members_at_event(&c).await?;
+        let read_diffusion = members.len() > self.cfg.read_diffusion_threshold;
+        if let Some(old) = replaced {
+            // The copy replaced went out to the members at its own order key; their inbox
+            // entries now resolve to this copy (see `inbox.rs`). Those who are members at
+            // this copy's order key and did not get it get it now, once. In a read-diffusion
+            // group members pull the timeline, and the replaced copy already announced it.
+            if !read_diffusion {
+                let earliest = self.order_key.hlc.physical_ms().min(hlc_ms_of(&old.order_key));
+                self.fan_out_missing(&c, members, entry, earliest).await?;
+            }
+        } else if read_diffusion {
             self.fan_out_coalesced(&c, members, &sender, entry).await?;
         } else {
             self.fan_out(&c, members, entry).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes the copy of this message applied under a larger order key: its timeline
+    /// entry goes, and the conversation's activity falls back to the newest entry left when
+    /// it was the newest (the list then sorts as in a region that never saw that copy).
+    /// Everything else about a message (recall, deleted-for-me marks) is keyed by its id.
+    async fn remove_replaced_copy(&mut self, old: &MessageLocator) -> Result<()> {
+        let old_cid = cid(&old.conversation_id)?;
+        let prefix = self.keys.timeline_prefix(&old_cid);
+        let old_entry = [prefix.as_slice(), &old.order_key].concat();
+        self.staged.insert(old_entry.clone(), None);
+        let akey = self.keys.activity(&old_cid);
+        if self.get(&akey).await?.as_deref() == Some(old.order_key.as_slice()) {
+            let newest = self
+                .view
+                .scan(&prefix, &prefix_end(&prefix), 2, ScanOrder::Reverse)
+                .await?
+                .into_iter()
+                .map(|(k, _)| k)
+                .find(|k| *k != old_entry);
+            match newest {
+                Some(k) => self.put(akey, k[prefix.len()..].to_vec()),
+                None => {
+                    self.staged.insert(akey, None);
+                }
+            }
         }
         Ok(())
     }
@@ -527,7 +685,7 @@ impl Planner<'_> {
             })),
         );
         self.append_timeline(&c, &entry).await?;
-        let members = self.members(&c).await?;
+        let members = self.members_at_event(&c).await?;
         self.fan_out(&c, members, entry).await?;
         Ok(())
     }
@@ -578,16 +736,16 @@ impl Planner<'_> {
 
     async fn plan_device_unregistered(&mut self, b: DeviceUnregistered) -> Result<()> {
         let user = uid(&b.user_id)?;
+        if b.token.is_empty() {
+            return self.set_device(&user, &b.device_id, false, "", "").await;
+        }
         // A token named (push: the provider reported it dead) removes only a
-        // registration that still has it; one renewed with a new token stays.
+        // registration with that token ordered before the report; one renewed with a new
+        // token stays, in whatever order the two arrive (see `DeviceRecord::dead_tokens`).
         let key = self.keys.device(&user, &b.device_id);
-        let named_token_is_gone = !b.token.is_empty()
-            && self
-                .record::<DeviceRecord>(&key)
-                .await?
-                .is_none_or(|d| d.token != b.token);
-        if !named_token_is_gone {
-            self.set_device(&user, &b.device_id, false, "", "").await?;
+        let mut rec: DeviceRecord = self.record_or_default(&key).await?;
+        if rec.report_dead(&b.token, &self.version) {
+            self.put_record(key, &rec);
         }
         Ok(())
     }
@@ -615,14 +773,13 @@ impl Planner<'_> {
         token: &str,
     ) -> Result<()> {
         let key = self.keys.device(user, device);
-        let cur: Option<DeviceRecord> = self.record(&key).await?;
-        if cur.as_ref().is_none_or(|c| c.version < self.version) {
-            let rec = DeviceRecord {
-                version: self.version.clone(),
-                active,
-                platform: platform.into(),
-                token: token.into(),
-            };
+        let mut rec: DeviceRecord = self.record_or_default(&key).await?;
+        if rec.version < self.version {
+            rec.version = self.version.clone();
+            rec.registered = active;
+            rec.platform = platform.into();
+            rec.token = token.into();
+            rec.settle();
             self.put_record(key, &rec);
         }
         Ok(())
