@@ -150,6 +150,12 @@ async fn item6_regions_digest_and_readiness_report_each_mirror_and_a_cut_one_fai
         problems.contains("SYNC_EU") && problems.contains("region eu"),
         "{refused}"
     );
+    // A load balancer's view (`?scope=local`): us still serves its own users through the
+    // partition, so it stays ready.
+    let (st, body) = get(&c, "us", "/readyz?scope=local").await?;
+    assert_eq!(st, 200, "local readiness ignores the cut mirror: {body}");
+    let (st, body) = get(&c, "us", "/readyz?scope=everything").await?;
+    assert_eq!(st, 400, "an unknown scope is refused: {body}");
 
     // Back: the mirror re-attaches (up to ~15 s after the origin, measured in h/bus) and
     // readiness returns.

@@ -406,7 +406,10 @@ fn check_objects(k: &Kustomized, origin: &str) -> Vec<String> {
                 Value::String(p) => ports.get(p).cloned(),
                 _ => None,
             };
-            for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+            for (probe, path) in [
+                ("livenessProbe", "/healthz"),
+                ("readinessProbe", "/readyz?scope=local"),
+            ] {
                 let get = &c[probe]["httpGet"];
                 if s(&get["path"]) != path || port_number(&get["port"]).is_none() {
                     problems.push(format!(
@@ -1186,32 +1189,66 @@ impl Node {
         for (from, to) in edits {
             text = replace_once(&text, from, to);
         }
-        let (client_port, http_port) = (free_port(), free_port());
-        text = replace_once(&text, "http_port: 8222", &format!("http_port: {http_port}"));
-        text = if text.contains("127.0.0.1:4222") {
-            replace_once(&text, "127.0.0.1:4222", &format!("127.0.0.1:{client_port}"))
-        } else {
-            replace_once(&text, "port: 4222", &format!("port: {client_port}"))
-        };
-        std::fs::write(&laid_out, text).unwrap();
         if let Some(auth) = auth {
             std::fs::write(dir.path().join("etc/auth.conf"), auth).unwrap();
         }
-        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-        let process = Command::new(meridian_bus::testing::binary())
-            .arg("-c")
-            .arg(&laid_out)
-            .env_clear()
-            .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Node {
-            _process: Running(process),
-            client_port,
-            http_port,
-            dir,
+        // free_port() only finds a port free a moment ago: a test running in parallel may
+        // take it before the server binds it (seen: "bind: address already in use", the node
+        // exits and its cluster never elects a leader). A node that exits before it listens
+        // is started again on other ports, bounded.
+        let template = text;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (client_port, http_port) = (free_port(), free_port());
+            let mut text = replace_once(&template, "http_port: 8222", &format!("http_port: {http_port}"));
+            text = if text.contains("127.0.0.1:4222") {
+                replace_once(&text, "127.0.0.1:4222", &format!("127.0.0.1:{client_port}"))
+            } else {
+                replace_once(&text, "port: 4222", &format!("port: {client_port}"))
+            };
+            std::fs::write(&laid_out, text).unwrap();
+            let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+            let mut process = Running(
+                Command::new(meridian_bus::testing::binary())
+                    .arg("-c")
+                    .arg(&laid_out)
+                    .env_clear()
+                    .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
+                    .stdout(log.try_clone().unwrap())
+                    .stderr(log)
+                    .spawn()
+                    .unwrap(),
+            );
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let listening = loop {
+                if process.0.try_wait().unwrap().is_some() {
+                    break false;
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", client_port)).is_ok() {
+                    break true;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{} did not listen within 10 s",
+                    conf.display()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            };
+            if listening {
+                return Node {
+                    _process: process,
+                    client_port,
+                    http_port,
+                    dir,
+                };
+            }
+            let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+            assert!(
+                attempt < 5,
+                "{} exited at start 5 times; last log:\n{log}",
+                conf.display()
+            );
         }
     }
 

@@ -61,7 +61,7 @@ macro_rules! api {
 
 api! {
     get "/healthz" => ops::healthz, spec::healthz, Public, 200, "Liveness: the process answers.";
-    get "/readyz" => ops::readyz, spec::readyz, Public, 200, "Readiness: store and NATS reachable, apply lag of every stream under bound, every mirror healthy (503 with the same body otherwise).";
+    get "/readyz" => ops::readyz, spec::readyz, Public, 200, "Readiness: store and NATS reachable, apply lag of every stream under bound, every mirror healthy (503 with the same body otherwise); ?scope=local leaves the mirrors out.";
     get "/metrics" => ops::metrics, spec::none, Public, 200, "Metrics, OpenMetrics text (Prometheus scrapes it as is).";
     get "/openapi.json" => ops::openapi, spec::openapi, Public, 200, "This document.";
     put "/v1/admin/users/{user_id}" => admin::put_user, spec::put_user, Admin, 200, "Provision or update a user: {home_region, display_name}.";

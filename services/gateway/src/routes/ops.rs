@@ -7,9 +7,11 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
+use crate::extract::ApiQuery;
 use crate::health;
 use crate::state::AppState;
 
@@ -20,10 +22,36 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// What `/readyz` judges: the whole region (default), or with `?scope=local` only what this
+/// region needs to serve its own users.
+#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadyScope {
+    #[default]
+    Region,
+    Local,
+}
+
+#[derive(Deserialize)]
+pub struct ReadyQuery {
+    #[serde(default)]
+    scope: ReadyScope,
+}
+
 /// Ready when the store and NATS answer, no applied stream (own or mirror) lags its
 /// applier by more than [`READY_MAX_APPLY_LAG`], and every mirror is healthy (see
 /// [`health::mirror_problems`]); otherwise 503 with each reason.
-pub async fn readyz(State(s): State<Arc<AppState>>) -> (StatusCode, Json<Value>) {
+///
+/// `?scope=local` leaves the mirrors out (their apply lag and their health): a cut link
+/// between regions must not take a region's gateways out of its load balancer, since each
+/// region keeps serving its own users through a partition (docs/design.md §5). Load
+/// balancers and Kubernetes readiness probes use it; operators and launchers that want to
+/// know the region is replicating use the default.
+pub async fn readyz(
+    State(s): State<Arc<AppState>>,
+    ApiQuery(q): ApiQuery<ReadyQuery>,
+) -> (StatusCode, Json<Value>) {
+    let local = q.scope == ReadyScope::Local;
     let nats = s.bus.ping().await;
     let streams = health::streams(&s).await;
     let mut problems = Vec::new();
@@ -37,6 +65,8 @@ pub async fn readyz(State(s): State<Arc<AppState>>) -> (StatusCode, Json<Value>)
             for h in streams {
                 if !h.mirror {
                     own_lag = h.apply_lag;
+                } else if local {
+                    continue;
                 }
                 if let Some(lag) = h.apply_lag.filter(|&l| l > READY_MAX_APPLY_LAG) {
                     problems.push(format!(
@@ -45,10 +75,12 @@ pub async fn readyz(State(s): State<Arc<AppState>>) -> (StatusCode, Json<Value>)
                     ));
                 }
             }
-            problems.extend(health::mirror_problems(
-                streams,
-                Duration::from_secs(s.cfg.mirror_unhealthy_after_s),
-            ));
+            if !local {
+                problems.extend(health::mirror_problems(
+                    streams,
+                    Duration::from_secs(s.cfg.mirror_unhealthy_after_s),
+                ));
+            }
         }
     }
     let status = if problems.is_empty() {

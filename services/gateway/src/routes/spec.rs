@@ -278,6 +278,12 @@ pub fn healthz(_: &DocContext) -> OpSpec {
 
 pub fn readyz(_: &DocContext) -> OpSpec {
     OpSpec {
+        params: vec![query(
+            "scope",
+            false,
+            json!({"type": "string", "enum": ["region", "local"], "default": "region"}),
+            "region: everything, mirrors included; local: only what serving this region's own users needs (for load balancers: a cut link between regions must not take the region out of service).",
+        )],
         response: Some(r("Readiness")),
         errors: vec![503],
         ..Default::default()
