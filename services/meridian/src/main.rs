@@ -60,6 +60,10 @@ enum Cmd {
 struct NatsAuthArgs {
     #[arg(long)]
     region: String,
+    /// The regions whose streams this region mirrors (its region file's `bus.mirrors`),
+    /// comma-separated: the applier's user may manage those mirrors, the gateway's read them.
+    #[arg(long, value_delimiter = ',')]
+    mirrors: Vec<String>,
     /// Where the files go (created 0700; existing credentials are not overwritten).
     #[arg(long)]
     out: PathBuf,
@@ -254,7 +258,15 @@ fn run_nats_auth(args: NatsAuthArgs) -> anyhow::Result<()> {
         }),
         _ => None,
     };
-    for path in meridian::nats_auth::write(&region, &args.out, tls.as_ref())? {
+    let mirrors = args
+        .mirrors
+        .iter()
+        .map(|m| RegionId::parse(m.trim()).with_context(|| format!("--mirrors: {m:?}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if mirrors.contains(&region) {
+        anyhow::bail!("--mirrors: a region does not mirror itself ({region})");
+    }
+    for path in meridian::nats_auth::write(&region, &mirrors, &args.out, tls.as_ref())? {
         println!("wrote {}", path.display());
     }
     Ok(())

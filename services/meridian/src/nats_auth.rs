@@ -27,9 +27,16 @@ pub enum NatsAuthError {
 }
 
 /// Writes `<region>-{gateway,applier,region}.nk` and `<region>-auth.conf` into `out`
-/// (created 0700) and returns their paths. Refuses to overwrite: replacing credentials is a
-/// rotation the operator should mean.
-pub fn write(region: &RegionId, out: &Path, tls: Option<&ServerTls>) -> Result<Vec<PathBuf>, NatsAuthError> {
+/// (created 0700) and returns their paths. `mirrors` are the regions whose streams this
+/// region mirrors (the region file's `bus.mirrors`): the applier may manage exactly those
+/// mirror streams and the gateway read their state. Refuses to overwrite: replacing
+/// credentials is a rotation the operator should mean.
+pub fn write(
+    region: &RegionId,
+    mirrors: &[RegionId],
+    out: &Path,
+    tls: Option<&ServerTls>,
+) -> Result<Vec<PathBuf>, NatsAuthError> {
     use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
     let io = |path: &Path| {
         let path = path.display().to_string();
@@ -43,7 +50,7 @@ pub fn write(region: &RegionId, out: &Path, tls: Option<&ServerTls>) -> Result<V
     let conf_path = out.join(format!("{region}-auth.conf"));
     let creds: Vec<RoleCredentials> = BusRole::ALL
         .iter()
-        .map(|&role| RoleCredentials::generate(role, "", region))
+        .map(|&role| RoleCredentials::generate_with_mirrors(role, "", region, mirrors))
         .collect();
     let mut files: Vec<(PathBuf, String)> = creds
         .iter()
@@ -90,9 +97,14 @@ mod tests {
             key_file: "/etc/nats/server.key".into(),
             ca_file: None,
         };
-        let files = write(&region, &out, Some(&tls)).unwrap();
+        let mirrors = [RegionId::parse("eu").unwrap(), RegionId::parse("ap").unwrap()];
+        let files = write(&region, &mirrors, &out, Some(&tls)).unwrap();
         assert_eq!(files.len(), 4);
         let conf = std::fs::read_to_string(out.join("us-auth.conf")).unwrap();
+        // The gateway may read each mirror's state, for /readyz and /v1/admin/regions.
+        for m in ["SYNC_EU", "SYNC_AP"] {
+            assert!(conf.contains(&format!("$JS.API.STREAM.INFO.{m}")), "{m}: {conf}");
+        }
         assert!(conf.contains("cert_file: \"/etc/nats/server.pem\""), "{conf}");
         for role in BusRole::ALL {
             let seed_file = out.join(format!("us-{}.nk", role.as_str()));
@@ -109,7 +121,7 @@ mod tests {
         }
         let mode = std::fs::metadata(&out).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
-        let again = write(&region, &out, None).unwrap_err().to_string();
+        let again = write(&region, &mirrors, &out, None).unwrap_err().to_string();
         assert!(
             again.contains("us-gateway.nk") && again.contains("exists"),
             "{again}"

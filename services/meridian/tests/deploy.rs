@@ -562,7 +562,7 @@ fn lay_out_nats_config(conf: &Path, root: &Path, pki: &Pki) -> PathBuf {
         } else if include == "auth.conf" {
             let out = root.join("nats-auth");
             let region = RegionId::parse("us").unwrap();
-            meridian::nats_auth::write(&region, &out, None).unwrap();
+            meridian::nats_auth::write(&region, &mirrors_of(&region), &out, None).unwrap();
             std::fs::copy(out.join("us-auth.conf"), &target).unwrap();
         } else {
             panic!(
@@ -853,7 +853,7 @@ fn load_region_file(
 ) -> RegionConfig {
     let creds = tempfile::tempdir().unwrap();
     let id = RegionId::parse(region).unwrap();
-    meridian::nats_auth::write(&id, creds.path(), None).unwrap();
+    meridian::nats_auth::write(&id, &mirrors_of(&id), creds.path(), None).unwrap();
     let seed = creds.path().join(seed_source.file_name().unwrap());
     assert!(
         seed.is_file(),
@@ -952,8 +952,8 @@ fn item9_region_files_parse_with_each_containers_environment() {
         }
     }
     assert!(
-        loaded >= 4,
-        "gateway and applier of two overlays; loaded {loaded}"
+        loaded >= 6,
+        "gateway and applier of every overlay; loaded {loaded}"
     );
 }
 
@@ -1093,7 +1093,10 @@ fn item9_kubectl_kustomize_renders_each_overlay_when_installed() {
         let secrets = k8s.join("overlays").join(&region).join("secrets");
         // Drop whatever a local checkout holds there: the operator's steps make it anew.
         let _ = std::fs::remove_dir_all(&secrets);
-        meridian::nats_auth::write(&RegionId::parse(&region).unwrap(), &secrets.join("nats"), None).unwrap();
+        {
+            let id = RegionId::parse(&region).unwrap();
+            meridian::nats_auth::write(&id, &mirrors_of(&id), &secrets.join("nats"), None).unwrap();
+        }
         write(secrets.join("jwt_secret"), TEST_JWT_SECRET);
         write(secrets.join("admin_key"), TEST_ADMIN_KEY);
         write(secrets.join("leaf.nk"), &leaf.seed);
@@ -1135,6 +1138,23 @@ fn item9_kubectl_kustomize_renders_each_overlay_when_installed() {
 
 // ---------------------------------------------------------------------------------------------
 // The production topology at run time.
+
+/// The regions `region` mirrors: every other region with a file in regions/, as
+/// `meridian nats-auth --mirrors` is told in deploy/README.md.
+fn mirrors_of(region: &RegionId) -> Vec<RegionId> {
+    let dir = deploy_dir().join("../regions");
+    let mut out: Vec<RegionId> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            let stem = name.strip_suffix(".toml")?.to_string();
+            Some(RegionId::parse(&stem).unwrap())
+        })
+        .filter(|r| r != region)
+        .collect();
+    out.sort();
+    out
+}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
