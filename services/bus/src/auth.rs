@@ -5,13 +5,18 @@
 //! What each role does on NATS, and so what it may do:
 //! - gateway: publishes events to its region's sync subjects and waits for the PubAck;
 //!   reads its own stream's state (readiness) and single events by sequence (the answer to
-//!   a deduplicated retry); publishes typing frames to users' ephemeral subjects; subscribes
-//!   to its region's delivery and ephemeral subjects (it holds the users' WebSockets, and
-//!   push runs beside it). It may not consume, create, change or delete streams, publish
-//!   deliveries, or touch another region's subjects.
-//! - applier: creates and updates its own stream; reads any stream and drives durable pull
-//!   consumers on it (its own, and the mirrors it may be configured to apply); acks;
-//!   publishes deliveries. It may not publish events or delete streams.
+//!   a deduplicated retry), and its mirrors' state (mirror health); publishes typing frames
+//!   to users' ephemeral subjects in any region (a conversation's members may be served by
+//!   other regions); sends presence requests to any region and answers those sent to its
+//!   own (`allow_responses`: it may publish one reply to a request it received, whichever
+//!   region's inbox that is); subscribes to its region's delivery and ephemeral subjects (it
+//!   holds the users' WebSockets, and push runs beside it). It may not consume, create,
+//!   change or delete streams, publish deliveries, or publish another region's events.
+//! - applier: creates and updates its own stream; creates, updates and (to repair one that
+//!   is not the right mirror) deletes its region's mirrors of the other regions' streams,
+//!   and nothing else; reads any stream and drives durable pull consumers on it (its own,
+//!   and the mirrors); acks; publishes deliveries. It may not publish events or delete
+//!   its own stream.
 //! - region: both, for the process that runs every role over the embedded store (what
 //!   `meridian up` runs).
 //!
@@ -81,21 +86,40 @@ impl BusRole {
     }
 
     /// The subjects this role may publish to and subscribe to, for `region` under `prefix`
-    /// (see the module docs for why each is there).
+    /// (see the module docs for why each is there), for a region that mirrors no other.
     pub fn permissions(self, prefix: &str, region: &RegionId) -> Permissions {
+        self.permissions_with_mirrors(prefix, region, &[])
+    }
+
+    /// [`BusRole::permissions`] for a region holding mirrors of `mirrors`' streams
+    /// (`BusConfig::mirrors`).
+    pub fn permissions_with_mirrors(
+        self,
+        prefix: &str,
+        region: &RegionId,
+        mirrors: &[RegionId],
+    ) -> Permissions {
         let stream = stream_name(prefix, region);
+        let mirror_streams: Vec<String> = mirrors.iter().map(|m| stream_name(prefix, m)).collect();
         let mut publish = Vec::new();
         let mut subscribe = Vec::new();
+        let mut allow_responses = false;
         if self.gateway() {
             publish.extend([
                 format!("{prefix}sync.{region}.>"),
-                format!("{prefix}deliver.{region}.*.t"),
+                format!("{prefix}deliver.*.*.t"),
+                format!("{prefix}presence.*"),
                 format!("$JS.API.STREAM.INFO.{stream}"),
                 format!("$JS.API.STREAM.MSG.GET.{stream}"),
                 format!("$JS.API.DIRECT.GET.{stream}"),
                 format!("$JS.API.DIRECT.GET.{stream}.>"),
             ]);
-            subscribe.push(format!("{prefix}deliver.{region}.*.*"));
+            publish.extend(mirror_streams.iter().map(|m| format!("$JS.API.STREAM.INFO.{m}")));
+            subscribe.extend([
+                format!("{prefix}deliver.{region}.*.*"),
+                format!("{prefix}presence.{region}"),
+            ]);
+            allow_responses = true;
         }
         if self.applier() {
             publish.extend([
@@ -108,6 +132,13 @@ impl BusRole {
                 "$JS.API.CONSUMER.>".to_string(),
                 "$JS.ACK.>".to_string(),
             ]);
+            for m in &mirror_streams {
+                publish.extend([
+                    format!("$JS.API.STREAM.CREATE.{m}"),
+                    format!("$JS.API.STREAM.UPDATE.{m}"),
+                    format!("$JS.API.STREAM.DELETE.{m}"),
+                ]);
+            }
         }
         subscribe.push(format!("{}.>", self.inbox_prefix(prefix, region)));
         // The union role lists some subjects twice (the applier's wildcards cover the
@@ -115,7 +146,11 @@ impl BusRole {
         // should not repeat itself.
         let mut seen = std::collections::HashSet::new();
         publish.retain(|s| seen.insert(s.clone()));
-        Permissions { publish, subscribe }
+        Permissions {
+            publish,
+            subscribe,
+            allow_responses,
+        }
     }
 }
 
@@ -124,6 +159,9 @@ impl BusRole {
 pub struct Permissions {
     pub publish: Vec<String>,
     pub subscribe: Vec<String>,
+    /// May publish one reply to each request it received (to the requester's inbox,
+    /// whatever its subject), without a publish permission for it.
+    pub allow_responses: bool,
 }
 
 /// How a user proves who it is to nats-server.
@@ -178,6 +216,16 @@ impl std::fmt::Debug for RoleCredentials {
 impl RoleCredentials {
     /// A new random nkey user with `role`'s permissions for `region` under `prefix`.
     pub fn generate(role: BusRole, prefix: &str, region: &RegionId) -> RoleCredentials {
+        Self::generate_with_mirrors(role, prefix, region, &[])
+    }
+
+    /// [`RoleCredentials::generate`] for a region holding mirrors of `mirrors`' streams.
+    pub fn generate_with_mirrors(
+        role: BusRole,
+        prefix: &str,
+        region: &RegionId,
+        mirrors: &[RegionId],
+    ) -> RoleCredentials {
         let key = nkeys::KeyPair::new_user();
         let seed = key.seed().expect("a generated key pair has its seed");
         RoleCredentials {
@@ -189,7 +237,7 @@ impl RoleCredentials {
                 login: NatsLogin::Nkey {
                     public_key: key.public_key(),
                 },
-                permissions: Some(role.permissions(prefix, region)),
+                permissions: Some(role.permissions_with_mirrors(prefix, region, mirrors)),
             },
         }
     }
@@ -220,6 +268,9 @@ pub fn nats_server_auth_config(users: &[NatsUser], tls: Option<&ServerTls>) -> S
                     "        subscribe: {{ allow: {} }}\n",
                     list(&p.subscribe)
                 ));
+                if p.allow_responses {
+                    out.push_str("        allow_responses: true\n");
+                }
                 out.push_str("      }\n");
             }
             out.push_str("    }\n");
@@ -272,7 +323,68 @@ mod tests {
             .publish
             .iter()
             .any(|s| s.contains("CONSUMER") || s.contains("CREATE")));
-        assert_eq!(p.subscribe, vec!["deliver.us.*.*", "_INBOX.us.gateway.>"]);
+        assert_eq!(
+            p.subscribe,
+            vec!["deliver.us.*.*", "presence.us", "_INBOX.us.gateway.>"]
+        );
+    }
+
+    #[test]
+    fn item2_gateway_reaches_other_regions_only_for_typing_presence_and_mirror_state() {
+        let eu = RegionId::parse("eu").unwrap();
+        let ap = RegionId::parse("ap").unwrap();
+        let p = BusRole::Gateway.permissions_with_mirrors("t1_", &us(), &[eu.clone(), ap.clone()]);
+        for s in [
+            "t1_deliver.*.*.t",
+            "t1_presence.*",
+            "$JS.API.STREAM.INFO.T1_SYNC_EU",
+            "$JS.API.STREAM.INFO.T1_SYNC_AP",
+        ] {
+            assert!(p.publish.contains(&s.to_string()), "{s} in {:?}", p.publish);
+        }
+        // Its own events only; no deliveries, no stream management, not even of mirrors.
+        assert!(!p.publish.iter().any(|s| s.contains("sync.eu")
+            || s.ends_with(".e")
+            || s.contains("CREATE")
+            || s.contains("DELETE")
+            || s.contains("CONSUMER")));
+        // Presence requests to it are answered; other regions' are not its to read.
+        assert!(p.subscribe.contains(&"t1_presence.us".to_string()));
+        assert!(!p
+            .subscribe
+            .iter()
+            .any(|s| s.contains("presence.*") || s.contains(".eu")));
+        assert!(p.allow_responses);
+        assert!(!BusRole::Applier.permissions("", &us()).allow_responses);
+    }
+
+    #[test]
+    fn item2_applier_manages_exactly_its_mirrors() {
+        let eu = RegionId::parse("eu").unwrap();
+        let p = BusRole::Applier.permissions_with_mirrors("", &us(), std::slice::from_ref(&eu));
+        for s in [
+            "$JS.API.STREAM.CREATE.SYNC_EU",
+            "$JS.API.STREAM.UPDATE.SYNC_EU",
+            "$JS.API.STREAM.DELETE.SYNC_EU",
+            "$JS.API.STREAM.CREATE.SYNC_US",
+        ] {
+            assert!(p.publish.contains(&s.to_string()), "{s}");
+        }
+        // Its own stream is the region's record: never deleted. No other stream is touched.
+        assert!(!p.publish.contains(&"$JS.API.STREAM.DELETE.SYNC_US".to_string()));
+        assert!(!p
+            .publish
+            .iter()
+            .any(|s| s.contains('*') && (s.contains("CREATE") || s.contains("DELETE"))));
+        // Its deliveries stay in its region; typing is the gateway's.
+        assert!(!p
+            .publish
+            .iter()
+            .any(|s| s.contains("deliver.*") || s.ends_with(".t")));
+        assert_eq!(
+            BusRole::Applier.permissions("", &us()),
+            BusRole::Applier.permissions_with_mirrors("", &us(), &[])
+        );
     }
 
     #[test]
@@ -315,6 +427,7 @@ mod tests {
         assert!(text.contains(&format!("nkey: \"{public_key}\"")));
         assert!(!text.contains(&creds.seed));
         assert!(text.contains(r#"publish: { allow: ["sync.us.>", "#));
+        assert!(text.contains("        allow_responses: true\n"));
         assert!(text.contains(r#"ca_file: "/etc/nats/ca.pem""#) && text.contains("verify: true"));
         assert_eq!(nats_server_auth_config(&[], None), "");
     }

@@ -1,6 +1,6 @@
 //! Bus configuration and the nats-server configuration the launcher and tests write.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use async_nats::ServerAddr;
 use meridian_model::RegionId;
@@ -26,20 +26,122 @@ pub enum Durability {
     Disk,
 }
 
+/// One region's nats-server: what [`nats_server_config`] renders.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatsServerSpec {
+    /// JetStream's file store (kept across restarts: it is the region's durable record).
+    pub store_dir: PathBuf,
+    /// Client port, on loopback.
+    pub port: u16,
+    pub durability: Durability,
+    /// Unique among every server the hub links (leafnodes refuse a second server of the
+    /// same name).
+    pub server_name: String,
+    /// The region's JetStream domain (by convention its region id, see
+    /// [`BusConfig::domain`]): other regions reach this JetStream as `$JS.<domain>.API`.
+    /// Empty: no domain, for a server that is not linked to other regions.
+    pub domain: String,
+    /// Leafnode connections this server makes to the hub (none for a lone region).
+    pub leaf_remotes: Vec<LeafRemote>,
+}
+
+/// A leafnode connection a region's server makes to the hub.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeafRemote {
+    /// `nats-leaf://user:password@host:port`: the hub's leafnode port and this region's
+    /// leaf user there (see [`HubSpec::leaf_users`]).
+    pub url: String,
+}
+
 /// Renders the nats-server configuration for one region's server: client port on loopback,
-/// JetStream with its file store under `store_dir`, and for [`Durability::Disk`] an fsync
-/// before every ack.
-pub fn nats_server_config(store_dir: &Path, port: u16, durability: Durability, server_name: &str) -> String {
+/// JetStream with its file store under `store_dir` and its domain, for
+/// [`Durability::Disk`] an fsync before every ack, and a leafnode remote to the hub.
+///
+/// The leaf link needs nothing else (measured with nats-server 2.15.1): the link binds to
+/// the server's global account, the one the `authorization` users of [`crate::auth`] live
+/// in, so the other regions' JetStream APIs (`$JS.<domain>.API.>`), the deliver and
+/// flow-control subjects of mirrors, and the cross-region core subjects (typing, presence)
+/// all cross it, while the server keeps its own `$JS.API.>` to itself because the domains
+/// differ. What a local client may publish is still decided by its user's permissions.
+pub fn nats_server_config(spec: &NatsServerSpec) -> String {
     let mut out = String::new();
     out.push_str("# Written by Meridian (meridian_bus::nats_server_config); regenerate rather than edit.\n");
-    out.push_str(&format!("server_name: {}\n", quote(server_name)));
+    out.push_str(&format!("server_name: {}\n", quote(&spec.server_name)));
     out.push_str("host: \"127.0.0.1\"\n");
-    out.push_str(&format!("port: {port}\n"));
+    out.push_str(&format!("port: {}\n", spec.port));
     out.push_str("jetstream {\n");
-    out.push_str(&format!("  store_dir: {}\n", quote(&store_dir.to_string_lossy())));
-    if durability == Durability::Disk {
+    out.push_str(&format!(
+        "  store_dir: {}\n",
+        quote(&spec.store_dir.to_string_lossy())
+    ));
+    if !spec.domain.is_empty() {
+        out.push_str(&format!("  domain: {}\n", quote(&spec.domain)));
+    }
+    if spec.durability == Durability::Disk {
         out.push_str("  # durability=disk: fsync every write before the PubAck goes out.\n");
         out.push_str("  sync_interval: always\n");
+    }
+    out.push_str("}\n");
+    if !spec.leaf_remotes.is_empty() {
+        out.push_str("# The link to the other regions: a leafnode of the hub.\n");
+        out.push_str("leafnodes {\n  remotes = [\n");
+        for remote in &spec.leaf_remotes {
+            out.push_str(&format!("    {{ url: {} }}\n", quote(&remote.url)));
+        }
+        out.push_str("  ]\n}\n");
+    }
+    out
+}
+
+/// The hub: a nats-server without JetStream that the regions' servers connect to as
+/// leafnodes; what [`nats_hub_config`] renders.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HubSpec {
+    pub server_name: String,
+    /// Client port, on loopback. The hub serves no clients: the port only takes the leaf
+    /// users' logins (for inspection), nobody anonymous.
+    pub port: u16,
+    /// The leafnode port the regions' servers connect to, on loopback.
+    pub leaf_port: u16,
+    /// (user, password) per region's leaf connection.
+    pub leaf_users: Vec<(String, String)>,
+}
+
+/// Renders the hub's configuration: no JetStream, a `leafnodes { listen }` block that
+/// accepts exactly `leaf_users`. The leaf users carry no permissions: the hub only relays
+/// between the regions' servers, each of which decides what its own clients may publish.
+pub fn nats_hub_config(spec: &HubSpec) -> String {
+    let users = |indent: &str| {
+        let mut s = String::new();
+        for (user, password) in &spec.leaf_users {
+            s.push_str(&format!(
+                "{indent}{{ user: {}, password: {} }}\n",
+                quote(user),
+                quote(password)
+            ));
+        }
+        s
+    };
+    let mut out = String::new();
+    out.push_str("# Written by Meridian (meridian_bus::nats_hub_config); regenerate rather than edit.\n");
+    out.push_str("# The hub links the regions' servers (leafnodes); it has no JetStream of its own.\n");
+    out.push_str(&format!("server_name: {}\n", quote(&spec.server_name)));
+    out.push_str("host: \"127.0.0.1\"\n");
+    out.push_str(&format!("port: {}\n", spec.port));
+    if !spec.leaf_users.is_empty() {
+        // Without this block the client port would take anyone, who could then publish into
+        // every region through the links.
+        out.push_str("authorization {\n  users = [\n");
+        out.push_str(&users("    "));
+        out.push_str("  ]\n}\n");
+    }
+    out.push_str("leafnodes {\n");
+    out.push_str("  host: \"127.0.0.1\"\n");
+    out.push_str(&format!("  port: {}\n", spec.leaf_port));
+    if !spec.leaf_users.is_empty() {
+        out.push_str("  authorization {\n    users = [\n");
+        out.push_str(&users("      "));
+        out.push_str("    ]\n  }\n");
     }
     out.push_str("}\n");
     out
@@ -72,6 +174,15 @@ pub struct BusConfig {
     pub nats_url: String,
     /// The region this process belongs to: it publishes to `SYNC_<region>` only.
     pub region: RegionId,
+    /// The region's JetStream domain; unset: the region id, which is what other regions
+    /// assume when they mirror this one (`$JS.<region>.API`), so set it only for a server
+    /// that no other region mirrors under that name. Only `[A-Za-z0-9_-]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    /// The other regions whose streams this region holds a mirror of (and applies), each
+    /// named like its origin ([`BusConfig::stream_name`]). Empty: a region on its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<RegionId>,
     /// Prepended to stream names and subjects: "" in production, unique per test so tests
     /// can share one server without seeing each other. Only `[A-Za-z0-9_]`.
     #[serde(default)]
@@ -143,6 +254,8 @@ impl BusConfig {
         Self {
             nats_url: nats_url.into(),
             region,
+            domain: None,
+            mirrors: Vec::new(),
             prefix: String::new(),
             duplicate_window_s: default_duplicate_window_s(),
             max_age_s: default_max_age_s(),
@@ -191,6 +304,29 @@ impl BusConfig {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_')
         {
             return Err(BusError::config("prefix", "may only contain [A-Za-z0-9_]"));
+        }
+        if let Some(domain) = &self.domain {
+            if domain.is_empty()
+                || !domain
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(BusError::config(
+                    "domain",
+                    "must be 1 or more characters of [A-Za-z0-9_-] (it is a subject token)",
+                ));
+            }
+        }
+        for (i, mirror) in self.mirrors.iter().enumerate() {
+            if *mirror == self.region {
+                return Err(BusError::config(
+                    "mirrors",
+                    format!("lists this region ({mirror}): its own stream is not a mirror"),
+                ));
+            }
+            if self.mirrors[..i].contains(mirror) {
+                return Err(BusError::config("mirrors", format!("lists {mirror} twice")));
+            }
         }
         if self.duplicate_window_s < MIN_DUPLICATE_WINDOW_S {
             return Err(BusError::config(
@@ -326,6 +462,18 @@ impl BusConfig {
     /// '_' (stream names may not contain '.', and upper case keeps them apart from subjects).
     pub fn stream_name(&self, region: &RegionId) -> String {
         stream_name(&self.prefix, region)
+    }
+
+    /// This region's JetStream domain: `domain`, or the region id.
+    pub fn domain(&self) -> String {
+        self.domain.clone().unwrap_or_else(|| self.region.to_string())
+    }
+
+    /// The JetStream API prefix of `region`'s domain as seen across the leafnode links
+    /// (`$JS.<region>.API`): what a mirror of `region`'s stream names as its `external.api`.
+    /// Another region's domain is its region id (see `domain`).
+    pub fn domain_api(&self, region: &RegionId) -> String {
+        format!("$JS.{region}.API")
     }
 
     /// Subjects `region`'s stream captures.
@@ -513,12 +661,81 @@ mod tests {
 
     #[test]
     fn server_config_turns_on_fsync_for_disk() {
-        let p = Path::new("/tmp/js \"x\"");
-        let process = nats_server_config(p, 4333, Durability::Process, "eu");
+        let spec = |durability| NatsServerSpec {
+            store_dir: "/tmp/js \"x\"".into(),
+            port: 4333,
+            durability,
+            server_name: "eu".into(),
+            domain: String::new(),
+            leaf_remotes: Vec::new(),
+        };
+        let process = nats_server_config(&spec(Durability::Process));
         assert!(process.contains("port: 4333"));
         assert!(process.contains(r#"store_dir: "/tmp/js \"x\"""#));
         assert!(!process.contains("sync_interval"));
-        let disk = nats_server_config(p, 4333, Durability::Disk, "eu");
+        assert!(!process.contains("domain") && !process.contains("leafnodes"));
+        let disk = nats_server_config(&spec(Durability::Disk));
         assert!(disk.contains("sync_interval: always"));
+    }
+
+    #[test]
+    fn linked_server_has_its_domain_and_a_leaf_remote_to_the_hub() {
+        let text = nats_server_config(&NatsServerSpec {
+            store_dir: "/tmp/js".into(),
+            port: 4333,
+            durability: Durability::Process,
+            server_name: "meridian-eu".into(),
+            domain: "eu".into(),
+            leaf_remotes: vec![LeafRemote {
+                url: "nats-leaf://eu:pw@127.0.0.1:7902".into(),
+            }],
+        });
+        assert!(text.contains("  domain: \"eu\"\n"), "{text}");
+        assert!(
+            text.contains("remotes = [\n    { url: \"nats-leaf://eu:pw@127.0.0.1:7902\" }\n  ]"),
+            "{text}"
+        );
+        let hub = nats_hub_config(&HubSpec {
+            server_name: "hub".into(),
+            port: 7900,
+            leaf_port: 7902,
+            leaf_users: vec![("eu".into(), "p\"w".into()), ("us".into(), "x".into())],
+        });
+        assert!(!hub.contains("jetstream"), "{hub}");
+        assert!(hub.contains("  port: 7902\n"), "{hub}");
+        assert!(
+            hub.contains("      { user: \"eu\", password: \"p\\\"w\" }\n"),
+            "{hub}"
+        );
+    }
+
+    #[test]
+    fn domain_and_mirrors_are_validated() {
+        let field = |c: BusConfig| match c.validate() {
+            Err(BusError::Config { field, .. }) => field,
+            other => panic!("expected a config error, got {other:?}"),
+        };
+        let mut c = cfg();
+        assert_eq!(c.domain(), "us-east-1");
+        assert_eq!(c.domain_api(&RegionId::parse("eu").unwrap()), "$JS.eu.API");
+        c.domain = Some("a.b".into());
+        assert_eq!(field(c), "domain");
+        let mut c = cfg();
+        c.domain = Some(String::new());
+        assert_eq!(field(c), "domain");
+        let mut c = cfg();
+        c.mirrors = vec![c.region.clone()];
+        assert_eq!(field(c), "mirrors");
+        let mut c = cfg();
+        let eu = RegionId::parse("eu").unwrap();
+        c.mirrors = vec![eu.clone(), eu.clone()];
+        assert_eq!(field(c), "mirrors");
+        let mut c = cfg();
+        c.mirrors = vec![eu, RegionId::parse("ap").unwrap()];
+        c.domain = Some("us_1".into());
+        c.validate().unwrap();
+        let back: BusConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back.mirrors, c.mirrors);
+        assert_eq!(back.domain(), "us_1");
     }
 }

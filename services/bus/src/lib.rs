@@ -3,8 +3,9 @@
 //!
 //! # Layout
 //! - [`config`]: [`BusConfig`] (with the login and TLS a process connects with),
-//!   [`Durability`], and [`nats_server_config`], the nats-server config text the launcher and
-//!   the test harness write.
+//!   [`Durability`], and [`nats_server_config`] / [`nats_hub_config`], the nats-server config
+//!   texts (a region's server, the hub linking the regions) the launcher and the test
+//!   harness write.
 //! - [`auth`]: the NATS user of each role and its subject permissions, and the server's
 //!   `authorization` and `tls` blocks.
 //! - this file: [`Bus`], a cheap-to-clone handle: connect with retry, stream provisioning,
@@ -19,6 +20,7 @@ pub mod auth;
 pub mod config;
 pub mod consumer;
 mod error;
+mod mirror;
 mod read;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -39,9 +41,12 @@ use tokio::time::Instant;
 pub use auth::{
     nats_server_auth_config, BusRole, NatsLogin, NatsUser, Permissions, RoleCredentials, ServerTls,
 };
-pub use config::{nats_server_config, BusConfig, Durability};
+pub use config::{
+    nats_hub_config, nats_server_config, BusConfig, Durability, HubSpec, LeafRemote, NatsServerSpec,
+};
 pub use consumer::{EventConsumer, ReceivedEvent};
 pub use error::BusError;
+pub use mirror::MirrorHealth;
 
 /// W3C trace context header names (lower case, as the spec writes them).
 pub const TRACEPARENT: &str = "traceparent";
@@ -251,12 +256,27 @@ impl Bus {
     pub async fn ensure_stream(&self) -> Result<(), BusError> {
         let cfg = &self.inner.cfg;
         let config = jetstream::stream::Config {
-            name: self.inner.stream.clone(),
             description: Some(format!("Meridian events stamped in region {}", cfg.region)),
             subjects: vec![cfg.stream_subjects(&cfg.region)],
+            duplicate_window: Duration::from_secs(cfg.duplicate_window_s),
+            ..self.stored_stream_config(self.inner.stream.clone())
+        };
+        self.with_api_retry("create or update stream", || {
+            let config = config.clone();
+            async move { self.inner.js.create_or_update_stream(config).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// What every stream this region stores shares, its own and its mirrors: file storage
+    /// (the durable record of every acknowledged event) and the configured limits.
+    pub(crate) fn stored_stream_config(&self, name: String) -> jetstream::stream::Config {
+        let cfg = &self.inner.cfg;
+        jetstream::stream::Config {
+            name,
             storage: jetstream::stream::StorageType::File,
             retention: jetstream::stream::RetentionPolicy::Limits,
-            duplicate_window: Duration::from_secs(cfg.duplicate_window_s),
             max_age: Duration::from_secs(cfg.max_age_s),
             max_bytes: cfg.max_bytes,
             // Discard old: a full stream must keep taking new events; the applier and the
@@ -266,13 +286,7 @@ impl Bus {
             deny_delete: true,
             allow_direct: true,
             ..Default::default()
-        };
-        self.with_api_retry("create or update stream", || {
-            let config = config.clone();
-            async move { self.inner.js.create_or_update_stream(config).await }
-        })
-        .await?;
-        Ok(())
+        }
     }
 
     /// The extent of `stream`.
@@ -455,7 +469,23 @@ impl Bus {
     /// `{prefix}deliver.{region}.{user}.t`: ephemeral frames for a user's sockets (typing),
     /// never stored, never pushed.
     pub fn ephemeral_subject(&self, user: &UserId) -> String {
-        format!("{}{}.t", self.delivery_base(), encode_user_token(user))
+        self.ephemeral_subject_in(&self.inner.cfg.region, user)
+    }
+
+    /// [`Bus::ephemeral_subject`] of a user served by `region` (typing reaches members
+    /// served by other regions over the leafnode links): `{prefix}deliver.{region}.{user}.t`.
+    pub fn ephemeral_subject_in(&self, region: &RegionId, user: &UserId) -> String {
+        format!(
+            "{}deliver.{region}.{}.t",
+            self.inner.cfg.prefix,
+            encode_user_token(user)
+        )
+    }
+
+    /// Where presence requests for users served by `region` go (request/reply; the
+    /// region's gateways answer): `{prefix}presence.{region}`.
+    pub fn presence_subject(&self, region: &RegionId) -> String {
+        format!("{}presence.{region}", self.inner.cfg.prefix)
     }
 
     /// Both of a user's subjects, for one subscription per WebSocket: each subscription

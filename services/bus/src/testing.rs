@@ -17,7 +17,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::{nats_server_auth_config, nats_server_config, BusConfig, Durability};
+use meridian_model::RegionId;
+
+mod cluster;
+pub use cluster::{NatsCluster, NatsClusterBuilder, NatsHub};
+
+use crate::{nats_server_auth_config, nats_server_config, BusConfig, Durability, LeafRemote, NatsServerSpec};
 use crate::{NatsLogin, NatsUser, RoleCredentials, ServerTls};
 
 /// The harness's own user (every subject allowed).
@@ -38,10 +43,20 @@ pub struct NatsServer {
     /// Role users the server accepts besides the harness's own.
     roles: Vec<RoleCredentials>,
     tls: Option<ServerTls>,
-    child: Option<Child>,
-    /// Kills the server if this test process dies without running `Drop` (SIGKILL,
-    /// abort), so no server outlives its test.
-    watchdog: Option<Child>,
+    /// Set for a region server of a [`NatsCluster`]: its place among the linked regions.
+    link: Option<RegionLink>,
+    process: Process,
+}
+
+/// How a region's server of a [`NatsCluster`] is linked to the others.
+#[derive(Clone)]
+struct RegionLink {
+    region: RegionId,
+    /// The regions whose streams this region mirrors (every other one).
+    mirrors: Vec<RegionId>,
+    /// The leafnode URL of the hub (or of whatever stands between, see
+    /// [`NatsClusterBuilder::leaf_address`]), with this region's leaf login.
+    leaf_url: String,
 }
 
 impl NatsServer {
@@ -67,9 +82,17 @@ impl NatsServer {
         roles: Vec<RoleCredentials>,
         tls: Option<ServerTls>,
     ) -> io::Result<NatsServer> {
-        use rand::distributions::{Alphanumeric, DistString as _};
+        Self::start_full(durability, roles, tls, None)
+    }
+
+    fn start_full(
+        durability: Durability,
+        roles: Vec<RoleCredentials>,
+        tls: Option<ServerTls>,
+        link: Option<RegionLink>,
+    ) -> io::Result<NatsServer> {
         let binary = binary();
-        let password = Alphanumeric.sample_string(&mut rand::thread_rng(), 32);
+        let password = random_secret();
         let mut last_err = None;
         // Another process can grab a port between probing it and the server binding it;
         // that shows as an early exit, and a fresh pair of ports fixes it.
@@ -83,8 +106,8 @@ impl NatsServer {
                 password: password.clone(),
                 roles: roles.clone(),
                 tls: tls.clone(),
-                child: None,
-                watchdog: None,
+                link: link.clone(),
+                process: Process::default(),
             };
             match server.spawn() {
                 Ok(()) => return Ok(server),
@@ -114,7 +137,7 @@ impl NatsServer {
 
     /// A [`BusConfig`] logging in as `creds` (one of the roles this server was started
     /// with): its prefix, region and role, and its seed in a 0600 file in the server's
-    /// directory.
+    /// directory. For a region of a [`NatsCluster`], `mirrors` lists every other region.
     pub fn role_config(&self, creds: &RoleCredentials) -> io::Result<BusConfig> {
         use std::os::unix::fs::OpenOptionsExt as _;
         let path = self.dir.path().join(format!(
@@ -134,7 +157,23 @@ impl NatsServer {
         cfg.prefix = creds.prefix.clone();
         cfg.role = Some(creds.role);
         cfg.nkey_seed_file = Some(path);
+        cfg.mirrors = self.mirrors();
         Ok(cfg)
+    }
+
+    /// A [`BusConfig`] for `region` under `prefix` logging in as the harness (every subject
+    /// allowed); for a region of a [`NatsCluster`], with `mirrors` set to every other region.
+    pub fn bus_config(&self, region: &RegionId, prefix: &str) -> BusConfig {
+        let mut cfg = BusConfig::new(self.url(), region.clone());
+        cfg.prefix = prefix.to_string();
+        cfg.mirrors = self.mirrors();
+        cfg
+    }
+
+    /// The regions this server's region mirrors: every other region of its cluster, none
+    /// for a server on its own.
+    pub fn mirrors(&self) -> Vec<RegionId> {
+        self.link.as_ref().map(|l| l.mirrors.clone()).unwrap_or_default()
     }
 
     pub fn port(&self) -> u16 {
@@ -143,7 +182,7 @@ impl NatsServer {
 
     /// The server's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.process.pid()
     }
 
     pub fn store_dir(&self) -> PathBuf {
@@ -160,11 +199,18 @@ impl NatsServer {
 
     /// SIGKILL, as a crash would: no flush, no goodbye to clients.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        self.stop_watchdog();
+        self.process.kill();
+    }
+
+    /// SIGSTOP: the process hangs (a frozen VM, a partition that drops nothing): its
+    /// connections stay open and say nothing. [`NatsServer::sigcont`] wakes it.
+    pub fn sigstop(&self) {
+        self.process.signal("-STOP");
+    }
+
+    /// SIGCONT after [`NatsServer::sigstop`].
+    pub fn sigcont(&self) {
+        self.process.signal("-CONT");
     }
 
     /// `kill` (SIGKILL), then start again on the same port with the same store.
@@ -175,22 +221,7 @@ impl NatsServer {
 
     /// Graceful stop (SIGTERM, then SIGKILL after 5 s). `restart` starts it again.
     pub fn stop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                pause();
-            }
-        }
-        self.kill();
+        self.process.terminate();
     }
 
     /// Graceful stop, delete the JetStream store, then start again on the same port: the
@@ -212,12 +243,24 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) -> io::Result<()> {
-        let mut conf = nats_server_config(
-            &self.store_dir(),
-            self.port,
-            self.durability,
-            &format!("test-{}", self.port),
-        );
+        let mut conf = nats_server_config(&NatsServerSpec {
+            store_dir: self.store_dir(),
+            port: self.port,
+            durability: self.durability,
+            server_name: format!("test-{}", self.port),
+            domain: self
+                .link
+                .as_ref()
+                .map(|l| l.region.to_string())
+                .unwrap_or_default(),
+            leaf_remotes: self
+                .link
+                .iter()
+                .map(|l| LeafRemote {
+                    url: l.leaf_url.clone(),
+                })
+                .collect(),
+        });
         conf.push_str(&format!("http: \"127.0.0.1:{}\"\n", self.monitor_port));
         let mut users = vec![NatsUser {
             login: NatsLogin::Password {
@@ -229,59 +272,18 @@ impl NatsServer {
         users.extend(self.roles.iter().map(|r| r.user.clone()));
         conf.push_str(&nats_server_auth_config(&users, self.tls.as_ref()));
         fs::write(self.config_path(), conf)?;
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())?;
-        let child = Command::new(&self.binary)
-            .arg("-c")
-            .arg(self.config_path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| io::Error::new(e.kind(), format!("spawn {}: {e}", self.binary.display())))?;
-        let pid = child.id();
-        self.child = Some(child);
-        self.watchdog = spawn_watchdog(pid);
-        match self.wait_ready() {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let tail = self.log_tail(20);
-                self.kill();
-                Err(io::Error::new(e.kind(), format!("{e}; nats-server log:\n{tail}")))
-            }
-        }
+        self.process = Process::spawn(
+            &self.binary,
+            &self.config_path(),
+            &self.log_path(),
+            self.monitor_port,
+        )?;
+        Ok(())
     }
 
-    /// Polls `/healthz` until the server, JetStream included, reports ok: after a restart
-    /// that means its streams have been recovered from disk.
-    fn wait_ready(&mut self) -> io::Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait()? {
-                    return Err(io::Error::other(format!("nats-server exited early: {status}")));
-                }
-            }
-            if healthz(self.monitor_port) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("nats-server not healthy within {READY_TIMEOUT:?}"),
-                ));
-            }
-            pause();
-        }
-    }
-
-    fn stop_watchdog(&mut self) {
-        if let Some(mut w) = self.watchdog.take() {
-            let _ = w.kill();
-            let _ = w.wait();
-        }
+    /// Waits (bounded by `timeout`) until this server's leafnode link to the hub is up.
+    pub fn wait_linked(&self, timeout: Duration) -> io::Result<()> {
+        wait_leafnodes(self.monitor_port, 1, timeout)
     }
 }
 
@@ -289,6 +291,140 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A nats-server process and its watchdog; the default is "not running".
+#[derive(Default)]
+struct Process {
+    child: Option<Child>,
+    /// Kills the server if this test process dies without running `Drop` (SIGKILL,
+    /// abort), so no server outlives its test.
+    watchdog: Option<Child>,
+}
+
+impl Process {
+    /// Starts nats-server on `config` (output appended to `log`) and waits for
+    /// `/healthz`: JetStream included, so after a restart its streams have been recovered
+    /// from disk. On failure the process is gone and the error carries the log's tail.
+    fn spawn(binary: &Path, config: &Path, log: &Path, monitor_port: u16) -> io::Result<Process> {
+        let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("spawn {}: {e}", binary.display())))?;
+        let watchdog = spawn_watchdog(child.id());
+        let mut process = Process {
+            child: Some(child),
+            watchdog,
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let failed = loop {
+            if let Some(status) = process.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                break io::Error::other(format!("nats-server exited early: {status}"));
+            }
+            if healthz(monitor_port) {
+                return Ok(process);
+            }
+            if Instant::now() > deadline {
+                break io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("nats-server not healthy within {READY_TIMEOUT:?}"),
+                );
+            }
+            pause();
+        };
+        process.kill();
+        let text = fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+        Err(io::Error::new(
+            failed.kind(),
+            format!("{failed}; nats-server log:\n{tail}"),
+        ))
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL the process and wait for it; stop its watchdog.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(mut w) = self.watchdog.take() {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
+
+    /// SIGTERM, wait up to 5 s for the process to exit, then kill what is left.
+    fn terminate(&mut self) {
+        // A stopped process does not act on SIGTERM until it is continued.
+        self.signal("-CONT");
+        self.signal("-TERM");
+        if let Some(child) = self.child.as_mut() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                pause();
+            }
+        }
+        self.kill();
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .arg(sig)
+                .arg(child.id().to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Polls the monitor port's `/leafz` until at least `count` leafnode connections are up.
+fn wait_leafnodes(monitor_port: u16, count: usize, timeout: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let body = http_get(monitor_port, "/leafz").unwrap_or_default();
+        let up = body
+            .split("\"leafnodes\":")
+            .nth(1)
+            .and_then(|rest| {
+                let digits: String = rest
+                    .trim_start()
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                digits.parse::<usize>().ok()
+            })
+            .unwrap_or(0);
+        if up >= count {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{up} of {count} leafnode links up after {timeout:?}"),
+            ));
+        }
+        pause();
+    }
+}
+
+fn random_secret() -> String {
+    use rand::distributions::{Alphanumeric, DistString as _};
+    Alphanumeric.sample_string(&mut rand::thread_rng(), 32)
 }
 
 /// A shell loop that SIGKILLs `pid` once this test process is gone, and exits by itself
@@ -309,21 +445,27 @@ fn spawn_watchdog(pid: u32) -> Option<Child> {
 }
 
 fn healthz(port: u16) -> bool {
+    http_get(port, "/healthz").is_some()
+}
+
+/// The body of a 200 answer to `GET path` on the monitor port; `None` for anything else.
+fn http_get(port: u16, path: &str) -> Option<String> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
-        return false;
-    };
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
     let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
-    if s.write_all(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .ok()?;
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
     let text = String::from_utf8_lossy(&buf);
-    text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200")
+    if !(text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200")) {
+        return None;
+    }
+    Some(
+        text.split_once("\r\n\r\n")
+            .map_or(String::new(), |(_, b)| b.to_string()),
+    )
 }
 
 /// The harness is synchronous on purpose (callers use it from `Drop` and outside any runtime,

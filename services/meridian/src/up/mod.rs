@@ -40,7 +40,9 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use meridian_bus::{nats_server_auth_config, nats_server_config, BusRole, Durability, RoleCredentials};
+use meridian_bus::{
+    nats_server_auth_config, nats_server_config, BusRole, Durability, NatsServerSpec, RoleCredentials,
+};
 use meridian_model::RegionId;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -121,12 +121,14 @@ impl RegionPlan {
         // nats-server accepts no one else.
         let creds = RoleCredentials::generate(BusRole::Region, "", &self.region);
         write_file(&self.nats_seed(), creds.seed.as_bytes(), 0o600)?;
-        let mut conf = nats_server_config(
-            &self.dir.join("jetstream"),
-            self.nats_port,
-            Durability::Process,
-            &format!("meridian-{}", self.region),
-        );
+        let mut conf = nats_server_config(&NatsServerSpec {
+            store_dir: self.dir.join("jetstream"),
+            port: self.nats_port,
+            durability: Durability::Process,
+            server_name: format!("meridian-{}", self.region),
+            domain: self.region.to_string(),
+            leaf_remotes: Vec::new(),
+        });
         conf.push_str(&nats_server_auth_config(std::slice::from_ref(&creds.user), None));
         // Only public keys in it, but nobody else needs to read it either.
         write_file(&self.nats_conf(), conf.as_bytes(), 0o600)?;
