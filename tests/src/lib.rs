@@ -17,6 +17,9 @@ use meridian_model::RegionId;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
+pub mod regions;
+pub use regions::{RegionNode, TestRegions};
+
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
 pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef0123";
 
