@@ -194,6 +194,55 @@ impl RegionConfig {
     }
 }
 
+/// Checks that region files make one deployment: region ids and JetStream domains differ,
+/// each region mirrors exactly the others (so every region applies every region's events),
+/// and each knows every region's endpoint (for `421 wrong_region`). The error names the
+/// file's region and field. Adding a region means adding its file and listing it in the
+/// others' `mirrors` and `region_endpoints`; this says which file was missed.
+pub fn validate_region_set(regions: &[RegionConfig]) -> Result<(), ConfigError> {
+    use std::collections::BTreeSet;
+    let invalid = |cfg: &RegionConfig, field: &str, reason: String| ConfigError::Invalid {
+        field: format!("{field} (region {})", cfg.region),
+        reason,
+    };
+    let ids: BTreeSet<&RegionId> = regions.iter().map(|c| &c.region).collect();
+    if ids.len() != regions.len() {
+        return Err(ConfigError::Invalid {
+            field: "region".into(),
+            reason: "two region files name the same region".into(),
+        });
+    }
+    let mut domains = BTreeSet::new();
+    for cfg in regions {
+        let domain = cfg.bus.domain.clone().unwrap_or_else(|| cfg.region.to_string());
+        if !domains.insert(domain.clone()) {
+            return Err(invalid(cfg, "bus.domain", format!("{domain} is another region's domain too")));
+        }
+        let mirrored: BTreeSet<&RegionId> = cfg.bus.mirrors.iter().collect();
+        let others: BTreeSet<&RegionId> = ids.iter().copied().filter(|r| **r != cfg.region).collect();
+        if mirrored != others || mirrored.len() != cfg.bus.mirrors.len() {
+            return Err(invalid(
+                cfg,
+                "bus.mirrors",
+                format!("lists {mirrored:?}; it must list each other region once: {others:?}"),
+            ));
+        }
+        let missing: Vec<&str> = ids
+            .iter()
+            .map(|r| r.as_str())
+            .filter(|r| !cfg.gateway.region_endpoints.contains_key(*r))
+            .collect();
+        if !missing.is_empty() {
+            return Err(invalid(
+                cfg,
+                "gateway.region_endpoints",
+                format!("has no endpoint for {missing:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
     match path {
         [] => {}

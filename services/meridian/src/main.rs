@@ -136,6 +136,17 @@ struct UpArgs {
     /// of this repository, installed by deploy/install-nats.sh]
     #[arg(long)]
     nats_server: Option<PathBuf>,
+    /// One-way latency between two regions (e.g. 40ms): a proxy per region delays its
+    /// nats-server's link to the hub by half of it each way. Needs two or more regions.
+    #[arg(long, value_parser = up::parse_duration, default_value = "0ms")]
+    wan_delay: std::time::Duration,
+    /// Extra one-way latency between two regions, up to this much per chunk (e.g. 5ms).
+    #[arg(long, value_parser = up::parse_duration, default_value = "0ms")]
+    wan_jitter: std::time::Duration,
+    /// Probability (0.0-1.0) that a chunk between two regions is lost and costs a TCP
+    /// retransmission timeout (200 ms).
+    #[arg(long, default_value_t = 0.0)]
+    wan_loss: f64,
 }
 
 #[derive(Args)]
@@ -230,6 +241,11 @@ async fn run_up(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()>
         port_base: args.port_base,
         nats_server: args.nats_server,
         exe: None,
+        wan: up::WanOptions {
+            delay: args.wan_delay,
+            jitter: args.wan_jitter,
+            loss: args.wan_loss,
+        },
     };
     up::run(opts, shutdown).await.context("meridian up")
 }

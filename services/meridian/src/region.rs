@@ -62,8 +62,8 @@ pub struct RunningRegion {
     sweeper: Option<(CancellationToken, JoinHandle<()>)>,
 }
 
-/// Opens the store, connects the bus (creating the stream when the applier runs here), and
-/// starts the roles.
+/// Opens the store, connects the bus (creating the stream and the mirrors of the other
+/// regions' streams when the applier runs here), and starts the roles.
 pub async fn start(cfg: RegionConfig, roles: Roles) -> Result<RunningRegion, RegionError> {
     let mut bus_cfg = cfg.bus.clone();
     let role = *bus_cfg
@@ -83,10 +83,12 @@ pub async fn start(cfg: RegionConfig, roles: Roles) -> Result<RunningRegion, Reg
     }
     let store = Store::open(&cfg.store, b"").await?;
     let bus = Bus::connect(bus_cfg).await?;
-    // Only the applier's credentials may create the stream; a gateway on its own publishes
-    // (retrying) once an applier has.
+    // Only the applier's credentials may create the streams; a gateway on its own publishes
+    // (retrying) once an applier has. The mirrors of the other regions' streams (`mirrors`)
+    // are created, or repaired, before the applier starts applying them.
     if roles.applier {
         bus.ensure_stream().await?;
+        bus.ensure_mirrors().await?;
     }
 
     let applier_metrics = Arc::new(ApplierMetrics::default());

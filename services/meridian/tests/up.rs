@@ -33,10 +33,17 @@ struct Up {
 
 impl Up {
     fn start(port_base: u16) -> Result<Up> {
+        Up::start_with(port_base, &["--regions", "us"])
+    }
+
+    /// `meridian up` with `args` (at least `--regions`) besides the key, ports and data dir.
+    fn start_with(port_base: u16, args: &[&str]) -> Result<Up> {
         let dir = tempfile::Builder::new().prefix("meridian-up-").tempdir()?;
         let log = std::fs::File::create(dir.path().join("up.log"))?;
         let child = Command::new(env!("CARGO_BIN_EXE_meridian"))
-            .args(["up", "--regions", "us", "--admin-key", ADMIN_KEY, "--port-base"])
+            .arg("up")
+            .args(args)
+            .args(["--admin-key", ADMIN_KEY, "--port-base"])
             .arg(port_base.to_string())
             .arg("--data-dir")
             .arg(dir.path().join("data"))
@@ -106,15 +113,30 @@ impl Up {
 
 impl Drop for Up {
     fn drop(&mut self) {
+        let cluster = self.cluster().unwrap_or(Value::Null);
+        let regions: Vec<String> = match cluster["regions"].as_object() {
+            Some(r) => r.keys().cloned().collect(),
+            None => vec!["us".to_string()],
+        };
         if std::thread::panicking() {
-            for f in ["up.log", "data/us/region.log", "data/us/nats.log"] {
-                eprintln!("--- {f} ---\n{}", self.tail(f, 40));
+            let mut files = vec!["up.log".to_string(), "data/hub/nats.log".to_string()];
+            for r in &regions {
+                files.push(format!("data/{r}/region.log"));
+                files.push(format!("data/{r}/nats.log"));
+            }
+            for f in files {
+                eprintln!("--- {f} ---\n{}", self.tail(&f, 40));
             }
         }
-        let pids: Vec<i32> = ["region", "nats"]
+        // Every process cluster.json names: each region's, and the hub.
+        let mut pids: Vec<i32> = regions
             .iter()
-            .filter_map(|w| self.pid(w).ok())
+            .flat_map(|r| ["region", "nats"].map(|w| cluster["regions"][r]["pids"][w].as_i64()))
+            .chain([cluster["hub"]["pid"].as_i64()])
+            .flatten()
+            .map(|p| p as i32)
             .collect();
+        pids.retain(|p| *p > 0);
         let _ = self.child.kill();
         let _ = self.child.wait();
         for pid in pids {
@@ -145,14 +167,21 @@ fn alive(pid: i32) -> bool {
 
 /// A port block in 20000-40000 whose nats and gateway ports are free right now.
 fn port_base() -> u16 {
+    port_base_for(1)
+}
+
+/// A run of `blocks` port blocks in 20000-40000 whose first three ports (nats, gateway, link
+/// proxy; the hub's client and leaf ports) are free right now.
+fn port_base_for(blocks: u16) -> u16 {
     use std::hash::{BuildHasher as _, Hasher as _};
     // RandomState is seeded from the OS per process: concurrent test runs pick apart.
     let mut seed = std::collections::hash_map::RandomState::new()
         .build_hasher()
         .finish();
     for _ in 0..50 {
-        let base = 20_000 + (seed % 2_000) as u16 * 10;
-        if (base..base + 2).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+        let base = 20_000 + (seed % (2_000 - u64::from(blocks))) as u16 * 10;
+        let ports = (0..blocks).flat_map(|b| (0..3).map(move |p| base + 10 * b + p));
+        if ports.into_iter().all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
             return base;
         }
         seed = seed.rotate_left(17).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -179,14 +208,28 @@ impl Api {
     }
 
     async fn admin_put_user(&self, user: &str) -> Result<()> {
+        self.admin_put_user_in(user, "us").await
+    }
+
+    async fn admin_put_user_in(&self, user: &str, home: &str) -> Result<()> {
         let req = self
             .http
             .put(format!("{}/v1/admin/users/{user}", self.base))
             .header("X-Admin-Key", ADMIN_KEY)
-            .json(&json!({"home_region": "us"}));
+            .json(&json!({"home_region": home}));
         let (st, body) = self.call(req).await?;
         ensure!(st == StatusCode::OK, "provision {user}: {st} {body}");
         Ok(())
+    }
+
+    /// Opens (or finds) the caller's direct conversation with `with`.
+    async fn create_direct(&self, token: &str, with: &str) -> Result<(StatusCode, Value)> {
+        let req = self
+            .http
+            .post(format!("{}/v1/conversations", self.base))
+            .bearer_auth(token)
+            .json(&json!({"kind": "direct", "members": [with]}));
+        self.call(req).await
     }
 
     async fn token(&self, user: &str, device: &str) -> Result<String> {
@@ -412,12 +455,7 @@ async fn up_survives_kill_9_of_region_and_nats_and_stops_cleanly() -> Result<()>
     api.admin_put_user("bob").await?;
     let ann = api.token("ann", "laptop").await?;
     let bob = api.token("bob", "phone").await?;
-    let req = api
-        .http
-        .post(format!("{}/v1/conversations", api.base))
-        .bearer_auth(&ann)
-        .json(&json!({"kind": "direct", "members": ["bob"]}));
-    let (st, body) = api.call(req).await?;
+    let (st, body) = api.create_direct(&ann, "bob").await?;
     ensure!(st == StatusCode::CREATED, "create conversation: {st} {body}");
     let cid = body["conversation_id"]
         .as_str()
@@ -726,5 +764,138 @@ async fn item5_burst_of_large_messages_into_a_large_group_stays_bounded() -> Res
             "an inbox entry of {who} lost its body"
         );
     }
+    Ok(())
+}
+
+/// Polls `check` every 100 ms until it yields a value, for at most `bound`; the error names
+/// `what` and the last reason `check` gave.
+async fn poll<T, F, Fut>(what: &str, bound: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + bound;
+    let mut last = String::from("never checked");
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        ensure!(Instant::now() < deadline, "{what}: not within {bound:?}; last: {last}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Three regions linked through the hub over a 40 ms WAN: a user provisioned in us is known
+/// to eu (which answers 421 naming us), a message sent in us by its user reaches an eu user
+/// reading in eu, and once traffic stops the three digests are equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item2_three_regions_over_a_wan_replicate_and_pin_users() -> Result<()> {
+    const REGIONS: [&str; 3] = ["us", "eu", "ap"];
+    let started = Instant::now();
+    let port_base = port_base_for(4);
+    eprintln!("port base {port_base}");
+    let mut up = Up::start_with(
+        port_base,
+        &["--regions", "us,eu,ap", "--wan-delay", "40ms", "--wan-jitter", "5ms"],
+    )?;
+    let cluster = up.wait_cluster(Duration::from_secs(60)).await?;
+    eprintln!("ready after {:?}", started.elapsed());
+    ensure!(cluster["hub"]["pid"].as_i64() > Some(0), "hub pid: {cluster}");
+    ensure!(cluster["hub"]["nats"].is_string(), "hub url: {cluster}");
+    for r in REGIONS {
+        let streams: Vec<&str> = cluster["regions"][r]["streams"]
+            .as_array()
+            .context("streams")?
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        let own = format!("SYNC_{}", r.to_uppercase());
+        ensure!(streams.first() == Some(&own.as_str()), "{r} applies its own stream first: {streams:?}");
+        let mut all = streams.clone();
+        all.sort_unstable();
+        ensure!(all == ["SYNC_AP", "SYNC_EU", "SYNC_US"], "{r} applies every stream: {streams:?}");
+        ensure!(cluster["regions"][r]["link_proxy"].is_string(), "{r} link: {cluster}");
+    }
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let api = |r: &str| -> Result<Api> {
+        Ok(Api {
+            http: http.clone(),
+            base: cluster["regions"][r]["endpoint"].as_str().context("endpoint")?.to_string(),
+        })
+    };
+    let (us, eu, ap) = (api("us")?, api("eu")?, api("ap")?);
+
+    us.admin_put_user_in("ann", "us").await?;
+    eu.admin_put_user_in("bob", "eu").await?;
+    let ann = us.token("ann", "laptop").await?;
+    let bob = eu.token("bob", "phone").await?;
+
+    // eu learns of Ann through the mirror of us's stream, and sends her home.
+    let wrong = poll("eu answers 421 for ann", Duration::from_secs(15), || async {
+        let (st, body) = eu.call(eu.http.get(format!("{}/v1/sync", eu.base)).bearer_auth(&ann)).await?;
+        Ok((st == StatusCode::MISDIRECTED_REQUEST).then_some(body))
+    })
+    .await?;
+    ensure!(
+        wrong["error"] == "wrong_region" && wrong["region"] == "us" && wrong["endpoint"] == us.base.as_str(),
+        "421 names us and its endpoint: {wrong}"
+    );
+
+    // Ann (us) writes to Bob (eu) once us knows Bob.
+    let cid = poll("ann opens a conversation with bob", Duration::from_secs(15), || async {
+        let (st, body) = us.create_direct(&ann, "bob").await?;
+        ensure!(st.is_success() || st.is_client_error(), "create: {st} {body}");
+        Ok(body["conversation_id"].as_str().map(str::to_string))
+    })
+    .await?;
+    let sent = us
+        .send_until_accepted(&ann, &cid, 0, Instant::now() + Duration::from_secs(15))
+        .await?;
+    let read = poll("bob reads ann's message in eu", Duration::from_secs(15), || async {
+        let history = eu.history(&bob, &cid).await?;
+        Ok(history.iter().any(|m| m["message_id"] == sent.as_str()).then_some(history))
+    })
+    .await?;
+    ensure!(read.len() == 1, "one message: {read:?}");
+
+    // Traffic has stopped: every region converges on the same state.
+    let digests = poll("equal digests in us, eu and ap", Duration::from_secs(20), || async {
+        let mut digests = Vec::new();
+        for region in [&us, &eu, &ap] {
+            let req = region
+                .http
+                .get(format!("{}/v1/admin/digest", region.base))
+                .header("X-Admin-Key", ADMIN_KEY);
+            let (st, body) = region.call(req).await?;
+            ensure!(st == StatusCode::OK, "digest: {st} {body}");
+            digests.push(body["digest"].as_str().context("digest")?.to_string());
+        }
+        Ok(digests.iter().all(|d| *d == digests[0]).then_some(digests))
+    })
+    .await?;
+    eprintln!("digest {} in every region, {:?} after start", digests[0], started.elapsed());
+
+    // SIGTERM stops everything, the hub included.
+    let pids: Vec<i32> = REGIONS
+        .iter()
+        .flat_map(|r| ["region", "nats"].map(|w| cluster["regions"][r]["pids"][w].as_i64()))
+        .chain([cluster["hub"]["pid"].as_i64()])
+        .flatten()
+        .map(|p| p as i32)
+        .collect();
+    signal(up.child.id() as i32, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while up.child.try_wait()?.is_none() {
+        ensure!(Instant::now() < deadline, "meridian up did not stop after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let left: Vec<i32> = pids.into_iter().filter(|p| alive(*p)).collect();
+    ensure!(left.is_empty(), "processes left behind: {left:?}");
+    eprintln!("whole test {:?}", started.elapsed());
     Ok(())
 }

@@ -250,6 +250,7 @@ impl OwnDeployment {
             port_base,
             nats_server: None,
             exe: None,
+            wan: Default::default(),
         };
         let stop = shutdown.child_token();
         let task = tokio::spawn(up::run(up_opts, stop.clone()));

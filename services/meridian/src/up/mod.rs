@@ -2,11 +2,28 @@
 //! nats-server and one region process (`meridian region --config ...`: gateway + applier +
 //! sweeper over the embedded store), restarts whichever dies, and stops them in order.
 //!
+//! # Regions linked (two or more)
+//! Every region's JetStream is its own domain (the region id) and holds a mirror of every
+//! other region's stream (`mirrors` in its region.toml lists the other regions), so every
+//! region applies every region's events. The nats-servers are linked the way production
+//! links them (regions/README.md): a hub nats-server without JetStream listens for leafnodes,
+//! and each region's nats-server has a leafnode remote to it. That remote goes through a WAN
+//! link proxy run inside this process (`meridian_chaos::LinkProxy`, one per region): with
+//! `--wan-delay D` each region-to-hub link adds `D/2` each way, so the one-way latency between
+//! two regions is `D` (and a round trip `2D`); `--wan-jitter J` adds up to `J/2` per link,
+//! and `--wan-loss P` loses a chunk with probability `1 - sqrt(1 - P)` per link, about `P`
+//! region to region (a lost chunk costs a 200 ms retransmission timeout; see the chaos
+//! crate). With one region there is no hub, no proxy and no mirror.
+//!
 //! # Ports
 //! Region `i` (0-based, in `--regions` order) owns the block `port_base + 10*i ..+10`:
-//! `+0` is its nats-server client port and `+1` its gateway; the other eight are reserved
-//! (monitoring, mirror links) so adding them later moves no existing port. With the default
-//! base 7000, `us` listens on 7001 and `eu` on 7011.
+//! `+0` is its nats-server client port, `+1` its gateway and `+2` its WAN link proxy (the
+//! address its nats-server's leafnode remote dials; only with two or more regions); the other
+//! seven are reserved (monitoring, more links) so adding them later moves no existing port.
+//! With two or more regions the hub owns the block after the last region's, `port_base +
+//! 10*n`: `+0` its client port, `+1` its leafnode port. With the default base 7000 and
+//! `--regions us,eu,ap`: us 7000/7001/7002, eu 7010/7011/7012, ap 7020/7021/7022, and the
+//! hub 7030 (clients) and 7031 (leafnodes).
 //!
 //! # Files (under the data dir; nothing is removed on exit, so a restart keeps all data)
 //! The data dir is created 0700 (an existing one open to other users is refused): it holds
@@ -14,21 +31,25 @@
 //! region files (0600), which the region processes need it in.
 //! - `jwt_secret` (0600): the HS256 key, generated once so tokens survive restarts; a key
 //!   file others can read is refused (see `load_or_create_jwt_secret`).
-//! - `cluster.json` (0600): endpoints and pids, written (atomically) once every region is
-//!   ready and again whenever a process is restarted. A stale one is removed at start, so its
-//!   presence means "this run is ready".
-//! - `<region>/nats.conf` (with the nkey user the server accepts: public key only), `nats.log`,
-//!   `jetstream/`: the region's nats-server, which refuses clients without credentials.
+//! - `cluster.json` (0600): endpoints, pids, each region's streams (its own, then its
+//!   mirrors) and link proxy, and the hub; written (atomically) once every region is ready and
+//!   again whenever a process is restarted. A stale one is removed at start, so its presence
+//!   means "this run is ready".
+//! - `<region>/nats.conf` (with the nkey user the server accepts: public key only, and the
+//!   leafnode remote with this run's leaf password), `nats.log`, `jetstream/`: the region's
+//!   nats-server, which refuses clients without credentials.
 //! - `<region>/nats-region.nk` (0600): the region process's nkey seed, new every start.
 //! - `<region>/region.toml` (0600: it holds the keys), `region.log`, `store/`: the region
 //!   process and its embedded store.
+//! - `hub/nats.conf` (0600: the leaf passwords, new every start), `hub/nats.log`: the hub.
 //!
 //! # Processes
 //! Children get their own process group, so a terminal's Ctrl-C reaches only the launcher,
 //! which then stops them in order: every region process first (SIGTERM, 10 s, SIGKILL),
-//! then every nats-server the same way. On Linux each child also gets `PR_SET_PDEATHSIG`,
-//! so even a SIGKILLed launcher leaves no orphans; `kill_on_drop` covers the remaining
-//! paths (a panicking task).
+//! then every region's nats-server the same way, then the hub, and last the link proxies (so
+//! nothing sees its link cut while it shuts down). On Linux each child also gets
+//! `PR_SET_PDEATHSIG`, so even a SIGKILLed launcher leaves no orphans; `kill_on_drop` covers
+//! the remaining paths (a panicking task).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -41,8 +62,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meridian_bus::{
-    nats_server_auth_config, nats_server_config, BusRole, Durability, NatsServerSpec, RoleCredentials,
+    nats_hub_config, nats_server_auth_config, nats_server_config, BusRole, Durability, HubSpec,
+    LeafRemote, NatsServerSpec, RoleCredentials,
 };
+use meridian_chaos::{LinkConfig, LinkProxy};
 use meridian_model::RegionId;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -93,6 +116,42 @@ pub struct UpOptions {
     pub nats_server: Option<PathBuf>,
     /// The `meridian` binary started as `<exe> region --config ...`; `None`: this executable.
     pub exe: Option<PathBuf>,
+    /// What the links between regions do to their traffic (two or more regions).
+    pub wan: WanOptions,
+}
+
+/// The WAN between regions, as seen region to region (each region's link to the hub carries
+/// half; see the module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct WanOptions {
+    /// One-way latency between two regions.
+    pub delay: Duration,
+    /// Extra one-way latency, up to this much, per chunk.
+    pub jitter: Duration,
+    /// Probability (0.0..=1.0) that a chunk between two regions is lost and retransmitted.
+    pub loss: f64,
+}
+
+impl WanOptions {
+    /// The link of one region to the hub: half the delay and jitter, and the loss that, met
+    /// twice, gives `loss`.
+    fn link(&self, listen: std::net::SocketAddr, upstream: std::net::SocketAddr) -> LinkConfig {
+        let mut link = LinkConfig::new(listen, upstream);
+        link.delay = self.delay / 2;
+        link.jitter = self.jitter / 2;
+        link.loss = self.link_loss();
+        link
+    }
+
+    /// Lost on one link with this probability, a chunk crossing two links is lost with
+    /// probability `loss`.
+    fn link_loss(&self) -> f64 {
+        1.0 - (1.0 - self.loss.clamp(0.0, 1.0)).sqrt()
+    }
+
+    fn is_none(&self) -> bool {
+        *self == WanOptions::default()
+    }
 }
 
 impl std::fmt::Debug for UpOptions {
@@ -105,6 +164,7 @@ impl std::fmt::Debug for UpOptions {
             .field("port_base", &self.port_base)
             .field("nats_server", &self.nats_server)
             .field("exe", &self.exe)
+            .field("wan", &self.wan)
             .finish()
     }
 }
@@ -130,14 +190,37 @@ pub enum UpError {
         #[source]
         source: crate::config::ConfigError,
     },
-    #[error("{what} of region {region} did not start: {reason}\n--- last lines of {log} ---\n{tail}")]
+    #[error("{what} of {owner} did not start: {reason}\n--- last lines of {log} ---\n{tail}")]
     Start {
-        region: String,
+        /// "region us", "the hub".
+        owner: String,
         what: &'static str,
         reason: String,
         log: String,
         tail: String,
     },
+}
+
+/// Parses a duration flag: a number with a unit, `us`, `ms` or `s` (`40ms`, `1.5s`), or `0`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("{text:?} has no unit; write e.g. 40ms or 1.5s"))?;
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a number"))?;
+    let seconds = match unit {
+        "us" => number / 1e6,
+        "ms" => number / 1e3,
+        "s" => number,
+        _ => return Err(format!("{text:?}: unit {unit:?} is not one of us, ms, s")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> UpError {
@@ -155,9 +238,16 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> Result<(), UpE
         None => std::env::current_exe().map_err(io_err("cannot find the meridian executable"))?,
     };
     for plan in &layout.regions {
-        for (port, what) in [(plan.nats_port, "nats-server"), (plan.gateway_port, "gateway")] {
-            check_port_free(port, what, &plan.region)?;
+        for (port, what) in [(plan.nats_port, "nats-server"), (plan.gateway_port, "gateway")]
+            .into_iter()
+            .chain(plan.link_port.map(|p| (p, "WAN link proxy")))
+        {
+            check_port_free(port, what, &format!("region {}", plan.region))?;
         }
+    }
+    if let Some(hub) = &layout.hub {
+        check_port_free(hub.port, "client port", "hub")?;
+        check_port_free(hub.leaf_port, "leafnode port", "hub")?;
     }
     let jwt_secret_file = layout.data_dir.join("jwt_secret");
     let jwt_secret = load_or_create_jwt_secret(&jwt_secret_file)?;
@@ -178,8 +268,20 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> Result<(), UpE
         .iter()
         .map(|p| (p.region.to_string(), p.endpoint()))
         .collect();
-    for plan in &layout.regions {
-        plan.write_files(&jwt_secret, &opts.admin_key, &endpoints)?;
+    // One leafnode login per region, new every start like the nkeys.
+    let leaf_logins: Vec<LeafLogin> = layout.regions.iter().map(|p| LeafLogin::generate(&p.region)).collect();
+    // Per region, the streams its applier applies: its own, then its mirrors.
+    let mut streams = BTreeMap::new();
+    for (plan, login) in layout.regions.iter().zip(&leaf_logins) {
+        let cfg = plan.write_files(&jwt_secret, &opts.admin_key, &endpoints, login)?;
+        let applied: Vec<String> = std::iter::once(&cfg.region)
+            .chain(&cfg.bus.mirrors)
+            .map(|r| cfg.bus.stream_name(r))
+            .collect();
+        streams.insert(cfg.region.to_string(), applied);
+    }
+    if let Some(hub) = &layout.hub {
+        hub.write_conf(&leaf_logins)?;
     }
     let launcher = Arc::new(Launcher { nats_bin, exe });
 
@@ -189,16 +291,28 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> Result<(), UpE
         layout.data_dir.display(),
         launcher.nats_bin.display()
     );
+    // The links stop last, after every process that uses them: their own token.
+    let links_stop = CancellationToken::new();
+    let links = match start_links(&layout, opts.wan, &links_stop).await {
+        Ok(links) => links,
+        Err(e) => {
+            links_stop.cancel();
+            return Err(e);
+        }
+    };
     let mut running = Vec::new();
-    match start_all(&layout, &launcher, &mut running, &shutdown).await {
+    let mut hub = None;
+    match start_all(&layout, &launcher, &mut hub, &mut running, &shutdown).await {
         Ok(true) => {}
         Ok(false) => {
             println!("meridian up: interrupted while starting; stopping");
-            stop_all(running).await;
+            stop_all(running, hub).await;
+            stop_links(links, links_stop).await;
             return Ok(());
         }
         Err(e) => {
-            stop_all(running).await;
+            stop_all(running, hub).await;
+            stop_links(links, links_stop).await;
             return Err(e);
         }
     }
@@ -209,12 +323,19 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> Result<(), UpE
             jwt_secret_file: jwt_secret_file.display().to_string(),
             data_dir: layout.data_dir.display().to_string(),
             launcher_pid: std::process::id(),
+            hub: layout.hub.as_ref().map(|h| HubEntry {
+                nats: h.nats_url(),
+                leaf_port: h.leaf_port,
+                pid: hub.as_ref().map_or(0, |p| p.pid),
+            }),
             regions: running
                 .iter()
                 .map(|r| {
                     let entry = RegionEntry {
                         endpoint: r.plan.endpoint(),
                         nats: r.plan.nats_url(),
+                        streams: streams.remove(r.plan.region.as_str()).unwrap_or_default(),
+                        link_proxy: r.plan.link_port.map(|p| format!("127.0.0.1:{p}")),
                         pids: Pids {
                             nats: r.nats.as_ref().map_or(0, |p| p.pid),
                             region: r.region.as_ref().map_or(0, |p| p.pid),
@@ -226,11 +347,21 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> Result<(), UpE
         }),
     });
     if let Err(e) = cluster.write().await {
-        stop_all(running).await;
+        stop_all(running, hub).await;
+        stop_links(links, links_stop).await;
         return Err(e);
     }
     print_ready(&layout, &cluster.path);
 
+    let hub_supervisor = layout.hub.clone().map(|plan| {
+        tokio::spawn(supervise_hub(
+            hub.take(),
+            plan,
+            launcher.clone(),
+            cluster.clone(),
+            shutdown.clone(),
+        ))
+    });
     let supervisors: Vec<_> = running
         .into_iter()
         .map(|r| tokio::spawn(supervise(r, launcher.clone(), cluster.clone(), shutdown.clone())))
@@ -247,8 +378,59 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> Result<(), UpE
         }
     }
     futures::future::join_all(nats.into_iter().map(Proc::stop)).await;
+    if let Some(s) = hub_supervisor {
+        match s.await {
+            Ok(Some(p)) => p.stop().await,
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "the hub supervisor panicked"),
+        }
+    }
+    stop_links(links, links_stop).await;
     println!("meridian up: stopped");
     Ok(())
+}
+
+/// Binds and starts each region's link proxy (region nats-server -> hub leafnode port).
+async fn start_links(
+    layout: &Layout,
+    wan: WanOptions,
+    stop: &CancellationToken,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, UpError> {
+    let Some(hub) = &layout.hub else {
+        return Ok(Vec::new());
+    };
+    let mut links = Vec::new();
+    for plan in &layout.regions {
+        let Some(port) = plan.link_port else { continue };
+        let localhost = std::net::Ipv4Addr::LOCALHOST;
+        let cfg = wan.link((localhost, port).into(), (localhost, hub.leaf_port).into());
+        let proxy = LinkProxy::bind(cfg).await.map_err(|e| UpError::Invalid {
+            option: "--port-base",
+            reason: format!("WAN link proxy of region {}: {e}", plan.region),
+        })?;
+        println!(
+            "  {}: WAN link proxy on 127.0.0.1:{port} -> hub leafnode port {} ({})",
+            plan.region,
+            hub.leaf_port,
+            if wan.is_none() {
+                "no added delay".to_string()
+            } else {
+                format!(
+                    "{:?} one way to the hub, jitter up to {:?}, loss {:.4}",
+                    wan.delay / 2,
+                    wan.jitter / 2,
+                    wan.link_loss()
+                )
+            }
+        );
+        links.push(tokio::spawn(proxy.run(stop.clone())));
+    }
+    Ok(links)
+}
+
+async fn stop_links(links: Vec<tokio::task::JoinHandle<()>>, stop: CancellationToken) {
+    stop.cancel();
+    futures::future::join_all(links).await;
 }
 
 #[cfg(test)]
@@ -263,7 +445,56 @@ mod tests {
             port_base: 7000,
             nats_server: None,
             exe: None,
+            wan: WanOptions::default(),
         }
+    }
+
+    #[test]
+    fn durations_parse_with_their_unit() {
+        assert_eq!(parse_duration("40ms"), Ok(Duration::from_millis(40)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        for bad in ["40", "ms", "4h", "-1ms", "1e3ms"] {
+            assert!(parse_duration(bad).is_err(), "{bad} parsed");
+        }
+    }
+
+    #[test]
+    fn linked_regions_get_a_hub_block_and_link_ports() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.regions.push(RegionId::parse("ap").unwrap());
+        let layout = Layout::new(&o).unwrap();
+        let links: Vec<_> = layout.regions.iter().map(|p| p.link_port).collect();
+        assert_eq!(links, vec![Some(7002), Some(7012), Some(7022)]);
+        let hub = layout.hub.as_ref().expect("three regions are linked through a hub");
+        assert_eq!((hub.port, hub.leaf_port), (7030, 7031));
+        let mirrors: Vec<String> = layout.regions[1].mirrors.iter().map(|r| r.to_string()).collect();
+        assert_eq!(mirrors, vec!["us", "ap"]);
+
+        o.regions.truncate(1);
+        let layout = Layout::new(&o).unwrap();
+        assert!(layout.hub.is_none() && layout.regions[0].link_port.is_none());
+        assert!(layout.regions[0].mirrors.is_empty());
+        o.wan.delay = Duration::from_millis(40);
+        let err = Layout::new(&o).err().expect("a WAN needs two regions").to_string();
+        assert!(err.contains("--wan-delay"), "{err}");
+    }
+
+    #[test]
+    fn each_link_carries_half_the_wan() {
+        let wan = WanOptions {
+            delay: Duration::from_millis(40),
+            jitter: Duration::from_millis(10),
+            loss: 0.0199,
+        };
+        let a = "127.0.0.1:1".parse().unwrap();
+        let link = wan.link(a, a);
+        assert_eq!((link.delay, link.jitter), (Duration::from_millis(20), Duration::from_millis(5)));
+        // Two links in a row lose a chunk with probability 1 - (1 - p)^2 = wan.loss.
+        let both = 1.0 - (1.0 - link.loss).powi(2);
+        assert!((both - wan.loss).abs() < 1e-9, "{both}");
     }
 
     #[test]
@@ -315,15 +546,27 @@ mod tests {
 
         let endpoints = BTreeMap::from([("us".to_string(), "http://127.0.0.1:7001".to_string())]);
         let plan = &layout.regions[0];
-        plan.write_files(&secret, "admin-key-admin-key", &endpoints)
+        let login = LeafLogin::generate(&plan.region);
+        let written = plan
+            .write_files(&secret, "admin-key-admin-key", &endpoints, &login)
             .unwrap();
         let cfg = RegionConfig::load(&plan.region_toml(), Vec::new()).unwrap();
+        assert_eq!(written.bus.mirrors, cfg.bus.mirrors);
+        // Linked: us mirrors eu, in its own JetStream domain, and its leafnode remote dials
+        // its link proxy with this run's login.
+        assert_eq!(cfg.bus.mirrors, vec![RegionId::parse("eu").unwrap()]);
+        assert_eq!(cfg.bus.domain.as_deref(), Some("us"));
         assert_eq!(cfg.gateway.listen.port(), 7001);
         assert_eq!(cfg.bus.nats_url, "nats://127.0.0.1:7000");
         assert_eq!(cfg.gateway.jwt_secret, secret);
         assert!(cfg.store.starts_with("embedded:///"));
         let conf = std::fs::read_to_string(plan.nats_conf()).unwrap();
         assert!(conf.contains("port: 7000"));
+        assert!(
+            conf.contains(&format!("{}:{}@127.0.0.1:7002", login.user, login.password)),
+            "{conf}"
+        );
+        assert_eq!(mode(&plan.nats_conf()), 0o600);
         // The server accepts only the region's nkey user, whose seed the region file names.
         assert!(conf.contains("authorization {") && conf.contains("nkey: \"U"));
         assert_eq!(cfg.bus.role, Some(BusRole::Region));

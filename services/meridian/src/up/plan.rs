@@ -7,6 +7,8 @@ use super::*;
 pub(super) struct Layout {
     pub(super) data_dir: PathBuf,
     pub(super) regions: Vec<Arc<RegionPlan>>,
+    /// With two or more regions: the hub their nats-servers are leafnodes of.
+    pub(super) hub: Option<Arc<HubPlan>>,
 }
 
 pub(super) struct RegionPlan {
@@ -14,6 +16,37 @@ pub(super) struct RegionPlan {
     pub(super) dir: PathBuf,
     pub(super) nats_port: u16,
     pub(super) gateway_port: u16,
+    /// The other regions: this one mirrors and applies their streams.
+    pub(super) mirrors: Vec<RegionId>,
+    /// Where the region's WAN link proxy listens (its leafnode remote dials it); `None`
+    /// with one region.
+    pub(super) link_port: Option<u16>,
+}
+
+/// The hub: a nats-server without JetStream that the regions' servers are leafnodes of.
+pub(super) struct HubPlan {
+    pub(super) dir: PathBuf,
+    pub(super) port: u16,
+    pub(super) leaf_port: u16,
+}
+
+/// The login a region's nats-server uses on the hub's leafnode port; new every start.
+pub(super) struct LeafLogin {
+    pub(super) user: String,
+    pub(super) password: String,
+}
+
+impl LeafLogin {
+    pub(super) fn generate(region: &RegionId) -> LeafLogin {
+        use rand::RngCore as _;
+        let mut password = [0u8; 24];
+        rand::rngs::OsRng.fill_bytes(&mut password);
+        LeafLogin {
+            user: format!("leaf-{region}"),
+            // Hex: it goes into a URL unescaped.
+            password: hex::encode(password),
+        }
+    }
 }
 
 impl Layout {
@@ -37,7 +70,23 @@ impl Layout {
                 ),
             );
         }
-        let blocks = u32::try_from(opts.regions.len()).unwrap_or(u32::MAX);
+        let linked = opts.regions.len() > 1;
+        if !linked && opts.wan != WanOptions::default() {
+            return invalid(
+                "--wan-delay",
+                "--wan-delay, --wan-jitter and --wan-loss shape the links between regions; \
+                 name two or more with --regions"
+                    .into(),
+            );
+        }
+        if !(0.0..=1.0).contains(&opts.wan.loss) {
+            return invalid(
+                "--wan-loss",
+                format!("{} is not a probability in 0.0..=1.0", opts.wan.loss),
+            );
+        }
+        // The hub's block follows the regions'.
+        let blocks = u32::try_from(opts.regions.len() + usize::from(linked)).unwrap_or(u32::MAX);
         let last_port = u32::from(opts.port_base) + u32::from(PORTS_PER_REGION) * blocks - 1;
         if opts.port_base < 1024 || last_port > u32::from(u16::MAX) {
             return invalid(
@@ -69,15 +118,55 @@ impl Layout {
             .enumerate()
             .map(|(i, region)| {
                 let base = opts.port_base + PORTS_PER_REGION * i as u16;
+                let mirrors: Vec<RegionId> = opts.regions.iter().filter(|r| *r != region).cloned().collect();
                 Arc::new(RegionPlan {
                     region: region.clone(),
                     dir: data_dir.join(region.as_str()),
                     nats_port: base,
                     gateway_port: base + 1,
+                    link_port: linked.then_some(base + 2),
+                    mirrors,
                 })
             })
             .collect();
-        Ok(Layout { data_dir, regions })
+        let hub = linked.then(|| {
+            let base = opts.port_base + PORTS_PER_REGION * opts.regions.len() as u16;
+            Arc::new(HubPlan {
+                dir: data_dir.join("hub"),
+                port: base,
+                leaf_port: base + 1,
+            })
+        });
+        Ok(Layout { data_dir, regions, hub })
+    }
+}
+
+impl HubPlan {
+    pub(super) fn nats_url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+    pub(super) fn conf(&self) -> PathBuf {
+        self.dir.join("nats.conf")
+    }
+    pub(super) fn log(&self) -> PathBuf {
+        self.dir.join("nats.log")
+    }
+
+    /// Writes the hub's nats.conf: a leafnode listener accepting each region's login.
+    pub(super) fn write_conf(&self, logins: &[LeafLogin]) -> Result<(), UpError> {
+        std::fs::create_dir_all(&self.dir)
+            .map_err(io_err(format!("cannot create {}", self.dir.display())))?;
+        let conf = nats_hub_config(&HubSpec {
+            server_name: "meridian-hub".into(),
+            port: self.port,
+            leaf_port: self.leaf_port,
+            leaf_users: logins
+                .iter()
+                .map(|l| (l.user.clone(), l.password.clone()))
+                .collect(),
+        });
+        // 0600: it holds the leaf passwords.
+        write_file(&self.conf(), conf.as_bytes(), 0o600)
     }
 }
 
@@ -108,29 +197,40 @@ impl RegionPlan {
     /// Writes nats.conf, the NATS credentials and region.toml, regenerated on every start so
     /// a changed port base or key takes effect (and a new nkey each run: the old seed opens
     /// nothing once the server has the new configuration); the data directories they point
-    /// at are kept.
+    /// at are kept. `leaf` is the login on the hub, used when the region is linked. Returns
+    /// the region file as the region process will load it.
     pub(super) fn write_files(
         &self,
         jwt_secret: &str,
         admin_key: &str,
         endpoints: &BTreeMap<String, String>,
-    ) -> Result<(), UpError> {
+        leaf: &LeafLogin,
+    ) -> Result<RegionConfig, UpError> {
         std::fs::create_dir_all(&self.dir)
             .map_err(io_err(format!("cannot create {}", self.dir.display())))?;
         // The one process per region runs every role, so it logs in as the region user;
         // nats-server accepts no one else.
-        let creds = RoleCredentials::generate(BusRole::Region, "", &self.region);
+        // Its permissions cover the mirrors it creates and reads the health of.
+        let creds = RoleCredentials::generate_with_mirrors(BusRole::Region, "", &self.region, &self.mirrors);
         write_file(&self.nats_seed(), creds.seed.as_bytes(), 0o600)?;
+        let leaf_remotes = self
+            .link_port
+            .map(|port| LeafRemote {
+                url: format!("nats-leaf://{}:{}@127.0.0.1:{port}", leaf.user, leaf.password),
+            })
+            .into_iter()
+            .collect();
         let mut conf = nats_server_config(&NatsServerSpec {
             store_dir: self.dir.join("jetstream"),
             port: self.nats_port,
             durability: Durability::Process,
             server_name: format!("meridian-{}", self.region),
+            // The JetStream domain other regions' mirrors address: the region id.
             domain: self.region.to_string(),
-            leaf_remotes: Vec::new(),
+            leaf_remotes,
         });
         conf.push_str(&nats_server_auth_config(std::slice::from_ref(&creds.user), None));
-        // Only public keys in it, but nobody else needs to read it either.
+        // Public keys and this run's leaf password: nobody else needs to read it.
         write_file(&self.nats_conf(), conf.as_bytes(), 0o600)?;
 
         let mut gateway = toml::Table::new();
@@ -149,6 +249,11 @@ impl RegionPlan {
             "nkey_seed_file".into(),
             self.nats_seed().display().to_string().into(),
         );
+        if !self.mirrors.is_empty() {
+            bus.insert("domain".into(), self.region.as_str().into());
+            let mirrors: Vec<toml::Value> = self.mirrors.iter().map(|r| r.as_str().into()).collect();
+            bus.insert("mirrors".into(), mirrors.into());
+        }
         let mut doc = toml::Table::new();
         doc.insert("region".into(), self.region.as_str().into());
         let store = format!("embedded://{}", self.dir.join("store").display());
@@ -169,13 +274,14 @@ impl RegionPlan {
         let path = self.region_toml();
         // Checked here so a bad flag fails in the launcher with the field named, instead of
         // as a crash loop of the region process.
-        RegionConfig::from_toml(&text, &path.display().to_string(), Vec::new()).map_err(|source| {
-            UpError::Config {
+        let cfg = RegionConfig::from_toml(&text, &path.display().to_string(), Vec::new()).map_err(
+            |source| UpError::Config {
                 path: path.display().to_string(),
                 source,
-            }
-        })?;
-        write_file(&path, text.as_bytes(), 0o600)
+            },
+        )?;
+        write_file(&path, text.as_bytes(), 0o600)?;
+        Ok(cfg)
     }
 }
 
@@ -198,13 +304,13 @@ pub(super) fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), 
     result.map_err(io_err(format!("cannot write {}", path.display())))
 }
 
-pub(super) fn check_port_free(port: u16, what: &str, region: &RegionId) -> Result<(), UpError> {
+pub(super) fn check_port_free(port: u16, what: &str, owner: &str) -> Result<(), UpError> {
     std::net::TcpListener::bind(("127.0.0.1", port))
         .map(drop)
         .map_err(|e| UpError::Invalid {
             option: "--port-base",
             reason: format!(
-                "port {port} ({what} of region {region}) is not free: {e}; is another `meridian up` \
+                "port {port} ({what} of {owner}) is not free: {e}; is another `meridian up` \
                  running? Stop it or choose another --port-base"
             ),
         })

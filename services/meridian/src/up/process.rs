@@ -12,6 +12,8 @@ pub(super) const OWNED_OVERRIDES: &[&str] = &[
     "MERIDIAN__BUS__ROLE",
     "MERIDIAN__BUS__NKEY_SEED_FILE",
     "MERIDIAN__BUS__NKEY_SEED_ENV",
+    "MERIDIAN__BUS__DOMAIN",
+    "MERIDIAN__BUS__MIRRORS",
     "MERIDIAN__GATEWAY__REGION",
     "MERIDIAN__GATEWAY__LISTEN",
     "MERIDIAN__GATEWAY__JWT_SECRET",
@@ -27,13 +29,19 @@ pub(super) struct Launcher {
 }
 
 impl Launcher {
-    pub(super) fn spawn_nats(&self, plan: &Arc<RegionPlan>) -> Result<Proc, UpError> {
+    pub(super) fn spawn_nats(&self, plan: &RegionPlan) -> Result<Proc, UpError> {
         let mut cmd = child_command(&self.nats_bin, &plan.nats_log(), "nats-server")?;
         cmd.arg("-c").arg(plan.nats_conf());
-        Proc::spawn(cmd, "nats-server", plan)
+        Proc::spawn(cmd, "nats-server", &format!("region {}", plan.region), plan.nats_log())
     }
 
-    pub(super) fn spawn_region(&self, plan: &Arc<RegionPlan>) -> Result<Proc, UpError> {
+    pub(super) fn spawn_hub(&self, hub: &HubPlan) -> Result<Proc, UpError> {
+        let mut cmd = child_command(&self.nats_bin, &hub.log(), "hub nats-server")?;
+        cmd.arg("-c").arg(hub.conf());
+        Proc::spawn(cmd, HUB, "the hub", hub.log())
+    }
+
+    pub(super) fn spawn_region(&self, plan: &RegionPlan) -> Result<Proc, UpError> {
         let mut cmd = child_command(&self.exe, &plan.region_log(), "region")?;
         cmd.arg("region").arg("--config").arg(plan.region_toml());
         for (key, _) in std::env::vars_os() {
@@ -42,7 +50,7 @@ impl Launcher {
                 cmd.env_remove(&key);
             }
         }
-        Proc::spawn(cmd, "region", plan)
+        Proc::spawn(cmd, "region", &format!("region {}", plan.region), plan.region_log())
     }
 }
 
@@ -95,51 +103,45 @@ pub(super) fn die_with_parent(cmd: &mut Command) {
 #[cfg(not(target_os = "linux"))]
 pub(super) fn die_with_parent(_cmd: &mut Command) {}
 
+/// What the hub's [`Proc`] is (a region's are "nats-server" and "region").
+pub(super) const HUB: &str = "hub";
+
 /// One running child.
 pub(super) struct Proc {
+    /// "nats-server" or "region" (of a region), or [`HUB`].
     pub(super) what: &'static str,
-    pub(super) plan: Arc<RegionPlan>,
+    /// Whose it is, for messages: "region us", "the hub".
+    pub(super) owner: String,
+    pub(super) log: PathBuf,
     pub(super) child: Child,
     pub(super) pid: u32,
     pub(super) started: Instant,
 }
 
 impl Proc {
-    pub(super) fn spawn(
-        mut cmd: Command,
-        what: &'static str,
-        plan: &Arc<RegionPlan>,
-    ) -> Result<Proc, UpError> {
+    pub(super) fn spawn(mut cmd: Command, what: &'static str, owner: &str, log: PathBuf) -> Result<Proc, UpError> {
         let child = cmd.spawn().map_err(io_err(format!(
-            "cannot start {what} for region {} ({:?})",
-            plan.region,
+            "cannot start {what} of {owner} ({:?})",
             cmd.as_std().get_program()
         )))?;
         let pid = child.id().unwrap_or(0);
         Ok(Proc {
             what,
-            plan: plan.clone(),
+            owner: owner.to_string(),
+            log,
             child,
             pid,
             started: Instant::now(),
         })
     }
 
-    pub(super) fn log(&self) -> PathBuf {
-        if self.what == "nats-server" {
-            self.plan.nats_log()
-        } else {
-            self.plan.region_log()
-        }
-    }
-
     pub(super) fn start_error(&self, reason: String) -> UpError {
         UpError::Start {
-            region: self.plan.region.to_string(),
+            owner: self.owner.clone(),
             what: self.what,
             reason,
-            log: self.log().display().to_string(),
-            tail: log_tail(&self.log(), 30),
+            log: self.log.display().to_string(),
+            tail: log_tail(&self.log, 30),
         }
     }
 
@@ -156,10 +158,10 @@ impl Proc {
         match tokio::time::timeout(STOP_GRACE, self.child.wait()).await {
             Ok(status) => {
                 let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
-                tracing::info!(region = %self.plan.region, what = self.what, pid = self.pid, %status, "stopped");
+                tracing::info!(owner = %self.owner, what = self.what, pid = self.pid, %status, "stopped");
             }
             Err(_) => {
-                tracing::warn!(region = %self.plan.region, what = self.what, pid = self.pid, "did not stop within {STOP_GRACE:?}; killing");
+                tracing::warn!(owner = %self.owner, what = self.what, pid = self.pid, "did not stop within {STOP_GRACE:?}; killing");
                 let _ = self.child.kill().await;
             }
         }
@@ -186,15 +188,31 @@ pub(super) struct RegionProcs {
     pub(super) region: Option<Proc>,
 }
 
-/// Starts every nats-server, then every region process, then waits for each to be ready.
-/// Started processes are pushed to `running` as they start, so the caller can stop them on
-/// error. `Ok(false)`: shutdown was requested meanwhile.
+/// Starts the hub (if any), every nats-server, then every region process, then waits for
+/// each to be ready. Started processes are put in `hub` and `running` as they start, so the
+/// caller can stop them on error. `Ok(false)`: shutdown was requested meanwhile.
 pub(super) async fn start_all(
     layout: &Layout,
     launcher: &Launcher,
+    hub: &mut Option<Proc>,
     running: &mut Vec<RegionProcs>,
     shutdown: &CancellationToken,
 ) -> Result<bool, UpError> {
+    if let Some(plan) = &layout.hub {
+        let p = hub.insert(launcher.spawn_hub(plan)?);
+        println!(
+            "  hub: nats-server pid {} on {}, leafnodes on port {} (log {})",
+            p.pid,
+            plan.nats_url(),
+            plan.leaf_port,
+            plan.log().display()
+        );
+        match wait_nats_ready(p, plan.port, shutdown).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(false),
+            Err(reason) => return Err(p.start_error(reason)),
+        }
+    }
     for plan in &layout.regions {
         let nats = launcher.spawn_nats(plan)?;
         println!(
@@ -212,7 +230,7 @@ pub(super) async fn start_all(
     }
     for r in running.iter_mut() {
         let nats = r.nats.as_mut().expect("just started");
-        match wait_nats_ready(nats, shutdown).await {
+        match wait_nats_ready(nats, r.plan.nats_port, shutdown).await {
             Ok(true) => {}
             Ok(false) => return Ok(false),
             Err(reason) => return Err(nats.start_error(reason)),
@@ -271,8 +289,12 @@ pub(super) async fn start_all(
     Ok(true)
 }
 
-/// Waits until the nats-server accepts connections. `Ok(false)`: shutdown meanwhile.
-pub(super) async fn wait_nats_ready(nats: &mut Proc, shutdown: &CancellationToken) -> Result<bool, String> {
+/// Waits until the nats-server accepts connections on `port`. `Ok(false)`: shutdown meanwhile.
+pub(super) async fn wait_nats_ready(
+    nats: &mut Proc,
+    port: u16,
+    shutdown: &CancellationToken,
+) -> Result<bool, String> {
     let deadline = Instant::now() + NATS_READY_TIMEOUT;
     loop {
         match nats.child.try_wait() {
@@ -280,7 +302,7 @@ pub(super) async fn wait_nats_ready(nats: &mut Proc, shutdown: &CancellationToke
             Ok(None) => {}
             Err(e) => return Err(format!("cannot watch it: {e}")),
         }
-        let connect = TcpStream::connect(("127.0.0.1", nats.plan.nats_port));
+        let connect = TcpStream::connect(("127.0.0.1", port));
         if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), connect).await {
             return Ok(true);
         }
@@ -322,8 +344,8 @@ pub async fn http_status(port: u16, path: &str) -> Option<u16> {
         .flatten()
 }
 
-/// Stops region processes first, then nats-servers.
-pub(super) async fn stop_all(running: Vec<RegionProcs>) {
+/// Stops region processes first, then the regions' nats-servers, then the hub.
+pub(super) async fn stop_all(running: Vec<RegionProcs>, hub: Option<Proc>) {
     let mut nats = Vec::new();
     let mut regions = Vec::new();
     for r in running {
@@ -332,4 +354,7 @@ pub(super) async fn stop_all(running: Vec<RegionProcs>) {
     }
     futures::future::join_all(regions.into_iter().map(Proc::stop)).await;
     futures::future::join_all(nats.into_iter().map(Proc::stop)).await;
+    if let Some(hub) = hub {
+        hub.stop().await;
+    }
 }

@@ -10,13 +10,28 @@ pub(super) struct ClusterDoc {
     pub(super) jwt_secret_file: String,
     pub(super) data_dir: String,
     pub(super) launcher_pid: u32,
+    /// With two or more regions: the hub their nats-servers link through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) hub: Option<HubEntry>,
     pub(super) regions: BTreeMap<String, RegionEntry>,
+}
+
+#[derive(Serialize)]
+pub(super) struct HubEntry {
+    pub(super) nats: String,
+    pub(super) leaf_port: u16,
+    pub(super) pid: u32,
 }
 
 #[derive(Serialize)]
 pub(super) struct RegionEntry {
     pub(super) endpoint: String,
     pub(super) nats: String,
+    /// The streams the region applies: its own, then its mirrors of the other regions'.
+    pub(super) streams: Vec<String>,
+    /// The address of the region's WAN link proxy to the hub (two or more regions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) link_proxy: Option<String>,
     pub(super) pids: Pids,
 }
 
@@ -39,6 +54,15 @@ impl Cluster {
         // Under the lock: two supervisors restarting at once must not interleave renames
         // with stale contents. 0600: it names the key file and the processes.
         write_file(&self.path, text.as_bytes(), 0o600)
+    }
+
+    pub(super) async fn set_hub_pid(&self, pid: u32) {
+        if let Some(hub) = self.doc.lock().await.hub.as_mut() {
+            hub.pid = pid;
+        }
+        if let Err(e) = self.write().await {
+            tracing::error!(error = %e, "cannot rewrite cluster.json");
+        }
     }
 
     pub(super) async fn set_pid(&self, region: &RegionId, what: &str, pid: u32) {
@@ -71,7 +95,14 @@ pub(super) fn print_ready(layout: &Layout, cluster: &Path) {
             p.nats_url()
         );
     }
-    let first = &layout.regions[0];
+    if let Some(hub) = &layout.hub {
+        let _ = writeln!(
+            out,
+            "  hub      {}   (leafnodes on port {}; each region links to it through its WAN link proxy)",
+            hub.nats_url(),
+            hub.leaf_port
+        );
+    }
     let _ = writeln!(out, "  cluster  {}", cluster.display());
     let _ = writeln!(
         out,
@@ -80,19 +111,60 @@ pub(super) fn print_ready(layout: &Layout, cluster: &Path) {
     );
     let _ = writeln!(
         out,
-        "\nProvision a user (ADMIN_KEY: the key given with --admin-key or MERIDIAN_ADMIN_KEY):"
+        "\nADMIN_KEY below: the key given with --admin-key or MERIDIAN_ADMIN_KEY."
     );
+    match &layout.regions[..] {
+        [home, away, ..] => walk_through_regions(&mut out, home, away, &layout.regions),
+        [only] => {
+            let _ = writeln!(out, "Provision a user:");
+            let _ = writeln!(
+                out,
+                "  curl -sX PUT {}/v1/admin/users/ann -H \"X-Admin-Key: $ADMIN_KEY\" -d '{{\"home_region\": \"{}\"}}'",
+                only.endpoint(),
+                only.region
+            );
+        }
+        [] => {}
+    }
     let _ = writeln!(
         out,
-        "  curl -sX PUT {}/v1/admin/users/ann -H \"X-Admin-Key: $ADMIN_KEY\" -d '{{\"home_region\": \"{}\"}}'",
-        first.endpoint(),
-        first.region
-    );
-    let _ = writeln!(
-        out,
-        "\nCtrl-C stops everything (region processes first, then nats-servers)."
+        "\nCtrl-C stops everything (region processes first, then nats-servers{}).",
+        if layout.hub.is_some() { ", the hub, the links" } else { "" }
     );
     println!("{out}");
+}
+
+/// The multi-region walk-through: a user of `home` and one of `away`, a 421, a message
+/// across, and the digests that show every region holds everything.
+fn walk_through_regions(out: &mut String, home: &RegionPlan, away: &RegionPlan, all: &[Arc<RegionPlan>]) {
+    let (h, a) = (home.region.as_str(), away.region.as_str());
+    let (hv, av) = (h.to_uppercase().replace('-', "_"), a.to_uppercase().replace('-', "_"));
+    let token = "python3 -c 'import json,sys; print(json.load(sys.stdin)[\"token\"])'";
+    let lines = [
+        format!("{hv}={}; {av}={}", home.endpoint(), away.endpoint()),
+        "ADMIN=\"X-Admin-Key: $ADMIN_KEY\"".to_string(),
+        format!("# Ann lives in {h}, Bob in {a}; any region can provision anyone."),
+        format!("curl -sX PUT ${hv}/v1/admin/users/ann -H \"$ADMIN\" -d '{{\"home_region\": \"{h}\"}}'"),
+        format!("curl -sX PUT ${av}/v1/admin/users/bob -H \"$ADMIN\" -d '{{\"home_region\": \"{a}\"}}'"),
+        format!("ANN=$(curl -sX POST ${hv}/v1/admin/tokens -H \"$ADMIN\" -d '{{\"user_id\": \"ann\", \"device_id\": \"laptop\"}}' | {token})"),
+        format!("BOB=$(curl -sX POST ${av}/v1/admin/tokens -H \"$ADMIN\" -d '{{\"user_id\": \"bob\", \"device_id\": \"phone\"}}' | {token})"),
+        format!("# {a} does not serve Ann: 421 wrong_region, naming {h} and its endpoint."),
+        format!("curl -s ${av}/v1/sync -H \"Authorization: Bearer $ANN\""),
+        format!("# Ann writes to Bob in {h}; Bob reads it in {a}."),
+        format!("CID=$(curl -sX POST ${hv}/v1/conversations -H \"Authorization: Bearer $ANN\" -d '{{\"kind\": \"direct\", \"members\": [\"bob\"]}}' | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"conversation_id\"])')"),
+        format!("curl -sX POST ${hv}/v1/conversations/$CID/messages -H \"Authorization: Bearer $ANN\" -d '{{\"client_msg_id\": \"m-1\", \"type\": \"text\", \"body\": {{\"text\": \"hi Bob\"}}}}'"),
+        format!("curl -s ${av}/v1/conversations/$CID/messages -H \"Authorization: Bearer $BOB\""),
+        "# Every region holds everything: once traffic stops, the digests are equal.".to_string(),
+        format!(
+            "for e in {}; do curl -s $e/v1/admin/digest -H \"$ADMIN\"; echo; done",
+            all.iter().map(|p| p.endpoint()).collect::<Vec<_>>().join(" ")
+        ),
+        format!("curl -s ${hv}/v1/admin/regions -H \"$ADMIN\"   # mirror lag and apply lag per stream"),
+    ];
+    let _ = writeln!(out, "Walk through the regions:");
+    for line in lines {
+        let _ = writeln!(out, "  {line}");
+    }
 }
 
 pub(super) type ReadyWatch = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -120,7 +192,7 @@ pub(super) async fn supervise(
                     cluster.set_pid(&region, p.what, p.pid).await;
                     // The region process reconnects on its own; waiting here just keeps a
                     // region restart from racing a server that is still recovering.
-                    match wait_nats_ready(&mut p, &shutdown).await {
+                    match wait_nats_ready(&mut p, r.plan.nats_port, &shutdown).await {
                         Ok(_) => {}
                         Err(reason) => tracing::warn!(%region, %reason, "restarted nats-server not ready"),
                     }
@@ -185,6 +257,48 @@ pub(super) async fn supervise(
     r.nats
 }
 
+/// Keeps the hub running until `shutdown`, restarting it when it dies (the regions'
+/// leafnode remotes reconnect on their own), then returns it for the caller to stop after
+/// every region's nats-server.
+pub(super) async fn supervise_hub(
+    mut hub: Option<Proc>,
+    plan: Arc<HubPlan>,
+    launcher: Arc<Launcher>,
+    cluster: Arc<Cluster>,
+    shutdown: CancellationToken,
+) -> Option<Proc> {
+    let mut restart = Restart::default();
+    loop {
+        let now = Instant::now();
+        if hub.is_none() && now >= restart.due {
+            match launcher.spawn_hub(&plan) {
+                Ok(mut p) => {
+                    tracing::warn!(pid = p.pid, "hub nats-server restarted");
+                    cluster.set_hub_pid(p.pid).await;
+                    if let Err(reason) = wait_nats_ready(&mut p, plan.port, &shutdown).await {
+                        tracing::warn!(%reason, "restarted hub not ready");
+                    }
+                    hub = Some(p);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot restart the hub");
+                    restart.failed_again();
+                }
+            }
+        }
+        let next_due = hub.is_none().then_some(restart.due);
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            status = wait_opt(&mut hub) => {
+                let p = hub.take().expect("waited on a running process");
+                restart.exited(&p, &status);
+            }
+            _ = tokio::time::sleep_until(next_due.unwrap_or(now)), if next_due.is_some() => {}
+        }
+    }
+    hub
+}
+
 /// When to restart a process that died.
 pub(super) struct Restart {
     pub(super) due: Instant,
@@ -210,12 +324,12 @@ impl Restart {
         };
         self.due = Instant::now() + self.delay;
         tracing::warn!(
-            region = %p.plan.region,
+            owner = %p.owner,
             what = p.what,
             pid = p.pid,
             status = %status.as_ref().map_or_else(|e| e.to_string(), |s| s.to_string()),
             ran_s = ran.as_secs_f64(),
-            log = %p.log().display(),
+            log = %p.log.display(),
             "exited unexpectedly; restarting in {:?}", self.delay
         );
     }
