@@ -3,6 +3,12 @@
 //! until they are acknowledged, and a WebSocket sync loop that keeps the device checkpoint,
 //! detects gaps, reconnects with backoff and reports when a resync is due.
 //!
+//! Users are pinned to a region: a gateway that does not serve the user answers
+//! `421 wrong_region` with the serving region's endpoint (a WebSocket gets a `wrong_region`
+//! frame and close code 4421). The client then switches its base URL to that endpoint (every
+//! clone of it, the sync loop included) and makes the call once more there; a send keeps its
+//! `client_msg_id`, so it is stored once wherever it lands.
+//!
 //! A ten-line chat program:
 //!
 //! ```no_run
@@ -53,6 +59,10 @@ pub enum ClientError {
     /// [`TokenProvider`] is set to fetch a fresh one.
     #[error("the token expired and the client has no token provider")]
     TokenExpired,
+    /// The user is served by another region, and the client could not follow the answer
+    /// (it named no endpoint, or the endpoint answered `wrong_region` too).
+    #[error("the user is served by region {region} ({endpoint})")]
+    WrongRegion { region: String, endpoint: String },
     #[error("transport: {0}")]
     Transport(String),
     #[error("unexpected response: {0}")]
@@ -210,7 +220,8 @@ pub type TokenProvider =
 /// A user's connection to their region's gateway. Cheap to clone; clones share the token.
 #[derive(Clone)]
 pub struct Client {
-    base: String,
+    /// Shared by clones: following a `421 wrong_region` moves all of them.
+    base: Arc<RwLock<String>>,
     token: Arc<RwLock<String>>,
     token_provider: Option<TokenProvider>,
     http: reqwest::Client,
@@ -230,7 +241,7 @@ impl Client {
     /// a process acting for many users needs one pool, not one per user.
     pub fn with_http(base_url: impl Into<String>, token: impl Into<String>, http: reqwest::Client) -> Client {
         Client {
-            base: base_url.into().trim_end_matches('/').to_string(),
+            base: Arc::new(RwLock::new(base_url.into().trim_end_matches('/').to_string())),
             token: Arc::new(RwLock::new(token.into())),
             token_provider: None,
             http,
@@ -250,8 +261,24 @@ impl Client {
         self
     }
 
-    pub fn base_url(&self) -> &str {
-        &self.base
+    /// The gateway this client talks to now (it changes when a `421 wrong_region` is
+    /// followed).
+    pub fn base_url(&self) -> String {
+        self.base.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Talks to `endpoint` from now on (every clone of this client). Returns false, and
+    /// changes nothing, for an empty endpoint or the current one: following those would
+    /// only ask the same gateway again.
+    pub(crate) fn follow(&self, endpoint: &str) -> bool {
+        let endpoint = endpoint.trim_end_matches('/');
+        let mut base = self.base.write().unwrap_or_else(|p| p.into_inner());
+        if endpoint.is_empty() || *base == endpoint {
+            return false;
+        }
+        tracing::info!(from = %*base, to = endpoint, "the user is served by another region; following");
+        *base = endpoint.to_string();
+        true
     }
 
     /// The current token.
@@ -269,7 +296,9 @@ impl Client {
 
     /// One call; error bodies become [`ClientError::Api`]. A 429 is waited out and the call
     /// made again (see [`RetryPolicy`]); a 401 is retried once with a fresh token when a
-    /// [`TokenProvider`] is set.
+    /// [`TokenProvider`] is set; a `421 wrong_region` switches the client to the serving
+    /// region's endpoint and is made once more there ([`ClientError::WrongRegion`] if that
+    /// cannot be done).
     pub async fn call(
         &self,
         method: reqwest::Method,
@@ -277,10 +306,17 @@ impl Client {
         body: Option<&Value>,
     ) -> Result<Value, ClientError> {
         let mut refreshed = false;
+        let mut followed = false;
         let mut rate_limited = 0;
         let mut backoff = self.retry.first_backoff;
         loop {
             match self.call_once(method.clone(), path, body).await {
+                Err(ClientError::WrongRegion { region, endpoint }) => {
+                    if followed || !self.follow(&endpoint) {
+                        return Err(ClientError::WrongRegion { region, endpoint });
+                    }
+                    followed = true;
+                }
                 Err(ClientError::Api { status: 401, .. }) if !refreshed && self.token_provider.is_some() => {
                     self.refresh_token().await?;
                     refreshed = true;
@@ -311,7 +347,7 @@ impl Client {
     ) -> Result<Value, ClientError> {
         let mut req = self
             .http
-            .request(method, format!("{}{path}", self.base))
+            .request(method, format!("{}{path}", self.base_url()))
             .bearer_auth(self.token());
         if let Some(b) = body {
             req = req.json(b);
@@ -341,6 +377,12 @@ impl Client {
             return Ok(value);
         }
         let code = value["error"].as_str().unwrap_or_default().to_string();
+        if status == 421 && code == "wrong_region" {
+            return Err(ClientError::WrongRegion {
+                region: value["region"].as_str().unwrap_or_default().to_string(),
+                endpoint: value["endpoint"].as_str().unwrap_or_default().to_string(),
+            });
+        }
         if code == "resync_required" {
             return Err(ClientError::ResyncRequired {
                 epoch: value["epoch"].as_str().unwrap_or_default().to_string(),

@@ -4,6 +4,8 @@
 //! entries out in seq order exactly once, pulls any gap over HTTP before going on, reconnects
 //! with backoff when the socket drops (at once, with a fresh token from the client's
 //! [`crate::TokenProvider`], when the gateway closes it with 4401 at the token's expiry), and
+//! follows the user's serving region (a `wrong_region` frame or close code 4421: it switches
+//! the client to the endpoint the gateway names and reconnects there at once), and
 //! reports [`SyncEvent::ResyncRequired`] when the
 //! checkpoint cannot be continued (the inbox epoch changed, or the checkpoint fell out of the
 //! TTL): the app then re-reads its conversations' storage timelines, while the loop carries on
@@ -42,6 +44,8 @@ pub enum SyncEvent {
 
 /// The gateway's close code when the socket's token expires.
 const CLOSE_TOKEN_EXPIRED: u16 = 4401;
+/// The gateway's close code after a `wrong_region` frame: another region serves the user.
+const CLOSE_WRONG_REGION: u16 = 4421;
 /// Entries buffered between the socket task and the app.
 const BUFFER: usize = 1024;
 const GAP_PAGE: usize = 500;
@@ -95,9 +99,25 @@ async fn run(
         tx,
     };
     let mut backoff = Duration::from_millis(100);
+    // Whether the last session ended by following the user to another region: a second
+    // move in a row backs off like any failure, so two gateways that disagree about where
+    // the user is served cannot make the loop spin.
+    let mut just_moved = false;
     loop {
+        let moved = std::mem::take(&mut just_moved);
         match l.session().await {
             Ok(()) => return, // the app went away
+            Err(ClientError::WrongRegion { region, endpoint }) => {
+                let text = format!("served by region {region} ({endpoint})");
+                if l.tx.send(Ok(SyncEvent::Disconnected(text))).await.is_err() {
+                    return;
+                }
+                if !moved {
+                    just_moved = true;
+                    backoff = Duration::from_millis(100);
+                    continue;
+                }
+            }
             Err(ClientError::TokenExpired) => {
                 if l.tx
                     .send(Ok(SyncEvent::Disconnected("token expired".into())))
@@ -172,6 +192,15 @@ impl Loop {
                 tokio_tungstenite::tungstenite::Error::Http(resp) if resp.status() == 401 => {
                     ClientError::TokenExpired
                 }
+                // A gateway may refuse the upgrade itself rather than say so in a frame.
+                tokio_tungstenite::tungstenite::Error::Http(resp) if resp.status() == 421 => {
+                    let body: Value = resp
+                        .body()
+                        .as_deref()
+                        .and_then(|b| serde_json::from_slice(b).ok())
+                        .unwrap_or_default();
+                    self.moved(&body)
+                }
                 e => ClientError::Transport(e.to_string()),
             })?;
         let cp = self.cp();
@@ -184,8 +213,17 @@ impl Loop {
         while let Some(frame) = socket.next().await {
             let frame = frame.map_err(|e| ClientError::Transport(e.to_string()))?;
             if let WsMessage::Close(Some(close)) = &frame {
-                if u16::from(close.code) == CLOSE_TOKEN_EXPIRED {
-                    return Err(ClientError::TokenExpired);
+                match u16::from(close.code) {
+                    CLOSE_TOKEN_EXPIRED => return Err(ClientError::TokenExpired),
+                    // Without the frame (or after it): the next session's first call over
+                    // HTTP is answered 421 with the endpoint, and follows it.
+                    CLOSE_WRONG_REGION => {
+                        return Err(ClientError::WrongRegion {
+                            region: String::new(),
+                            endpoint: String::new(),
+                        })
+                    }
+                    _ => {}
                 }
             }
             let WsMessage::Text(text) = frame else { continue };
@@ -207,6 +245,7 @@ impl Loop {
                         }
                     }
                 }
+                Some("wrong_region") => return Err(self.moved(&v)),
                 Some("resync_required") => {
                     let epoch = v["epoch"].as_str().unwrap_or_default().to_string();
                     let head = v["head"].as_u64().unwrap_or(0);
@@ -219,6 +258,14 @@ impl Loop {
             }
         }
         Err(ClientError::Transport("socket closed".into()))
+    }
+
+    /// Switches the client to the endpoint of a `wrong_region` answer (frame or body).
+    fn moved(&self, answer: &Value) -> ClientError {
+        let region = answer["region"].as_str().unwrap_or_default().to_string();
+        let endpoint = answer["endpoint"].as_str().unwrap_or_default().to_string();
+        self.client.follow(&endpoint);
+        ClientError::WrongRegion { region, endpoint }
     }
 
     async fn deliver(&self, entry: Entry) -> Result<(), ()> {

@@ -57,7 +57,15 @@ pub struct GatewayConfig {
     /// production; clock-skew drills and tests set it (`MERIDIAN__GATEWAY__CLOCK_OFFSET_MS`).
     #[serde(default)]
     pub clock_offset_ms: i64,
+    /// `/readyz` fails while a mirror of another region's stream has not heard from its
+    /// origin for longer than this (a cut link still reports mirror lag 0; only the age of
+    /// its last contact tells), or reports an error.
+    #[serde(default = "default_mirror_unhealthy_after")]
+    pub mirror_unhealthy_after_s: u64,
 }
+
+/// The longest `mirror_unhealthy_after_s`: beyond a day a dead link would go unnoticed.
+pub const MAX_MIRROR_UNHEALTHY_AFTER_S: u64 = 24 * 3600;
 
 /// The largest `max_token_ttl_s` a config may give: tokens cannot be revoked one by one,
 /// so their lifetime is the window a leaked one stays useful.
@@ -94,6 +102,9 @@ fn default_ws_subscription_capacity() -> usize {
 fn default_read_your_writes() -> u64 {
     3_000
 }
+fn default_mirror_unhealthy_after() -> u64 {
+    30
+}
 
 impl GatewayConfig {
     /// A config with defaults for everything but the region and keys.
@@ -113,6 +124,7 @@ impl GatewayConfig {
             ws_subscription_capacity: default_ws_subscription_capacity(),
             region_endpoints: BTreeMap::new(),
             clock_offset_ms: 0,
+            mirror_unhealthy_after_s: default_mirror_unhealthy_after(),
         }
     }
 
@@ -156,6 +168,12 @@ impl GatewayConfig {
             return bad(
                 "gateway.ws_subscription_capacity",
                 "must be between 1 and 65536".into(),
+            );
+        }
+        if !(1..=MAX_MIRROR_UNHEALTHY_AFTER_S).contains(&self.mirror_unhealthy_after_s) {
+            return bad(
+                "gateway.mirror_unhealthy_after_s",
+                format!("must be between 1 and {MAX_MIRROR_UNHEALTHY_AFTER_S} (one day)"),
             );
         }
         for (region, endpoint) in &self.region_endpoints {

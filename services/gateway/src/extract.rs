@@ -9,13 +9,14 @@ use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use bytes::Bytes;
-use meridian_model::{DeviceId, UserId};
+use meridian_model::{DeviceId, RegionId, UserId};
 use meridian_store::directory::UserView;
 use serde::de::DeserializeOwned;
 
 use crate::auth::{self, TokenError};
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::GatewayConfig;
 
 /// A JSON body. Oversized → 413 `too_large`; unparsable → 400 `malformed_json`.
 pub struct ApiJson<T>(pub T);
@@ -77,7 +78,80 @@ pub struct Caller {
     pub token_expires_at_s: u64,
 }
 
-impl FromRequestParts<Arc<AppState>> for Caller {
+/// Where a user is served when it is not here: the `421 wrong_region` answer (HTTP) or the
+/// `wrong_region` frame before close code 4421 (WebSocket).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrongRegion {
+    pub region: RegionId,
+    /// The region's public endpoint (`GatewayConfig::region_endpoints`); empty when this
+    /// deployment's config does not name it.
+    pub endpoint: String,
+}
+
+impl WrongRegion {
+    /// `Some` when `view`'s user is served by another region than this gateway's.
+    pub fn of(cfg: &GatewayConfig, view: &UserView) -> Option<WrongRegion> {
+        (view.serving_region != cfg.region).then(|| WrongRegion {
+            endpoint: cfg
+                .region_endpoints
+                .get(view.serving_region.as_str())
+                .cloned()
+                .unwrap_or_default(),
+            region: view.serving_region.clone(),
+        })
+    }
+
+    /// The WebSocket frame sent before closing with [`crate::ws::CLOSE_WRONG_REGION`].
+    pub fn frame(&self) -> String {
+        serde_json::json!({
+            "op": "wrong_region",
+            "region": self.region.as_str(),
+            "endpoint": self.endpoint,
+        })
+        .to_string()
+    }
+}
+
+impl From<WrongRegion> for ApiError {
+    fn from(w: WrongRegion) -> Self {
+        ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "wrong_region",
+            format!("this user is served by region {}", w.region),
+        )
+        .with("region", w.region.as_str())
+        .with("endpoint", w.endpoint)
+    }
+}
+
+/// A client call's authenticated, provisioned user within its rate limit, wherever it is
+/// served. Handlers take [`Caller`], which also refuses users served elsewhere; the
+/// WebSocket upgrade takes this, because a browser cannot read an upgrade's refusal and is
+/// told `wrong_region` in a frame instead.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub user: UserId,
+    pub device: DeviceId,
+    pub view: UserView,
+    pub token_expires_at_s: u64,
+}
+
+impl Authenticated {
+    /// The caller, or where it is served when that is not here.
+    pub fn served_here(self, cfg: &GatewayConfig) -> Result<Caller, WrongRegion> {
+        match WrongRegion::of(cfg, &self.view) {
+            Some(w) => Err(w),
+            None => Ok(Caller {
+                user: self.user,
+                device: self.device,
+                view: self.view,
+                token_expires_at_s: self.token_expires_at_s,
+            }),
+        }
+    }
+}
+
+impl FromRequestParts<Arc<AppState>> for Authenticated {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
@@ -105,28 +179,23 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .user(&user)
             .await?
             .ok_or_else(|| ApiError::forbidden("the user of this token is not provisioned"))?;
-        if view.serving_region != state.cfg.region {
-            let region = view.serving_region.to_string();
-            let endpoint = state
-                .cfg
-                .region_endpoints
-                .get(&region)
-                .cloned()
-                .unwrap_or_default();
-            return Err(ApiError::new(
-                StatusCode::MISDIRECTED_REQUEST,
-                "wrong_region",
-                format!("this user is served by region {region}"),
-            )
-            .with("region", region)
-            .with("endpoint", endpoint));
-        }
-        Ok(Caller {
+        Ok(Authenticated {
             user,
             device,
             view,
             token_expires_at_s: claims.exp,
         })
+    }
+}
+
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = ApiError;
+
+    /// Every client call but the WebSocket upgrade: a user served by another region gets
+    /// `421 wrong_region` with that region's endpoint, read from the directory per request.
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let who = Authenticated::from_request_parts(parts, state).await?;
+        Ok(who.served_here(&state.cfg)?)
     }
 }
 

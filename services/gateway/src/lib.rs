@@ -8,6 +8,8 @@
 //! - [`auth`]: HS256 tokens and the admin key.
 //! - [`extract`]: extractors answering bad input with JSON errors (body limit, auth, 421).
 //! - [`error`]: `ApiError` (the one place errors become statuses) and `GatewayError`.
+//! - [`health`]: the own stream and each mirror: positions, apply lag, mirror lag and
+//!   active age (admin regions, readiness).
 //! - [`idempotency`]: `Idempotency-Key` on the POSTs that create something.
 //! - [`state`]: shared state, publishing, read-your-writes waits, rate limits, metrics.
 //! - [`service`]: what a call does whatever its transport (limits, membership, send, inbox
@@ -15,15 +17,19 @@
 //! - [`routes`]: the route table (router and OpenAPI from one list) and the handlers.
 //! - [`ws`]: the WebSocket: replay, live entries in seq order with gap fill, token expiry,
 //!   frames handed to the service layer.
-//! - [`live`]: presence of this gateway's connections.
+//! - [`live`]: presence of this gateway's connections, and the fence that closes the sockets
+//!   of users now served by another region.
+//! - [`regions`]: typing and presence across regions (core NATS, never stored).
 //! - [`render`]: store views as API JSON.
 
 pub mod auth;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod health;
 pub mod idempotency;
 pub mod live;
+pub mod regions;
 pub mod render;
 pub mod routes;
 pub mod service;
@@ -55,6 +61,9 @@ use state::{AppState, GatewayMetrics, RateLimiter};
 pub struct Gateway {
     listener: TcpListener,
     state: AppState,
+    /// This region's presence requests, subscribed at bind so other regions are answered
+    /// as soon as the gateway serves.
+    presence_requests: async_nats::Subscriber,
 }
 
 impl Gateway {
@@ -72,6 +81,7 @@ impl Gateway {
                 source,
             })?;
         let live_bus = bus.connect_bounded(cfg.ws_subscription_capacity).await?;
+        let presence_requests = bus.subscribe(bus.presence_subject(&cfg.region)).await?;
         let clock = HybridClock::with_offset_ms(cfg.clock_offset_ms);
         // Start above everything applied, so a restart on a wall clock that stepped back
         // never stamps below what is stored (docs/design.md §4).
@@ -93,7 +103,11 @@ impl Gateway {
             shutdown,
             registry,
         };
-        Ok(Gateway { listener, state })
+        Ok(Gateway {
+            listener,
+            state,
+            presence_requests,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -114,9 +128,22 @@ impl Gateway {
     }
 
     /// Serves until `shutdown`; then stops accepting, lets requests in flight finish (their
-    /// publishes complete) and closes WebSockets.
+    /// publishes complete) and closes WebSockets. The fence and the presence responder run
+    /// beside it and stop with it.
     pub async fn run(self) -> Result<(), GatewayError> {
         let shutdown = self.state.shutdown.clone();
+        let fence = tokio::spawn(live::run_fence(
+            self.state.cfg.clone(),
+            self.state.store.clone(),
+            self.state.hub.clone(),
+            shutdown.clone(),
+        ));
+        let presence = tokio::spawn(regions::run_presence_responder(
+            self.state.bus.clone(),
+            self.presence_requests,
+            self.state.hub.clone(),
+            shutdown.clone(),
+        ));
         let app = router(Arc::new(self.state));
         tracing::info!(addr = %self.listener.local_addr().map_err(GatewayError::Serve)?, "gateway listening");
         // Small frames in both directions: without TCP_NODELAY, Nagle's algorithm meeting
@@ -126,10 +153,15 @@ impl Gateway {
                 tracing::debug!(error = %e, "cannot set TCP_NODELAY");
             }
         });
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
             .await
-            .map_err(GatewayError::Serve)
+            .map_err(GatewayError::Serve);
+        // Serving ends on `shutdown`, or on an error: the side tasks stop either way.
+        shutdown.cancel();
+        let _ = fence.await;
+        let _ = presence.await;
+        served
     }
 }
 

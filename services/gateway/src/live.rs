@@ -1,4 +1,6 @@
-//! Who is connected to this gateway: open WebSockets per user, for presence.
+//! Who is connected to this gateway: open WebSockets per user, for presence and for the
+//! region fence (a user whose serving region moves away has its sockets closed, see
+//! [`run_fence`]).
 //!
 //! Live entries do not pass through here: each WebSocket subscribes to its user's core-NATS
 //! delivery subject itself, so an entry reaches exactly the gateways holding that user and
@@ -6,33 +8,86 @@
 //! and fills it from the store, so nothing here has to be reliable.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use meridian_model::UserId;
+use meridian_store::Store;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::extract::WrongRegion;
+use crate::GatewayConfig;
 
 #[derive(Default)]
 pub struct Hub {
     users: Mutex<HashMap<UserId, Presence>>,
 }
 
-#[derive(Default, Clone, Copy)]
 struct Presence {
     connections: usize,
     last_seen_ms: u64,
+    /// Set when the user's serving region moved away: the user's sockets watch it and
+    /// close with `wrong_region`.
+    fence: watch::Sender<Option<WrongRegion>>,
+}
+
+impl Default for Presence {
+    fn default() -> Self {
+        Self {
+            connections: 0,
+            last_seen_ms: 0,
+            fence: watch::Sender::new(None),
+        }
+    }
 }
 
 impl Hub {
     /// Counts one more connection of `user` unless it already has `cap`; check and count
     /// are one step, so sockets opened at the same moment cannot pass the cap together.
-    pub fn try_connect(&self, user: &UserId, cap: usize) -> bool {
+    /// The receiver tells the socket when the user is no longer served here.
+    pub fn try_connect(&self, user: &UserId, cap: usize) -> Option<watch::Receiver<Option<WrongRegion>>> {
         let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
         let p = users.entry(user.clone()).or_default();
         if p.connections >= cap {
-            return false;
+            return None;
+        }
+        if p.connections == 0 {
+            // The socket was admitted after a fresh directory read: a fence from an earlier
+            // move (the user has since moved back) no longer holds.
+            p.fence.send_replace(None);
         }
         p.connections += 1;
         p.last_seen_ms = now_ms();
-        true
+        let mut fence = p.fence.subscribe();
+        if fence.borrow().is_some() {
+            // The user's other sockets are being fenced: this one must hear it too (the
+            // fence only notifies on a change), and reconnects for a fresh directory read.
+            fence.mark_changed();
+        }
+        Some(fence)
+    }
+
+    /// Users with at least one socket open here.
+    pub fn connected_users(&self) -> Vec<UserId> {
+        let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        users
+            .iter()
+            .filter(|(_, p)| p.connections > 0)
+            .map(|(u, _)| u.clone())
+            .collect()
+    }
+
+    /// Tells `user`'s sockets that the user is served elsewhere now.
+    pub fn fence(&self, user: &UserId, moved: WrongRegion) {
+        let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = users.get(user) {
+            p.fence.send_if_modified(|current| {
+                let changed = current.as_ref() != Some(&moved);
+                *current = Some(moved);
+                changed
+            });
+        }
     }
 
     pub fn disconnected(&self, user: &UserId) {
@@ -57,6 +112,45 @@ impl Hub {
     pub fn online_users(&self) -> usize {
         let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
         users.values().filter(|p| p.connections > 0).count()
+    }
+}
+
+/// How often the fence re-reads the directory for the users connected here. A sweep reads
+/// one user record per connected user; the next sweep starts this long after one ends, so
+/// the sweep never takes more than its share of a core however many users are online.
+pub const FENCE_POLL: Duration = Duration::from_millis(250);
+
+/// Closes the sockets of users whose serving region moved away (re-provisioned with another
+/// home, or their region failed over): every [`FENCE_POLL`], reads the directory for each
+/// user connected here and fences those served elsewhere. Calls and frames check the
+/// directory themselves; this reaches sockets that are only receiving. Runs until
+/// `shutdown`.
+pub async fn run_fence(cfg: GatewayConfig, store: Store, hub: Arc<Hub>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(FENCE_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for user in hub.connected_users() {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            match store.user(&user).await {
+                Ok(Some(view)) => {
+                    if let Some(moved) = WrongRegion::of(&cfg, &view) {
+                        hub.fence(&user, moved);
+                    }
+                }
+                Ok(None) => {}
+                // The next sweep tries again; a store outage shows in /readyz.
+                Err(e) => {
+                    tracing::debug!(error = %e, "fence: reading the directory failed");
+                    break;
+                }
+            }
+        }
     }
 }
 

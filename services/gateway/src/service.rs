@@ -245,7 +245,8 @@ pub fn resync_required(epoch: String, head: u64) -> ApiError {
     .with("head", head)
 }
 
-/// Relays "`caller` is typing in `cid`" to the other members, never stored. Refused in
+/// Relays "`caller` is typing in `cid`" to the other members wherever they are served,
+/// never stored. Refused in
 /// groups of more than [`MAX_TYPING_MEMBERS`]: the size comes from the conversation's one
 /// derived member list, so a refusal costs one point read, not a scan of member records.
 pub async fn typing(s: &AppState, caller: &Caller, cid: &str) -> ApiResult<()> {
@@ -270,11 +271,17 @@ pub async fn typing(s: &AppState, caller: &Caller, cid: &str) -> ApiResult<()> {
     let frame =
         json!({"op": "typing", "conversation_id": cid.as_str(), "user_id": caller.user.as_str()}).to_string();
     for m in members.iter().filter(|m| **m != caller.user) {
+        // To the region serving the member, where its sockets are: over the NATS link when
+        // that is another region (docs/design.md §3), never stored.
+        let subject = match s.store.user(m).await? {
+            Some(view) if view.serving_region != s.cfg.region => {
+                s.bus.ephemeral_subject_in(&view.serving_region, m)
+            }
+            Some(_) => s.bus.ephemeral_subject(m),
+            None => continue,
+        };
         // Best effort: typing is worth nothing late.
-        let _ = s
-            .bus
-            .publish_ephemeral(s.bus.ephemeral_subject(m), frame.clone().into())
-            .await;
+        let _ = s.bus.publish_ephemeral(subject, frame.clone().into()).await;
     }
     Ok(())
 }
@@ -284,6 +291,8 @@ pub async fn typing(s: &AppState, caller: &Caller, cid: &str) -> ApiResult<()> {
 pub struct SocketSlot {
     hub: Arc<Hub>,
     user: UserId,
+    /// Becomes `Some` when the user is no longer served here (see [`crate::live::run_fence`]).
+    pub fence: tokio::sync::watch::Receiver<Option<crate::extract::WrongRegion>>,
 }
 
 impl Drop for SocketSlot {
@@ -295,7 +304,7 @@ impl Drop for SocketSlot {
 /// Takes one of the caller's WebSocket slots, or refuses with `429 too_many_sockets`.
 pub fn open_socket(s: &AppState, caller: &Caller) -> ApiResult<SocketSlot> {
     let cap = s.cfg.max_sockets_per_user;
-    if !s.hub.try_connect(&caller.user, cap) {
+    let Some(fence) = s.hub.try_connect(&caller.user, cap) else {
         s.metrics.rate_limited.inc();
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -303,9 +312,10 @@ pub fn open_socket(s: &AppState, caller: &Caller) -> ApiResult<SocketSlot> {
             format!("at most {cap} WebSockets per user; close one first"),
         )
         .with("limit", cap));
-    }
+    };
     Ok(SocketSlot {
         hub: s.hub.clone(),
         user: caller.user.clone(),
+        fence,
     })
 }

@@ -90,10 +90,18 @@ impl AppState {
         // §4): a clock behind the store (restarted on a wall clock that stepped back,
         // or behind a region whose events were applied here) would otherwise lose the write
         // to last-writer-wins while answering 200, or sort a new message before stored ones.
-        let hlc = match self.store.overwritten_version(&body).await? {
-            Some(seen) => self.clock.observe(seen),
-            None => self.clock.now(),
-        };
+        //
+        // And above every event applied here, whichever region stamped it: a region whose
+        // clock runs ahead has its events applied here, and what a user does after seeing one
+        // must sort after it even in another conversation (the conversation list orders by
+        // activity). The applier records the highest HLC it applied per stream with each
+        // checkpoint; reading those is one short scan (a key per stream), so every event
+        // observes them, with no window in which a stale clock could stamp.
+        let overwritten = self.store.overwritten_version(&body).await?;
+        let applied = self.store.max_applied_hlc().await?;
+        let hlc = self
+            .clock
+            .observe(overwritten.map_or(applied, |v| v.max(applied)));
         let envelope = EventEnvelope {
             event_id: event_id.as_bytes().to_vec(),
             origin_region: self.cfg.region.to_string(),

@@ -14,7 +14,12 @@
 //! socket instead of HTTP. Refusals are `{"op": "error", "ref", "error", "message", ...}`
 //! frames with the HTTP error codes. Close codes: 4401 `token_expired` when the token's
 //! `exp` passes (the client reconnects with a fresh token), 1009 for a frame over the frame
-//! limit. A user holds at most `max_sockets_per_user` sockets per gateway (429 at upgrade).
+//! limit, 4421 after a `{"op": "wrong_region", "region", "endpoint"}` frame when the user is
+//! served by another region: at the upgrade (a browser cannot read an upgrade's refusal, so
+//! the socket opens only to say where to go), at any frame (each re-reads the directory), or
+//! while the socket only receives (the fence, [`crate::live::run_fence`], polls the
+//! directory). A user holds at most `max_sockets_per_user` sockets per gateway (429 at
+//! upgrade).
 //!
 //! Tracing: a `send` frame is a "WS send" span (joining the frame's optional `traceparent`
 //! field), and each live delivery a "WS deliver" span continuing the trace named by the
@@ -42,7 +47,7 @@ use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tracing::Instrument as _;
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::Caller;
+use crate::extract::{Authenticated, Caller, WrongRegion};
 use crate::service::{self, SendMessage, SocketSlot};
 use crate::state::AppState;
 
@@ -54,6 +59,8 @@ const PAGE: usize = 500;
 const DELIVERY_BATCH: usize = 64;
 /// The close code for an expired token (4000-4999 are the application's).
 pub const CLOSE_TOKEN_EXPIRED: u16 = 4401;
+/// The close code after a `wrong_region` frame: the user is served by another region.
+pub const CLOSE_WRONG_REGION: u16 = 4421;
 
 /// The largest frame a client may send: a send frame carries one message body (at most
 /// `max_body_bytes`, checked by the service layer as for POST) plus a few short fields;
@@ -64,12 +71,36 @@ fn frame_limit(s: &AppState) -> usize {
 }
 
 pub async fn upgrade(
-    caller: Caller,
+    who: Authenticated,
     State(s): State<Arc<AppState>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
-    // A plain request here is answered in JSON like every other error.
-    let ws = ws.map_err(|e| ApiError::new(e.status(), "websocket_upgrade_required", e.body_text()))?;
+    let caller = who.served_here(&s.cfg);
+    // A plain request here is answered in JSON like every other error (a 421 for a user
+    // served elsewhere).
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            caller?;
+            return Err(ApiError::new(
+                e.status(),
+                "websocket_upgrade_required",
+                e.body_text(),
+            ));
+        }
+    };
+    let caller = match caller {
+        Ok(caller) => caller,
+        // Opened only to say where to go: no slot, no subscription.
+        Err(moved) => {
+            return Ok(ws
+                .read_buffer_size(4 * 1024)
+                .on_upgrade(move |mut socket| async move {
+                    let _ = socket.send(Message::Text(moved.frame().into())).await;
+                    let _ = socket.send(Message::Close(Some(wrong_region_close()))).await;
+                }))
+        }
+    };
     let slot = service::open_socket(&s, &caller)?;
     let shutdown = s.shutdown.clone();
     let limit = frame_limit(&s);
@@ -88,7 +119,7 @@ pub async fn upgrade(
                 socket,
                 last_seq: None,
                 epoch: None,
-                _slot: slot,
+                slot,
             };
             conn.run(shutdown).await
         }))
@@ -137,8 +168,9 @@ struct Connection {
     /// The last seq sent; `None` until `hello`, and nothing live is sent before it.
     last_seq: Option<u64>,
     epoch: Option<String>,
-    /// Held for the connection's life: counts it against the user's cap and for presence.
-    _slot: SocketSlot,
+    /// Held for the connection's life: counts it against the user's cap and for presence,
+    /// and says when the user is no longer served here.
+    slot: SocketSlot,
 }
 
 type SendResult = (Value, ApiResult<Value>);
@@ -149,6 +181,8 @@ enum Closed {
     Normally,
     /// Closed by us with this code and reason.
     With(u16, &'static str),
+    /// The user is served by another region: a `wrong_region` frame, then close 4421.
+    Moved(WrongRegion),
     /// The connection failed.
     Failed(String),
 }
@@ -173,6 +207,11 @@ impl Connection {
                     reason: Utf8Bytes::from_static(reason),
                 };
                 let _ = self.socket.send(Message::Close(Some(frame))).await;
+            }
+            Closed::Moved(moved) => {
+                tracing::debug!(user = %user, region = %moved.region, "websocket closed: served by another region");
+                let _ = self.socket.feed(Message::Text(moved.frame().into())).await;
+                let _ = self.socket.send(Message::Close(Some(wrong_region_close()))).await;
             }
             Closed::Failed(e) => tracing::debug!(user = %user, reason = %e, "websocket closed"),
         }
@@ -202,6 +241,12 @@ impl Connection {
                     return Closed::Normally;
                 }
                 _ = &mut expiry => return Closed::With(CLOSE_TOKEN_EXPIRED, "token_expired"),
+                Ok(()) = self.slot.fence.changed() => {
+                    let moved = self.slot.fence.borrow_and_update().clone();
+                    if let Some(moved) = moved {
+                        return Closed::Moved(moved);
+                    }
+                }
                 frame = self.socket.recv() => {
                     let frame = match frame {
                         Some(Ok(frame)) => frame,
@@ -225,7 +270,7 @@ impl Connection {
                                 Ok(())
                             }
                             Ok(None) => Ok(()),
-                            Err(e) => Err(e),
+                            Err(closed) => return closed,
                         },
                         Message::Binary(_) => {
                             // Paid for like any frame.
@@ -333,7 +378,7 @@ impl Connection {
     async fn client_frame(
         &mut self,
         text: &str,
-    ) -> Result<Option<futures::future::BoxFuture<'static, SendResult>>, String> {
+    ) -> Result<Option<futures::future::BoxFuture<'static, SendResult>>, Closed> {
         // Every frame pays the user's rate limit, like an HTTP request, malformed ones too.
         let admitted = service::admit(&self.s, &self.caller.user);
         let frame: ClientFrame = match serde_json::from_str(text) {
@@ -354,6 +399,19 @@ impl Connection {
         if let Err(e) = admitted {
             self.error(frame.reference(), e).await?;
             return Ok(None);
+        }
+        if !matches!(frame, ClientFrame::Ping) {
+            // Like every HTTP call, every frame that reads or writes for the user checks
+            // the directory: the region may have stopped serving the user since the upgrade.
+            match self.moved_away().await {
+                Ok(None) => {}
+                Ok(Some(moved)) => return Err(Closed::Moved(moved)),
+                // When it cannot tell, it refuses (docs/design.md §5), and the client retries.
+                Err(e) => {
+                    self.error(frame.reference(), e).await?;
+                    return Ok(None);
+                }
+            }
         }
         match frame {
             ClientFrame::Ping => self.write(json!({"op": "pong"}).to_string()).await?,
@@ -405,6 +463,15 @@ impl Connection {
             }
         }
         Ok(None)
+    }
+
+    /// Where the user is served now, when the directory says that is not here.
+    async fn moved_away(&mut self) -> ApiResult<Option<WrongRegion>> {
+        let s = self.s.clone();
+        Ok(s.store
+            .user(&self.caller.user)
+            .await?
+            .and_then(|view| WrongRegion::of(&s.cfg, &view)))
     }
 
     async fn send_answer(&mut self, reference: Value, res: ApiResult<Value>) -> Result<(), String> {
@@ -508,6 +575,13 @@ impl Connection {
             .feed(Message::Text(text.into()))
             .await
             .map_err(|e| e.to_string())
+    }
+}
+
+fn wrong_region_close() -> CloseFrame {
+    CloseFrame {
+        code: CLOSE_WRONG_REGION,
+        reason: Utf8Bytes::from_static("wrong_region"),
     }
 }
 

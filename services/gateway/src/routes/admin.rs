@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use crate::auth::{self, Claims};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Admin, ApiJson, ApiPath};
+use crate::health;
 use crate::state::AppState;
 
 pub const MAX_DISPLAY_NAME_CHARS: usize = 128;
@@ -107,45 +108,90 @@ pub async fn post_token(
     Ok(Json(json!({"token": token, "expires_at": exp})))
 }
 
+/// Every region of the deployment (this one first) with its status as this region's directory has it
+/// (`active`: serving its own users; `failed`: another region serves them) and the regions
+/// whose users it serves for them (`serving_for`); this region's entry also has every
+/// stream it applies, its own and each mirror (see [`crate::health`]).
 pub async fn get_regions(_: Admin, State(s): State<Arc<AppState>>) -> ApiResult<Json<Value>> {
-    let stream = s.bus.stream();
-    let cp = s.store.stream_checkpoint(&stream).await?;
-    let state = s.bus.stream_state(&stream).await.ok();
-    let applied = state
-        .as_ref()
-        .map_or(cp.seq, |st| crate::state::applied_in(&cp, st));
-    let last = state.map(|st| st.last_seq);
-    let serving = s.store.region_serving(&s.cfg.region).await?;
-    let status = if serving.serving == s.cfg.region {
-        "active"
-    } else {
-        "failed"
-    };
-    Ok(Json(json!({
-        "regions": [{
-            "region": s.cfg.region.as_str(),
-            "status": status,
-            "serving_for": [],
-            "epoch": serving.epoch,
-            "streams": {
-                stream.clone(): {
-                    "last_seq": last,
-                    "applied": applied,
-                    "apply_lag": last.map(|l| l.saturating_sub(applied)),
-                    "mirror_lag": 0,
-                }
+    // This region first, then the others by name.
+    let mut known = vec![s.cfg.region.clone()];
+    known.extend(
+        s.cfg
+            .region_endpoints
+            .keys()
+            .filter_map(|r| RegionId::parse(r.clone()).ok())
+            .filter(|r| *r != s.cfg.region),
+    );
+    let mut serving = Vec::with_capacity(known.len());
+    for r in &known {
+        serving.push(s.store.region_serving(r).await?);
+    }
+    let streams = health::streams(&s).await?;
+    let regions: Vec<Value> = serving
+        .iter()
+        .map(|rs| {
+            let serving_for: Vec<&str> = serving
+                .iter()
+                .filter(|other| other.region != rs.region && other.serving == rs.region)
+                .map(|other| other.region.as_str())
+                .collect();
+            let mut entry = json!({
+                "region": rs.region.as_str(),
+                "status": if rs.serving == rs.region { "active" } else { "failed" },
+                "serving": rs.serving.as_str(),
+                "serving_for": serving_for,
+                "epoch": rs.epoch,
+            });
+            if rs.region == s.cfg.region {
+                let by_name: serde_json::Map<String, Value> =
+                    streams.iter().map(|h| (h.stream.clone(), json!(h))).collect();
+                entry["streams"] = Value::Object(by_name);
+                entry["mirror_problems"] = json!(health::mirror_problems(
+                    &streams,
+                    std::time::Duration::from_secs(s.cfg.mirror_unhealthy_after_s)
+                ));
             }
-        }]
+            entry
+        })
+        .collect();
+    Ok(Json(json!({
+        "region": s.cfg.region.as_str(),
+        "regions": regions,
     })))
 }
 
+/// The digest of the replicated state (a store digest: it covers whatever every applied
+/// stream wrote, not one stream's share) with the applied position of each stream, own and
+/// mirrors. Equal digests at equal positions mean equal replicas. The positions are read
+/// before and after the digest and the answer says whether they held still (`settled`), so
+/// a digest taken while the applier moves is not compared as if it were not.
 pub async fn get_digest(_: Admin, State(s): State<Arc<AppState>>) -> ApiResult<Json<Value>> {
-    let stream = s.bus.stream();
-    let applied = s.store.checkpoint(&stream).await?;
-    let digest = s.store.digest().await?;
+    let streams = s.bus.applied_streams();
+    let positions = |s: Arc<AppState>, streams: Vec<String>| async move {
+        let mut applied = serde_json::Map::new();
+        for stream in streams {
+            let seq = s.store.checkpoint(&stream).await?;
+            applied.insert(stream, json!(seq));
+        }
+        ApiResult::Ok(applied)
+    };
+    let mut answer = None;
+    // A few tries for a digest between two equal readings; the applier rarely stops long.
+    for _ in 0..3 {
+        let before = positions(s.clone(), streams.clone()).await?;
+        let digest = s.store.digest().await?;
+        let after = positions(s.clone(), streams.clone()).await?;
+        let settled = before == after;
+        answer = Some((after, digest, settled));
+        if settled {
+            break;
+        }
+    }
+    let (applied, digest, settled) = answer.expect("at least one try");
     Ok(Json(json!({
         "region": s.cfg.region.as_str(),
-        "applied": { stream: applied },
+        "applied": applied,
         "digest": digest,
+        "settled": settled,
     })))
 }

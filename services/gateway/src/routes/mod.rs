@@ -61,13 +61,13 @@ macro_rules! api {
 
 api! {
     get "/healthz" => ops::healthz, spec::healthz, Public, 200, "Liveness: the process answers.";
-    get "/readyz" => ops::readyz, spec::readyz, Public, 200, "Readiness: store and NATS reachable, applier lag under bound (503 with the same body otherwise).";
+    get "/readyz" => ops::readyz, spec::readyz, Public, 200, "Readiness: store and NATS reachable, apply lag of every stream under bound, every mirror healthy (503 with the same body otherwise).";
     get "/metrics" => ops::metrics, spec::none, Public, 200, "Metrics, OpenMetrics text (Prometheus scrapes it as is).";
     get "/openapi.json" => ops::openapi, spec::openapi, Public, 200, "This document.";
     put "/v1/admin/users/{user_id}" => admin::put_user, spec::put_user, Admin, 200, "Provision or update a user: {home_region, display_name}.";
     post "/v1/admin/tokens" => admin::post_token, spec::post_token, Admin, 200, "Mint a client token: {user_id, device_id, ttl_s} -> {token, expires_at}.";
-    get "/v1/admin/regions" => admin::get_regions, spec::any_object, Admin, 200, "Region status, apply lag per stream.";
-    get "/v1/admin/digest" => admin::get_digest, spec::any_object, Admin, 200, "Replica digest with the applied stream positions.";
+    get "/v1/admin/regions" => admin::get_regions, spec::admin_regions, Admin, 200, "Every region's status; per stream this region applies (own and mirrors): apply lag, mirror lag, active age.";
+    get "/v1/admin/digest" => admin::get_digest, spec::admin_digest, Admin, 200, "Replica digest with the applied position of every stream.";
     get "/v1/me" => sync::me, spec::me, User, 200, "The caller: user, device, home and serving region.";
     post "/v1/conversations" => conversations::create, spec::create_conversation, User, 201, "Create a conversation: {kind: direct|group, name, members}. An existing direct conversation answers 200. Idempotency-Key makes retries safe.";
     get "/v1/conversations" => conversations::list, spec::list_conversations, User, 200, "The caller's conversations, most recent activity first (?limit, ?cursor).";
@@ -85,7 +85,7 @@ api! {
     put "/v1/conversations/{cid}/read" => messages::put_read, spec::put_read, User, 200, "Set the caller's read index: {cursor} of this conversation; never moves back.";
     get "/v1/conversations/{cid}/read" => messages::get_read, spec::get_read, User, 200, "Every current member's read index (seen by).";
     get "/v1/sync" => sync::sync, spec::sync, User, 200, "Inbox entries after a seq (?after, ?epoch, ?limit); 409 resync_required.";
-    get "/v1/ws" => crate::ws::upgrade, spec::ws, User, 101, "WebSocket: hello/send/typing/ping frames in, entry/ack/error/typing frames out.";
+    get "/v1/ws" => crate::ws::upgrade, spec::ws, User, 101, "WebSocket: hello/send/typing/ping frames in, entry/ack/error/typing frames out; a user served by another region gets a wrong_region frame and close code 4421.";
     get "/v1/presence" => sync::presence, spec::presence, User, 200, "Presence of users who share a conversation with the caller (?user_ids=a,b); others read as never seen.";
     put "/v1/devices/{device_id}" => sync::put_device, spec::put_device, User, 200, "Register an offline push target: {platform: apns|fcm|webhook, token}.";
     delete "/v1/devices/{device_id}" => sync::delete_device, spec::none, User, 204, "Unregister a push target.";

@@ -1,6 +1,7 @@
 //! Health, readiness, metrics and the OpenAPI document.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -9,6 +10,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
+use crate::health;
 use crate::state::AppState;
 
 /// Readiness fails when the applier is further behind the stream than this.
@@ -18,27 +20,36 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// Ready when the store and NATS answer, no applied stream (own or mirror) lags its
+/// applier by more than [`READY_MAX_APPLY_LAG`], and every mirror is healthy (see
+/// [`health::mirror_problems`]); otherwise 503 with each reason.
 pub async fn readyz(State(s): State<Arc<AppState>>) -> (StatusCode, Json<Value>) {
-    let stream = s.bus.stream();
-    let store = s.store.stream_checkpoint(&stream).await;
     let nats = s.bus.ping().await;
-    let state = s.bus.stream_state(&stream).await;
+    let streams = health::streams(&s).await;
     let mut problems = Vec::new();
-    if let Err(e) = &store {
-        problems.push(format!("store: {e}"));
-    }
     if let Err(e) = &nats {
         problems.push(format!("nats: {e}"));
     }
-    let lag = match (&store, &state) {
-        (Ok(cp), Ok(st)) => Some(st.last_seq.saturating_sub(crate::state::applied_in(cp, st))),
-        _ => None,
-    };
-    if lag.is_some_and(|l| l > READY_MAX_APPLY_LAG) {
-        problems.push(format!(
-            "apply lag {} above {READY_MAX_APPLY_LAG}",
-            lag.unwrap_or(0)
-        ));
+    let mut own_lag = None;
+    match &streams {
+        Err(e) => problems.push(format!("store: {}", e.message)),
+        Ok(streams) => {
+            for h in streams {
+                if !h.mirror {
+                    own_lag = h.apply_lag;
+                }
+                if let Some(lag) = h.apply_lag.filter(|&l| l > READY_MAX_APPLY_LAG) {
+                    problems.push(format!(
+                        "stream {}: apply lag {lag} above {READY_MAX_APPLY_LAG}",
+                        h.stream
+                    ));
+                }
+            }
+            problems.extend(health::mirror_problems(
+                streams,
+                Duration::from_secs(s.cfg.mirror_unhealthy_after_s),
+            ));
+        }
     }
     let status = if problems.is_empty() {
         StatusCode::OK
@@ -50,7 +61,7 @@ pub async fn readyz(State(s): State<Arc<AppState>>) -> (StatusCode, Json<Value>)
         Json(json!({
             "status": if problems.is_empty() { "ready" } else { "not_ready" },
             "region": s.cfg.region.as_str(),
-            "apply_lag": lag,
+            "apply_lag": own_lag,
             "problems": problems,
         })),
     )

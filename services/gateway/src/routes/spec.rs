@@ -174,8 +174,21 @@ pub fn components(ctx: &DocContext) -> Value {
         "Readiness": {"type": "object", "required": ["status", "region", "apply_lag", "problems"], "properties": {
             "status": {"type": "string", "enum": ["ready", "not_ready"]},
             "region": {"type": "string"},
-            "apply_lag": {"type": ["integer", "null"]},
-            "problems": {"type": "array", "items": {"type": "string"}}}}
+            "apply_lag": {"type": ["integer", "null"], "description": "Events of the region's own stream not yet applied."},
+            "problems": {"type": "array", "items": {"type": "string"},
+                "description": "Why not ready: store or NATS unreachable, a stream (own or mirror) whose apply lag is above 10,000 events, a mirror reporting an error, never active, or inactive longer than the gateway's mirror_unhealthy_after_s (each names the mirror and its region)."}}},
+        "StreamHealth": {"type": "object",
+            "required": ["stream", "origin", "mirror", "last_seq", "applied", "apply_lag", "mirror_lag", "active_age_ms", "error"],
+            "properties": {
+                "stream": {"type": "string"},
+                "origin": {"type": "string", "description": "The region whose events the stream holds."},
+                "mirror": {"type": "boolean", "description": "A mirror of another region's stream (false: this region's own)."},
+                "last_seq": {"type": ["integer", "null"], "minimum": 0},
+                "applied": {"type": "integer", "minimum": 0, "description": "The store's checkpoint of the stream."},
+                "apply_lag": {"type": ["integer", "null"], "minimum": 0, "description": "last_seq minus applied."},
+                "mirror_lag": {"type": "integer", "minimum": 0, "description": "Messages the origin holds that the mirror does not yet (0 for the own stream; also 0 for a cut mirror: see active_age_ms)."},
+                "active_age_ms": {"type": ["integer", "null"], "minimum": 0, "description": "Milliseconds since the mirror last heard from its origin; null for the own stream and a mirror never active."},
+                "error": {"type": ["string", "null"]}}}
     })
 }
 
@@ -316,9 +329,38 @@ pub fn post_token(ctx: &DocContext) -> OpSpec {
     }
 }
 
-pub fn any_object(_: &DocContext) -> OpSpec {
+pub fn admin_regions(_: &DocContext) -> OpSpec {
+    let s = json!({"type": "string"});
+    let region = json!({"type": "object", "required": ["region", "status", "serving", "serving_for", "epoch"], "properties": {
+        "region": s,
+        "status": {"type": "string", "enum": ["active", "failed"], "description": "active: the region serves its own users; failed: another region serves them."},
+        "serving": {"allOf": [s], "description": "The region serving this region's users."},
+        "serving_for": {"type": "array", "items": s, "description": "Regions whose users this region serves."},
+        "epoch": s,
+        "streams": {"type": "object", "additionalProperties": r("StreamHealth"),
+            "description": "Only in the answering region's entry: every stream it applies (its own and each mirror), by name."},
+        "mirror_problems": {"type": "array", "items": s, "description": "Only in the answering region's entry: unhealthy mirrors, as /readyz reports them."}}});
     OpSpec {
-        response: Some(json!({"type": "object"})),
+        response: Some(
+            json!({"type": "object", "required": ["region", "regions"], "properties": {
+            "region": {"allOf": [s], "description": "The answering region."},
+            "regions": {"type": "array", "items": region, "description": "Every region of the deployment, the answering one first."}}}),
+        ),
+        ..Default::default()
+    }
+}
+
+pub fn admin_digest(_: &DocContext) -> OpSpec {
+    OpSpec {
+        response: Some(
+            json!({"type": "object", "required": ["region", "applied", "digest", "settled"], "properties": {
+            "region": {"type": "string"},
+            "applied": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0},
+                "description": "The applied position of every stream the region applies (own and mirrors)."},
+            "digest": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                "description": "SHA-256 over every replicated record, whichever stream wrote it. Equal digests at equal applied positions mean equal replicas."},
+            "settled": {"type": "boolean", "description": "Whether the applied positions were the same before and after the digest was taken."}}}),
+        ),
         ..Default::default()
     }
 }
@@ -657,6 +699,16 @@ pub fn ws(_: &DocContext) -> OpSpec {
             "The bearer token, for browsers that cannot set headers on a WebSocket.",
         )],
         errors: vec![405, 426],
+        extra: {
+            let mut m = Map::new();
+            m.insert(
+                "x-close-codes".into(),
+                json!({"1009": "a frame over the frame limit",
+                       "4401": "token_expired: reconnect with a fresh token",
+                       "4421": "wrong_region: after a {op: wrong_region, region, endpoint} frame; the user is served by that region (at the upgrade, or when the user moves while the socket is open)"}),
+            );
+            m
+        },
         ..Default::default()
     }
 }

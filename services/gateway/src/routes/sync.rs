@@ -1,19 +1,20 @@
 //! The caller's identity, inbox sync, push devices and presence.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use meridian_model::events::{self, event_envelope::Body};
-use meridian_model::{DeviceId, UserId};
+use meridian_model::{DeviceId, RegionId, UserId};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, ApiPath, ApiQuery, Caller};
-use crate::service;
 use crate::state::AppState;
+use crate::{regions, service};
 
 pub async fn me(caller: Caller, State(s): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({
@@ -140,7 +141,10 @@ pub const MAX_PRESENCE_USERS: usize = 200;
 
 /// Presence of the users who share a conversation with the caller. Anyone else is reported
 /// exactly like a user never seen (`online: false, last_seen: null`), so the call tells a
-/// stranger nothing, not even that the user is hidden from them.
+/// stranger nothing, not even that the user is hidden from them. Users served here are
+/// answered from this gateway's connections; users served by other regions by asking those
+/// regions over NATS (one request per region, bounded; a region that does not answer in time
+/// reads as "never seen", see [`crate::regions`]).
 pub async fn presence(
     caller: Caller,
     State(s): State<Arc<AppState>>,
@@ -159,13 +163,33 @@ pub async fn presence(
         .map(|id| UserId::parse(id).map_err(|e| ApiError::from(e).with("field", "user_ids")))
         .collect::<ApiResult<Vec<_>>>()?;
     let visible = s.store.sharing_a_conversation(&caller.user, &users).await?;
+    let mut elsewhere: HashMap<RegionId, Vec<UserId>> = HashMap::new();
+    for user in users.iter().filter(|u| visible.contains(*u)) {
+        if let Some(view) = s.store.user(user).await? {
+            if view.serving_region != s.cfg.region {
+                elsewhere
+                    .entry(view.serving_region)
+                    .or_default()
+                    .push(user.clone());
+            }
+        }
+    }
+    let remote = if elsewhere.is_empty() {
+        HashMap::new()
+    } else {
+        regions::remote_presence(&s.bus, elsewhere.clone()).await
+    };
+    let served_elsewhere: HashSet<&UserId> = elsewhere.values().flatten().collect();
     let answer = users
         .iter()
         .map(|user| {
-            let (online, last_seen) = if visible.contains(user) {
-                s.hub.presence(user)
-            } else {
+            let (online, last_seen) = if !visible.contains(user) {
                 (false, None)
+            } else if served_elsewhere.contains(user) {
+                let p = remote.get(user).copied().unwrap_or_default();
+                (p.online, p.last_seen_ms)
+            } else {
+                s.hub.presence(user)
             };
             json!({"user_id": user.as_str(), "online": online, "last_seen": last_seen})
         })
