@@ -189,14 +189,16 @@ async fn item10_direct_and_group_messages_reach_members_homed_in_three_regions()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item10_direct_conversation_created_at_once_in_two_regions_is_one() -> Result<()> {
-    let rs = TestRegions::start(&["us", "eu"]).await?;
+    let mut rs = TestRegions::start(&["us", "eu"]).await?;
     rs.provision("us", "ann", "us").await?;
     rs.provision("eu", "bob", "eu").await?;
     rs.wait_directory(&["ann", "bob"]).await?;
     let ann = rs.session_at("us", "ann", "laptop").await?;
     let bob = rs.session_at("eu", "bob", "phone").await?;
 
-    // Neither region has seen the other's creation when it creates its own.
+    // The link between the regions is cut (the hub is gone) while both create and write,
+    // so neither has seen the other's creation when it creates its own.
+    rs.cluster.hub_mut().kill();
     let (a, b) = tokio::join!(ann.direct("bob"), bob.direct("ann"));
     let (a, b) = (a?, b?);
     assert_eq!(a, b, "both regions derive the same direct conversation id");
@@ -206,9 +208,15 @@ async fn item10_direct_conversation_created_at_once_in_two_regions_is_one() -> R
     );
     sa?;
     sb?;
+    // Before the link heals, each region holds only its own side.
+    assert_eq!(wait_history(&ann, &a, 1).await?, ["ann in us"]);
+    assert_eq!(wait_history(&bob, &a, 1).await?, ["bob in eu"]);
+    let healed = std::time::Instant::now();
+    rs.cluster.hub_mut().restart()?;
 
     let in_us = wait_history(&ann, &a, 2).await?;
     let in_eu = wait_history(&bob, &a, 2).await?;
+    eprintln!("both sides in both regions {:?} after the link healed", healed.elapsed());
     assert_eq!(in_us, in_eu);
     assert_eq!(
         in_us.iter().cloned().collect::<BTreeSet<_>>(),
@@ -245,7 +253,7 @@ async fn item10_direct_conversation_created_at_once_in_two_regions_is_one() -> R
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item10_concurrent_membership_and_settings_changes_converge() -> Result<()> {
-    let rs = TestRegions::start(&["us", "eu", "ap"]).await?;
+    let mut rs = TestRegions::start(&["us", "eu", "ap"]).await?;
     for (user, home) in [
         ("ann", "us"),
         ("bob", "eu"),
@@ -288,8 +296,9 @@ async fn item10_concurrent_membership_and_settings_changes_converge() -> Result<
     }
     wait_conversation(&cat, &cid).await?;
 
-    // At once, in three regions: two renames, a removal and an addition, per-user settings
-    // and a message.
+    // At once, in three regions cut off from each other (the hub is gone): two renames, a
+    // removal and an addition, per-user settings and a message.
+    rs.cluster.hub_mut().kill();
     let (r_us, r_eu, r_ap) = tokio::join!(
         async {
             let a = ann.patch(&c, json!({"name": "named in us"})).await?;
@@ -326,6 +335,10 @@ async fn item10_concurrent_membership_and_settings_changes_converge() -> Result<
     assert_eq!(a.0, 200, "{}", a.1);
     assert_eq!(b.0, 202, "{}", b.1);
     assert_eq!(s.0, 403, "{}", s.1);
+    // Cut off, each region shows its own rename.
+    assert_eq!(ann.get(&c).await?.1["name"], "named in us");
+    assert_eq!(bob.get(&c).await?.1["name"], "named in eu");
+    rs.cluster.hub_mut().restart()?;
 
     rs.wait_converged().await?;
     // Every region answers the same conversation: one name, the same members and roles.
