@@ -216,7 +216,10 @@ async fn item10_direct_conversation_created_at_once_in_two_regions_is_one() -> R
 
     let in_us = wait_history(&ann, &a, 2).await?;
     let in_eu = wait_history(&bob, &a, 2).await?;
-    eprintln!("both sides in both regions {:?} after the link healed", healed.elapsed());
+    eprintln!(
+        "both sides in both regions {:?} after the link healed",
+        healed.elapsed()
+    );
     assert_eq!(in_us, in_eu);
     assert_eq!(
         in_us.iter().cloned().collect::<BTreeSet<_>>(),
@@ -511,7 +514,9 @@ async fn item10_killed_nats_server_restarted_while_others_send_loses_and_doubles
     sent.extend(ann_task.await??);
     sent.extend(cat_task.await??);
 
-    rs.wait_converged().await?;
+    // A mirror of the restarted origin re-attaches when its server retries, not at once
+    // (docs/design.md §3): a longer bound than the other tests'.
+    rs.wait_converged_within(Duration::from_secs(90)).await?;
     // Every acknowledged message exactly once in every region, and nothing else.
     for cid in [&group, &direct] {
         let mut want: Vec<&str> = sent
