@@ -1,6 +1,6 @@
-//! The applier: consumes the region's own stream (and, later, its mirrors of other regions'
-//! streams), applies each batch to the store exactly once, and hands the inbox entries it
-//! appended to live delivery.
+//! The applier: consumes the region's own stream and its mirrors of the other regions'
+//! streams (each from its own checkpoint, one task per stream), applies each batch to the
+//! store exactly once, and hands the inbox entries it appended to live delivery.
 //!
 //! Exactly once rests on the store, not on NATS acks (docs/design.md §4): every
 //! batch commits its effects together with the stream checkpoint in one transaction, and
@@ -76,7 +76,8 @@ pub async fn run(
     run_with_metrics(cfg, bus, store, Arc::new(ApplierMetrics::default()), shutdown).await
 }
 
-/// Runs one task per stream (`cfg.streams`, or the bus's own stream when empty) until
+/// Runs one task per stream (`cfg.streams`, or when empty the bus's applied streams: its
+/// own and its mirror of every region in `bus.mirrors`) until
 /// `shutdown` is cancelled. Each task finishes the batch it is applying before it exits.
 /// NATS and store outages are waited out with backoff, never returned; an error means a
 /// bad config or a task that died, and stops the other streams too.
@@ -99,7 +100,7 @@ pub async fn run_with_metrics(
         ));
     }
     let streams = if cfg.streams.is_empty() {
-        vec![bus.stream()]
+        bus.applied_streams()
     } else {
         cfg.streams.clone()
     };
@@ -285,13 +286,24 @@ impl StreamWorker {
     async fn open(&self) -> Result<Option<EventConsumer>, ApplierError> {
         let mut backoff = Backoff::new();
         let own = self.stream == self.bus.stream();
-        let mut ensured = !own;
+        let origin = self
+            .bus
+            .config()
+            .mirrors
+            .iter()
+            .find(|m| self.bus.config().stream_name(m) == self.stream)
+            .cloned();
+        // Streams named in `cfg.streams` that are neither are someone else's to provision.
+        let mut ensured = !own && origin.is_none();
         loop {
             let attempt = async {
                 if !ensured {
-                    // The applier may start before any gateway: make sure its own stream
-                    // exists. Mirrors are provisioned elsewhere.
-                    self.bus.ensure_stream().await?;
+                    // The applier may start before any gateway: make sure its own stream, or
+                    // the mirror this task applies, exists (and is the right mirror).
+                    match &origin {
+                        Some(origin) => self.bus.ensure_mirror(origin).await?,
+                        None => self.bus.ensure_stream().await?,
+                    }
                     ensured = true;
                 }
                 let state = self.bus.stream_state(&self.stream).await?;

@@ -11,10 +11,13 @@
 //! - this file: [`Bus`], a cheap-to-clone handle: connect with retry, stream provisioning,
 //!   publishing events with JetStream dedup and W3C trace headers (retrying through NATS
 //!   restarts with the same message id), delivery subjects, ephemeral publish/subscribe.
+//! - `mirror`: the region's mirrors of the other regions' streams ([`Bus::ensure_mirrors`],
+//!   [`Bus::applied_streams`], [`Bus::mirror_health`] and [`MirrorHealth`]).
 //! - [`consumer`]: [`EventConsumer`], a durable pull consumer that hands out events in
 //!   stream order without holes, realigning itself with the server after restarts.
 //! - `error`: [`BusError`].
-//! - [`testing`] (feature `testing`): a real nats-server process per test.
+//! - [`testing`] (feature `testing`): a real nats-server process per test, and
+//!   `NatsCluster`: linked regions (a hub and a server per region).
 
 pub mod auth;
 pub mod config;
