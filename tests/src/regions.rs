@@ -106,13 +106,6 @@ impl TestRegions {
                 applier: meridian_applier::ApplierConfig::new(id.clone()),
                 push: None,
             };
-            // Its own stream and every mirror, named explicitly: the applier's default (its
-            // bus's applied streams) is h/bus's, not merged here yet.
-            let mut cfg = cfg;
-            cfg.applier.streams = std::iter::once(id)
-                .chain(cfg.bus.mirrors.iter())
-                .map(|r| cfg.bus.stream_name(r))
-                .collect();
             cfg.validate()?;
             let running = region::start(cfg.clone(), Roles::ALL)
                 .await
