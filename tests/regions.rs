@@ -108,9 +108,16 @@ async fn members(s: &Session, cid: &str) -> Result<BTreeMap<String, String>> {
         .collect())
 }
 
-fn created(st: u16, body: &Value) -> Result<String> {
-    if st != 201 && st != 200 {
-        bail!("create conversation: {st} {body}");
+/// `s` creates a group of itself and `members`; returns its id.
+async fn create_group(s: &Session, name: &str, members: &[&str]) -> Result<String> {
+    let (st, body) = s
+        .post(
+            "/v1/conversations",
+            json!({"kind": "group", "name": name, "members": members}),
+        )
+        .await?;
+    if st != 201 {
+        bail!("create group: {st} {body}");
     }
     Ok(body["conversation_id"]
         .as_str()
@@ -143,13 +150,7 @@ async fn item10_direct_and_group_messages_reach_members_homed_in_three_regions()
     assert_eq!(wait_history(&ann, &direct, 2).await?, ["hello bob", "hi ann"]);
 
     // A group created in ap; each member sends from its own region.
-    let (st, g) = cat
-        .post(
-            "/v1/conversations",
-            json!({"kind": "group", "name": "tri", "members": ["ann", "bob"]}),
-        )
-        .await?;
-    let group = created(st, &g)?;
+    let group = create_group(&cat, "tri", &["ann", "bob"]).await?;
     wait_conversation(&ann, &group).await?;
     wait_conversation(&bob, &group).await?;
     ann.send(&group, "g-us", "from us").await?;
@@ -271,13 +272,7 @@ async fn item10_concurrent_membership_and_settings_changes_converge() -> Result<
     let bob = rs.session_at("eu", "bob", "d").await?;
     let cat = rs.session_at("ap", "cat", "d").await?;
 
-    let (st, g) = ann
-        .post(
-            "/v1/conversations",
-            json!({"kind": "group", "name": "start", "members": ["bob", "cat", "dan"]}),
-        )
-        .await?;
-    let cid = created(st, &g)?;
+    let cid = create_group(&ann, "start", &["bob", "cat", "dan"]).await?;
     let c = format!("/v1/conversations/{cid}");
     let (st, body) = ann
         .patch(&format!("{c}/members/bob"), json!({"role": "admin"}))
@@ -470,13 +465,7 @@ async fn item10_killed_nats_server_restarted_while_others_send_loses_and_doubles
     let ann = rs.session_at("us", "ann", "d").await?;
     let bob = rs.session_at("eu", "bob", "d").await?;
     let cat = rs.session_at("ap", "cat", "d").await?;
-    let (st, g) = ann
-        .post(
-            "/v1/conversations",
-            json!({"kind": "group", "name": "outage", "members": ["bob", "cat"]}),
-        )
-        .await?;
-    let group = created(st, &g)?;
+    let group = create_group(&ann, "outage", &["bob", "cat"]).await?;
     let direct = ann.direct("cat").await?;
     wait_conversation(&cat, &group).await?;
     wait_conversation(&cat, &direct).await?;

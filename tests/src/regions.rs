@@ -21,7 +21,7 @@ use meridian_model::{ConversationId, RegionId, UserId};
 use meridian_store::timeline::HistoryPage;
 use serde_json::{json, Value};
 
-use crate::{answer, Session, ADMIN_KEY, JWT_SECRET};
+use crate::{admin_call, Session, ADMIN_KEY, JWT_SECRET};
 
 /// How long helpers poll for replication before giving up: well above the mirror latency
 /// on loopback (milliseconds) and the re-attach time of a mirror after its origin restarts
@@ -145,14 +145,7 @@ impl TestRegions {
         path: &str,
         body: Option<Value>,
     ) -> Result<(u16, Value)> {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.node(region).base))
-            .header("X-Admin-Key", ADMIN_KEY);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        answer(req.send().await?).await
+        admin_call(&self.http, &self.node(region).base, method, path, body).await
     }
 
     /// Provisions `user` homed in `home` through `via`'s gateway (any region may provision

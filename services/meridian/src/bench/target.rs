@@ -77,30 +77,23 @@ impl Target {
 
     /// An admin GET.
     pub(super) async fn admin_get(&self, path: &str) -> Result<Value, BenchError> {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.endpoint))
-            .header("X-Admin-Key", &self.admin_key)
-            .send()
-            .await
-            .map_err(setup_err)?;
-        let status = resp.status();
-        let v: Value = resp.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            return Err(BenchError::Setup(format!("{path}: {status} {v}")));
-        }
-        Ok(v)
+        self.admin(reqwest::Method::GET, path, None).await
     }
 
-    async fn admin(&self, method: reqwest::Method, path: &str, body: Value) -> Result<Value, BenchError> {
-        let resp = self
+    async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, BenchError> {
+        let mut req = self
             .http
             .request(method, format!("{}{path}", self.endpoint))
-            .header("X-Admin-Key", &self.admin_key)
-            .json(&body)
-            .send()
-            .await
-            .map_err(setup_err)?;
+            .header("X-Admin-Key", &self.admin_key);
+        if let Some(body) = &body {
+            req = req.json(body);
+        }
+        let resp = req.send().await.map_err(setup_err)?;
         let status = resp.status();
         let v: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
@@ -114,7 +107,7 @@ impl Target {
         self.admin(
             reqwest::Method::PUT,
             &format!("/v1/admin/users/{user}"),
-            json!({"home_region": self.region}),
+            Some(json!({"home_region": self.region})),
         )
         .await?;
         // The user exists once the applier has caught up; a loaded deployment may answer
@@ -125,7 +118,7 @@ impl Target {
                 .admin(
                     reqwest::Method::POST,
                     "/v1/admin/tokens",
-                    json!({"user_id": user, "device_id": "bench", "ttl_s": 86400}),
+                    Some(json!({"user_id": user, "device_id": "bench", "ttl_s": 86400})),
                 )
                 .await;
             match minted {
