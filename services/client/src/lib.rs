@@ -454,7 +454,8 @@ impl Client {
     }
 
     /// Sends, retrying transport failures and 5xx with the same `client_msg_id`: the server
-    /// stores the message once however many attempts reach it. (429s are waited out by every
+    /// stores the message once however many attempts reach it (also when a `421
+    /// wrong_region` moves the send to the user's serving region). (429s are waited out by every
     /// call; one that still comes back has spent the [`RetryPolicy`]'s rate-limit budget.)
     pub async fn send(
         &self,

@@ -3,7 +3,7 @@
 //! A background task owns the socket. It says `hello` from the device checkpoint, hands
 //! entries out in seq order exactly once, pulls any gap over HTTP before going on, reconnects
 //! with backoff when the socket drops (at once, with a fresh token from the client's
-//! [`crate::TokenProvider`], when the gateway closes it with 4401 at the token's expiry), and
+//! [`crate::TokenProvider`], when the gateway closes it with 4401 at the token's expiry),
 //! follows the user's serving region (a `wrong_region` frame or close code 4421: it switches
 //! the client to the endpoint the gateway names and reconnects there at once), and
 //! reports [`SyncEvent::ResyncRequired`] when the

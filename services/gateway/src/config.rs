@@ -193,3 +193,45 @@ impl GatewayConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> GatewayConfig {
+        GatewayConfig::new(RegionId::parse("us").unwrap(), "k".repeat(32), "a".repeat(16))
+    }
+
+    #[test]
+    fn item6_mirror_unhealthy_after_defaults_to_30_s_and_is_bounded() {
+        assert_eq!(cfg().mirror_unhealthy_after_s, 30);
+        for (value, ok) in [
+            (0, false),
+            (1, true),
+            (MAX_MIRROR_UNHEALTHY_AFTER_S, true),
+            (MAX_MIRROR_UNHEALTHY_AFTER_S + 1, false),
+        ] {
+            let mut c = cfg();
+            c.mirror_unhealthy_after_s = value;
+            match c.validate() {
+                Ok(()) => assert!(ok, "{value} accepted"),
+                Err(GatewayError::Config { field, .. }) => {
+                    assert!(!ok, "{value} refused");
+                    assert_eq!(field, "gateway.mirror_unhealthy_after_s");
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // A region file without the field gets the default.
+        let parsed: GatewayConfig = toml_like_defaults();
+        assert_eq!(parsed.mirror_unhealthy_after_s, 30);
+    }
+
+    /// The config as serde fills it from only the required fields.
+    fn toml_like_defaults() -> GatewayConfig {
+        serde_json::from_value(serde_json::json!({
+            "region": "us", "jwt_secret": "k".repeat(32), "admin_key": "a".repeat(16)
+        }))
+        .unwrap()
+    }
+}

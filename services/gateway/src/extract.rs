@@ -91,14 +91,19 @@ pub struct WrongRegion {
 impl WrongRegion {
     /// `Some` when `view`'s user is served by another region than this gateway's.
     pub fn of(cfg: &GatewayConfig, view: &UserView) -> Option<WrongRegion> {
-        (view.serving_region != cfg.region).then(|| WrongRegion {
+        (view.serving_region != cfg.region).then(|| WrongRegion::to(cfg, view.serving_region.clone()))
+    }
+
+    /// Go to `region`, at its endpoint in `cfg`.
+    pub fn to(cfg: &GatewayConfig, region: RegionId) -> WrongRegion {
+        WrongRegion {
             endpoint: cfg
                 .region_endpoints
-                .get(view.serving_region.as_str())
+                .get(region.as_str())
                 .cloned()
                 .unwrap_or_default(),
-            region: view.serving_region.clone(),
-        })
+            region,
+        }
     }
 
     /// The WebSocket frame sent before closing with [`crate::ws::CLOSE_WRONG_REGION`].

@@ -5,7 +5,7 @@
 //! store's checkpoint counted in the stream's current instance) and the difference
 //! (`apply_lag`); for a mirror also what JetStream reports of it: `mirror_lag` (messages the
 //! origin has that the mirror has not) and `active_age_ms` (time since the mirror last heard
-//! from its origin). A mirror whose link is cut still reports lag 0 and no error (DESIGN.md
+//! from its origin). A mirror whose link is cut still reports lag 0 and no error (docs/design.md
 //! §3): only its active age grows, so health is judged by that age against
 //! `GatewayConfig::mirror_unhealthy_after_s`.
 

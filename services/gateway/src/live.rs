@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use meridian_model::UserId;
+use meridian_model::{RegionId, UserId};
 use meridian_store::Store;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -115,43 +115,81 @@ impl Hub {
     }
 }
 
-/// How often the fence re-reads the directory for the users connected here. A sweep reads
-/// one user record per connected user; the next sweep starts this long after one ends, so
-/// the sweep never takes more than its share of a core however many users are online.
+/// How often the fence checks who serves each region: a failover moves every user of a
+/// region at once, and costs the fence one read per region to see.
 pub const FENCE_POLL: Duration = Duration::from_millis(250);
+/// How often the fence re-reads the home region of each connected user (a user re-homed by
+/// the admin): one user record per connected user, so less often than [`FENCE_POLL`]. Calls
+/// and frames read the directory themselves; this only reaches sockets that only receive.
+pub const FENCE_HOME_REFRESH: Duration = Duration::from_secs(2);
 
-/// Closes the sockets of users whose serving region moved away (re-provisioned with another
-/// home, or their region failed over): every [`FENCE_POLL`], reads the directory for each
-/// user connected here and fences those served elsewhere. Calls and frames check the
-/// directory themselves; this reaches sockets that are only receiving. Runs until
-/// `shutdown`.
+/// Closes the sockets of users whose serving region moved away: every [`FENCE_POLL`] it
+/// reads who serves each region the connected users are homed in, and every
+/// [`FENCE_HOME_REFRESH`] it re-reads those users' homes; users served elsewhere are fenced
+/// ([`Hub::fence`]). The next round starts [`FENCE_POLL`] after one ends, so however many
+/// users are online the fence takes a bounded share of a core. Runs until `shutdown`.
 pub async fn run_fence(cfg: GatewayConfig, store: Store, hub: Arc<Hub>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(FENCE_POLL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut homes: HashMap<UserId, RegionId> = HashMap::new();
+    let mut homes_read_at = tokio::time::Instant::now();
     loop {
+        // A pause after each round, not a fixed rate: a long round cannot run into the next.
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep(FENCE_POLL) => {}
         }
-        for user in hub.connected_users() {
-            if shutdown.is_cancelled() {
-                return;
-            }
-            match store.user(&user).await {
-                Ok(Some(view)) => {
-                    if let Some(moved) = WrongRegion::of(&cfg, &view) {
-                        hub.fence(&user, moved);
-                    }
-                }
-                Ok(None) => {}
-                // The next sweep tries again; a store outage shows in /readyz.
-                Err(e) => {
-                    tracing::debug!(error = %e, "fence: reading the directory failed");
-                    break;
-                }
-            }
+        let connected = hub.connected_users();
+        if homes_read_at.elapsed() >= FENCE_HOME_REFRESH {
+            homes.clear();
+            homes_read_at = tokio::time::Instant::now();
+        }
+        let keep: std::collections::HashSet<&UserId> = connected.iter().collect();
+        homes.retain(|u, _| keep.contains(u));
+        match fence_round(&cfg, &store, &hub, &connected, &mut homes, &shutdown).await {
+            Ok(()) => {}
+            // The next round tries again; a store outage shows in /readyz.
+            Err(e) => tracing::debug!(error = %e, "fence: reading the directory failed"),
         }
     }
+}
+
+/// One round of [`run_fence`]: homes not known yet are read, serving regions always.
+async fn fence_round(
+    cfg: &GatewayConfig,
+    store: &Store,
+    hub: &Hub,
+    connected: &[UserId],
+    homes: &mut HashMap<UserId, RegionId>,
+    shutdown: &CancellationToken,
+) -> Result<(), meridian_store::StoreError> {
+    let mut serving: HashMap<RegionId, RegionId> = HashMap::new();
+    for user in connected {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let home = match homes.get(user) {
+            Some(home) => home.clone(),
+            None => match store.user(user).await? {
+                Some(view) => {
+                    serving.insert(view.home_region.clone(), view.serving_region.clone());
+                    homes.insert(user.clone(), view.home_region.clone());
+                    view.home_region
+                }
+                None => continue,
+            },
+        };
+        let served_by = match serving.get(&home) {
+            Some(r) => r.clone(),
+            None => {
+                let r = store.region_serving(&home).await?.serving;
+                serving.insert(home.clone(), r.clone());
+                r
+            }
+        };
+        if served_by != cfg.region {
+            hub.fence(user, WrongRegion::to(cfg, served_by));
+        }
+    }
+    Ok(())
 }
 
 pub fn now_ms() -> u64 {

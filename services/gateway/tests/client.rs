@@ -26,7 +26,12 @@ async fn item8_a_send_to_the_wrong_region_follows_421_and_is_stored_once() -> Re
     // The same client_msg_id again: the same message, stored once.
     let again = client.send(&cid, "m-1", "text", &json!({"text": "hi"})).await?;
     assert_eq!(again.message_id, accepted.message_id);
-    let history = client.history(&cid, Some(""), None, 50).await?;
+    // Stored asynchronously after the 202: wait for it, then there is exactly one.
+    let history = common::eventually_some(Duration::from_secs(10), "the message stored", || async {
+        let page = client.history(&cid, Some(""), None, 50).await?;
+        Ok((!page.items.is_empty()).then_some(page))
+    })
+    .await?;
     assert_eq!(history.items.len(), 1);
     assert_eq!(history.items[0].message_id, accepted.message_id);
     Ok(())
@@ -49,6 +54,19 @@ async fn item8_the_sync_loop_follows_a_wrong_region_frame_to_the_serving_region(
     })
     .await?;
     c.provision_in(&["us"], "ann", "eu").await?;
+    // us fences her socket; the loop says where it goes and reconnects there, where her
+    // inbox has another epoch: a resync to eu's epoch is the sign it arrived.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, sync.next()).await {
+            Ok(Some(Ok(SyncEvent::ResyncRequired { epoch, .. }))) if epoch.starts_with("eu") => break,
+            Ok(Some(other)) => seen.push(format!("{other:?}")),
+            Ok(None) => bail!("the sync loop ended; saw {seen:?}"),
+            Err(_) => bail!("the loop did not follow ann to eu within 20 s; saw {seen:?}"),
+        }
+    }
     // bob writes to ann in eu: the loop sees it only if it moved there.
     let bob = c.session("eu", "bob").await?;
     let cid = bob.direct("ann").await?;
@@ -60,7 +78,6 @@ async fn item8_the_sync_loop_follows_a_wrong_region_frame_to_the_serving_region(
         .await?;
     assert_eq!(st, 202, "{body}");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let mut seen = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let ev = match tokio::time::timeout(left, sync.next()).await {
@@ -77,5 +94,9 @@ async fn item8_the_sync_loop_follows_a_wrong_region_frame_to_the_serving_region(
         }
     }
     assert_eq!(client.base_url(), c.region("eu").base);
+    assert!(
+        seen.iter().any(|e| e.contains("served by region eu")),
+        "the loop said why it moved: {seen:?}"
+    );
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use common::{eventually, Cluster, Frame};
-use meridian_model::events::{event_envelope::Body, EventEnvelope, UserUpserted};
+use meridian_model::events::{event_envelope::Body, EventEnvelope, RegionFailover, UserUpserted};
 use meridian_model::{EventId, Hlc};
 use serde_json::{json, Value};
 
@@ -106,6 +106,18 @@ async fn item5_a_websocket_of_a_user_served_elsewhere_gets_wrong_region_and_4421
     Ok(())
 }
 
+/// The socket's last frame says `wrong_region` to `region` at `endpoint`, then it closes 4421.
+async fn closed_to(ws: &mut common::Ws, region: &str, endpoint: &str) -> Result<()> {
+    let (frames, code) = frames_until_close(ws).await?;
+    assert_eq!(
+        frames.last(),
+        Some(&json!({"op": "wrong_region", "region": region, "endpoint": endpoint})),
+        "{frames:?}"
+    );
+    assert_eq!(code, Some(4421));
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item5_an_open_websocket_closes_with_4421_when_its_user_moves_to_another_region() -> Result<()> {
     let c = Cluster::start(&["us", "eu"], &[]).await?;
@@ -115,16 +127,37 @@ async fn item5_an_open_websocket_closes_with_4421_when_its_user_moves_to_another
     ws.hello().await?;
     // Re-homed while the socket only listens: no frame of bob's own reveals it.
     c.provision_in(&["us"], "bob", "eu").await?;
-    let (frames, code) = frames_until_close(&mut ws).await?;
-    assert_eq!(
-        frames.last(),
-        Some(&json!({"op": "wrong_region", "region": "eu", "endpoint": c.region("eu").base})),
-        "{frames:?}"
-    );
-    assert_eq!(code, Some(4421));
+    closed_to(&mut ws, "eu", &c.region("eu").base).await?;
     // And every later call of his here is refused.
     let (st, _) = bob.get("/v1/me").await?;
     assert_eq!(st, 421);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item5_open_websockets_close_with_4421_when_their_region_fails_over() -> Result<()> {
+    let c = Cluster::start(&["us", "eu"], &[]).await?;
+    c.provision_in(&["us"], "bob", "us").await?;
+    let bob = c.session("us", "bob").await?;
+    let mut ws = bob.ws().await?;
+    ws.hello().await?;
+    // us's users are failed over to eu (the event the failover call of issue 10 publishes,
+    // applied from the stream like any other).
+    c.region("us")
+        .bus
+        .publish_event(&EventEnvelope {
+            event_id: EventId::new_v7().as_bytes().to_vec(),
+            origin_region: "eu".into(),
+            hlc: Hlc::new(now_ms(), 0).0,
+            actor: "admin".into(),
+            body: Some(Body::RegionFailover(RegionFailover {
+                region: "us".into(),
+                to: "eu".into(),
+            })),
+            ..Default::default()
+        })
+        .await?;
+    closed_to(&mut ws, "eu", &c.region("eu").base).await?;
     Ok(())
 }
 
