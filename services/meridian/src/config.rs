@@ -216,7 +216,11 @@ pub fn validate_region_set(regions: &[RegionConfig]) -> Result<(), ConfigError> 
     for cfg in regions {
         let domain = cfg.bus.domain.clone().unwrap_or_else(|| cfg.region.to_string());
         if !domains.insert(domain.clone()) {
-            return Err(invalid(cfg, "bus.domain", format!("{domain} is another region's domain too")));
+            return Err(invalid(
+                cfg,
+                "bus.domain",
+                format!("{domain} is another region's domain too"),
+            ));
         }
         let mirrored: BTreeSet<&RegionId> = cfg.bus.mirrors.iter().collect();
         let others: BTreeSet<&RegionId> = ids.iter().copied().filter(|r| **r != cfg.region).collect();

@@ -25,7 +25,10 @@ fn secrets() -> Vec<(String, String)> {
             "MERIDIAN__GATEWAY__JWT_SECRET".into(),
             "0123456789abcdef0123456789abcdef".into(),
         ),
-        ("MERIDIAN__GATEWAY__ADMIN_KEY".into(), "regions-test-admin-key".into()),
+        (
+            "MERIDIAN__GATEWAY__ADMIN_KEY".into(),
+            "regions-test-admin-key".into(),
+        ),
     ]
 }
 

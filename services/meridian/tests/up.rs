@@ -111,25 +111,20 @@ impl Up {
     }
 }
 
-impl Drop for Up {
-    fn drop(&mut self) {
-        let cluster = self.cluster().unwrap_or(Value::Null);
-        let regions: Vec<String> = match cluster["regions"].as_object() {
+impl Up {
+    /// The regions cluster.json names (us before it exists).
+    fn regions(&self) -> Vec<String> {
+        match self.cluster().as_ref().and_then(|c| c["regions"].as_object()) {
             Some(r) => r.keys().cloned().collect(),
             None => vec!["us".to_string()],
-        };
-        if std::thread::panicking() {
-            let mut files = vec!["up.log".to_string(), "data/hub/nats.log".to_string()];
-            for r in &regions {
-                files.push(format!("data/{r}/region.log"));
-                files.push(format!("data/{r}/nats.log"));
-            }
-            for f in files {
-                eprintln!("--- {f} ---\n{}", self.tail(&f, 40));
-            }
         }
-        // Every process cluster.json names: each region's, and the hub.
-        let mut pids: Vec<i32> = regions
+    }
+
+    /// Every pid cluster.json names: each region's processes, and the hub's.
+    fn pids(&self) -> Vec<i32> {
+        let cluster = self.cluster().unwrap_or(Value::Null);
+        let mut pids: Vec<i32> = self
+            .regions()
             .iter()
             .flat_map(|r| ["region", "nats"].map(|w| cluster["regions"][r]["pids"][w].as_i64()))
             .chain([cluster["hub"]["pid"].as_i64()])
@@ -137,6 +132,44 @@ impl Drop for Up {
             .map(|p| p as i32)
             .collect();
         pids.retain(|p| *p > 0);
+        pids
+    }
+
+    /// SIGTERM to the launcher, then waits (bounded) for it to exit.
+    async fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        signal(self.child.id() as i32, libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "meridian up did not exit after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The ends of every log, for a failed test's output.
+    fn print_logs(&self) {
+        let mut files = vec!["up.log".to_string(), "data/hub/nats.log".to_string()];
+        for r in self.regions() {
+            files.push(format!("data/{r}/region.log"));
+            files.push(format!("data/{r}/nats.log"));
+        }
+        for f in files {
+            eprintln!("--- {f} ---\n{}", self.tail(&f, 40));
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_logs();
+        }
+        let pids = self.pids();
         let _ = self.child.kill();
         let _ = self.child.wait();
         for pid in pids {
@@ -181,7 +214,10 @@ fn port_base_for(blocks: u16) -> u16 {
     for _ in 0..50 {
         let base = 20_000 + (seed % (2_000 - u64::from(blocks))) as u16 * 10;
         let ports = (0..blocks).flat_map(|b| (0..3).map(move |p| base + 10 * b + p));
-        if ports.into_iter().all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+        if ports
+            .into_iter()
+            .all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        {
             return base;
         }
         seed = seed.rotate_left(17).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -413,15 +449,7 @@ async fn item8_up_never_prints_the_admin_key_and_keeps_its_files_private() -> Re
     api.admin_put_user("ann").await?;
     api.token("ann", "laptop").await?;
 
-    signal(up.child.id() as i32, libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while up.child.try_wait()?.is_none() {
-        ensure!(
-            Instant::now() < deadline,
-            "meridian up did not exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    up.terminate().await?;
     let leaked = files_with_admin_key(&up, &OUTPUT);
     ensure!(leaked.is_empty(), "after a run, the admin key is in {leaked:?}");
     Ok(())
@@ -565,18 +593,7 @@ async fn up_survives_kill_9_of_region_and_nats_and_stops_cleanly() -> Result<()>
 
     // SIGTERM: an ordered stop, exit 0, no process left.
     let pids = [up.pid("region")?, up.pid("nats")?];
-    signal(up.child.id() as i32, libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = up.child.try_wait()? {
-            break status;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "meridian up did not exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = up.terminate().await?;
     assert!(status.success(), "meridian up exited with {status}");
     for pid in pids {
         assert!(!alive(pid), "process {pid} outlived meridian up");
@@ -767,39 +784,77 @@ async fn item5_burst_of_large_messages_into_a_large_group_stays_bounded() -> Res
     Ok(())
 }
 
-/// Polls `check` every 100 ms until it yields a value, for at most `bound`; the error names
-/// `what` and the last reason `check` gave.
+/// Polls `check` every 10 ms (often enough to time a WAN crossing) until it succeeds, for at most `bound`; an error from `check`
+/// means "not yet", and the last one is named if time runs out.
 async fn poll<T, F, Fut>(what: &str, bound: Duration, mut check: F) -> Result<T>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>>>,
+    Fut: std::future::Future<Output = Result<T>>,
 {
     let deadline = Instant::now() + bound;
-    let mut last = String::from("never checked");
+    let mut last;
     loop {
         match check().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
+            Ok(v) => return Ok(v),
             Err(e) => last = format!("{e:#}"),
         }
-        ensure!(Instant::now() < deadline, "{what}: not within {bound:?}; last: {last}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        ensure!(
+            Instant::now() < deadline,
+            "{what}: not within {bound:?}; last: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// The digest every region reports, when they are all equal.
+async fn equal_digests(regions: &[&Api]) -> Result<String> {
+    let mut digests = Vec::new();
+    for region in regions {
+        let req = region
+            .http
+            .get(format!("{}/v1/admin/digest", region.base))
+            .header("X-Admin-Key", ADMIN_KEY);
+        let (st, body) = region.call(req).await?;
+        ensure!(st == StatusCode::OK, "digest: {st} {body}");
+        digests.push(body["digest"].as_str().context("digest")?.to_string());
+    }
+    ensure!(digests.iter().all(|d| *d == digests[0]), "{digests:?}");
+    Ok(digests.swap_remove(0))
 }
 
 /// Three regions linked through the hub over a 40 ms WAN: a user provisioned in us is known
 /// to eu (which answers 421 naming us), a message sent in us by its user reaches an eu user
-/// reading in eu, and once traffic stops the three digests are equal.
+/// reading in eu no sooner than the WAN allows, and once traffic stops the three digests
+/// are equal. A SIGKILLed hub is restarted and replication resumes through it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item2_three_regions_over_a_wan_replicate_and_pin_users() -> Result<()> {
-    const REGIONS: [&str; 3] = ["us", "eu", "ap"];
     let started = Instant::now();
     let port_base = port_base_for(4);
     eprintln!("port base {port_base}");
     let mut up = Up::start_with(
         port_base,
-        &["--regions", "us,eu,ap", "--wan-delay", "40ms", "--wan-jitter", "5ms"],
+        &[
+            "--regions",
+            "us,eu,ap",
+            "--wan-delay",
+            "40ms",
+            "--wan-jitter",
+            "5ms",
+            "--wan-loss",
+            "0.01",
+        ],
     )?;
+    let result = three_regions_replicate(&mut up, started).await;
+    if result.is_err() {
+        up.print_logs();
+    }
+    result
+}
+
+async fn three_regions_replicate(up: &mut Up, started: Instant) -> Result<()> {
+    const REGIONS: [&str; 3] = ["us", "eu", "ap"];
+    /// `--wan-delay` below.
+    const WAN_DELAY: Duration = Duration::from_millis(40);
     let cluster = up.wait_cluster(Duration::from_secs(60)).await?;
     eprintln!("ready after {:?}", started.elapsed());
     ensure!(cluster["hub"]["pid"].as_i64() > Some(0), "hub pid: {cluster}");
@@ -812,11 +867,20 @@ async fn item2_three_regions_over_a_wan_replicate_and_pin_users() -> Result<()> 
             .filter_map(Value::as_str)
             .collect();
         let own = format!("SYNC_{}", r.to_uppercase());
-        ensure!(streams.first() == Some(&own.as_str()), "{r} applies its own stream first: {streams:?}");
+        ensure!(
+            streams.first() == Some(&own.as_str()),
+            "{r} applies its own stream first: {streams:?}"
+        );
         let mut all = streams.clone();
         all.sort_unstable();
-        ensure!(all == ["SYNC_AP", "SYNC_EU", "SYNC_US"], "{r} applies every stream: {streams:?}");
-        ensure!(cluster["regions"][r]["link_proxy"].is_string(), "{r} link: {cluster}");
+        ensure!(
+            all == ["SYNC_AP", "SYNC_EU", "SYNC_US"],
+            "{r} applies every stream: {streams:?}"
+        );
+        ensure!(
+            cluster["regions"][r]["link_proxy"].is_string(),
+            "{r} link: {cluster}"
+        );
     }
     let http = reqwest::Client::builder()
         .no_proxy()
@@ -825,7 +889,10 @@ async fn item2_three_regions_over_a_wan_replicate_and_pin_users() -> Result<()> 
     let api = |r: &str| -> Result<Api> {
         Ok(Api {
             http: http.clone(),
-            base: cluster["regions"][r]["endpoint"].as_str().context("endpoint")?.to_string(),
+            base: cluster["regions"][r]["endpoint"]
+                .as_str()
+                .context("endpoint")?
+                .to_string(),
         })
     };
     let (us, eu, ap) = (api("us")?, api("eu")?, api("ap")?);
@@ -837,8 +904,11 @@ async fn item2_three_regions_over_a_wan_replicate_and_pin_users() -> Result<()> 
 
     // eu learns of Ann through the mirror of us's stream, and sends her home.
     let wrong = poll("eu answers 421 for ann", Duration::from_secs(15), || async {
-        let (st, body) = eu.call(eu.http.get(format!("{}/v1/sync", eu.base)).bearer_auth(&ann)).await?;
-        Ok((st == StatusCode::MISDIRECTED_REQUEST).then_some(body))
+        let (st, body) = eu
+            .call(eu.http.get(format!("{}/v1/sync", eu.base)).bearer_auth(&ann))
+            .await?;
+        ensure!(st == StatusCode::MISDIRECTED_REQUEST, "{st} {body}");
+        Ok(body)
     })
     .await?;
     ensure!(
@@ -847,53 +917,99 @@ async fn item2_three_regions_over_a_wan_replicate_and_pin_users() -> Result<()> 
     );
 
     // Ann (us) writes to Bob (eu) once us knows Bob.
-    let cid = poll("ann opens a conversation with bob", Duration::from_secs(15), || async {
-        let (st, body) = us.create_direct(&ann, "bob").await?;
-        ensure!(st.is_success() || st.is_client_error(), "create: {st} {body}");
-        Ok(body["conversation_id"].as_str().map(str::to_string))
-    })
+    let cid = poll(
+        "ann opens a conversation with bob",
+        Duration::from_secs(15),
+        || async {
+            let (st, body) = us.create_direct(&ann, "bob").await?;
+            ensure!(st.is_success(), "{st} {body}");
+            Ok(body["conversation_id"]
+                .as_str()
+                .context("conversation_id")?
+                .to_string())
+        },
+    )
     .await?;
+    let sending = Instant::now();
     let sent = us
         .send_until_accepted(&ann, &cid, 0, Instant::now() + Duration::from_secs(15))
         .await?;
-    let read = poll("bob reads ann's message in eu", Duration::from_secs(15), || async {
-        let history = eu.history(&bob, &cid).await?;
-        Ok(history.iter().any(|m| m["message_id"] == sent.as_str()).then_some(history))
-    })
+    let read = poll(
+        "bob reads ann's message in eu",
+        Duration::from_secs(15),
+        || async {
+            let history = eu.history(&bob, &cid).await?;
+            ensure!(
+                history.iter().any(|m| m["message_id"] == sent.as_str()),
+                "{history:?}"
+            );
+            Ok(history)
+        },
+    )
     .await?;
     ensure!(read.len() == 1, "one message: {read:?}");
+    // The message crossed the WAN: us's link to the hub, then the hub's to eu, 20 ms each.
+    let crossed = sending.elapsed();
+    ensure!(
+        crossed >= WAN_DELAY,
+        "in eu {crossed:?} after sending, under the WAN's one-way {WAN_DELAY:?}"
+    );
+    eprintln!("sent in us, read in eu {crossed:?} later");
 
     // Traffic has stopped: every region converges on the same state.
-    let digests = poll("equal digests in us, eu and ap", Duration::from_secs(20), || async {
-        let mut digests = Vec::new();
-        for region in [&us, &eu, &ap] {
-            let req = region
-                .http
-                .get(format!("{}/v1/admin/digest", region.base))
-                .header("X-Admin-Key", ADMIN_KEY);
-            let (st, body) = region.call(req).await?;
-            ensure!(st == StatusCode::OK, "digest: {st} {body}");
-            digests.push(body["digest"].as_str().context("digest")?.to_string());
-        }
-        Ok(digests.iter().all(|d| *d == digests[0]).then_some(digests))
+    let all = [&us, &eu, &ap];
+    let digest = poll("equal digests in us, eu and ap", Duration::from_secs(20), || {
+        equal_digests(&all)
     })
     .await?;
-    eprintln!("digest {} in every region, {:?} after start", digests[0], started.elapsed());
+    eprintln!(
+        "digest {digest} in every region, {:?} after start",
+        started.elapsed()
+    );
+
+    // The hub dies: the launcher restarts it, the regions' leafnodes reconnect through their
+    // links, and what us accepts afterwards still reaches eu.
+    let hub = cluster["hub"]["pid"].as_i64().context("hub pid")? as i32;
+    signal(hub, libc::SIGKILL);
+    let killed = Instant::now();
+    poll("the hub restarted", Duration::from_secs(15), || async {
+        let pid = up.cluster().and_then(|c| c["hub"]["pid"].as_i64()).unwrap_or(0) as i32;
+        ensure!(pid != hub && pid > 0 && alive(pid), "hub pid {pid}");
+        Ok(pid)
+    })
+    .await?;
+    let second = us
+        .send_until_accepted(&ann, &cid, 1, Instant::now() + Duration::from_secs(15))
+        .await?;
+    poll(
+        "bob reads in eu what ann sent after the hub restarted",
+        Duration::from_secs(30),
+        || async {
+            let history = eu.history(&bob, &cid).await?;
+            ensure!(
+                history.iter().any(|m| m["message_id"] == second.as_str()),
+                "{history:?}"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    poll(
+        "equal digests after the hub restarted",
+        Duration::from_secs(20),
+        || equal_digests(&all),
+    )
+    .await?;
+    eprintln!("hub killed; replicating again {:?} later", killed.elapsed());
 
     // SIGTERM stops everything, the hub included.
-    let pids: Vec<i32> = REGIONS
-        .iter()
-        .flat_map(|r| ["region", "nats"].map(|w| cluster["regions"][r]["pids"][w].as_i64()))
-        .chain([cluster["hub"]["pid"].as_i64()])
-        .flatten()
-        .map(|p| p as i32)
-        .collect();
-    signal(up.child.id() as i32, libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while up.child.try_wait()?.is_none() {
-        ensure!(Instant::now() < deadline, "meridian up did not stop after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let pids = up.pids();
+    ensure!(
+        pids.len() == 2 * REGIONS.len() + 1,
+        "every process is named: {pids:?}"
+    );
+    let status = up.terminate().await?;
+    ensure!(status.success(), "meridian up exited with {status}");
     let left: Vec<i32> = pids.into_iter().filter(|p| alive(*p)).collect();
     ensure!(left.is_empty(), "processes left behind: {left:?}");
     eprintln!("whole test {:?}", started.elapsed());

@@ -62,8 +62,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meridian_bus::{
-    nats_hub_config, nats_server_auth_config, nats_server_config, BusRole, Durability, HubSpec,
-    LeafRemote, NatsServerSpec, RoleCredentials,
+    nats_hub_config, nats_server_auth_config, nats_server_config, BusRole, Durability, HubSpec, LeafRemote,
+    NatsServerSpec, RoleCredentials,
 };
 use meridian_chaos::{LinkConfig, LinkProxy};
 use meridian_model::RegionId;
@@ -99,6 +99,8 @@ const RESTART_DELAY_MIN: Duration = Duration::from_millis(200);
 const RESTART_DELAY_MAX: Duration = Duration::from_secs(2);
 /// A process that ran this long before dying is restarted with the minimum delay again.
 const HEALTHY_RUN: Duration = Duration::from_secs(10);
+/// How long the regions' links to the hub may take to come up at start.
+const LINK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Poll interval for readiness checks.
 const POLL: Duration = Duration::from_millis(100);
 const JWT_SECRET_BYTES: usize = 32;
@@ -184,6 +186,8 @@ pub enum UpError {
         #[source]
         source: io::Error,
     },
+    #[error("linking the regions: {reason}")]
+    Link { reason: String },
     #[error("the generated region file {path} is invalid: {source}")]
     Config {
         path: String,
@@ -269,9 +273,14 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> Result<(), UpE
         .map(|p| (p.region.to_string(), p.endpoint()))
         .collect();
     // One leafnode login per region, new every start like the nkeys.
-    let leaf_logins: Vec<LeafLogin> = layout.regions.iter().map(|p| LeafLogin::generate(&p.region)).collect();
+    let leaf_logins: Vec<LeafLogin> = layout
+        .regions
+        .iter()
+        .map(|p| LeafLogin::generate(&p.region))
+        .collect();
     // Per region, the streams its applier applies: its own, then its mirrors.
     let mut streams = BTreeMap::new();
+    let mut configs = Vec::new();
     for (plan, login) in layout.regions.iter().zip(&leaf_logins) {
         let cfg = plan.write_files(&jwt_secret, &opts.admin_key, &endpoints, login)?;
         let applied: Vec<String> = std::iter::once(&cfg.region)
@@ -279,6 +288,7 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> Result<(), UpE
             .map(|r| cfg.bus.stream_name(r))
             .collect();
         streams.insert(cfg.region.to_string(), applied);
+        configs.push(cfg);
     }
     if let Some(hub) = &layout.hub {
         hub.write_conf(&leaf_logins)?;
@@ -302,7 +312,8 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> Result<(), UpE
     };
     let mut running = Vec::new();
     let mut hub = None;
-    match start_all(&layout, &launcher, &mut hub, &mut running, &shutdown).await {
+    let prepare = link_streams(&layout, &configs, &leaf_logins);
+    match start_all(&layout, &launcher, &mut hub, &mut running, prepare, &shutdown).await {
         Ok(true) => {}
         Ok(false) => {
             println!("meridian up: interrupted while starting; stopping");
@@ -428,6 +439,69 @@ async fn start_links(
     Ok(links)
 }
 
+/// Before any region process starts (and creates its mirrors): creates each region's own
+/// stream, then waits until every region's JetStream answers for it through the hub. A mirror
+/// created while its origin stream is missing or its link is still connecting does not attach
+/// until nats-server retries it, 10 s or more later (and longer after each failure), so the
+/// first minutes of a fresh deployment would not replicate; in this order every mirror
+/// attaches at once. Nothing to do for a lone region.
+async fn link_streams(
+    layout: &Layout,
+    configs: &[RegionConfig],
+    logins: &[LeafLogin],
+) -> Result<(), UpError> {
+    let (Some(hub), Some(login)) = (&layout.hub, logins.first()) else {
+        return Ok(());
+    };
+    let link_err = |reason: String| UpError::Link { reason };
+    for cfg in configs {
+        // The region's own login: its permissions allow creating its stream.
+        let bus = meridian_bus::Bus::connect(cfg.bus.clone()).await.map_err(|e| {
+            link_err(format!(
+                "cannot connect to region {}'s nats-server: {e}",
+                cfg.region
+            ))
+        })?;
+        bus.ensure_stream()
+            .await
+            .map_err(|e| link_err(format!("cannot create region {}'s stream: {e}", cfg.region)))?;
+    }
+    // The hub's client port takes the leaf logins; from there `$JS.<domain>.API` of every
+    // region is reachable exactly when that region's link is up.
+    let hub_client =
+        async_nats::ConnectOptions::with_user_and_password(login.user.clone(), login.password.clone())
+            .connect(hub.nats_url())
+            .await
+            .map_err(|e| link_err(format!("cannot connect to the hub: {e}")))?;
+    let deadline = Instant::now() + LINK_TIMEOUT;
+    for cfg in configs {
+        let stream = cfg.bus.stream_name(&cfg.region);
+        let subject = format!("$JS.{}.API.STREAM.INFO.{stream}", cfg.bus.domain());
+        loop {
+            let answer =
+                tokio::time::timeout(POLL * 10, hub_client.request(subject.clone(), "".into())).await;
+            let last = match answer {
+                Ok(Ok(msg)) => match serde_json::from_slice::<serde_json::Value>(&msg.payload) {
+                    Ok(info) if info.get("error").is_none() => break,
+                    Ok(info) => info["error"].to_string(),
+                    Err(e) => e.to_string(),
+                },
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer".to_string(),
+            };
+            if Instant::now() > deadline {
+                return Err(link_err(format!(
+                    "region {}'s stream {stream} is not reachable through the hub within \
+                     {LINK_TIMEOUT:?}: {last}",
+                    cfg.region
+                )));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+    Ok(())
+}
+
 async fn stop_links(links: Vec<tokio::task::JoinHandle<()>>, stop: CancellationToken) {
     stop.cancel();
     futures::future::join_all(links).await;
@@ -468,7 +542,10 @@ mod tests {
         let layout = Layout::new(&o).unwrap();
         let links: Vec<_> = layout.regions.iter().map(|p| p.link_port).collect();
         assert_eq!(links, vec![Some(7002), Some(7012), Some(7022)]);
-        let hub = layout.hub.as_ref().expect("three regions are linked through a hub");
+        let hub = layout
+            .hub
+            .as_ref()
+            .expect("three regions are linked through a hub");
         assert_eq!((hub.port, hub.leaf_port), (7030, 7031));
         let mirrors: Vec<String> = layout.regions[1].mirrors.iter().map(|r| r.to_string()).collect();
         assert_eq!(mirrors, vec!["us", "ap"]);
@@ -478,7 +555,10 @@ mod tests {
         assert!(layout.hub.is_none() && layout.regions[0].link_port.is_none());
         assert!(layout.regions[0].mirrors.is_empty());
         o.wan.delay = Duration::from_millis(40);
-        let err = Layout::new(&o).err().expect("a WAN needs two regions").to_string();
+        let err = Layout::new(&o)
+            .err()
+            .expect("a WAN needs two regions")
+            .to_string();
         assert!(err.contains("--wan-delay"), "{err}");
     }
 
@@ -491,7 +571,10 @@ mod tests {
         };
         let a = "127.0.0.1:1".parse().unwrap();
         let link = wan.link(a, a);
-        assert_eq!((link.delay, link.jitter), (Duration::from_millis(20), Duration::from_millis(5)));
+        assert_eq!(
+            (link.delay, link.jitter),
+            (Duration::from_millis(20), Duration::from_millis(5))
+        );
         // Two links in a row lose a chunk with probability 1 - (1 - p)^2 = wan.loss.
         let both = 1.0 - (1.0 - link.loss).powi(2);
         assert!((both - wan.loss).abs() < 1e-9, "{both}");

@@ -137,7 +137,11 @@ impl Layout {
                 leaf_port: base + 1,
             })
         });
-        Ok(Layout { data_dir, regions, hub })
+        Ok(Layout {
+            data_dir,
+            regions,
+            hub,
+        })
     }
 }
 
@@ -274,12 +278,13 @@ impl RegionPlan {
         let path = self.region_toml();
         // Checked here so a bad flag fails in the launcher with the field named, instead of
         // as a crash loop of the region process.
-        let cfg = RegionConfig::from_toml(&text, &path.display().to_string(), Vec::new()).map_err(
-            |source| UpError::Config {
-                path: path.display().to_string(),
-                source,
-            },
-        )?;
+        let cfg =
+            RegionConfig::from_toml(&text, &path.display().to_string(), Vec::new()).map_err(|source| {
+                UpError::Config {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?;
         write_file(&path, text.as_bytes(), 0o600)?;
         Ok(cfg)
     }

@@ -32,7 +32,12 @@ impl Launcher {
     pub(super) fn spawn_nats(&self, plan: &RegionPlan) -> Result<Proc, UpError> {
         let mut cmd = child_command(&self.nats_bin, &plan.nats_log(), "nats-server")?;
         cmd.arg("-c").arg(plan.nats_conf());
-        Proc::spawn(cmd, "nats-server", &format!("region {}", plan.region), plan.nats_log())
+        Proc::spawn(
+            cmd,
+            "nats-server",
+            &format!("region {}", plan.region),
+            plan.nats_log(),
+        )
     }
 
     pub(super) fn spawn_hub(&self, hub: &HubPlan) -> Result<Proc, UpError> {
@@ -50,7 +55,12 @@ impl Launcher {
                 cmd.env_remove(&key);
             }
         }
-        Proc::spawn(cmd, "region", &format!("region {}", plan.region), plan.region_log())
+        Proc::spawn(
+            cmd,
+            "region",
+            &format!("region {}", plan.region),
+            plan.region_log(),
+        )
     }
 }
 
@@ -119,7 +129,12 @@ pub(super) struct Proc {
 }
 
 impl Proc {
-    pub(super) fn spawn(mut cmd: Command, what: &'static str, owner: &str, log: PathBuf) -> Result<Proc, UpError> {
+    pub(super) fn spawn(
+        mut cmd: Command,
+        what: &'static str,
+        owner: &str,
+        log: PathBuf,
+    ) -> Result<Proc, UpError> {
         let child = cmd.spawn().map_err(io_err(format!(
             "cannot start {what} of {owner} ({:?})",
             cmd.as_std().get_program()
@@ -188,14 +203,16 @@ pub(super) struct RegionProcs {
     pub(super) region: Option<Proc>,
 }
 
-/// Starts the hub (if any), every nats-server, then every region process, then waits for
-/// each to be ready. Started processes are put in `hub` and `running` as they start, so the
-/// caller can stop them on error. `Ok(false)`: shutdown was requested meanwhile.
+/// Starts the hub (if any) and every nats-server, runs `prepare` once they all accept
+/// connections, then starts every region process and waits for each to be ready. Started
+/// processes are put in `hub` and `running` as they start, so the caller can stop them on
+/// error. `Ok(false)`: shutdown was requested meanwhile.
 pub(super) async fn start_all(
     layout: &Layout,
     launcher: &Launcher,
     hub: &mut Option<Proc>,
     running: &mut Vec<RegionProcs>,
+    prepare: impl Future<Output = Result<(), UpError>>,
     shutdown: &CancellationToken,
 ) -> Result<bool, UpError> {
     if let Some(plan) = &layout.hub {
@@ -235,6 +252,12 @@ pub(super) async fn start_all(
             Ok(false) => return Ok(false),
             Err(reason) => return Err(nats.start_error(reason)),
         }
+    }
+    tokio::select! {
+        _ = shutdown.cancelled() => return Ok(false),
+        prepared = prepare => prepared?,
+    }
+    for r in running.iter_mut() {
         let region = launcher.spawn_region(&r.plan)?;
         println!(
             "  {}: region pid {}, gateway {} (log {})",

@@ -129,7 +129,11 @@ pub(super) fn print_ready(layout: &Layout, cluster: &Path) {
     let _ = writeln!(
         out,
         "\nCtrl-C stops everything (region processes first, then nats-servers{}).",
-        if layout.hub.is_some() { ", the hub, the links" } else { "" }
+        if layout.hub.is_some() {
+            ", the hub, the links"
+        } else {
+            ""
+        }
     );
     println!("{out}");
 }
@@ -138,7 +142,10 @@ pub(super) fn print_ready(layout: &Layout, cluster: &Path) {
 /// across, and the digests that show every region holds everything.
 fn walk_through_regions(out: &mut String, home: &RegionPlan, away: &RegionPlan, all: &[Arc<RegionPlan>]) {
     let (h, a) = (home.region.as_str(), away.region.as_str());
-    let (hv, av) = (h.to_uppercase().replace('-', "_"), a.to_uppercase().replace('-', "_"));
+    let (hv, av) = (
+        h.to_uppercase().replace('-', "_"),
+        a.to_uppercase().replace('-', "_"),
+    );
     let token = "python3 -c 'import json,sys; print(json.load(sys.stdin)[\"token\"])'";
     let lines = [
         format!("{hv}={}; {av}={}", home.endpoint(), away.endpoint()),
