@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use meridian_applier::{ApplierConfig, ApplierMetrics};
 use meridian_bus::testing::{unique_prefix, NatsCluster};
-use meridian_bus::Bus;
+use meridian_bus::{Bus, BusRole};
 use meridian_model::ConversationId;
 use meridian_store::testing::{eventually, user, EventFactory, TempStore};
 use meridian_store::timeline::HistoryPage;
@@ -20,7 +20,11 @@ use tokio_util::sync::CancellationToken;
 const REGIONS: [&str; 3] = ["us", "eu", "ap"];
 
 struct Region {
+    /// The region role's login, as `meridian up`'s region process has: the applier runs
+    /// with exactly its permissions.
     bus: Bus,
+    /// The harness's login, for what no role may do (deleting a mirror under the applier).
+    admin: Bus,
     store: Store,
     _dir: TempStore,
     events: EventFactory,
@@ -32,7 +36,8 @@ async fn start(cluster: &NatsCluster, prefix: &str) -> Result<BTreeMap<&'static 
     let mut out = BTreeMap::new();
     for r in REGIONS {
         // Nothing provisioned here: each applier ensures its own stream and its mirrors.
-        let bus = Bus::connect(cluster.bus_config(r, prefix)).await?;
+        let bus = Bus::connect(cluster.role_config(r, BusRole::Region)?).await?;
+        let admin = Bus::connect(cluster.bus_config(r, prefix)).await?;
         let dir = TempStore::open()?;
         let store = dir.store.clone();
         let stop = CancellationToken::new();
@@ -49,6 +54,7 @@ async fn start(cluster: &NatsCluster, prefix: &str) -> Result<BTreeMap<&'static 
             r,
             Region {
                 bus,
+                admin,
                 store,
                 _dir: dir,
                 events: EventFactory::new(r),
@@ -101,8 +107,10 @@ async fn history_len(store: &Store, cid: &ConversationId, viewer: &str) -> Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item3_each_region_applies_its_mirrors_and_the_stores_converge() -> Result<()> {
-    let cluster = NatsCluster::start(&REGIONS)?;
     let prefix = unique_prefix();
+    let cluster = NatsCluster::builder(&REGIONS)?
+        .roles(&prefix, &[BusRole::Region])
+        .start()?;
     let regions = start(&cluster, &prefix).await?;
     for region in regions.values() {
         assert_eq!(region.bus.applied_streams().len(), 3);
@@ -150,7 +158,7 @@ async fn item3_each_region_applies_its_mirrors_and_the_stores_converge() -> Resu
     let mirror = us.bus.stream();
     let old = eu.bus.stream_state(&mirror).await?.instance;
     assert_eq!(eu.store.stream_checkpoint(&mirror).await?.instance, old);
-    eu.bus.jetstream().delete_stream(&mirror).await?;
+    eu.admin.jetstream().delete_stream(&mirror).await?;
     let more: Vec<_> = (N..N + 3)
         .map(|n| us.events.message("us-user", &cid, &format!("m{n}"), "late"))
         .collect();

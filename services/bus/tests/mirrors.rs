@@ -235,6 +235,14 @@ async fn item2_ensure_mirrors_is_idempotent_and_repairs_a_wrong_stream() -> Resu
     );
     assert_eq!(after.last_seq, 5);
 
+    // Changed limits are updated in place: same instance, nothing copied again.
+    let mut longer = eu.config().clone();
+    longer.max_age_s += 3600;
+    Bus::connect(longer.clone()).await?.ensure_mirrors().await?;
+    let info = eu.jetstream().get_stream(&mirror).await?.cached_info().clone();
+    assert_eq!(info.config.max_age, Duration::from_secs(longer.max_age_s));
+    assert_eq!(eu.stream_state(&mirror).await?.instance, before.instance);
+
     // A plain stream where the mirror belongs (as an operator's mistake would leave it).
     eu.jetstream().delete_stream(&mirror).await?;
     eu.jetstream()
@@ -488,5 +496,56 @@ async fn item3_typing_and_presence_cross_regions_with_gateway_permissions() -> R
     .context("presence request timed out")??;
     assert!(std::str::from_utf8(&reply.payload)?.contains("\"online\":true"));
     answer.await??;
+    Ok(())
+}
+
+/// A TCP forwarder to `target` on its own threads: what `leaf_address` routes through. Counts
+/// the connections it took.
+fn forwarder(
+    target: std::net::SocketAddr,
+    taken: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> std::net::SocketAddr {
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a forwarder");
+    let addr = listener.local_addr().expect("its address");
+    std::thread::spawn(move || {
+        for inbound in listener.incoming() {
+            let Ok(inbound) = inbound else { return };
+            let Ok(outbound) = TcpStream::connect(target) else {
+                continue;
+            };
+            taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            for (mut from, mut to) in [
+                (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+                (outbound, inbound),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item2_leaf_links_can_be_routed_through_a_proxy() -> Result<()> {
+    let taken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = taken.clone();
+    let cluster = NatsCluster::builder(&["us", "eu"])?
+        .leaf_address(move |_, hub| forwarder(hub, counter.clone()))
+        .start()?;
+    assert!(
+        taken.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "both links go through the forwarders"
+    );
+    let prefix = unique_prefix();
+    let buses = buses(&cluster, &prefix).await?;
+    buses["us"]
+        .publish_events(&(0..3).map(|n| event("us", n)).collect::<Vec<_>>())
+        .await?;
+    wait_mirrored(&buses, "us", 3, Duration::from_secs(30)).await?;
+    assert_replicas_equal(&buses).await?;
     Ok(())
 }

@@ -37,7 +37,7 @@ pub struct NatsClusterBuilder {
 }
 
 /// See [`NatsClusterBuilder::leaf_address`].
-type LeafRoute = dyn Fn(&RegionId, SocketAddr) -> SocketAddr;
+type LeafRoute = dyn FnMut(&RegionId, SocketAddr) -> SocketAddr;
 
 impl NatsClusterBuilder {
     /// Durability of every region's server (default `process`).
@@ -56,14 +56,16 @@ impl NatsClusterBuilder {
 
     /// Where a region's server dials the hub's leafnode port: given the region and the
     /// hub's leaf address, the address to dial instead (a link proxy forwarding to the hub,
-    /// for WAN delay or partitions). Default: the hub itself.
-    pub fn leaf_address(mut self, route: impl Fn(&RegionId, SocketAddr) -> SocketAddr + 'static) -> Self {
+    /// for WAN delay or partitions; the closure may start it and keep its handle). Called
+    /// once per region, after the hub is up and before that region's server starts.
+    /// Default: the hub itself.
+    pub fn leaf_address(mut self, route: impl FnMut(&RegionId, SocketAddr) -> SocketAddr + 'static) -> Self {
         self.leaf_address = Some(Box::new(route));
         self
     }
 
     /// Starts the hub, then every region's server, and waits until every region is linked.
-    pub fn start(self) -> io::Result<NatsCluster> {
+    pub fn start(mut self) -> io::Result<NatsCluster> {
         let leaf_users: Vec<(String, String)> = self
             .regions
             .iter()
@@ -86,7 +88,7 @@ impl NatsClusterBuilder {
             .collect();
         let mut regions = Vec::with_capacity(self.regions.len());
         for (region, (user, password)) in self.regions.iter().zip(&leaf_users) {
-            let dial = match &self.leaf_address {
+            let dial = match &mut self.leaf_address {
                 Some(route) => route(region, hub_leaf),
                 None => hub_leaf,
             };
