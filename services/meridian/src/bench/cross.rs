@@ -78,11 +78,7 @@ pub(super) async fn x1(
             over_http: opts.over_http,
         };
         let sampling = stop.child_token();
-        let sampler = tokio::spawn(sample_mirror_lag(
-            to.clone(),
-            from.region.clone(),
-            sampling.clone(),
-        ));
+        let sampler = tokio::spawn(sample_mirror_lag(to.clone(), from.clone(), sampling.clone()));
         let mut row = measured_step(&measured, &send_conns, &shared, opts, stop, step, |rng| {
             let i = rng.gen_range(0..pairs);
             (i, cids[i].clone(), 1)
@@ -92,8 +88,17 @@ pub(super) async fn x1(
         row.mirror_lag = sampler.await.ok().flatten();
         if let Some(lag) = &row.mirror_lag {
             println!(
-                "     p999 {:.1} ms; mirror of {} in {}: lag max {} events, mean {:.1}; active age max {} ms; {} samples",
-                row.p999_ms, from.region, to.region, lag.max_events, lag.mean_events, lag.active_age_max_ms, lag.samples
+                "     p999 {:.1} ms; mirror of {} in {}: {} samples, origin-mirror gap max {} mean {:.1} events, \
+                 JetStream lag max {} mean {:.1} events, active age max {} ms",
+                row.p999_ms,
+                from.region,
+                to.region,
+                lag.samples,
+                lag.max_gap_events,
+                lag.mean_gap_events,
+                lag.max_events,
+                lag.mean_events,
+                lag.active_age_max_ms
             );
         } else {
             println!(
@@ -107,18 +112,36 @@ pub(super) async fn x1(
     Ok(rows)
 }
 
-/// Samples `at`'s `/v1/admin/regions` until `stop`: the mirror of `origin`'s stream there.
-/// `None` when no sample named it.
-async fn sample_mirror_lag(at: Arc<Target>, origin: String, stop: CancellationToken) -> Option<MirrorLag> {
+/// Samples, until `stop`, the mirror of `origin`'s stream at `at` from `/v1/admin/regions`:
+/// the lag JetStream reports for it, how long since it heard from its origin, and the gap
+/// between the origin's last sequence and the mirror's, both read at the same moment (what
+/// is in flight between the regions; JetStream's own figure is refreshed less often).
+/// `None` when no sample named the mirror.
+async fn sample_mirror_lag(
+    at: Arc<Target>,
+    origin: Arc<Target>,
+    stop: CancellationToken,
+) -> Option<MirrorLag> {
     let mut lags = Vec::new();
+    let mut gaps = Vec::new();
     let mut active_age_max_ms = 0u64;
     loop {
-        if let Ok(v) = at.admin_get("/v1/admin/regions").await {
-            if let Some(s) = mirror_entry(&v, &origin) {
+        let (here, there) = tokio::join!(
+            at.admin_get("/v1/admin/regions"),
+            origin.admin_get("/v1/admin/regions")
+        );
+        if let Ok(v) = here {
+            if let Some(s) = mirror_entry(&v, &origin.region) {
                 if let Some(lag) = s["mirror_lag"].as_u64() {
                     lags.push(lag);
                 }
                 active_age_max_ms = active_age_max_ms.max(s["active_age_ms"].as_u64().unwrap_or(0));
+                let origin_last = there
+                    .ok()
+                    .and_then(|o| mirror_entry(&o, &origin.region).and_then(|e| e["last_seq"].as_u64()));
+                if let (Some(o), Some(m)) = (origin_last, s["last_seq"].as_u64()) {
+                    gaps.push(o.saturating_sub(m));
+                }
             }
         }
         tokio::select! {
@@ -129,15 +152,18 @@ async fn sample_mirror_lag(at: Arc<Target>, origin: String, stop: CancellationTo
     if lags.is_empty() {
         return None;
     }
+    let mean = |v: &[u64]| v.iter().sum::<u64>() as f64 / v.len().max(1) as f64;
     Some(MirrorLag {
         samples: lags.len() as u64,
         max_events: lags.iter().copied().max().unwrap_or(0),
-        mean_events: lags.iter().sum::<u64>() as f64 / lags.len() as f64,
+        mean_events: mean(&lags),
         active_age_max_ms,
+        max_gap_events: gaps.iter().copied().max().unwrap_or(0),
+        mean_gap_events: mean(&gaps),
     })
 }
 
-/// The entry of `origin`'s stream in a `/v1/admin/regions` answer: the stream whose name is
+/// The entry of `origin`'s stream (its own, or a mirror of it) in a `/v1/admin/regions` answer: the stream whose name is
 /// `SYNC_<ORIGIN>` after the deployment's prefix.
 fn mirror_entry<'a>(v: &'a Value, origin: &str) -> Option<&'a Value> {
     let suffix = format!("SYNC_{}", origin.to_ascii_uppercase());

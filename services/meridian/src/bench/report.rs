@@ -34,14 +34,18 @@ pub struct StepResult {
     pub mirror_lag: Option<MirrorLag>,
 }
 
-/// Mirror lag sampled from `/v1/admin/regions` during a step (events the mirror is behind
-/// its origin, and how long since it last heard from the origin).
+/// Mirror lag sampled from `/v1/admin/regions` during a step: what JetStream reports (events
+/// the mirror is behind its origin, how long since it last heard from the origin) and the
+/// sequence gap between origin and mirror read at the same moment.
 #[derive(Debug, Clone, Serialize)]
 pub struct MirrorLag {
     pub samples: u64,
     pub max_events: u64,
     pub mean_events: f64,
     pub active_age_max_ms: u64,
+    /// The origin's last sequence minus the mirror's, read at the same moment.
+    pub max_gap_events: u64,
+    pub mean_gap_events: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
