@@ -17,6 +17,9 @@ use meridian_model::RegionId;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
+pub mod regions;
+pub use regions::{RegionNode, TestRegions};
+
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
 pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef0123";
 
@@ -109,14 +112,7 @@ impl TestRegion {
         path: &str,
         body: Option<Value>,
     ) -> Result<(u16, Value)> {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .header("X-Admin-Key", ADMIN_KEY);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        answer(req.send().await?).await
+        admin_call(&self.http, &self.base, method, path, body).await
     }
 
     /// Provisions `user` homed here and returns a session for `device`.
@@ -158,6 +154,23 @@ impl TestRegion {
             user: user.to_string(),
         })
     }
+}
+
+/// An admin request (`X-Admin-Key`) to the gateway at `base`.
+pub async fn admin_call(
+    http: &reqwest::Client,
+    base: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<(u16, Value)> {
+    let mut req = http
+        .request(method, format!("{base}{path}"))
+        .header("X-Admin-Key", ADMIN_KEY);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    answer(req.send().await?).await
 }
 
 /// Status and JSON body (`Value::Null` for an empty body; a non-JSON body is an error, since

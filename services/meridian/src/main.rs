@@ -85,10 +85,17 @@ struct BenchArgs {
     /// for the run.
     #[arg(long)]
     cluster: Option<PathBuf>,
-    /// Workloads: w1 (one-to-one), w2 (groups), w3 (offline then sync), w4 (idle sockets).
+    /// Workloads: w1 (one-to-one), w2 (groups), w3 (offline then sync), w4 (idle sockets),
+    /// x1 (one-to-one across regions: senders in --region, receivers in --peer-region).
     #[arg(long, value_delimiter = ',', default_value = "w1,w2,w3,w4")]
     workloads: Vec<String>,
-    /// W1 aggregate send rates, msg/s.
+    /// The region driven (x1: where the senders are homed).
+    #[arg(long, default_value = "us")]
+    region: String,
+    /// x1: where the receivers are homed [default: the first other region of cluster.json].
+    #[arg(long)]
+    peer_region: Option<String>,
+    /// W1 and X1 aggregate send rates, msg/s.
     #[arg(long, value_delimiter = ',', default_value = "1000,2000,5000,10000,20000")]
     rates: Vec<u64>,
     /// Seconds per W1/W2 step.
@@ -276,6 +283,8 @@ async fn run_bench(args: BenchArgs, shutdown: CancellationToken) -> anyhow::Resu
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let mut opts = BenchOptions::full(PathBuf::new(), args.out);
     opts.workloads = args.workloads;
+    opts.region = args.region;
+    opts.peer_region = args.peer_region;
     opts.rates = args.rates;
     opts.step = Duration::from_secs(args.step_secs);
     opts.users = args.users;
@@ -301,7 +310,13 @@ async fn run_bench(args: BenchArgs, shutdown: CancellationToken) -> anyhow::Resu
             None
         }
         None => {
-            let own = bench::OwnDeployment::start(&shutdown).await?;
+            // x1 needs a second region; its own deployment has us and eu.
+            let regions: &[&str] = if opts.workloads.iter().any(|w| w == "x1") {
+                &["us", "eu"]
+            } else {
+                &["us"]
+            };
+            let own = bench::OwnDeployment::start(&shutdown, regions).await?;
             opts.cluster = own.cluster.clone();
             opts.admin_key = own.admin_key.clone();
             Some(own)

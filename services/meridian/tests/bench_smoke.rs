@@ -32,3 +32,39 @@ fn bench_smoke_runs_every_workload_and_loses_nothing() {
         "latencies were measured: {w1}"
     );
 }
+
+/// X1 on its own two-region deployment (us and eu, linked): every message sent in us reaches
+/// its receiver's socket in eu exactly once, with latencies and the mirror lag of SYNC_US in
+/// eu measured.
+#[test]
+fn bench_smoke_cross_region_delivers_everything_once_and_reports_mirror_lag() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bench.json");
+    let status = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["bench", "--smoke", "--workloads", "x1", "--out"])
+        .arg(&out)
+        .current_dir(dir.path())
+        .status()
+        .expect("run meridian bench");
+    assert!(
+        status.success(),
+        "meridian bench --smoke --workloads x1 failed: {status}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let steps = report["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 1, "{report}");
+    let x1 = &steps[0];
+    assert_eq!(x1["workload"], "X1", "{x1}");
+    assert_eq!(x1["undelivered"], 0, "{x1}");
+    assert_eq!(x1["duplicates"], 0, "{x1}");
+    assert!(x1["delivered"].as_u64().unwrap() > 0, "{x1}");
+    assert!(
+        x1["p999_ms"].as_f64().unwrap() >= x1["p99_ms"].as_f64().unwrap(),
+        "{x1}"
+    );
+    assert!(x1["p99_ms"].as_f64().unwrap() > 0.0, "{x1}");
+    assert!(
+        x1["mirror_lag"]["samples"].as_u64().unwrap_or(0) > 0,
+        "the mirror lag of us's stream in eu was sampled: {x1}"
+    );
+}

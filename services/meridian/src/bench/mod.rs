@@ -10,7 +10,9 @@
 //!
 //! Workloads: W1 one-to-one at rising rates; W2 group fan-out (a group of 50 with 10
 //! senders, and one of 1,000 members — above the read-diffusion threshold); W3 offline
-//! users receive, then connect and sync; W4 idle WebSockets and server memory per connection.
+//! users receive, then connect and sync; W4 idle WebSockets and server memory per connection;
+//! X1 one-to-one across regions (senders homed in `region`, receivers in `peer_region`) with
+//! the receiving region's mirror lag.
 
 //!
 //! # Layout
@@ -20,8 +22,10 @@
 //! - `connections`: the generator's WebSockets and what they record.
 //! - `report`: rows, percentiles, the printed table and the JSON report.
 //! - `workloads`: W1-W4 and the open loop they share.
+//! - `cross`: X1, on two regions.
 
 mod connections;
+mod cross;
 mod report;
 mod target;
 mod workloads;
@@ -32,7 +36,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-pub use report::{BenchReport, StepResult};
+pub use report::{BenchReport, MirrorLag, StepResult};
 pub use target::OwnDeployment;
 
 use report::{machine_description, print_header};
@@ -59,9 +63,11 @@ fn setup_err(e: impl std::fmt::Display) -> BenchError {
 pub struct BenchOptions {
     /// The deployment's cluster.json.
     pub cluster: PathBuf,
-    /// Which region to drive.
+    /// Which region to drive (X1: where the senders are homed).
     pub region: String,
-    /// Workloads to run: "w1", "w2", "w3", "w4".
+    /// X1: where the receivers are homed; unset, the first other region of cluster.json.
+    pub peer_region: Option<String>,
+    /// Workloads to run: "w1", "w2", "w3", "w4", "x1".
     pub workloads: Vec<String>,
     /// W1 rates (aggregate msg/s) and step length.
     pub rates: Vec<u64>,
@@ -87,6 +93,7 @@ impl BenchOptions {
         Self {
             cluster,
             region: "us".into(),
+            peer_region: None,
             workloads: vec!["w1".into(), "w2".into(), "w3".into(), "w4".into()],
             rates: vec![1_000, 2_000, 5_000, 10_000, 20_000],
             step: Duration::from_secs(30),
@@ -138,9 +145,17 @@ pub async fn run(
             "w2" => w2(&target, &opts, &run_id, &stop).await?,
             "w3" => w3(&target, &opts, &run_id, &stop).await?,
             "w4" => w4(&target, &opts, &run_id, &stop).await?,
+            "x1" => {
+                let peer = match &opts.peer_region {
+                    Some(p) => p.clone(),
+                    None => Target::other_region(&opts.cluster, &opts.region)?,
+                };
+                let to = Arc::new(Target::load(&opts.cluster, &peer, &opts.admin_key)?);
+                cross::x1(&target, &to, &opts, &run_id, &stop).await?
+            }
             other => {
                 return Err(BenchError::Setup(format!(
-                    "unknown workload {other:?} (w1, w2, w3, w4)"
+                    "unknown workload {other:?} (w1, w2, w3, w4, x1)"
                 )))
             }
         };

@@ -23,11 +23,29 @@ pub struct StepResult {
     pub duplicates: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    pub p999_ms: f64,
     pub max_ms: f64,
     pub server_cpu_s: f64,
     pub cpu_s_per_1k: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_per_conn_kib: Option<f64>,
+    /// X1: the receiving region's mirror of the sending region's stream during the step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mirror_lag: Option<MirrorLag>,
+}
+
+/// Mirror lag sampled from `/v1/admin/regions` during a step: what JetStream reports (events
+/// the mirror is behind its origin, how long since it last heard from the origin) and the
+/// sequence gap between origin and mirror read at the same moment.
+#[derive(Debug, Clone, Serialize)]
+pub struct MirrorLag {
+    pub samples: u64,
+    pub max_events: u64,
+    pub mean_events: f64,
+    pub active_age_max_ms: u64,
+    /// The origin's last sequence minus the mirror's, read at the same moment.
+    pub max_gap_events: u64,
+    pub mean_gap_events: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -159,10 +177,12 @@ pub(super) fn finish_step(
         duplicates,
         p50_ms: percentile(&lat, 0.50),
         p99_ms: percentile(&lat, 0.99),
+        p999_ms: percentile(&lat, 0.999),
         max_ms: lat.last().map_or(0.0, |m| *m as f64 / 1000.0),
         server_cpu_s: cpu_s,
         cpu_s_per_1k: cpu_s_per_1k(cpu_s, unique),
         memory_per_conn_kib: None,
+        mirror_lag: None,
     }
 }
 

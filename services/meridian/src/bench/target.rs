@@ -17,6 +17,8 @@ use crate::up::{self, UpOptions};
 
 /// What the generator knows about the deployment.
 pub(super) struct Target {
+    /// The region driven: users the generator provisions here are homed here.
+    pub(super) region: String,
     pub(super) endpoint: String,
     admin_key: String,
     pub(super) pids: Vec<u32>,
@@ -26,10 +28,7 @@ pub(super) struct Target {
 
 impl Target {
     pub(super) fn load(path: &Path, region: &str, admin_key: &str) -> Result<Target, BenchError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| BenchError::Cluster(path.display().to_string(), e.to_string()))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| BenchError::Cluster(path.display().to_string(), e.to_string()))?;
+        let v = read_cluster(path)?;
         let r = &v["regions"][region];
         let endpoint = r["endpoint"]
             .as_str()
@@ -40,6 +39,7 @@ impl Target {
             .map(|m| m.values().filter_map(|p| p.as_u64()).map(|p| p as u32).collect())
             .unwrap_or_default();
         Ok(Target {
+            region: region.to_string(),
             endpoint,
             admin_key: admin_key.to_string(),
             pids,
@@ -50,15 +50,50 @@ impl Target {
         })
     }
 
-    async fn admin(&self, method: reqwest::Method, path: &str, body: Value) -> Result<Value, BenchError> {
-        let resp = self
+    /// The first region of the deployment other than `region`, by name.
+    pub(super) fn other_region(path: &Path, region: &str) -> Result<String, BenchError> {
+        let v = read_cluster(path)?;
+        v["regions"]
+            .as_object()
+            .and_then(|m| m.keys().find(|r| *r != region).cloned())
+            .ok_or_else(|| {
+                BenchError::Cluster(
+                    path.display().to_string(),
+                    format!("no region other than {region}: x1 needs two"),
+                )
+            })
+    }
+
+    /// This target, measuring the processes of `other` as well (a workload spanning both).
+    pub(super) fn with_pids_of(&self, other: &Target) -> Target {
+        Target {
+            region: self.region.clone(),
+            endpoint: self.endpoint.clone(),
+            admin_key: self.admin_key.clone(),
+            pids: self.pids.iter().chain(&other.pids).copied().collect(),
+            http: self.http.clone(),
+        }
+    }
+
+    /// An admin GET.
+    pub(super) async fn admin_get(&self, path: &str) -> Result<Value, BenchError> {
+        self.admin(reqwest::Method::GET, path, None).await
+    }
+
+    async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, BenchError> {
+        let mut req = self
             .http
             .request(method, format!("{}{path}", self.endpoint))
-            .header("X-Admin-Key", &self.admin_key)
-            .json(&body)
-            .send()
-            .await
-            .map_err(setup_err)?;
+            .header("X-Admin-Key", &self.admin_key);
+        if let Some(body) = &body {
+            req = req.json(body);
+        }
+        let resp = req.send().await.map_err(setup_err)?;
         let status = resp.status();
         let v: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
@@ -67,12 +102,12 @@ impl Target {
         Ok(v)
     }
 
-    /// Provisions `user` and returns a token.
+    /// Provisions `user`, homed in this target's region, and returns a token.
     pub(super) async fn user(&self, user: &str) -> Result<String, BenchError> {
         self.admin(
             reqwest::Method::PUT,
             &format!("/v1/admin/users/{user}"),
-            json!({"home_region": "us"}),
+            Some(json!({"home_region": self.region})),
         )
         .await?;
         // The user exists once the applier has caught up; a loaded deployment may answer
@@ -83,7 +118,7 @@ impl Target {
                 .admin(
                     reqwest::Method::POST,
                     "/v1/admin/tokens",
-                    json!({"user_id": user, "device_id": "bench", "ttl_s": 86400}),
+                    Some(json!({"user_id": user, "device_id": "bench", "ttl_s": 86400})),
                 )
                 .await;
             match minted {
@@ -136,6 +171,12 @@ impl Target {
     }
 }
 
+fn read_cluster(path: &Path) -> Result<Value, BenchError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| BenchError::Cluster(path.display().to_string(), e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| BenchError::Cluster(path.display().to_string(), e.to_string()))
+}
+
 fn proc_cpu_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
@@ -172,7 +213,7 @@ pub(super) async fn provision(
     results.into_iter().collect()
 }
 
-/// A one-region deployment started for the run (`meridian bench` without `--cluster`), in a
+/// A deployment of `regions` started for the run (`meridian bench` without `--cluster`), in a
 /// temporary directory; its processes are children, measured by pid like any others.
 pub struct OwnDeployment {
     /// Its cluster.json, for [`super::BenchOptions::cluster`].
@@ -187,12 +228,16 @@ pub struct OwnDeployment {
 impl OwnDeployment {
     /// Starts it through `meridian up`'s code and waits (up to 2 minutes) for its
     /// cluster.json. `shutdown` stops it too.
-    pub async fn start(shutdown: &CancellationToken) -> Result<OwnDeployment, BenchError> {
+    pub async fn start(shutdown: &CancellationToken, regions: &[&str]) -> Result<OwnDeployment, BenchError> {
         let dir = tempfile::tempdir().map_err(|e| BenchError::Setup(format!("temporary data dir: {e}")))?;
         let port_base = 20_000 + (std::process::id() % 2_000) as u16 * 10;
         let admin_key = format!("bench-{:016x}", rand::random::<u64>());
         let up_opts = UpOptions {
-            regions: vec![RegionId::parse("us").map_err(setup_err)?],
+            regions: regions
+                .iter()
+                .map(|r| RegionId::parse(*r))
+                .collect::<Result<_, _>>()
+                .map_err(setup_err)?,
             data_dir: dir.path().to_path_buf(),
             admin_key: admin_key.clone(),
             port_base,

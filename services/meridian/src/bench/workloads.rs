@@ -15,20 +15,20 @@ use super::report::{cpu_s_per_1k, finish_step, print_row, StepOutcome, StepResul
 use super::target::{provision, Target};
 use super::{setup_err, BenchError, BenchOptions};
 
-/// One measured step of W1 or W2.
-struct Step {
-    workload: &'static str,
+/// One measured step of W1, W2 or X1.
+pub(super) struct Step {
+    pub(super) workload: &'static str,
     /// The row's step column.
-    name: String,
+    pub(super) name: String,
     /// The prefix of the step's message ids: only those are counted.
-    tag: String,
-    rate: u64,
-    over_http: bool,
+    pub(super) tag: String,
+    pub(super) rate: u64,
+    pub(super) over_http: bool,
 }
 
 /// Runs one step on connections already open and returns its row, printed: the server's CPU
 /// around the open loop, and what the receivers saw.
-async fn measured_step(
+pub(super) async fn measured_step(
     target: &Arc<Target>,
     conns: &[Conn],
     shared: &Arc<Shared>,
@@ -321,10 +321,12 @@ pub(super) async fn w3(
         duplicates,
         p50_ms: 0.0,
         p99_ms: 0.0,
+        p999_ms: 0.0,
         max_ms: 0.0,
         server_cpu_s: cpu,
         cpu_s_per_1k: cpu_s_per_1k(cpu, delivered),
         memory_per_conn_kib: None,
+        mirror_lag: None,
     };
     print_row(&row);
     Ok(vec![row])
@@ -431,10 +433,12 @@ pub(super) async fn w4(
         duplicates: 0,
         p50_ms: 0.0,
         p99_ms: 0.0,
+        p999_ms: 0.0,
         max_ms: 0.0,
         server_cpu_s: 0.0,
         cpu_s_per_1k: 0.0,
         memory_per_conn_kib: Some(per_conn),
+        mirror_lag: None,
     };
     print_row(&row);
     println!(
