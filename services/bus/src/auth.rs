@@ -115,6 +115,14 @@ impl BusRole {
                 format!("$JS.API.DIRECT.GET.{stream}.>"),
             ]);
             publish.extend(mirror_streams.iter().map(|m| format!("$JS.API.STREAM.INFO.{m}")));
+            // The origin's own view of each mirrored stream, through its domain, for the
+            // mirror's real lag (JetStream's own lag figure is refreshed too rarely).
+            publish.extend(
+                mirrors
+                    .iter()
+                    .zip(&mirror_streams)
+                    .map(|(m, stream)| format!("$JS.{m}.API.STREAM.INFO.{stream}")),
+            );
             subscribe.extend([
                 format!("{prefix}deliver.{region}.*.*"),
                 format!("{prefix}presence.{region}"),

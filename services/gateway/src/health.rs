@@ -3,8 +3,9 @@
 //!
 //! Per stream: how far the stream is (`last_seq`), how far the applier is (`applied`, the
 //! store's checkpoint counted in the stream's current instance) and the difference
-//! (`apply_lag`); for a mirror also what JetStream reports of it: `mirror_lag` (messages the
-//! origin has that the mirror has not) and `active_age_ms` (time since the mirror last heard
+//! (`apply_lag`); for a mirror also `mirror_lag` (messages the origin has that the mirror has
+//! not: the origin's last sequence, asked of the origin over the link, minus the mirror's; see
+//! `meridian_bus::MirrorHealth::lag`) and `active_age_ms` (time since the mirror last heard
 //! from its origin). A mirror whose link is cut still reports lag 0 and no error (docs/design.md
 //! §3): only its active age grows, so health is judged by that age against
 //! `GatewayConfig::mirror_unhealthy_after_s`.

@@ -225,12 +225,29 @@ pub struct OwnDeployment {
     task: tokio::task::JoinHandle<Result<(), up::UpError>>,
 }
 
+/// The first of `count` consecutive loopback ports that are all free right now, at a random
+/// place in 20000..60000 (a base derived from the pid made neighbouring processes' blocks
+/// overlap: a two-region deployment's hub took a one-region deployment's ports). Another
+/// process can still take one before `up` binds it; `up` then fails naming the port.
+fn free_port_run(count: u16) -> Result<u16, BenchError> {
+    for _ in 0..64 {
+        let base = 20_000 + (rand::random::<u16>() % 4_000) * 10;
+        let free = (base..base + count).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+        if free {
+            return Ok(base);
+        }
+    }
+    Err(BenchError::Setup(format!(
+        "no run of {count} free ports found in 20000..60000"
+    )))
+}
+
 impl OwnDeployment {
     /// Starts it through `meridian up`'s code and waits (up to 2 minutes) for its
     /// cluster.json. `shutdown` stops it too.
     pub async fn start(shutdown: &CancellationToken, regions: &[&str]) -> Result<OwnDeployment, BenchError> {
         let dir = tempfile::tempdir().map_err(|e| BenchError::Setup(format!("temporary data dir: {e}")))?;
-        let port_base = 20_000 + (std::process::id() % 2_000) as u16 * 10;
+        let port_base = free_port_run(up::PORTS_PER_REGION * (regions.len() as u16 + 1))?;
         let admin_key = format!("bench-{:016x}", rand::random::<u64>());
         let up_opts = UpOptions {
             regions: regions
