@@ -1253,6 +1253,9 @@ impl Node {
                     "{} did not listen within 10 s",
                     conf.display()
                 );
+                // Synchronous set-up before the test's async part runs: nothing else is
+                // on this thread to block.
+                #[allow(clippy::disallowed_methods)]
                 std::thread::sleep(std::time::Duration::from_millis(20));
             };
             if listening {
