@@ -342,7 +342,9 @@ impl TestRegions {
     }
 }
 
+/// A port for a gateway started next, below the ephemeral range (see
+/// `meridian_bus::testing::free_port`: a `bind(0)` port can be taken by any outgoing
+/// connection first).
 fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+    Ok(meridian_bus::testing::free_port()?)
 }

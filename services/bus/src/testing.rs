@@ -477,9 +477,26 @@ fn pause() {
     std::thread::sleep(Duration::from_millis(20));
 }
 
-fn free_port() -> io::Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+/// A loopback port free right now for a server the test starts next, picked at random
+/// *below* Linux's ephemeral range (32768–60999). A port from `bind(0)` is an ephemeral one,
+/// which any outgoing connection (a leafnode link, a client) may take before the server
+/// binds it: seen in a three-node region whose second node lost its route port to the first
+/// node's link to the hub and exited on "address already in use". Tests sharing the machine
+/// still race for the same random port, but 1 in 22,000 instead of the kernel's next one.
+pub fn free_port() -> io::Result<u16> {
+    for _ in 0..1000 {
+        let port = 10_000 + rand::random::<u16>() % 22_000;
+        let free = ["127.0.0.1", "0.0.0.0"]
+            .iter()
+            .all(|host| TcpListener::bind((*host, port)).is_ok());
+        if free {
+            return Ok(port);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        "no free port in 10000..32000 after 1000 tries",
+    ))
 }
 
 /// The nats-server binary: `$MERIDIAN_NATS_SERVER`, else the repo's `.tools/bin/nats-server`.

@@ -1156,12 +1156,9 @@ fn mirrors_of(region: &RegionId) -> Vec<RegionId> {
     out
 }
 
+/// A port free right now, below the ephemeral range (see `meridian_bus::testing::free_port`).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    meridian_bus::testing::free_port().unwrap()
 }
 
 /// `text` with its one occurrence of `from` replaced by `to`.

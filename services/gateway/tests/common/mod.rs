@@ -71,9 +71,10 @@ pub struct Cluster {
     pub http: reqwest::Client,
 }
 
-/// A port nobody listens on now (the gateway binds it right after).
+/// A port nobody listens on now (the gateway binds it right after), below the ephemeral
+/// range (see `meridian_bus::testing::free_port`).
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(meridian_bus::testing::free_port()?)
 }
 
 impl Cluster {
