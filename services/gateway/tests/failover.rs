@@ -50,12 +50,10 @@ async fn send(s: &Session, cid: &str, client_msg_id: &str) -> Result<(u16, Value
 /// Every message of `cid` as `s`'s region holds it: client_msg_id → copies.
 async fn history(s: &Session, cid: &str) -> Result<BTreeMap<String, usize>> {
     let mut out = BTreeMap::new();
-    let mut after: Option<String> = None;
+    // Forward from the start (`after=` empty), each page continuing at `next_cursor`.
+    let mut after = String::new();
     for _ in 0..100 {
-        let path = match &after {
-            Some(a) => format!("/v1/conversations/{cid}/messages?limit=100&after={a}"),
-            None => format!("/v1/conversations/{cid}/messages?limit=100"),
-        };
+        let path = format!("/v1/conversations/{cid}/messages?limit=100&after={after}");
         let (st, body) = s.get(&path).await?;
         if st != 200 {
             bail!("history: {st} {body}");
@@ -65,9 +63,9 @@ async fn history(s: &Session, cid: &str) -> Result<BTreeMap<String, usize>> {
             *out.entry(m["client_msg_id"].as_str().unwrap_or_default().to_string())
                 .or_insert(0) += 1;
         }
-        match (msgs.last(), body["next_cursor"].as_str()) {
-            (Some(last), Some(_)) => after = last["cursor"].as_str().map(str::to_string),
-            _ => return Ok(out),
+        match body["next_cursor"].as_str() {
+            Some(next) => after = next.to_string(),
+            None => return Ok(out),
         }
     }
     bail!("history longer than 100 pages")
@@ -293,5 +291,162 @@ async fn item1_failover_with_the_home_region_hung_then_failback_once_caught_up()
     let (epoch, head) = inbox_consecutive(&bob_us).await?;
     assert_eq!(epoch, back["epoch"].as_str().unwrap_or_default());
     println!("failback refused before acceptance: at least {refusals}; bob's inbox at home: epoch {epoch}, head {head}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item2_a_region_woken_after_its_users_were_failed_over_refuses_their_sends() -> Result<()> {
+    let mut c = linked().await?;
+    c.provision_in(&["us"], "bob", "us").await?;
+    c.provision_in(&["us"], "ann", "eu").await?;
+    let bob_us = c.session("us", "bob").await?;
+    session_when_known(&c, "eu", "ann").await?;
+    let cid = bob_us.direct("ann").await?;
+    for r in ["us", "eu"] {
+        eventually(WAIT, &format!("{r} ready"), || async {
+            Ok(c.admin(r, reqwest::Method::GET, "/readyz", None).await?.0 == 200)
+        })
+        .await?;
+    }
+    let (st, body) = send(&bob_us, &cid, "before").await?;
+    assert_eq!(st, 202, "{body}");
+
+    // us hangs (its nats-server stopped) past the fence bound; eu takes its users over.
+    let hung_at = Instant::now();
+    c.nats.linked().region_mut("us").sigstop();
+    let (st, moved) = admin_post(&c, "eu", "/v1/admin/failover", json!({"region": "us"})).await?;
+    assert_eq!(st, 200, "{moved}");
+    let bob_eu = c.session("eu", "bob").await?;
+    let (st, body) = send(&bob_eu, &cid, "through-eu").await?;
+    assert_eq!(st, 202, "{body}");
+    if let Some(left) = Duration::from_secs(FENCE_AFTER_S + 1).checked_sub(hung_at.elapsed()) {
+        tokio::time::sleep(left).await;
+    }
+    c.nats.linked().region_mut("us").sigcont();
+
+    // Woken, us has not heard of the failover yet: it must not take bob's send.
+    let (st, body) = send(&bob_us, &cid, "after-wake").await?;
+    assert!(
+        st == 421 || (st == 503 && body["error"] == "region_unsure"),
+        "the woken region answered a moved user's send with {st} {body}"
+    );
+    // Once it has caught up it knows, and points him to eu; nothing it refused was stored.
+    eventually(WAIT, "us refers bob to eu", || async {
+        let (st, body) = send(&bob_us, &cid, "after-wake").await?;
+        if st == 202 {
+            bail!("the woken region accepted a moved user's send: {body}");
+        }
+        Ok(st == 421 && body["region"] == "eu")
+    })
+    .await?;
+    digests_converge(&c).await?;
+    let h = history(&bob_eu, &cid).await?;
+    assert_eq!(
+        h.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["before", "through-eu"],
+        "{h:?}"
+    );
+    Ok(())
+}
+
+/// A moved user's client: sends each message until acknowledged, following `421` to the
+/// region it names, retrying others a bounded number of times with the same id.
+async fn send_following(
+    sessions: &BTreeMap<String, Session>,
+    start: &str,
+    cid: &str,
+    id: &str,
+) -> Result<(Option<String>, String)> {
+    let mut at = start.to_string();
+    for _ in 0..40 {
+        let (st, body) = send(&sessions[&at], cid, id).await?;
+        match st {
+            202 => return Ok((Some(id.to_string()), at)),
+            421 => at = body["region"].as_str().context("region")?.to_string(),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    Ok((None, at))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item5_failover_racing_with_sends_loses_and_doubles_nothing_acknowledged() -> Result<()> {
+    let c = linked().await?;
+    c.provision_in(&["us"], "bob", "us").await?;
+    c.provision_in(&["us"], "ann", "eu").await?;
+    let mut bob = BTreeMap::new();
+    bob.insert("us".to_string(), c.session("us", "bob").await?);
+    bob.insert("eu".to_string(), session_when_known(&c, "eu", "bob").await?);
+    let ann = session_when_known(&c, "eu", "ann").await?;
+    let cid = bob["us"].direct("ann").await?;
+    // Two senders of bob's and ann's sends, all in flight while the failover happens.
+    let bob_sends = {
+        let (bob, cid) = (bob.clone(), cid.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut at = "us".to_string();
+            // Until ten sends after he moved (bounded: the failover comes early).
+            let mut after_move = 0;
+            for i in 0..400 {
+                let (ok, now_at) = send_following(&bob, &at, &cid, &format!("b{i}")).await?;
+                at = now_at;
+                acked.extend(ok);
+                after_move += usize::from(at == "eu");
+                if after_move >= 10 {
+                    break;
+                }
+            }
+            anyhow::Ok((acked, at))
+        })
+    };
+    let ann_sends = {
+        let (ann, cid) = (ann.clone(), cid.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..40 {
+                if send(&ann, &cid, &format!("a{i}")).await?.0 == 202 {
+                    acked.push(format!("a{i}"));
+                }
+            }
+            anyhow::Ok(acked)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (st, moved) = admin_post(&c, "eu", "/v1/admin/failover", json!({"region": "us"})).await?;
+    assert_eq!(st, 200, "{moved}");
+    let (bob_acked, bob_at) = bob_sends.await??;
+    let ann_acked = ann_sends.await??;
+    assert_eq!(bob_at, "eu", "bob ends served by eu");
+    let acked: BTreeSet<String> = bob_acked.into_iter().chain(ann_acked).collect();
+    assert!(acked.len() >= 40, "most sends are acknowledged: {acked:?}");
+    for s in [&bob["eu"], &ann] {
+        let acked = acked.clone();
+        let waited = eventually(WAIT, "every acknowledged message present", || async {
+            let h = history(s, &cid).await?;
+            if let Some((m, n)) = h.iter().find(|(_, n)| **n > 1) {
+                bail!("{m} doubled ({n} copies)");
+            }
+            Ok(acked.iter().all(|m| h.contains_key(m)))
+        })
+        .await;
+        if let Err(e) = waited {
+            let h = history(s, &cid).await?;
+            let missing: Vec<&String> = acked.iter().filter(|m| !h.contains_key(*m)).collect();
+            bail!(
+                "{e}: missing {missing:?} of {} acknowledged; held {:?}",
+                acked.len(),
+                h.keys()
+            );
+        }
+    }
+    digests_converge(&c).await?;
+    // Every copy is acknowledged or was retried until it was (same id): nothing extra.
+    let h = history(&ann, &cid).await?;
+    let extra: Vec<&String> = h.keys().filter(|m| !acked.contains(*m)).collect();
+    assert!(extra.is_empty(), "stored but never acknowledged: {extra:?}");
+    // Inboxes gap-free within their epochs: bob's new one at eu, ann's unchanged.
+    let (epoch, _) = inbox_consecutive(&bob["eu"]).await?;
+    assert_eq!(epoch, moved["epoch"].as_str().unwrap_or_default());
+    inbox_consecutive(&ann).await?;
     Ok(())
 }
