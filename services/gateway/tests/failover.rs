@@ -450,3 +450,87 @@ async fn item5_failover_racing_with_sends_loses_and_doubles_nothing_acknowledged
     inbox_consecutive(&ann).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item3_the_client_resyncs_across_a_failover_without_losing_or_doubling() -> Result<()> {
+    use meridian_client::{Checkpoint, Client, SyncEvent};
+    let c = linked().await?;
+    c.provision_in(&["us"], "bob", "us").await?;
+    c.provision_in(&["us"], "ann", "eu").await?;
+    let ann = session_when_known(&c, "eu", "ann").await?;
+    let bob_token = c.session("us", "bob").await?.token;
+    let cid = ann.direct("bob").await?;
+    let client = Client::new(&c.region("us").base, bob_token);
+    let mut sync = client.sync(Checkpoint::default());
+    let mut sent = BTreeSet::new();
+    for i in 0..3 {
+        let (st, body) = send(&ann, &cid, &format!("before{i}")).await?;
+        assert_eq!(st, 202, "{body}");
+        sent.insert(body["message_id"].as_str().context("message_id")?.to_string());
+    }
+    // ann keeps sending while us's users move to eu.
+    let during = {
+        let (ann, cid) = (ann.clone(), cid.clone());
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..20 {
+                let (st, body) = send(&ann, &cid, &format!("during{i}")).await?;
+                if st == 202 {
+                    ids.push(body["message_id"].as_str().context("message_id")?.to_string());
+                }
+            }
+            anyhow::Ok(ids)
+        })
+    };
+    let (st, moved) = admin_post(&c, "eu", "/v1/admin/failover", json!({"region": "us"})).await?;
+    assert_eq!(st, 200, "{moved}");
+    sent.extend(during.await??);
+    for i in 0..3 {
+        let (st, body) = send(&ann, &cid, &format!("after{i}")).await?;
+        assert_eq!(st, 202, "{body}");
+        sent.insert(body["message_id"].as_str().context("message_id")?.to_string());
+    }
+    // Every message reaches the app once, from its inbox or from the timelines.
+    let mut got: BTreeMap<String, usize> = BTreeMap::new();
+    let mut resynced_to = None;
+    let deadline = Instant::now() + WAIT;
+    while !(sent.iter().all(|m| got.contains_key(m)) && resynced_to.is_some()) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ev = match tokio::time::timeout(left, sync.next()).await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => bail!("the sync loop ended"),
+            Err(_) => bail!("not every message within {WAIT:?}: got {got:?}, resynced to {resynced_to:?}"),
+        };
+        match ev {
+            Ok(SyncEvent::Entry(e)) if e.kind == "message" => {
+                *got.entry(e.message_id.unwrap_or_default()).or_insert(0) += 1;
+            }
+            Ok(SyncEvent::Recovered { message, .. }) => {
+                *got.entry(message.message_id).or_insert(0) += 1;
+            }
+            Ok(SyncEvent::ResyncRequired { epoch, .. }) => resynced_to = Some(epoch),
+            _ => {}
+        }
+    }
+    // A little longer: nothing comes twice.
+    let quiet_until = Instant::now() + Duration::from_secs(2);
+    while let Ok(Some(ev)) =
+        tokio::time::timeout(quiet_until.saturating_duration_since(Instant::now()), sync.next()).await
+    {
+        match ev {
+            Ok(SyncEvent::Entry(e)) if e.kind == "message" => {
+                *got.entry(e.message_id.unwrap_or_default()).or_insert(0) += 1;
+            }
+            Ok(SyncEvent::Recovered { message, .. }) => {
+                *got.entry(message.message_id).or_insert(0) += 1;
+            }
+            _ => {}
+        }
+    }
+    let doubled: Vec<_> = got.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(doubled.is_empty(), "handed out twice: {doubled:?}");
+    assert_eq!(resynced_to.as_deref(), moved["epoch"].as_str());
+    assert_eq!(client.base_url(), c.region("eu").base);
+    assert_eq!(sync.checkpoint().epoch.as_deref(), moved["epoch"].as_str());
+    Ok(())
+}
