@@ -3,20 +3,23 @@
 //!
 //! A failover reaches a region only through its mirrors of the other regions' streams. The
 //! region refuses every write of a user homed here (`503 region_unsure`) when
-//! - it stalled: its own JetStream did not answer, or its gateway process was paused for
-//!   longer than `GatewayConfig::fence_after_s` (SIGSTOP, a frozen VM); or
-//! - it is cut off from every other region (at least two) for longer than that bound: it
-//!   may be the minority side that the others failed over.
+//! - it stalled: its JetStream took longer than [`STALL`] to answer (or failed), or the
+//!   gateway went longer than [`STALL`] past its judging interval without judging (its
+//!   process was paused: SIGSTOP, a frozen VM) — however short the stall, a failover may
+//!   have been given meanwhile; or
+//! - it is cut off from every other region (at least two) for longer than
+//!   `GatewayConfig::fence_after_s`: it may be the minority side that the others failed over;
 //!
-//! and then until every mirror it had heard from is back and applied up to what its origin
-//! held when it came back (`last_seq + mirror_lag` then): only then would a failover sent
-//! while it was away have been applied, turning the user's calls into `421 wrong_region`.
-//! A cut link between two regions alone does not fence (each keeps serving its users, as
-//! docs/design.md §5 promises); failing over a region that is only cut off, not down, gives
-//! its users two writers until the link heals, which the merge rules reconcile.
+//! and then until every mirror has heard from its origin since the stall was noticed and
+//! the applier has applied it up to what the origin held then (`last_seq + mirror_lag`):
+//! only then would a failover given while it was away have been applied, turning the
+//! user's calls into `421 wrong_region`. A cut link between two regions alone does not
+//! fence (each keeps serving its users, as docs/design.md §5 promises); failing over a
+//! region that is only cut off, not stalled, gives its users two writers until the link
+//! heals, which the merge rules reconcile.
 //!
 //! The judgement is cached for [`FENCE_RECHECK`] so a busy gateway asks JetStream a few
-//! times a second, not once per send.
+//! times a second, not once per send; [`watch`] judges every [`JUDGE_EVERY`] meanwhile.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -29,6 +32,10 @@ use crate::state::AppState;
 
 /// How long one judgement holds.
 pub const FENCE_RECHECK: Duration = Duration::from_millis(250);
+/// How often [`watch`] judges, whether or not anyone writes.
+pub const JUDGE_EVERY: Duration = Duration::from_secs(1);
+/// A JetStream answer or a judging interval late by this much means the region stalled.
+pub const STALL: Duration = Duration::from_secs(2);
 
 #[derive(Default)]
 pub struct Fence {
@@ -38,6 +45,9 @@ pub struct Fence {
 #[derive(Default)]
 struct FenceState {
     judged_at: Option<Instant>,
+    /// When the last stall was noticed: a recovering mirror is back once it has heard from
+    /// its origin since then.
+    stalled_at: Option<Instant>,
     /// Why writes are refused now; empty: they are not.
     unsure: Vec<String>,
     /// Mirrors that were quiet and have come back: the position their origin had when they
@@ -86,6 +96,16 @@ impl Fence {
         }
         let bound = Duration::from_secs(s.cfg.fence_after_s);
         let mut reasons = Vec::new();
+        if let Some(gap) = st
+            .judged_at
+            .map(|t| t.elapsed())
+            .filter(|g| *g > JUDGE_EVERY + STALL)
+        {
+            reasons.push(format!(
+                "this region did not judge for {} ms (paused)",
+                gap.as_millis()
+            ));
+        }
         let asked = Instant::now();
         let streams = match health::streams(s).await {
             Ok(v) => v,
@@ -100,13 +120,17 @@ impl Fence {
         }
         // ... or answered only after longer than the bound: it was stopped meanwhile (a
         // request to a paused server waits and is answered when it resumes).
-        if asked.elapsed() > bound {
+        if asked.elapsed() > STALL {
             reasons.push(format!(
                 "this region's JetStream took {} ms to answer",
                 asked.elapsed().as_millis()
             ));
         }
         if !reasons.is_empty() {
+            tracing::warn!(
+                ?reasons,
+                "this region stalled: fencing its users' writes until every mirror has caught up"
+            );
             st.mark_recovering(s);
         }
         let quiet = health::mirror_problems(&streams, bound);
@@ -133,6 +157,12 @@ impl Fence {
                         reasons.push(format!("{problem}, and every other region is quiet too"));
                     }
                 }
+                (None, Some(None)) if !heard_since(h, st.stalled_at) => {
+                    reasons.push(format!(
+                        "mirror {} of region {} has not heard from its origin since this region stalled",
+                        h.stream, h.origin
+                    ));
+                }
                 (None, Some(target)) => {
                     let target = target.unwrap_or(h.last_seq.unwrap_or(0) + h.mirror_lag);
                     if h.applied >= target && h.mirror_lag == 0 {
@@ -152,41 +182,35 @@ impl Fence {
         st.unsure = reasons.clone();
         reasons
     }
-
-    /// This region stalled (its JetStream did not answer, or its process was paused): every
-    /// mirror it had heard from must catch up before its users write again.
-    pub async fn stalled(&self, s: &AppState) {
-        let mut st = self.state.lock().await;
-        st.mark_recovering(s);
-        st.judged_at = None;
-    }
 }
 
 impl FenceState {
     /// Every mirror, heard from yet or not: after a stall each must be back and caught up.
     fn mark_recovering(&mut self, s: &AppState) {
+        self.stalled_at = Some(Instant::now());
         for origin in &s.bus.config().mirrors {
             self.recovering.insert(s.bus.config().stream_name(origin), None);
         }
     }
 }
 
-/// Judges the fence every [`FENCE_RECHECK`] × 4 until `shutdown`, so a region notices a
-/// quiet mirror even while none of its users writes.
-/// A tick that comes much later than asked means the process was paused (SIGSTOP, a VM
-/// freeze): the region stalled.
+/// Whether mirror `h` heard from its origin after `since` (its last contact is younger).
+fn heard_since(h: &StreamHealth, since: Option<Instant>) -> bool {
+    match (h.active_age_ms, since) {
+        (Some(age), Some(t)) => u128::from(age) < t.elapsed().as_millis(),
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
+/// Judges the fence every [`JUDGE_EVERY`] until `shutdown`, so a region notices a stall
+/// or a quiet mirror even while none of its users writes (a late judgement is itself the
+/// sign of a paused process, see [`Fence::unsure`]).
 pub async fn watch(s: std::sync::Arc<AppState>, shutdown: tokio_util::sync::CancellationToken) {
-    let tick = FENCE_RECHECK * 4;
-    let stall = Duration::from_secs(s.cfg.fence_after_s);
     loop {
-        let asked = Instant::now();
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(tick) => {
-                if asked.elapsed() > tick + stall {
-                    tracing::warn!(paused_ms = asked.elapsed().as_millis() as u64, "the gateway was paused: fencing its users until the mirrors catch up");
-                    s.fence.stalled(&s).await;
-                }
+            _ = tokio::time::sleep(JUDGE_EVERY) => {
                 let _ = s.fence.unsure(&s).await;
             }
         }

@@ -379,6 +379,13 @@ async fn item5_failover_racing_with_sends_loses_and_doubles_nothing_acknowledged
     bob.insert("eu".to_string(), session_when_known(&c, "eu", "bob").await?);
     let ann = session_when_known(&c, "eu", "ann").await?;
     let cid = bob["us"].direct("ann").await?;
+    // Each region hears the other (so us learns of the failover while bob sends there).
+    for r in ["us", "eu"] {
+        eventually(WAIT, &format!("{r} ready"), || async {
+            Ok(c.admin(r, reqwest::Method::GET, "/readyz", None).await?.0 == 200)
+        })
+        .await?;
+    }
     // Two senders of bob's and ann's sends, all in flight while the failover happens.
     let bob_sends = {
         let (bob, cid) = (bob.clone(), cid.clone());

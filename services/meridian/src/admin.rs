@@ -45,7 +45,8 @@ pub enum Move {
 
 fn endpoint(cluster: &Path, region: &str) -> Result<String, AdminError> {
     let at = cluster.display().to_string();
-    let text = std::fs::read_to_string(cluster).map_err(|e| AdminError::Cluster(at.clone(), e.to_string()))?;
+    let text =
+        std::fs::read_to_string(cluster).map_err(|e| AdminError::Cluster(at.clone(), e.to_string()))?;
     let v: Value = serde_json::from_str(&text).map_err(|e| AdminError::Cluster(at.clone(), e.to_string()))?;
     v["regions"][region]["endpoint"]
         .as_str()

@@ -280,8 +280,9 @@ async fn run_admin(cmd: AdminCmd) -> anyhow::Result<()> {
     let opts = meridian::admin::MoveOptions {
         cluster: args.cluster,
         // From the environment only, as `meridian bench` reads it.
-        admin_key: std::env::var("MERIDIAN_ADMIN_KEY")
-            .context("set MERIDIAN_ADMIN_KEY to the deployment's admin key (cluster.json does not hold it)")?,
+        admin_key: std::env::var("MERIDIAN_ADMIN_KEY").context(
+            "set MERIDIAN_ADMIN_KEY to the deployment's admin key (cluster.json does not hold it)",
+        )?,
         region: args.region,
         to: args.to,
         wait: Duration::from_secs(args.wait_secs),
