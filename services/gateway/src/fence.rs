@@ -152,7 +152,12 @@ impl Fence {
                     reasons.push(format!("{problem}, since this region stalled"));
                 }
                 (Some(problem), None) => {
-                    if isolated && st.seen_healthy.contains(&h.stream) {
+                    if h.active_age_ms.is_none() && h.error.is_none() && st.seen_healthy.contains(&h.stream) {
+                        // Healthy before, "never active" now: this region's JetStream
+                        // restarted (a failover may have been given while it was down).
+                        reasons.push(format!("{problem}: this region's JetStream restarted"));
+                        st.mark_recovering(s);
+                    } else if isolated && st.seen_healthy.contains(&h.stream) {
                         st.recovering.insert(h.stream.clone(), None);
                         reasons.push(format!("{problem}, and every other region is quiet too"));
                     }

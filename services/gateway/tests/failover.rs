@@ -541,3 +541,76 @@ async fn item3_the_client_resyncs_across_a_failover_without_losing_or_doubling()
     assert_eq!(sync.checkpoint().epoch.as_deref(), moved["epoch"].as_str());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item5_home_nats_killed_and_restarted_failover_then_failback_loses_nothing() -> Result<()> {
+    let mut c = linked().await?;
+    c.provision_in(&["us"], "bob", "us").await?;
+    c.provision_in(&["us"], "ann", "eu").await?;
+    let bob_us = c.session("us", "bob").await?;
+    let ann = session_when_known(&c, "eu", "ann").await?;
+    let cid = bob_us.direct("ann").await?;
+    for r in ["us", "eu"] {
+        eventually(WAIT, &format!("{r} ready"), || async {
+            Ok(c.admin(r, reqwest::Method::GET, "/readyz", None).await?.0 == 200)
+        })
+        .await?;
+    }
+    let mut acked = BTreeSet::new();
+    let (st, body) = send(&bob_us, &cid, "k0").await?;
+    assert_eq!(st, 202, "{body}");
+    acked.insert("k0".to_string());
+    eventually(WAIT, "eu has k0", || async {
+        Ok(history(&ann, &cid).await?.contains_key("k0"))
+    })
+    .await?;
+
+    // us's nats-server is killed (SIGKILL); eu takes bob over and he keeps talking.
+    c.nats.linked().region_mut("us").kill();
+    let (st, moved) = admin_post(&c, "eu", "/v1/admin/failover", json!({"region": "us"})).await?;
+    assert_eq!(st, 200, "{moved}");
+    let bob_eu = c.session("eu", "bob").await?;
+    for m in ["k1", "k2"] {
+        let (st, body) = send(&bob_eu, &cid, m).await?;
+        assert_eq!(st, 202, "{body}");
+        acked.insert(m.to_string());
+    }
+    // Restarted on its store: us must catch up before it takes bob back.
+    c.nats.linked().region_mut("us").restart()?;
+    let back = eventually_some(WAIT, "failback accepted", || async {
+        let (st, body) = admin_post(&c, "us", "/v1/admin/failback", json!({"region": "us"})).await?;
+        match st {
+            200 => Ok(Some(body)),
+            409 if body["error"] == "not_caught_up" => Ok(None),
+            _ => bail!("failback: {st} {body}"),
+        }
+    })
+    .await?;
+    assert_eq!(
+        (&back["serving"], &back["changed"]),
+        (&json!("us"), &json!(true)),
+        "{back}"
+    );
+    // Caught up means bob's messages through eu are here before he is.
+    let h = history(&bob_us, &cid).await?;
+    assert!(h.contains_key("k1") && h.contains_key("k2"), "{h:?}");
+    eventually(WAIT, "bob sends through us again", || async {
+        Ok(send(&bob_us, &cid, "k3").await?.0 == 202)
+    })
+    .await?;
+    acked.insert("k3".to_string());
+    for s in [&bob_us, &ann] {
+        let acked = acked.clone();
+        eventually(WAIT, "every acknowledged message once", || async {
+            let h = history(s, &cid).await?;
+            if h.values().any(|n| *n > 1) {
+                bail!("doubled: {h:?}");
+            }
+            Ok(acked.iter().all(|m| h.contains_key(m)))
+        })
+        .await?;
+    }
+    digests_converge(&c).await?;
+    inbox_consecutive(&bob_us).await?;
+    Ok(())
+}

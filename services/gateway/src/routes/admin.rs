@@ -349,9 +349,10 @@ pub async fn post_failover(
 
 /// `POST /v1/admin/failback {"region"}`, answered by the home region `region` (elsewhere
 /// `421` to it): `409 not_caught_up` with the lag per stream until this region has applied
-/// every stream up to the failover point, and its mirror of the acting region up to what
-/// that region holds (what it accepted from the moved users since), with every mirror
-/// live (the fence, [`crate::fence`]); then a RegionFailback on this region's stream.
+/// every stream up to the failover point, and every mirror up to what its origin holds
+/// (the acting region's: what it accepted from the moved users since), with every mirror
+/// heard from within `fence_after_s` and the fence ([`crate::fence`]) sure; then a
+/// RegionFailback on this region's stream.
 pub async fn post_failback(
     _: Admin,
     State(s): State<Arc<AppState>>,
@@ -375,13 +376,20 @@ pub async fn post_failback(
         let applied = s.store.checkpoint(stream).await?;
         behind(stream, *seq, applied);
     }
-    for h in streams
-        .iter()
-        .filter(|h| h.mirror && h.origin == rs.serving.as_str())
-    {
+    // Every mirror applied up to what its origin holds now (the acting region's: what the
+    // moved users sent meanwhile), and heard from lately: a mirror that has not re-attached
+    // since a restart reports a stale position and lag 0.
+    let mut reasons = s.fence.unsure(&s).await;
+    let bound_ms = s.cfg.fence_after_s.saturating_mul(1000);
+    for h in streams.iter().filter(|h| h.mirror) {
         behind(&h.stream, h.last_seq.unwrap_or(0) + h.mirror_lag, h.applied);
+        if !h.active_age_ms.is_some_and(|a| a <= bound_ms) || h.error.is_some() {
+            reasons.push(format!(
+                "mirror {} of region {} has not heard from its origin lately (active age {:?} ms, error {:?})",
+                h.stream, h.origin, h.active_age_ms, h.error
+            ));
+        }
     }
-    let reasons = s.fence.unsure(&s).await;
     if !lag.is_empty() || !reasons.is_empty() {
         return Err(ApiError::new(
             axum::http::StatusCode::CONFLICT,
