@@ -383,7 +383,7 @@ pub async fn post_failback(
     let bound_ms = s.cfg.fence_after_s.saturating_mul(1000);
     for h in streams.iter().filter(|h| h.mirror) {
         behind(&h.stream, h.last_seq.unwrap_or(0) + h.mirror_lag, h.applied);
-        if !h.active_age_ms.is_some_and(|a| a <= bound_ms) || h.error.is_some() {
+        if h.active_age_ms.is_none_or(|a| a > bound_ms) || h.error.is_some() {
             reasons.push(format!(
                 "mirror {} of region {} has not heard from its origin lately (active age {:?} ms, error {:?})",
                 h.stream, h.origin, h.active_age_ms, h.error
