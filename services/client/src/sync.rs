@@ -8,8 +8,9 @@
 //! the client to the endpoint the gateway names and reconnects there at once), and
 //! reports [`SyncEvent::ResyncRequired`] when the
 //! checkpoint cannot be continued (the inbox epoch changed, or the checkpoint fell out of the
-//! TTL): the app then re-reads its conversations' storage timelines, while the loop carries on
-//! from the new epoch's head.
+//! TTL), after reading the storage timelines itself and handing out what the device missed
+//! ([`SyncEvent::Recovered`], deduplicated by message id against [`Timelines`]); it then
+//! carries on from the new epoch's head.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,7 +21,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use crate::{Client, ClientError, Entry};
+use crate::{Client, ClientError, Entry, Timelines};
 
 /// Where a device is in its inbox. Persist it (it is `Serialize`) to resume after restarts.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,7 +35,14 @@ pub struct Checkpoint {
 pub enum SyncEvent {
     /// The next inbox entry (seq = checkpoint + 1).
     Entry(Entry),
-    /// Resync from the storage timelines; the loop continues from `head` of `epoch`.
+    /// A message the loop found missing while resyncing from the storage timelines (each
+    /// once, never one this device already had), handed out before the `ResyncRequired`.
+    Recovered {
+        conversation_id: String,
+        message: crate::Message,
+    },
+    /// The inbox epoch changed: the loop has read the storage timelines (the `Recovered`
+    /// events before this one) and continues from `head` of `epoch`.
     ResyncRequired { epoch: String, head: u64 },
     /// Ephemeral frames (typing, presence) and answers to sends made on this socket.
     Signal(Value),
@@ -54,6 +62,7 @@ const GAP_PAGE: usize = 500;
 pub struct SyncStream {
     rx: mpsc::Receiver<Result<SyncEvent, ClientError>>,
     checkpoint: Arc<Mutex<Checkpoint>>,
+    timelines: Arc<Mutex<Timelines>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -64,11 +73,22 @@ impl Drop for SyncStream {
 }
 
 impl SyncStream {
-    pub(crate) fn new(client: Client, checkpoint: Checkpoint) -> SyncStream {
+    pub(crate) fn new(client: Client, checkpoint: Checkpoint, timelines: Timelines) -> SyncStream {
         let (tx, rx) = mpsc::channel(BUFFER);
         let checkpoint = Arc::new(Mutex::new(checkpoint));
-        let task = tokio::spawn(run(client, checkpoint.clone(), tx));
-        SyncStream { rx, checkpoint, task }
+        let timelines = Arc::new(Mutex::new(timelines));
+        let task = tokio::spawn(run(client, checkpoint.clone(), timelines.clone(), tx));
+        SyncStream {
+            rx,
+            checkpoint,
+            timelines,
+            task,
+        }
+    }
+
+    /// What the device holds of the storage timelines (persist it with the checkpoint).
+    pub fn timelines(&self) -> Timelines {
+        self.timelines.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The next event; `None` only if the loop ended (it runs until dropped).
@@ -85,17 +105,20 @@ impl SyncStream {
 struct Loop {
     client: Client,
     checkpoint: Arc<Mutex<Checkpoint>>,
+    timelines: Arc<Mutex<Timelines>>,
     tx: mpsc::Sender<Result<SyncEvent, ClientError>>,
 }
 
 async fn run(
     client: Client,
     checkpoint: Arc<Mutex<Checkpoint>>,
+    timelines: Arc<Mutex<Timelines>>,
     tx: mpsc::Sender<Result<SyncEvent, ClientError>>,
 ) {
     let l = Loop {
         client,
         checkpoint,
+        timelines,
         tx,
     };
     let mut backoff = Duration::from_millis(100);
@@ -269,13 +292,55 @@ impl Loop {
     }
 
     async fn deliver(&self, entry: Entry) -> Result<(), ()> {
+        // A message already read from a timeline during a resync (it also reached the new
+        // epoch's inbox) is not handed out twice.
+        let fresh = match (entry.kind == "message", &entry.message_id) {
+            (true, Some(id)) => self
+                .timelines
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .seen
+                .insert(id.clone()),
+            _ => true,
+        };
         let mut cp = self.cp();
         cp.seq = entry.seq;
         self.set_cp(cp);
+        if !fresh {
+            return Ok(());
+        }
         self.emit(SyncEvent::Entry(entry)).await
     }
 
+    /// Reads the storage timelines (bounded retries; a last failure is reported to the app,
+    /// which can call [`Client::resync_timelines`] itself), hands out what was missing,
+    /// then continues at `head` of the new epoch.
     async fn resync(&self, epoch: String, head: u64) -> Result<(), ()> {
+        let mut backoff = Duration::from_millis(100);
+        for attempt in 1..=5 {
+            let mut t = self.timelines.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            match self.client.resync_timelines(&mut t).await {
+                Ok(found) => {
+                    *self.timelines.lock().unwrap_or_else(|p| p.into_inner()) = t;
+                    for (conversation_id, message) in found {
+                        self.emit(SyncEvent::Recovered {
+                            conversation_id,
+                            message,
+                        })
+                        .await?;
+                    }
+                    break;
+                }
+                Err(e) if attempt == 5 => {
+                    self.tx.send(Err(e)).await.map_err(|_| ())?;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, attempt, "reading the timelines failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+            }
+        }
         self.set_cp(Checkpoint {
             epoch: Some(epoch.clone()),
             seq: head,

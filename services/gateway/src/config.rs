@@ -62,6 +62,12 @@ pub struct GatewayConfig {
     /// its last contact tells), or reports an error.
     #[serde(default = "default_mirror_unhealthy_after")]
     pub mirror_unhealthy_after_s: u64,
+    /// The fence after a hang (docs/design.md §7, [`crate::fence`]): while a mirror of
+    /// another region has not heard from its origin for longer than this, this region may
+    /// have missed a failover of its users and refuses their writes (`503 region_unsure`).
+    /// The price: a link cut for longer than this stops writes of the cut region's users.
+    #[serde(default = "default_fence_after")]
+    pub fence_after_s: u64,
 }
 
 /// The longest `mirror_unhealthy_after_s`: beyond a day a dead link would go unnoticed.
@@ -106,6 +112,10 @@ fn default_mirror_unhealthy_after() -> u64 {
     30
 }
 
+fn default_fence_after() -> u64 {
+    30
+}
+
 impl GatewayConfig {
     /// A config with defaults for everything but the region and keys.
     pub fn new(region: RegionId, jwt_secret: impl Into<String>, admin_key: impl Into<String>) -> Self {
@@ -125,6 +135,7 @@ impl GatewayConfig {
             region_endpoints: BTreeMap::new(),
             clock_offset_ms: 0,
             mirror_unhealthy_after_s: default_mirror_unhealthy_after(),
+            fence_after_s: default_fence_after(),
         }
     }
 
@@ -168,6 +179,12 @@ impl GatewayConfig {
             return bad(
                 "gateway.ws_subscription_capacity",
                 "must be between 1 and 65536".into(),
+            );
+        }
+        if !(1..=MAX_MIRROR_UNHEALTHY_AFTER_S).contains(&self.fence_after_s) {
+            return bad(
+                "gateway.fence_after_s",
+                format!("must be between 1 and {MAX_MIRROR_UNHEALTHY_AFTER_S} (one day)"),
             );
         }
         if !(1..=MAX_MIRROR_UNHEALTHY_AFTER_S).contains(&self.mirror_unhealthy_after_s) {

@@ -200,7 +200,13 @@ impl FromRequestParts<Arc<AppState>> for Caller {
     /// `421 wrong_region` with that region's endpoint, read from the directory per request.
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
         let who = Authenticated::from_request_parts(parts, state).await?;
-        Ok(who.served_here(&state.cfg)?)
+        let caller = who.served_here(&state.cfg)?;
+        // A write of a user served here, while this region cannot tell whether they were
+        // failed over elsewhere (the fence after a hang, `crate::fence`).
+        if parts.method != axum::http::Method::GET && parts.method != axum::http::Method::HEAD {
+            state.fence.check(state, &caller.view).await?;
+        }
+        Ok(caller)
     }
 }
 

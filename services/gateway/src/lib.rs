@@ -26,6 +26,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod fence;
 pub mod health;
 pub mod idempotency;
 pub mod live;
@@ -102,6 +103,7 @@ impl Gateway {
             started: Instant::now(),
             shutdown,
             registry,
+            fence: Default::default(),
         };
         Ok(Gateway {
             listener,
@@ -144,7 +146,9 @@ impl Gateway {
             self.state.hub.clone(),
             shutdown.clone(),
         ));
-        let app = router(Arc::new(self.state));
+        let state = Arc::new(self.state);
+        let fence_after_hang = tokio::spawn(fence::watch(state.clone(), shutdown.clone()));
+        let app = router(state);
         tracing::info!(addr = %self.listener.local_addr().map_err(GatewayError::Serve)?, "gateway listening");
         // Small frames in both directions: without TCP_NODELAY, Nagle's algorithm meeting
         // the peer's delayed ACK holds a live entry back for up to 40 ms.
@@ -161,6 +165,7 @@ impl Gateway {
         shutdown.cancel();
         let _ = fence.await;
         let _ = presence.await;
+        let _ = fence_after_hang.await;
         served
     }
 }

@@ -129,6 +129,8 @@ pub async fn send_message(s: &AppState, caller: &Caller, cid: &str, req: SendMes
     if body_json.len() > s.cfg.max_body_bytes {
         return Err(ApiError::too_large("message body", s.cfg.max_body_bytes).with("field", "body"));
     }
+    // WebSocket sends come here without the HTTP extractor's fence check.
+    s.fence.check(s, &caller.view).await?;
     let event_id = EventId::for_message(&caller.user, &cid, &req.client_msg_id);
     // Membership, dissolution and an earlier application, from one snapshot.
     let check = s.store.send_check(&cid, &caller.user, &event_id).await?;

@@ -33,6 +33,8 @@ pub struct AppState {
     /// Every metric of the process: the gateway's, and those of the roles running beside
     /// it (applier, push), which register through [`crate::Gateway::metrics_registry`].
     pub registry: Registry,
+    /// Refuses writes while this region cannot tell whether its users were failed over.
+    pub fence: crate::fence::Fence,
 }
 
 /// An event the stream has acknowledged.

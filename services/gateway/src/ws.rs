@@ -350,6 +350,12 @@ impl Connection {
             return Ok(());
         }
         let entry = match LiveEntry::decode(msg.payload.as_ref()) {
+            // An entry of another epoch than the socket's (the user's inbox moved with a
+            // failover or failback): its seq means nothing here. Reread the inbox, which
+            // reads the current epoch and tells a stale socket `resync_required`.
+            Ok(live) if !live.epoch.is_empty() && self.epoch.as_deref().is_some_and(|e| e != live.epoch) => {
+                return self.catch_up(None).await;
+            }
             Ok(live) => InboxEntry::from(live),
             Err(e) => {
                 tracing::warn!(error = %e, "undecodable delivery");

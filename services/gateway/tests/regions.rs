@@ -153,6 +153,7 @@ async fn item5_open_websockets_close_with_4421_when_their_region_fails_over() ->
             body: Some(Body::RegionFailover(RegionFailover {
                 region: "us".into(),
                 to: "eu".into(),
+                applied: vec![],
             })),
             ..Default::default()
         })

@@ -9,6 +9,7 @@
 //!   region, supervised, stopped in order.
 //! - [`nats_auth`]: `meridian nats-auth`, the NATS users of a production region.
 
+pub mod admin;
 pub mod bench;
 pub mod config;
 pub mod logging;

@@ -54,6 +54,34 @@ enum Cmd {
     /// permissions, plus a tls block with --tls-cert/--tls-key, to include from the server's
     /// configuration.
     NatsAuth(NatsAuthArgs),
+    /// Operator commands against a running deployment (its cluster.json; the admin key in
+    /// MERIDIAN_ADMIN_KEY): region failover and failback, waiting and printing progress.
+    #[command(subcommand)]
+    Admin(AdminCmd),
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Move a failed region's users to the acting region `--to`.
+    Failover(MoveArgs),
+    /// Bring a region's users home; retried while the home region is not caught up.
+    Failback(MoveArgs),
+}
+
+#[derive(Args)]
+struct MoveArgs {
+    /// The deployment's cluster.json (regions and their endpoints).
+    #[arg(long)]
+    cluster: PathBuf,
+    /// The region whose users move.
+    #[arg(long)]
+    region: String,
+    /// Failover: the acting region.
+    #[arg(long)]
+    to: Option<String>,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    wait_secs: u64,
 }
 
 #[derive(Args)]
@@ -223,6 +251,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Bench(args) => run_bench(args, shutdown.clone()).await,
         Cmd::NatsAuth(args) => run_nats_auth(args),
+        Cmd::Admin(cmd) => run_admin(cmd).await,
     };
     signals.abort();
     // Last in the ordered stop: flush the spans the roles ended (blocking, hence the thread).
@@ -252,6 +281,25 @@ async fn run_up(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()>
         },
     };
     up::run(opts, shutdown).await.context("meridian up")
+}
+
+async fn run_admin(cmd: AdminCmd) -> anyhow::Result<()> {
+    let (what, args) = match cmd {
+        AdminCmd::Failover(a) => (meridian::admin::Move::Failover, a),
+        AdminCmd::Failback(a) => (meridian::admin::Move::Failback, a),
+    };
+    let opts = meridian::admin::MoveOptions {
+        cluster: args.cluster,
+        // From the environment only, as `meridian bench` reads it.
+        admin_key: std::env::var("MERIDIAN_ADMIN_KEY").context(
+            "set MERIDIAN_ADMIN_KEY to the deployment's admin key (cluster.json does not hold it)",
+        )?,
+        region: args.region,
+        to: args.to,
+        wait: Duration::from_secs(args.wait_secs),
+    };
+    meridian::admin::run(what, &opts, |line| println!("{line}")).await?;
+    Ok(())
 }
 
 fn run_nats_auth(args: NatsAuthArgs) -> anyhow::Result<()> {

@@ -235,6 +235,7 @@ impl Store {
             .await?;
             deliveries.push(Delivery {
                 user,
+                epoch: epoch.to_string(),
                 seq: stored.seq,
                 conversation_id: stored.conversation_id,
                 order_key: stored.order_key,

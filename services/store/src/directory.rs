@@ -33,6 +33,9 @@ pub struct RegionServing {
     pub region: RegionId,
     pub serving: RegionId,
     pub epoch: String,
+    /// While another region serves them: how far that region had applied each stream
+    /// (stream name, seq) when it took over (the failback precondition); empty otherwise.
+    pub failover_point: Vec<(String, u64)>,
 }
 
 impl Store {
@@ -107,10 +110,19 @@ async fn region_serving_in(
         Some(s) => (region.clone(), s.version),
         None => (region.clone(), Vec::new()),
     };
+    let failover_point = if serving == *region {
+        Vec::new()
+    } else {
+        rec.failover_point
+            .into_iter()
+            .map(|p| (p.stream, p.seq))
+            .collect()
+    };
     Ok(RegionServing {
         region: region.clone(),
         epoch: inbox_epoch(&serving, &version),
         serving,
+        failover_point,
     })
 }
 

@@ -335,6 +335,11 @@ pub struct RegionRecord {
     /// Region serving this region's users; empty when it serves them itself.
     #[prost(message, optional, tag = "1")]
     pub serving: Option<StrReg>,
+    /// The failover point of the failover that set `serving` (empty after a failback): how
+    /// far the acting region had applied each stream; written with the register, so the
+    /// winning event's point is the one kept.
+    #[prost(message, repeated, tag = "2")]
+    pub failover_point: Vec<meridian_model::events::StreamPosition>,
 }
 
 /// The head of one user's inbox in the region serving them.

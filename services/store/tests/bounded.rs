@@ -240,6 +240,7 @@ async fn item5_epoch_change_drops_the_old_inbox_in_bounded_chunks() {
             Body::RegionFailover(events::RegionFailover {
                 region: "us".into(),
                 to: "eu".into(),
+                applied: vec![],
             }),
         ),
         f.envelope(

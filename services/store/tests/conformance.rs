@@ -595,6 +595,7 @@ async fn inbox_fan_out_only_for_users_this_region_serves_and_epoch_changes_on_fa
                 Body::RegionFailover(events::RegionFailover {
                     region: "eu".into(),
                     to: "us".into(),
+                    applied: vec![],
                 }),
             ),
             us.message("ann", &cid, "2", "again"),

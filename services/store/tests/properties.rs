@@ -204,6 +204,7 @@ fn scenario() -> (Vec<EventEnvelope>, ConversationId) {
             Body::RegionFailover(events::RegionFailover {
                 region: "eu".into(),
                 to: "us".into(),
+                applied: vec![],
             }),
         ),
         us.envelope(

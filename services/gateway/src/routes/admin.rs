@@ -1,11 +1,15 @@
-//! Admin calls (`X-Admin-Key`): provisioning users, minting tokens, region status, digests.
+//! Admin calls (`X-Admin-Key`): provisioning users, minting tokens, region status, digests,
+//! failover and failback.
 
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::Json;
-use meridian_model::events::{event_envelope::Body, UserUpserted};
-use meridian_model::{DeviceId, RegionId, UserId};
+use meridian_model::events::{
+    event_envelope::Body, RegionFailback, RegionFailover, StreamPosition, UserUpserted,
+};
+use meridian_model::{DeviceId, EventId, RegionId, UserId};
+use meridian_store::directory::RegionServing;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -194,4 +198,223 @@ pub async fn get_digest(_: Admin, State(s): State<Arc<AppState>>) -> ApiResult<J
         "digest": digest,
         "settled": settled,
     })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverRequest {
+    region: String,
+    /// The acting region; default: this one. Another region's answer is `421` to it.
+    to: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailbackRequest {
+    region: String,
+}
+
+/// One failover or failback at a time in this process: with the event ids derived from the
+/// register they change, two concurrent calls publish the same event (JetStream keeps one).
+static REGION_MOVES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// How long a failover or failback waits for this region to apply its own event before
+/// answering (the event is in the stream already: the answer then says `applied: false`).
+const MOVE_APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn deployment_region(s: &AppState, name: String, field: &str) -> ApiResult<RegionId> {
+    let r = RegionId::parse(name).map_err(|e| ApiError::from(e).with("field", field))?;
+    if r != s.cfg.region && !s.cfg.region_endpoints.contains_key(r.as_str()) {
+        return Err(
+            ApiError::bad_request("unknown_region", format!("no region {r} in this deployment"))
+                .with("field", field),
+        );
+    }
+    Ok(r)
+}
+
+/// The id of the event that moves `region`'s users away from the state `epoch` names: the
+/// same for every repetition of the same move, so JetStream's duplicate window and the
+/// applier's record of applied events keep one.
+fn move_event_id(kind: &str, region: &RegionId, to: &RegionId, epoch: &str) -> EventId {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for part in [
+        "meridian/region-move/1",
+        kind,
+        region.as_str(),
+        to.as_str(),
+        epoch,
+    ] {
+        h.update(part.as_bytes());
+        h.update(b"\0");
+    }
+    let d = h.finalize();
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d[..16]);
+    // Version 8 (custom) and the RFC variant, like message ids.
+    b[6] = (b[6] & 0x0f) | 0x80;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    EventId::from_bytes(&b).expect("16 bytes")
+}
+
+/// Polls until this region's register says `serving` serves `region`, bounded.
+async fn wait_serving(
+    s: &AppState,
+    region: &RegionId,
+    serving: &RegionId,
+) -> ApiResult<(RegionServing, bool)> {
+    let deadline = std::time::Instant::now() + MOVE_APPLY_WAIT;
+    loop {
+        let now = s.store.region_serving(region).await?;
+        if now.serving == *serving || std::time::Instant::now() >= deadline {
+            let applied = now.serving == *serving;
+            return Ok((now, applied));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+fn move_answer(rs: &RegionServing, changed: bool, applied: bool) -> Value {
+    let point: serde_json::Map<String, Value> = rs
+        .failover_point
+        .iter()
+        .map(|(stream, seq)| (stream.clone(), json!(seq)))
+        .collect();
+    json!({
+        "region": rs.region.as_str(),
+        "serving": rs.serving.as_str(),
+        "epoch": rs.epoch,
+        "changed": changed,
+        "applied": applied,
+        "failover_point": point,
+    })
+}
+
+/// `POST /v1/admin/failover {"region", "to"}`, answered by the acting region `to`: its users
+/// are served here from the moment this region applies the event. The event records the
+/// failover point (how far this region had applied every stream; its own stream: all it
+/// holds), which failback waits for. Repeating it answers the same without a new event.
+pub async fn post_failover(
+    _: Admin,
+    State(s): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<FailoverRequest>,
+) -> ApiResult<Json<Value>> {
+    let region = deployment_region(&s, req.region, "region")?;
+    let to = match req.to {
+        Some(t) => deployment_region(&s, t, "to")?,
+        None => s.cfg.region.clone(),
+    };
+    if to == region {
+        return Err(ApiError::bad_request(
+            "invalid_argument",
+            format!("region {region} cannot be failed over to itself: use failback"),
+        )
+        .with("field", "to"));
+    }
+    if to != s.cfg.region {
+        // The acting region publishes the move on its own stream, so that repeats and races
+        // meet in one stream's duplicate window.
+        return Err(crate::extract::WrongRegion::to(&s.cfg, to).into());
+    }
+    let _one = REGION_MOVES.lock().await;
+    let before = s.store.region_serving(&region).await?;
+    if before.serving == to {
+        return Ok(Json(move_answer(&before, false, true)));
+    }
+    let own = s.bus.stream();
+    let mut applied = Vec::new();
+    for stream in s.bus.applied_streams() {
+        let mut seq = s.store.checkpoint(&stream).await?;
+        if stream == own {
+            // Everything this region acknowledged, applied yet or not.
+            seq = seq.max(s.bus.stream_state(&stream).await?.last_seq);
+        }
+        applied.push(StreamPosition { stream, seq });
+    }
+    s.publish_and_apply_as(
+        None,
+        move_event_id("failover", &region, &to, &before.epoch),
+        Body::RegionFailover(RegionFailover {
+            region: region.to_string(),
+            to: to.to_string(),
+            applied,
+        }),
+    )
+    .await?;
+    let (after, done) = wait_serving(&s, &region, &to).await?;
+    tracing::info!(%region, %to, epoch = %after.epoch, "failover");
+    Ok(Json(move_answer(&after, true, done)))
+}
+
+/// `POST /v1/admin/failback {"region"}`, answered by the home region `region` (elsewhere
+/// `421` to it): `409 not_caught_up` with the lag per stream until this region has applied
+/// every stream up to the failover point, and every mirror up to what its origin holds
+/// (the acting region's: what it accepted from the moved users since), with every mirror
+/// heard from within `fence_after_s` and the fence ([`crate::fence`]) sure; then a
+/// RegionFailback on this region's stream.
+pub async fn post_failback(
+    _: Admin,
+    State(s): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<FailbackRequest>,
+) -> ApiResult<Json<Value>> {
+    let region = deployment_region(&s, req.region, "region")?;
+    if region != s.cfg.region {
+        return Err(crate::extract::WrongRegion::to(&s.cfg, region).into());
+    }
+    let _one = REGION_MOVES.lock().await;
+    let rs = s.store.region_serving(&region).await?;
+    let streams = health::streams(&s).await?;
+    let mut lag = serde_json::Map::new();
+    let mut behind = |stream: &str, target: u64, applied: u64| {
+        if applied < target {
+            let prev = lag.get(stream).and_then(Value::as_u64).unwrap_or(0);
+            lag.insert(stream.to_string(), json!(prev.max(target - applied)));
+        }
+    };
+    for (stream, seq) in &rs.failover_point {
+        let applied = s.store.checkpoint(stream).await?;
+        behind(stream, *seq, applied);
+    }
+    // Every mirror applied up to what its origin holds now (the acting region's: what the
+    // moved users sent meanwhile), and heard from lately: a mirror that has not re-attached
+    // since a restart reports a stale position and lag 0.
+    let mut reasons = s.fence.unsure(&s).await;
+    let bound_ms = s.cfg.fence_after_s.saturating_mul(1000);
+    for h in streams.iter().filter(|h| h.mirror) {
+        behind(&h.stream, h.last_seq.unwrap_or(0) + h.mirror_lag, h.applied);
+        if h.active_age_ms.is_none_or(|a| a > bound_ms) || h.error.is_some() {
+            reasons.push(format!(
+                "mirror {} of region {} has not heard from its origin lately (active age {:?} ms, error {:?})",
+                h.stream, h.origin, h.active_age_ms, h.error
+            ));
+        }
+    }
+    if !lag.is_empty() || !reasons.is_empty() {
+        return Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "not_caught_up",
+            format!(
+                "region {region} has not applied everything region {} had when it took over, or cannot tell yet",
+                rs.serving
+            ),
+        )
+        .with("lag", Value::Object(lag))
+        .with("reasons", reasons)
+        .retry_after(1));
+    }
+    if rs.serving == region {
+        return Ok(Json(move_answer(&rs, false, true)));
+    }
+    s.publish_and_apply_as(
+        None,
+        move_event_id("failback", &region, &region, &rs.epoch),
+        Body::RegionFailback(RegionFailback {
+            region: region.to_string(),
+        }),
+    )
+    .await?;
+    let (after, done) = wait_serving(&s, &region, &region).await?;
+    tracing::info!(%region, epoch = %after.epoch, "failback");
+    Ok(Json(move_answer(&after, true, done)))
 }

@@ -371,6 +371,49 @@ pub fn admin_digest(_: &DocContext) -> OpSpec {
     }
 }
 
+/// The answer of failover and failback: who serves the region's users now.
+fn region_move_answer() -> Value {
+    let s = json!({"type": "string"});
+    json!({"type": "object", "required": ["region", "serving", "epoch", "changed", "applied", "failover_point"], "properties": {
+        "region": s,
+        "serving": {"allOf": [s], "description": "The region serving the region's users now."},
+        "epoch": {"allOf": [s], "description": "Their inbox epoch now (clients with another one resync)."},
+        "changed": {"type": "boolean", "description": "false: it was so already (a repeat); no event was published."},
+        "applied": {"type": "boolean", "description": "Whether the answering region had applied the move when it answered (it is in the stream either way)."},
+        "failover_point": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0},
+            "description": "While failed over: how far the acting region had applied each stream when it took over (what failback waits for)."}}})
+}
+
+pub fn admin_failover(_: &DocContext) -> OpSpec {
+    OpSpec {
+        body: Some(object(
+            &["region"],
+            json!({"region": {"allOf": [r("Region")], "description": "The failed region whose users move."},
+                   "to": {"allOf": [r("Region")], "description": "The acting region (default: the answering one). Another region answers 421 wrong_region naming it."}}),
+        )),
+        response: Some(region_move_answer()),
+        errors: vec![400, 421],
+        ..Default::default()
+    }
+}
+
+pub fn admin_failback(_: &DocContext) -> OpSpec {
+    OpSpec {
+        body: Some(object(
+            &["region"],
+            json!({"region": {"allOf": [r("Region")], "description": "The home region taking its users back; only it answers (others: 421 wrong_region naming it)."}}),
+        )),
+        response: Some(region_move_answer()),
+        errors: vec![400, 409, 421],
+        extra: {
+            let mut m = Map::new();
+            m.insert("x-conflict".into(), json!("409 not_caught_up: {lag: {stream: events behind}, reasons: [why the region cannot tell yet]}; retry."));
+            m
+        },
+        ..Default::default()
+    }
+}
+
 pub fn me(_: &DocContext) -> OpSpec {
     let s = json!({"type": "string"});
     OpSpec {

@@ -164,6 +164,7 @@ impl Planner<'_> {
         self.put_record(hkey, &head);
         self.plan.deliveries.push(Delivery {
             user,
+            epoch: epoch.to_string(),
             seq: stored.seq,
             conversation_id: stored.conversation_id,
             order_key: stored.order_key,

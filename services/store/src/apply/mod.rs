@@ -67,6 +67,8 @@ pub enum Write {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delivery {
     pub user: UserId,
+    /// The inbox epoch `seq` belongs to.
+    pub epoch: String,
     pub seq: u64,
     pub conversation_id: String,
     pub order_key: Vec<u8>,
@@ -92,6 +94,7 @@ impl Delivery {
             client_msg_id: t.client_msg_id.clone(),
             detail_json: t.detail_json.clone(),
             detail: t.detail.clone(),
+            epoch: self.epoch.clone(),
         }
     }
 }

@@ -754,13 +754,13 @@ impl Planner<'_> {
         let region = RegionId::parse(b.region.as_str())?;
         let to = RegionId::parse(b.to.as_str())?;
         let serving = if to == region { "" } else { to.as_str() };
-        self.set_serving(&region, serving).await?;
+        self.set_serving(&region, serving, b.applied).await?;
         Ok(())
     }
 
     async fn plan_region_failback(&mut self, b: RegionFailback) -> Result<()> {
         let region = RegionId::parse(b.region.as_str())?;
-        self.set_serving(&region, "").await?;
+        self.set_serving(&region, "", Vec::new()).await?;
         Ok(())
     }
 
@@ -785,10 +785,16 @@ impl Planner<'_> {
         Ok(())
     }
 
-    async fn set_serving(&mut self, region: &RegionId, serving: &str) -> Result<()> {
+    async fn set_serving(
+        &mut self,
+        region: &RegionId,
+        serving: &str,
+        failover_point: Vec<meridian_model::events::StreamPosition>,
+    ) -> Result<()> {
         let key = self.keys.region(region);
         let mut rec: RegionRecord = self.record_or_default(&key).await?;
         if lww(&mut rec.serving, self.str_reg(serving)) {
+            rec.failover_point = failover_point;
             self.put_record(key, &rec);
         }
         Ok(())
