@@ -140,6 +140,12 @@ struct UpArgs {
     /// retransmission timeout (200 ms).
     #[arg(long, default_value_t = 0.0)]
     wan_loss: f64,
+    /// Durability level of every region (docs/design.md §6): process (acked once JetStream
+    /// holds the event), disk (acked after fsync: sync_interval always, group commit), geo
+    /// (also held by another region's mirror). A send may ask for more with the header
+    /// Meridian-Durability.
+    #[arg(long, default_value = "process")]
+    durability: meridian_bus::Durability,
 }
 
 #[derive(Args)]
@@ -239,6 +245,7 @@ async fn run_up(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()>
             jitter: args.wan_jitter,
             loss: args.wan_loss,
         },
+        durability: args.durability,
     };
     up::run(opts, shutdown).await.context("meridian up")
 }
