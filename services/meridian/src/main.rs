@@ -108,6 +108,10 @@ struct BenchArgs {
     /// A quick run for CI: every workload, tiny sizes.
     #[arg(long)]
     smoke: bool,
+    /// Workload acks: the durability levels to send at (Meridian-Durability), one row each;
+    /// --users / 2 closed-loop senders for --step-secs per level.
+    #[arg(long, value_delimiter = ',', default_value = "process")]
+    ack_levels: Vec<String>,
 }
 
 #[derive(Args)]
@@ -277,6 +281,7 @@ async fn run_bench(args: BenchArgs, shutdown: CancellationToken) -> anyhow::Resu
     opts.over_http = args.http;
     opts.idle_connections = args.idle;
     opts.drain = Duration::from_secs(args.drain_secs);
+    opts.ack_levels = args.ack_levels;
     if args.smoke {
         opts.rates = vec![200];
         opts.step = Duration::from_secs(3);

@@ -10,7 +10,8 @@
 //!
 //! Workloads: W1 one-to-one at rising rates; W2 group fan-out (a group of 50 with 10
 //! senders, and one of 1,000 members — above the read-diffusion threshold); W3 offline
-//! users receive, then connect and sync; W4 idle WebSockets and server memory per connection.
+//! users receive, then connect and sync; W4 idle WebSockets and server memory per connection;
+//! "acks": closed-loop senders at each durability level, latency to the 202.
 
 //!
 //! # Layout
@@ -37,7 +38,7 @@ pub use target::OwnDeployment;
 
 use report::{machine_description, print_header};
 use target::Target;
-use workloads::{w1, w2, w3, w4};
+use workloads::{acks, w1, w2, w3, w4};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -79,6 +80,8 @@ pub struct BenchOptions {
     pub smoke: bool,
     /// The deployment's admin key (cluster.json does not hold it).
     pub admin_key: String,
+    /// Workload "acks": the durability levels to send at, one row each.
+    pub ack_levels: Vec<String>,
 }
 
 impl BenchOptions {
@@ -97,6 +100,7 @@ impl BenchOptions {
             drain: Duration::from_secs(10),
             smoke: false,
             admin_key: String::new(),
+            ack_levels: vec!["process".into()],
         }
     }
 }
@@ -138,9 +142,10 @@ pub async fn run(
             "w2" => w2(&target, &opts, &run_id, &stop).await?,
             "w3" => w3(&target, &opts, &run_id, &stop).await?,
             "w4" => w4(&target, &opts, &run_id, &stop).await?,
+            "acks" => acks(&target, &opts, &run_id, &stop).await?,
             other => {
                 return Err(BenchError::Setup(format!(
-                    "unknown workload {other:?} (w1, w2, w3, w4)"
+                    "unknown workload {other:?} (w1, w2, w3, w4, acks)"
                 )))
             }
         };
