@@ -87,7 +87,7 @@ async fn item4_geo_the_gateway_sees_how_far_another_regions_mirror_holds_its_str
     // The gateway role (its permissions, not the harness login) asks eu's domain.
     let gateway = Bus::connect(cluster.role_config("us", BusRole::Gateway)?).await?;
     let eu = RegionId::parse("eu")?;
-    ensure!(gateway.mirrored_seq(&eu).await? == None, "no mirror yet");
+    ensure!(gateway.mirrored_seq(&eu).await?.is_none(), "no mirror yet");
     Bus::connect(cluster.role_config("eu", BusRole::Applier)?)
         .await?
         .ensure_mirrors()
