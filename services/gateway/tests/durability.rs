@@ -134,6 +134,20 @@ async fn item4_disk_sends_share_fsyncs_and_survive_a_kill_9_of_nats() -> Result<
         batches > 0.0 && batches < published,
         "group commit published {published} events in {batches} batches"
     );
+    eprintln!("group commit: {published} events in {batches} batches");
+    // Atomic batches mirror like any events: eu's mirror of us's stream holds each once.
+    let us_stream = c.region("us").bus.stream();
+    let eu = c.region("eu").bus.clone();
+    eventually(WAIT, "eu's mirror holds every acked send", || {
+        let (eu, us_stream, acked) = (eu.clone(), us_stream.clone(), acked.clone());
+        async move {
+            let mirrored = message_ids(&eu, &us_stream).await?;
+            Ok(acked
+                .iter()
+                .all(|id| mirrored.iter().filter(|m| *m == id).count() == 1))
+        }
+    })
+    .await?;
 
     // The server fsyncs before it acks (sync_interval: always); a SIGKILL of nats-server
     // loses none of them. (Power loss cannot be cut here; the ack-after-fsync is the
