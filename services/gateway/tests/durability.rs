@@ -262,3 +262,33 @@ async fn item4_geo_send_without_a_reachable_mirror_answers_503_stored_and_a_retr
     ensure!(stored.iter().filter(|s| **s == id).count() == 1, "{stored:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item4_a_process_ack_does_not_survive_losing_the_home_region_while_its_mirror_is_behind() -> Result<()>
+{
+    // The other side of geo: the same loss after a `process` ack while eu was not copying.
+    let mut c = Cluster::start_linked(&["us", "eu"], |_| {}).await?;
+    let (ann, cid) = ann_and_bob(&c).await?;
+    let us_stream = c.region("us").bus.stream();
+    c.nats.linked().region_mut("eu").kill();
+    let (st, body) = send(&ann, &cid, "p1", None).await?;
+    ensure!(st == 202 && body["durability"] == "process", "{st} {body}");
+    let id = body["message_id"].as_str().context("message_id")?.to_string();
+    let store_dir = {
+        let linked = c.nats.linked();
+        linked.region_mut("us").kill();
+        linked.region("us").store_dir()
+    };
+    c.regions.retain(|r| r.id.as_str() != "us");
+    std::fs::remove_dir_all(&store_dir)?;
+    c.nats.linked().region_mut("eu").restart()?;
+    let eu = c.region("eu").bus.clone();
+    // eu's mirror answers again, and it never got the acknowledged message.
+    let mirrored = eventually_some(WAIT, "eu's mirror answers", || {
+        let (eu, us_stream) = (eu.clone(), us_stream.clone());
+        async move { Ok(message_ids(&eu, &us_stream).await.ok()) }
+    })
+    .await?;
+    ensure!(!mirrored.contains(&id), "eu holds {id}");
+    Ok(())
+}
