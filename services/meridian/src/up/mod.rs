@@ -621,6 +621,10 @@ mod tests {
         let mut o = opts(dir.path());
         o.regions.push(RegionId::parse("us").unwrap());
         assert!(err(o).contains("listed twice"));
+        let mut o = opts(dir.path());
+        o.regions.truncate(1);
+        o.durability = Durability::Geo;
+        assert!(err(o).contains("--durability"));
     }
 
     #[test]

@@ -72,6 +72,12 @@ impl Layout {
                 ),
             );
         }
+        if opts.durability == Durability::Geo && opts.regions.len() < 2 {
+            return invalid(
+                "--durability",
+                "geo needs another region to hold a copy: run two or more --regions".into(),
+            );
+        }
         let linked = opts.regions.len() > 1;
         if !linked && opts.wan != WanOptions::default() {
             return invalid(
