@@ -112,3 +112,38 @@ async fn item4_geo_the_gateway_sees_how_far_another_regions_mirror_holds_its_str
     ensure!(gateway.mirrored_seq(&eu).await.is_err());
     Ok(())
 }
+
+/// Not a check: the figures behind group commit (docs/benchmarks.md). Run with
+/// `cargo test -p meridian-bus --features testing --release --test durability -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn measure_publish_rates_per_durability() -> Result<()> {
+    for durability in [Durability::Process, Durability::Disk] {
+        let server = NatsServer::start_with(durability)?;
+        let mut cfg = BusConfig::new(server.url(), RegionId::parse("us")?);
+        cfg.prefix = unique_prefix();
+        let bus = Bus::connect(cfg).await?;
+        bus.ensure_stream().await?;
+        for batch in [1usize, 8, 64, 256] {
+            for atomic in [false, true] {
+                let n = 4_096usize.min(batch * 500);
+                let started = Instant::now();
+                for start in (0..n).step_by(batch) {
+                    let envs: Vec<_> = (start..start + batch).map(|i| event("us", i)).collect();
+                    if atomic {
+                        bus.publish_batch(&envs).await?;
+                    } else {
+                        bus.publish_events(&envs).await?;
+                    }
+                }
+                let secs = started.elapsed().as_secs_f64();
+                println!(
+                    "{durability:<7} batch {batch:>3} {:<9} {n:>5} events in {secs:.3} s = {:>6.0} acked/s",
+                    if atomic { "atomic" } else { "pipelined" },
+                    n as f64 / secs
+                );
+            }
+        }
+    }
+    Ok(())
+}
