@@ -10,6 +10,7 @@
 //!   JetStream, the highest sequence of this region's stream its mirror holds, and wakes
 //!   the sends waiting for it. It asks only while someone waits.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -205,6 +206,18 @@ pub struct GeoAcks {
     wanted: Arc<watch::Sender<u64>>,
     held: watch::Receiver<u64>,
     others: usize,
+    /// Sends waiting now: with none, the task stops asking even if the last one wanted more
+    /// than it got (it timed out).
+    waiters: Arc<AtomicUsize>,
+}
+
+/// Counts one waiting send while it lives.
+struct Waiting(Arc<AtomicUsize>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl GeoAcks {
@@ -213,13 +226,15 @@ impl GeoAcks {
         let (wanted, wanted_rx) = watch::channel(0u64);
         let (held_tx, held) = watch::channel(0u64);
         let count = others.len();
+        let waiters = Arc::new(AtomicUsize::new(0));
         if count > 0 {
-            tokio::spawn(run_geo_acks(bus, others, wanted_rx, held_tx));
+            tokio::spawn(run_geo_acks(bus, others, wanted_rx, held_tx, waiters.clone()));
         }
         GeoAcks {
             wanted: Arc::new(wanted),
             held,
             others: count,
+            waiters,
         }
     }
 
@@ -231,13 +246,10 @@ impl GeoAcks {
     /// Waits until another region's mirror holds `seq` of this region's stream, at most
     /// `within`; false when it did not in time.
     pub async fn wait(&self, seq: u64, within: Duration) -> bool {
-        self.wanted.send_if_modified(|w| {
-            let raise = seq > *w;
-            if raise {
-                *w = seq;
-            }
-            raise
-        });
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(self.waiters.clone());
+        // Always notifies: a task idle after a timed-out waiter wakes for this one too.
+        self.wanted.send_modify(|w| *w = (*w).max(seq));
         let mut held = self.held.clone();
         let reached = tokio::time::timeout(within, held.wait_for(|h| *h >= seq)).await;
         matches!(reached, Ok(Ok(_)))
@@ -249,6 +261,7 @@ async fn run_geo_acks(
     others: Vec<RegionId>,
     mut wanted: watch::Receiver<u64>,
     held: watch::Sender<u64>,
+    waiters: Arc<AtomicUsize>,
 ) {
     loop {
         // Idle until a send waits for more than is known to be held.
@@ -279,6 +292,14 @@ async fn run_geo_acks(
             });
         }
         if *held.borrow() < want {
+            if waiters.load(Ordering::SeqCst) == 0 {
+                // Nobody waits any more: idle until a send does.
+                wanted.borrow_and_update();
+                if wanted.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
             let pause = if failed && best.is_none() {
                 GEO_POLL_AFTER_ERROR
             } else {
