@@ -5,7 +5,8 @@
 //! What each role does on NATS, and so what it may do:
 //! - gateway: publishes events to its region's sync subjects and waits for the PubAck;
 //!   reads its own stream's state (readiness) and single events by sequence (the answer to
-//!   a deduplicated retry), and its mirrors' state (mirror health); publishes typing frames
+//!   a deduplicated retry), and its mirrors' state (mirror health); reads, in each other
+//!   region's domain, the state of that region's mirror of its own stream (geo acks); publishes typing frames
 //!   to users' ephemeral subjects in any region (a conversation's members may be served by
 //!   other regions); sends presence requests to any region and answers those sent to its
 //!   own (`allow_responses`: it may publish one reply to a request it received, whichever
@@ -115,14 +116,16 @@ impl BusRole {
                 format!("$JS.API.DIRECT.GET.{stream}.>"),
             ]);
             publish.extend(mirror_streams.iter().map(|m| format!("$JS.API.STREAM.INFO.{m}")));
-            // The origin's own view of each mirrored stream, through its domain, for the
-            // mirror's real lag (JetStream's own lag figure is refreshed too rarely).
-            publish.extend(
-                mirrors
-                    .iter()
-                    .zip(&mirror_streams)
-                    .map(|(m, stream)| format!("$JS.{m}.API.STREAM.INFO.{stream}")),
-            );
+            for (m, mirror_stream) in mirrors.iter().zip(&mirror_streams) {
+                publish.extend([
+                    // The origin's own view of each mirrored stream, through its domain, for
+                    // the mirror's real lag (JetStream's own figure is refreshed too rarely).
+                    format!("$JS.{m}.API.STREAM.INFO.{mirror_stream}"),
+                    // Geo acks: how far that region's mirror of this region's stream reaches,
+                    // asked in its domain (the regions mirror each other).
+                    format!("$JS.{m}.API.STREAM.INFO.{stream}"),
+                ]);
+            }
             subscribe.extend([
                 format!("{prefix}deliver.{region}.*.*"),
                 format!("{prefix}presence.{region}"),

@@ -9,9 +9,9 @@ use serde::{Deserialize, Serialize};
 use crate::auth::BusRole;
 use crate::BusError;
 
-/// How durable an acknowledged publish is (docs/design.md §6). `geo` is not here yet: it
-/// needs mirrors, which a later issue adds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// How durable an acknowledged send is (docs/design.md §6), weakest first: each level
+/// promises what the one before it does and more.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
     /// Acked once the region's JetStream holds the event; JetStream writes it to its files
@@ -21,9 +21,47 @@ pub enum Durability {
     Process,
     /// Acked only after an fsync. This is a server setting (`jetstream { sync_interval:
     /// always }`), not a stream or publish option, which is why it lives in
-    /// [`nats_server_config`]. Publishing in batches ([`crate::Bus::publish_events`]) lets one
-    /// fsync cover many events.
+    /// [`nats_server_config`]. Publishing atomic batches ([`crate::Bus::publish_batch`])
+    /// lets one fsync cover many events.
     Disk,
+    /// Acked once another region's mirror also holds the event (the gateway waits for it);
+    /// survives losing the whole region. As a deployment's level its servers also fsync
+    /// before acking, as under `Disk`.
+    Geo,
+}
+
+impl Durability {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::Process => "process",
+            Durability::Disk => "disk",
+            Durability::Geo => "geo",
+        }
+    }
+
+    /// Whether a region's nats-server at this level fsyncs before every ack.
+    pub fn fsyncs(self) -> bool {
+        self >= Durability::Disk
+    }
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "process" => Ok(Durability::Process),
+            "disk" => Ok(Durability::Disk),
+            "geo" => Ok(Durability::Geo),
+            other => Err(format!("unknown durability {other:?}: one of process, disk, geo")),
+        }
+    }
 }
 
 /// One region's nats-server: what [`nats_server_config`] renders.
@@ -77,8 +115,11 @@ pub fn nats_server_config(spec: &NatsServerSpec) -> String {
     if !spec.domain.is_empty() {
         out.push_str(&format!("  domain: {}\n", quote(&spec.domain)));
     }
-    if spec.durability == Durability::Disk {
-        out.push_str("  # durability=disk: fsync every write before the PubAck goes out.\n");
+    if spec.durability.fsyncs() {
+        out.push_str(&format!(
+            "  # durability={}: fsync every write before the PubAck goes out.\n",
+            spec.durability
+        ));
         out.push_str("  sync_interval: always\n");
     }
     out.push_str("}\n");

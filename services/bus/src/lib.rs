@@ -22,6 +22,7 @@
 pub mod auth;
 pub mod config;
 pub mod consumer;
+mod durable;
 mod error;
 mod mirror;
 mod read;
@@ -48,6 +49,7 @@ pub use config::{
     nats_hub_config, nats_server_config, BusConfig, Durability, HubSpec, LeafRemote, NatsServerSpec,
 };
 pub use consumer::{EventConsumer, ReceivedEvent};
+pub use durable::MAX_ATOMIC_BATCH;
 pub use error::BusError;
 pub use mirror::MirrorHealth;
 
@@ -262,6 +264,8 @@ impl Bus {
             description: Some(format!("Meridian events stamped in region {}", cfg.region)),
             subjects: vec![cfg.stream_subjects(&cfg.region)],
             duplicate_window: Duration::from_secs(cfg.duplicate_window_s),
+            // Group commit (`Bus::publish_batch`): one fsync per batch under `disk`.
+            allow_atomic_publish: true,
             ..self.stored_stream_config(self.inner.stream.clone())
         };
         self.with_api_retry("create or update stream", || {

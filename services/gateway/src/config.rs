@@ -68,6 +68,20 @@ pub struct GatewayConfig {
     /// The price: a link cut for longer than this stops writes of the cut region's users.
     #[serde(default = "default_fence_after")]
     pub fence_after_s: u64,
+    /// The durability level of this region's sends (docs/design.md §6): `process`, `disk`
+    /// or `geo`. It must match the region's nats-server: `disk` and `geo` promise that it
+    /// runs `jetstream { sync_interval: always }` (`meridian up --durability` renders both).
+    /// A send may ask for a stronger level with `Meridian-Durability`.
+    #[serde(default)]
+    pub durability: meridian_bus::Durability,
+    /// Group commit (`disk`, `geo`): how long a batch of sends waits for more after its first,
+    /// in µs. 0: a batch takes only what arrives while the previous ones are being committed.
+    #[serde(default = "default_group_commit_window_us")]
+    pub group_commit_window_us: u64,
+    /// How long a `geo` send waits for another region to confirm its copy before it answers
+    /// `503 not_geo_durable` (stored here; a retry with the same client_msg_id is safe).
+    #[serde(default = "default_geo_ack_timeout_ms")]
+    pub geo_ack_timeout_ms: u64,
 }
 
 /// The longest `mirror_unhealthy_after_s`: beyond a day a dead link would go unnoticed.
@@ -111,6 +125,12 @@ fn default_read_your_writes() -> u64 {
 fn default_mirror_unhealthy_after() -> u64 {
     30
 }
+fn default_group_commit_window_us() -> u64 {
+    200
+}
+fn default_geo_ack_timeout_ms() -> u64 {
+    5_000
+}
 
 fn default_fence_after() -> u64 {
     30
@@ -136,6 +156,9 @@ impl GatewayConfig {
             clock_offset_ms: 0,
             mirror_unhealthy_after_s: default_mirror_unhealthy_after(),
             fence_after_s: default_fence_after(),
+            durability: meridian_bus::Durability::default(),
+            group_commit_window_us: default_group_commit_window_us(),
+            geo_ack_timeout_ms: default_geo_ack_timeout_ms(),
         }
     }
 
@@ -192,6 +215,15 @@ impl GatewayConfig {
                 "gateway.mirror_unhealthy_after_s",
                 format!("must be between 1 and {MAX_MIRROR_UNHEALTHY_AFTER_S} (one day)"),
             );
+        }
+        if self.group_commit_window_us > 10_000 {
+            return bad(
+                "gateway.group_commit_window_us",
+                "must be at most 10000 (10 ms): every send waits for it".into(),
+            );
+        }
+        if !(1..=60_000).contains(&self.geo_ack_timeout_ms) {
+            return bad("gateway.geo_ack_timeout_ms", "must be between 1 and 60000".into());
         }
         for (region, endpoint) in &self.region_endpoints {
             if RegionId::parse(region.clone()).is_err() {

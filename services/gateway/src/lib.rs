@@ -24,6 +24,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod durability;
 pub mod error;
 pub mod extract;
 pub mod fence;
@@ -91,7 +92,17 @@ impl Gateway {
         let metrics = GatewayMetrics::default();
         let mut registry = prometheus_client::registry::Registry::default();
         metrics.register(&mut registry);
+        let group_commit = cfg.durability.fsyncs().then(|| {
+            durability::GroupCommit::start(
+                bus.clone(),
+                std::time::Duration::from_micros(cfg.group_commit_window_us),
+                metrics.publish_batches.clone(),
+            )
+        });
+        let geo = durability::GeoAcks::start(bus.clone());
         let state = AppState {
+            group_commit,
+            geo,
             limiter: RateLimiter::new(cfg.rate_limit_per_s, cfg.rate_limit_burst),
             cfg,
             store,

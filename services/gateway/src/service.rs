@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use axum::http::StatusCode;
+use meridian_bus::Durability;
 use meridian_model::events::{self, event_envelope::Body, MemberRole};
 use meridian_model::{ConversationId, EventId, OrderKey, UserId};
 use meridian_store::inbox::SyncOutcome;
@@ -103,15 +104,44 @@ pub struct Accepted {
     pub message_id: String,
     pub cursor: String,
     pub accepted_at: u64,
+    /// The durability level met (docs/design.md §6): `process`, `disk` or `geo`.
+    pub durability: Durability,
 }
 
 impl Accepted {
-    fn new(id: &EventId, key: &OrderKey) -> Self {
+    fn new(id: &EventId, key: &OrderKey, durability: Durability) -> Self {
         Accepted {
             message_id: id.to_string(),
             cursor: key.cursor().as_str().to_string(),
             accepted_at: key.hlc.physical_ms(),
+            durability,
         }
+    }
+}
+
+/// What a stored send met without waiting for another region: `disk` when this region's
+/// JetStream fsyncs before acking, else `process`.
+fn local_level(s: &AppState) -> Durability {
+    if s.cfg.durability.fsyncs() {
+        Durability::Disk
+    } else {
+        Durability::Process
+    }
+}
+
+/// For a `geo` send: waits (bounded) until another region's mirror holds this region's
+/// stream through `seq`, then answers `geo`; otherwise `503 not_geo_durable`.
+async fn geo_confirmed(s: &AppState, seq: u64, id: &EventId) -> ApiResult<Durability> {
+    let within = std::time::Duration::from_millis(s.cfg.geo_ack_timeout_ms);
+    if s.geo.wait(seq, within).await {
+        Ok(Durability::Geo)
+    } else {
+        Err(crate::durability::not_geo_durable(
+            &s.cfg.region,
+            local_level(s),
+            within,
+            &id.to_string(),
+        ))
     }
 }
 
@@ -122,9 +152,19 @@ impl Accepted {
 /// first send is in flight or inside JetStream's duplicate window (the stream answers with
 /// the original's seq, and the original is read back from the stream) and after it was
 /// applied (the store's copy).
-pub async fn send_message(s: &AppState, caller: &Caller, cid: &str, req: SendMessage) -> ApiResult<Accepted> {
+///
+/// `requested` is the level the send asks for (`Meridian-Durability`, or the frame's
+/// `durability`); the answer says the level met (see [`crate::durability::level_for`]).
+pub async fn send_message(
+    s: &AppState,
+    caller: &Caller,
+    cid: &str,
+    req: SendMessage,
+    requested: Option<Durability>,
+) -> ApiResult<Accepted> {
     let cid = ConversationId::parse(cid.to_string())?;
     req.validate()?;
+    let level = crate::durability::level_for(s.cfg.durability, requested, s.geo.available())?;
     let body_json = req.body.to_string();
     if body_json.len() > s.cfg.max_body_bytes {
         return Err(ApiError::too_large("message body", s.cfg.max_body_bytes).with("field", "body"));
@@ -150,7 +190,19 @@ pub async fn send_message(s: &AppState, caller: &Caller, cid: &str, req: SendMes
                 }
             }
         }
-        return Ok(Accepted::new(&event_id, &key));
+        let met = if level < Durability::Geo {
+            local_level(s)
+        } else if key.origin != s.cfg.region {
+            // Published by another region (a retry after a failover): that region's stream
+            // holds it, and this region's mirror of it did too, or it would not be applied.
+            Durability::Geo
+        } else {
+            // Its sequence here is not recorded; everything of this stream applied here is
+            // at or below the checkpoint, so another region holding that much holds it.
+            let applied = s.store.checkpoint(&s.bus.stream()).await?;
+            geo_confirmed(s, applied, &event_id).await?
+        };
+        return Ok(Accepted::new(&event_id, &key, met));
     }
     if check.dissolved {
         return Err(ApiError::new(
@@ -179,7 +231,12 @@ pub async fn send_message(s: &AppState, caller: &Caller, cid: &str, req: SendMes
             }
         }
     }
-    Ok(Accepted::new(&event_id, &published.order_key()?))
+    let met = if level == Durability::Geo {
+        geo_confirmed(s, published.ack.stream_seq, &event_id).await?
+    } else {
+        local_level(s)
+    };
+    Ok(Accepted::new(&event_id, &published.order_key()?, met))
 }
 
 /// Whether a stored message (type and body JSON) is what `req` sends. Bodies compare as JSON

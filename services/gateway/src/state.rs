@@ -27,6 +27,11 @@ pub struct AppState {
     pub hub: std::sync::Arc<Hub>,
     pub limiter: RateLimiter,
     pub metrics: GatewayMetrics,
+    /// Publishes in atomic batches when the region's JetStream fsyncs before acking
+    /// (`disk`, `geo`): one fsync per batch, not per event.
+    pub group_commit: Option<crate::durability::GroupCommit>,
+    /// Geo acks: how far the other regions' mirrors hold this region's stream.
+    pub geo: crate::durability::GeoAcks,
     pub started: Instant,
     /// Cancelled when the gateway stops; WebSockets close on it.
     pub shutdown: tokio_util::sync::CancellationToken,
@@ -114,7 +119,10 @@ impl AppState {
             traceparent,
             ..Default::default()
         };
-        let ack = self.bus.publish_event(&envelope).await?;
+        let ack = match &self.group_commit {
+            Some(batches) => batches.publish(envelope.clone()).await?,
+            None => self.bus.publish_event(&envelope).await?,
+        };
         self.metrics.published.inc();
         tracing::debug!(
             event_id = %event_id, stream_seq = ack.stream_seq, duplicate = ack.duplicate,
@@ -227,6 +235,9 @@ pub struct GatewayMetrics {
     pub rate_limited: Counter,
     pub published: Counter,
     pub duplicate_publishes: Counter,
+    /// Atomic batches group commit published (`disk`, `geo`): against `published`, how many
+    /// events shared each fsync.
+    pub publish_batches: Counter,
     pub ws_connections: Gauge,
     pub ws_entries_sent: Counter,
     pub ws_gap_fills: Counter,
@@ -249,6 +260,7 @@ impl Default for GatewayMetrics {
             rate_limited: Counter::default(),
             published: Counter::default(),
             duplicate_publishes: Counter::default(),
+            publish_batches: Counter::default(),
             ws_connections: Gauge::default(),
             ws_entries_sent: Counter::default(),
             ws_gap_fills: Counter::default(),
@@ -278,6 +290,11 @@ impl GatewayMetrics {
                 "duplicate_publishes",
                 "Publishes the stream deduplicated",
                 &self.duplicate_publishes,
+            ),
+            (
+                "publish_batches",
+                "Batches of events published together with one fsync (group commit)",
+                &self.publish_batches,
             ),
             (
                 "ws_entries_sent",

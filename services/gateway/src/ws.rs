@@ -141,6 +141,9 @@ enum ClientFrame {
         /// Optional W3C trace context: the send joins the client's trace.
         #[serde(default)]
         traceparent: Option<String>,
+        /// The durability level asked for, like the `Meridian-Durability` header.
+        #[serde(default)]
+        durability: Option<String>,
         #[serde(flatten)]
         message: SendMessage,
     },
@@ -430,6 +433,7 @@ impl Connection {
                 reference,
                 conversation_id,
                 traceparent,
+                durability,
                 message,
             } => {
                 let s = self.s.clone();
@@ -444,9 +448,11 @@ impl Connection {
                 let log = span.log_span();
                 return Ok(Some(Box::pin(
                     async move {
-                        let res = span
-                            .scope(service::send_message(&s, &caller, &conversation_id, message))
-                            .await;
+                        let send = async {
+                            let requested = crate::durability::requested_in_frame(durability.as_deref())?;
+                            service::send_message(&s, &caller, &conversation_id, message, requested).await
+                        };
+                        let res = span.scope(send).await;
                         if let Err(e) = &res {
                             span.set_attribute("meridian.error", e.code);
                             // As for HTTP: a refused send is the client's error, not ours.

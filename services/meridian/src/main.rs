@@ -147,6 +147,10 @@ struct BenchArgs {
     /// A quick run for CI: every workload, tiny sizes.
     #[arg(long)]
     smoke: bool,
+    /// Workload acks: the durability levels to send at (Meridian-Durability), one row each;
+    /// --users / 2 closed-loop senders for --step-secs per level.
+    #[arg(long, value_delimiter = ',', default_value = "process")]
+    ack_levels: Vec<String>,
 }
 
 #[derive(Args)]
@@ -179,6 +183,12 @@ struct UpArgs {
     /// retransmission timeout (200 ms).
     #[arg(long, default_value_t = 0.0)]
     wan_loss: f64,
+    /// Durability level of every region (docs/design.md §6): process (acked once JetStream
+    /// holds the event), disk (acked after fsync: sync_interval always, group commit), geo
+    /// (also held by another region's mirror). A send may ask for more with the header
+    /// Meridian-Durability.
+    #[arg(long, default_value = "process")]
+    durability: meridian_bus::Durability,
 }
 
 #[derive(Args)]
@@ -279,6 +289,7 @@ async fn run_up(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()>
             jitter: args.wan_jitter,
             loss: args.wan_loss,
         },
+        durability: args.durability,
     };
     up::run(opts, shutdown).await.context("meridian up")
 }
@@ -339,6 +350,7 @@ async fn run_bench(args: BenchArgs, shutdown: CancellationToken) -> anyhow::Resu
     opts.over_http = args.http;
     opts.idle_connections = args.idle;
     opts.drain = Duration::from_secs(args.drain_secs);
+    opts.ack_levels = args.ack_levels;
     if args.smoke {
         opts.rates = vec![200];
         opts.step = Duration::from_secs(3);

@@ -26,9 +26,11 @@ pub async fn post(
     caller: Caller,
     State(s): State<Arc<AppState>>,
     ApiPath(cid): ApiPath<String>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<service::SendMessage>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let accepted = service::send_message(&s, &caller, &cid, req).await?;
+    let requested = crate::durability::requested(&headers)?;
+    let accepted = service::send_message(&s, &caller, &cid, req, requested).await?;
     Ok((StatusCode::ACCEPTED, Json(json!(accepted))))
 }
 

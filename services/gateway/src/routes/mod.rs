@@ -80,7 +80,7 @@ api! {
     delete "/v1/conversations/{cid}/members/{uid}" => conversations::remove_member, spec::remove_member, User, 204, "Remove a member (admin) or leave (yourself).";
     patch "/v1/conversations/{cid}/members/{uid}" => conversations::change_role, spec::change_role, User, 200, "Change a member's role: {role: admin|member} (owner).";
     put "/v1/conversations/{cid}/settings" => conversations::put_settings, spec::put_settings, User, 200, "The caller's own settings: {muted, pinned}.";
-    post "/v1/conversations/{cid}/messages" => messages::post, spec::send_message, User, 202, "Send: {client_msg_id, type, body}; 202 once durable in the stream; idempotent per client_msg_id.";
+    post "/v1/conversations/{cid}/messages" => messages::post, spec::send_message, User, 202, "Send: {client_msg_id, type, body}; 202 once durable at the level asked (Meridian-Durability: process|disk|geo) or the deployment's, named in the answer's durability; idempotent per client_msg_id.";
     get "/v1/conversations/{cid}/messages" => messages::history, spec::history, User, 200, "History, oldest first within a page (?after, ?before, ?limit).";
     post "/v1/conversations/{cid}/messages/{mid}/recall" => messages::recall, spec::recall, User, 200, "Recall a message (sender within the window, or a group admin).";
     delete "/v1/conversations/{cid}/messages/{mid}" => messages::delete_for_me, spec::none, User, 204, "Hide a message for the caller only.";

@@ -618,9 +618,15 @@ pub fn send_message(_: &DocContext) -> OpSpec {
                 "body": {"type": "object", "description": "Any JSON object (the whole request is within the body limit)."}
             }),
         )),
+        params: vec![
+            json!({"name": "Meridian-Durability", "in": "header", "required": false,
+            "schema": {"type": "string", "enum": ["process", "disk", "geo"]},
+            "description": "The durability level this send asks for (design.md §6); the deployment's level when absent or weaker. disk where the region's JetStream does not fsync before acking is 400 durability_unavailable, as is geo in a region no other region mirrors. A geo send not confirmed by another region in time answers 503 not_geo_durable (stored: true): retrying with the same client_msg_id is safe."}),
+        ],
         response: Some(
-            json!({"type": "object", "required": ["message_id", "cursor", "accepted_at"], "properties": {
-            "message_id": {"type": "string"}, "cursor": {"type": "string"}, "accepted_at": {"type": "integer"}}}),
+            json!({"type": "object", "required": ["message_id", "cursor", "accepted_at", "durability"], "properties": {
+            "message_id": {"type": "string"}, "cursor": {"type": "string"}, "accepted_at": {"type": "integer"},
+            "durability": {"type": "string", "enum": ["process", "disk", "geo"], "description": "The durability level met."}}}),
         ),
         errors: vec![409],
         links,

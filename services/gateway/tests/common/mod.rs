@@ -96,8 +96,23 @@ impl Cluster {
     /// Regions `regions` on linked nats-servers, each mirroring and applying the others'
     /// streams, as the `region` role.
     pub async fn start_linked(regions: &[&str], tweak: impl Fn(&mut GatewayConfig)) -> Result<Cluster> {
+        Self::start_linked_at(regions, meridian_bus::Durability::Process, tweak).await
+    }
+
+    /// [`Cluster::start_linked`] with every region's nats-server at `durability` (`disk`
+    /// and `geo` render `sync_interval: always`); the gateways' `durability` is set to match.
+    pub async fn start_linked_at(
+        regions: &[&str],
+        durability: meridian_bus::Durability,
+        tweak: impl Fn(&mut GatewayConfig),
+    ) -> Result<Cluster> {
+        let tweak = move |cfg: &mut GatewayConfig| {
+            cfg.durability = durability;
+            tweak(cfg)
+        };
         let prefix = unique_prefix();
         let linked = NatsCluster::builder(regions)?
+            .durability(durability)
             .roles(&prefix, &[BusRole::Region])
             .start()
             .context("starting the linked nats-servers")?;

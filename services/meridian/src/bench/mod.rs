@@ -13,6 +13,7 @@
 //! users receive, then connect and sync; W4 idle WebSockets and server memory per connection;
 //! X1 one-to-one across regions (senders homed in `region`, receivers in `peer_region`) with
 //! the receiving region's mirror lag.
+//! "acks": closed-loop senders at each durability level, latency to the 202.
 
 //!
 //! # Layout
@@ -41,7 +42,7 @@ pub use target::OwnDeployment;
 
 use report::{machine_description, print_header};
 use target::Target;
-use workloads::{w1, w2, w3, w4};
+use workloads::{acks, w1, w2, w3, w4};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -85,6 +86,8 @@ pub struct BenchOptions {
     pub smoke: bool,
     /// The deployment's admin key (cluster.json does not hold it).
     pub admin_key: String,
+    /// Workload "acks": the durability levels to send at, one row each.
+    pub ack_levels: Vec<String>,
 }
 
 impl BenchOptions {
@@ -104,6 +107,7 @@ impl BenchOptions {
             drain: Duration::from_secs(10),
             smoke: false,
             admin_key: String::new(),
+            ack_levels: vec!["process".into()],
         }
     }
 }
@@ -153,9 +157,10 @@ pub async fn run(
                 let to = Arc::new(Target::load(&opts.cluster, &peer, &opts.admin_key)?);
                 cross::x1(&target, &to, &opts, &run_id, &stop).await?
             }
+            "acks" => acks(&target, &opts, &run_id, &stop).await?,
             other => {
                 return Err(BenchError::Setup(format!(
-                    "unknown workload {other:?} (w1, w2, w3, w4, x1)"
+                    "unknown workload {other:?} (w1, w2, w3, w4, x1, acks)"
                 )))
             }
         };

@@ -261,6 +261,7 @@ impl OwnDeployment {
             nats_server: None,
             exe: None,
             wan: Default::default(),
+            durability: Default::default(),
         };
         let stop = shutdown.child_token();
         let task = tokio::spawn(up::run(up_opts, stop.clone()));

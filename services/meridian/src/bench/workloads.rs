@@ -451,3 +451,108 @@ pub(super) async fn w4(
     }
     Ok(vec![row])
 }
+
+/// "acks": what each durability level costs a sender (docs/design.md §6). Closed loop:
+/// `opts.users / 2` senders, each in its own direct conversation, send over HTTP one after
+/// another with `Meridian-Durability: <level>` for `opts.step`, per level of
+/// `opts.ack_levels`. A row per level: acked sends (`delivered`), acked/s, and the latency
+/// from sending to the 202 (not to delivery: a `geo` wait holds the ack, not the fan-out).
+/// A send answered otherwise counts in `send_errors`.
+pub(super) async fn acks(
+    target: &Arc<Target>,
+    opts: &BenchOptions,
+    run_id: &str,
+    stop: &CancellationToken,
+) -> Result<Vec<StepResult>, BenchError> {
+    let senders = (opts.users / 2).max(1);
+    eprintln!("acks: provisioning {senders} senders and their recipients...");
+    let users = provision(target, &format!("{run_id}acku"), senders * 2).await?;
+    let mut pairs = Vec::with_capacity(senders);
+    for pair in users.chunks(2) {
+        let cid = target
+            .client(&pair[0].1)
+            .create_direct(&pair[1].0)
+            .await?
+            .conversation_id;
+        pairs.push((pair[0].1.clone(), cid));
+    }
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(senders * 2)
+        .build()
+        .map_err(setup_err)?;
+    let mut rows = Vec::new();
+    for level in opts.ack_levels.iter().take_while(|_| !stop.is_cancelled()) {
+        if let Some(lag) = target
+            .wait_idle(Duration::from_secs(300))
+            .await
+            .filter(|l| *l > 0)
+        {
+            eprintln!("  .. acks {level}: starting with an apply backlog of {lag} events");
+        }
+        let cpu0 = target.cpu_seconds();
+        let started = Instant::now();
+        let until = started + opts.step;
+        let tasks = pairs.iter().enumerate().map(|(i, (token, cid))| {
+            let (http, token, cid, level) = (http.clone(), token.clone(), cid.clone(), level.clone());
+            let url = format!("{}/v1/conversations/{cid}/messages", target.endpoint);
+            let stop = stop.clone();
+            async move {
+                let mut latencies_us = Vec::new();
+                let mut errors = 0u64;
+                let mut n = 0u64;
+                while Instant::now() < until && !stop.is_cancelled() {
+                    let id = format!("{run_id}a{level}{i}_{n}");
+                    n += 1;
+                    let t0 = Instant::now();
+                    let sent = http
+                        .post(&url)
+                        .bearer_auth(&token)
+                        .header("Meridian-Durability", level.as_str())
+                        .json(&serde_json::json!({"client_msg_id": id, "body": {"t": id}}))
+                        .send()
+                        .await;
+                    match sent {
+                        Ok(r) if r.status().as_u16() == 202 => {
+                            latencies_us.push(t0.elapsed().as_micros() as u64)
+                        }
+                        _ => errors += 1,
+                    }
+                }
+                (latencies_us, errors)
+            }
+        });
+        let results = futures::future::join_all(tasks).await;
+        let window = started.elapsed().as_secs_f64();
+        let cpu = target.cpu_seconds() - cpu0;
+        let mut all: Vec<u64> = Vec::new();
+        let mut errors = 0;
+        for (l, e) in results {
+            all.extend(l);
+            errors += e;
+        }
+        all.sort_unstable();
+        let acked = all.len() as u64;
+        let row = StepResult {
+            workload: "acks".into(),
+            step: format!("{level} x{senders}"),
+            target_rate: 0,
+            sent: acked + errors,
+            send_errors: errors,
+            delivered: acked,
+            delivered_per_s: acked as f64 / window,
+            undelivered: 0,
+            duplicates: 0,
+            p50_ms: super::report::percentile(&all, 0.50),
+            p99_ms: super::report::percentile(&all, 0.99),
+            p999_ms: super::report::percentile(&all, 0.999),
+            max_ms: all.last().map_or(0.0, |m| *m as f64 / 1000.0),
+            server_cpu_s: cpu,
+            cpu_s_per_1k: cpu_s_per_1k(cpu, acked),
+            memory_per_conn_kib: None,
+            mirror_lag: None,
+        };
+        print_row(&row);
+        rows.push(row);
+    }
+    Ok(rows)
+}

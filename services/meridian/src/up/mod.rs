@@ -120,6 +120,10 @@ pub struct UpOptions {
     pub exe: Option<PathBuf>,
     /// What the links between regions do to their traffic (two or more regions).
     pub wan: WanOptions,
+    /// Every region's durability level (docs/design.md §6): `disk` and `geo` render
+    /// `sync_interval: always` into its nats.conf; the region file's `gateway.durability`
+    /// says the level its sends get by default.
+    pub durability: Durability,
 }
 
 /// The WAN between regions, as seen region to region (each region's link to the hub carries
@@ -167,6 +171,7 @@ impl std::fmt::Debug for UpOptions {
             .field("nats_server", &self.nats_server)
             .field("exe", &self.exe)
             .field("wan", &self.wan)
+            .field("durability", &self.durability)
             .finish()
     }
 }
@@ -520,6 +525,7 @@ mod tests {
             nats_server: None,
             exe: None,
             wan: WanOptions::default(),
+            durability: Durability::Process,
         }
     }
 
@@ -615,6 +621,10 @@ mod tests {
         let mut o = opts(dir.path());
         o.regions.push(RegionId::parse("us").unwrap());
         assert!(err(o).contains("listed twice"));
+        let mut o = opts(dir.path());
+        o.regions.truncate(1);
+        o.durability = Durability::Geo;
+        assert!(err(o).contains("--durability"));
     }
 
     #[test]
@@ -661,6 +671,31 @@ mod tests {
         assert_eq!(mode(&seed_file), 0o600);
         let seed = std::fs::read_to_string(&seed_file).unwrap();
         assert!(seed.starts_with("SU") && !conf.contains(seed.trim()));
+    }
+
+    #[test]
+    fn item4_durability_renders_the_fsync_setting_and_the_gateways_level() {
+        for (level, fsyncs) in [
+            (Durability::Process, false),
+            (Durability::Disk, true),
+            (Durability::Geo, true),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut o = opts(dir.path());
+            o.durability = level;
+            let layout = Layout::new(&o).unwrap();
+            let secret = load_or_create_jwt_secret(&layout.data_dir.join("jwt_secret")).unwrap();
+            let endpoints = BTreeMap::from([("us".to_string(), "http://127.0.0.1:7001".to_string())]);
+            for plan in &layout.regions {
+                let login = LeafLogin::generate(&plan.region);
+                plan.write_files(&secret, "admin-key-admin-key", &endpoints, &login)
+                    .unwrap();
+                let conf = std::fs::read_to_string(plan.nats_conf()).unwrap();
+                assert_eq!(conf.contains("sync_interval: always"), fsyncs, "{level}: {conf}");
+                let cfg = RegionConfig::load(&plan.region_toml(), Vec::new()).unwrap();
+                assert_eq!(cfg.gateway.durability, level);
+            }
+        }
     }
 
     fn mode(path: &Path) -> u32 {

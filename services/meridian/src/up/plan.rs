@@ -21,6 +21,8 @@ pub(super) struct RegionPlan {
     /// Where the region's WAN link proxy listens (its leafnode remote dials it); `None`
     /// with one region.
     pub(super) link_port: Option<u16>,
+    /// The region's durability level (nats.conf's fsync setting, `gateway.durability`).
+    pub(super) durability: Durability,
 }
 
 /// The hub: a nats-server without JetStream that the regions' servers are leafnodes of.
@@ -68,6 +70,12 @@ impl Layout {
                      in X-Admin-Key",
                     opts.admin_key.chars().count()
                 ),
+            );
+        }
+        if opts.durability == Durability::Geo && opts.regions.len() < 2 {
+            return invalid(
+                "--durability",
+                "geo needs another region to hold a copy: run two or more --regions".into(),
             );
         }
         let linked = opts.regions.len() > 1;
@@ -126,6 +134,7 @@ impl Layout {
                     gateway_port: base + 1,
                     link_port: linked.then_some(base + 2),
                     mirrors,
+                    durability: opts.durability,
                 })
             })
             .collect();
@@ -227,7 +236,7 @@ impl RegionPlan {
         let mut conf = nats_server_config(&NatsServerSpec {
             store_dir: self.dir.join("jetstream"),
             port: self.nats_port,
-            durability: Durability::Process,
+            durability: self.durability,
             server_name: format!("meridian-{}", self.region),
             // The JetStream domain other regions' mirrors address: the region id.
             domain: self.region.to_string(),
@@ -241,6 +250,7 @@ impl RegionPlan {
         gateway.insert("listen".into(), format!("127.0.0.1:{}", self.gateway_port).into());
         gateway.insert("jwt_secret".into(), jwt_secret.into());
         gateway.insert("admin_key".into(), admin_key.into());
+        gateway.insert("durability".into(), self.durability.as_str().into());
         let endpoints: toml::Table = endpoints
             .iter()
             .map(|(r, e)| (r.clone(), toml::Value::from(e.as_str())))
