@@ -215,6 +215,34 @@ async fn item4_geo_ack_survives_losing_the_home_region_whole() -> Result<()> {
         async move { Ok(store.message(&cid, &bob, &event_id).await?.is_some()) }
     })
     .await?;
+
+    // The operator fails us's users over to eu: ann, served by eu now, reads the geo-acked
+    // message there (the delivery path after losing the home region whole).
+    let (st, moved) = c
+        .admin(
+            "eu",
+            reqwest::Method::POST,
+            "/v1/admin/failover",
+            Some(json!({"region": "us", "to": "eu"})),
+        )
+        .await?;
+    ensure!(st == 200 && moved["serving"] == "eu", "{st} {moved}");
+    let ann_at_eu = eventually_some(WAIT, "ann served by eu", || async {
+        let s = c.session("eu", "ann").await?;
+        let (st, _) = s.get("/v1/me").await?;
+        Ok((st == 200).then_some(s))
+    })
+    .await?;
+    let (st, page) = ann_at_eu
+        .get(&format!("/v1/conversations/{cid}/messages"))
+        .await?;
+    ensure!(
+        st == 200
+            && page["messages"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|m| m["message_id"] == id.as_str())),
+        "ann reads her geo-acked message at eu after the failover: {st} {page}"
+    );
     Ok(())
 }
 
