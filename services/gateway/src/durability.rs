@@ -38,8 +38,9 @@ const GEO_POLL: Duration = Duration::from_millis(2);
 const GEO_POLL_AFTER_ERROR: Duration = Duration::from_millis(100);
 
 /// The level a send gets: the deployment's, or the stronger one it asks for (a weaker one
-/// changes nothing: the region's JetStream fsyncs everything or nothing). Refused with 400
-/// when the level cannot be met here: `disk` in a region whose JetStream does not fsync
+/// changes nothing: the region's JetStream fsyncs everything or nothing). Refused with 409
+/// (a well-formed request this deployment cannot meet, not a malformed one) when the level
+/// cannot be met here: `disk` in a region whose JetStream does not fsync
 /// before acking (nats-server has no per-message or client-triggered fsync: it is the
 /// server's `sync_interval`, so the only honest answer is no), `geo` in a region no other
 /// region mirrors.
@@ -50,7 +51,8 @@ pub fn level_for(
 ) -> ApiResult<Durability> {
     let level = requested.map_or(default, |r| r.max(default));
     if level == Durability::Disk && !default.fsyncs() {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
             "durability_unavailable",
             format!(
                 "this region's JetStream acknowledges before fsync (deployment durability {default}); \
@@ -60,7 +62,8 @@ pub fn level_for(
         .with("durability", default.as_str()));
     }
     if level == Durability::Geo && !has_other_regions {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
             "durability_unavailable",
             "geo needs another region mirroring this one, and this region has none",
         )

@@ -69,7 +69,7 @@ async fn item4_process_level_is_the_default_and_disk_is_refused_where_nats_does_
     // This region's JetStream acks before fsync and offers no flush: disk cannot be met.
     let (st, body) = send(&ann, &cid, "p3", Some("disk")).await?;
     ensure!(
-        st == 400 && body["error"] == "durability_unavailable",
+        st == 409 && body["error"] == "durability_unavailable",
         "{st} {body}"
     );
     ensure!(body["durability"] == "process", "{body}");

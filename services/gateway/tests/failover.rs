@@ -190,7 +190,11 @@ async fn item1_failover_with_the_home_region_hung_then_failback_once_caught_up()
         json!({"region": "us", "to": "us"}),
     )
     .await?;
-    assert_eq!(st, 400, "{body}");
+    assert_eq!(
+        (st, body["error"].as_str()),
+        (409, Some("failover_to_itself")),
+        "{body}"
+    );
 
     // bob is served by eu now: his first send there is the RTO.
     let bob_eu = c.session("eu", "bob").await?;

@@ -306,8 +306,12 @@ pub async fn post_failover(
         None => s.cfg.region.clone(),
     };
     if to == region {
-        return Err(ApiError::bad_request(
-            "invalid_argument",
+        // Well-formed, but in conflict with where the region's users are: 409, not 400 (the
+        // document cannot state "region differs from to", and 400 means "fix the request's
+        // shape").
+        return Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "failover_to_itself",
             format!("region {region} cannot be failed over to itself: use failback"),
         )
         .with("field", "to"));

@@ -104,7 +104,7 @@ pub fn components(ctx: &DocContext) -> Value {
             "description": "Opaque: the next_cursor of the previous page of GET /v1/conversations."},
         "Error": {
             "type": "object", "required": ["error", "message"],
-            "description": "Every error answer. `error` is a stable code (invalid_argument, malformed_json, malformed_body, too_large, unauthorized, forbidden, not_found, conversation_not_found, member_not_found, message_not_found, user_not_found, unknown_user, unknown_region, not_a_group, conversation_dissolved, resync_required, idempotency_conflict, idempotency_in_progress, rate_limited (with retry_after_ms), too_many_sockets, group_too_large, wrong_region, method_not_allowed, websocket_upgrade_required, unavailable); `message` is for people. Some codes add fields: `field` (the input at fault), `reason`, `user_ids`, `epoch` and `head`, `region` and `endpoint`, `message_id`.",
+            "description": "Every error answer. `error` is a stable code (invalid_argument, malformed_json, malformed_body, too_large, unauthorized, forbidden, not_found, conversation_not_found, member_not_found, message_not_found, user_not_found, unknown_user, unknown_region, not_a_group, conversation_dissolved, resync_required, idempotency_conflict, idempotency_in_progress, rate_limited (with retry_after_ms), too_many_sockets, group_too_large, wrong_region, method_not_allowed, websocket_upgrade_required, unavailable, region_unsure, not_caught_up, failover_to_itself, durability_unavailable, not_geo_durable); `message` is for people. Some codes add fields: `field` (the input at fault), `reason`, `user_ids`, `epoch` and `head`, `region` and `endpoint`, `message_id`.",
             "properties": {
                 "error": {"type": "string", "pattern": "^[a-z_]+$"},
                 "message": {"type": "string"},
@@ -392,7 +392,12 @@ pub fn admin_failover(_: &DocContext) -> OpSpec {
                    "to": {"allOf": [r("Region")], "description": "The acting region (default: the answering one). Another region answers 421 wrong_region naming it."}}),
         )),
         response: Some(region_move_answer()),
-        errors: vec![400, 421],
+        errors: vec![400, 409, 421],
+        extra: {
+            let mut m = Map::new();
+            m.insert("x-conflict".into(), json!("409 failover_to_itself: region and to (or the answering region) are the same; use failback."));
+            m
+        },
         ..Default::default()
     }
 }
@@ -621,7 +626,7 @@ pub fn send_message(_: &DocContext) -> OpSpec {
         params: vec![
             json!({"name": "Meridian-Durability", "in": "header", "required": false,
             "schema": {"type": "string", "enum": ["process", "disk", "geo"]},
-            "description": "The durability level this send asks for (design.md §6); the deployment's level when absent or weaker. disk where the region's JetStream does not fsync before acking is 400 durability_unavailable, as is geo in a region no other region mirrors. A geo send not confirmed by another region in time answers 503 not_geo_durable (stored: true): retrying with the same client_msg_id is safe."}),
+            "description": "The durability level this send asks for (design.md §6); the deployment's level when absent or weaker. disk where the region's JetStream does not fsync before acking is 409 durability_unavailable, as is geo in a region no other region mirrors. A geo send not confirmed by another region in time answers 503 not_geo_durable (stored: true): retrying with the same client_msg_id is safe."}),
         ],
         response: Some(
             json!({"type": "object", "required": ["message_id", "cursor", "accepted_at", "durability"], "properties": {
