@@ -58,6 +58,65 @@ enum Cmd {
     /// MERIDIAN_ADMIN_KEY): region failover and failback, waiting and printing progress.
     #[command(subcommand)]
     Admin(AdminCmd),
+    /// A chaos drill (chaos/README.md): a workload in every region, one scenario's faults
+    /// (region-loss, partition, slow-link, crash-soak, clock-skew), the invariants checked at
+    /// the end, and report.json + report.svg in --out. Against --cluster (its admin key in
+    /// MERIDIAN_ADMIN_KEY), or a deployment of --regions it starts itself. Exits 1 when an
+    /// invariant is violated.
+    Drill(DrillArgs),
+}
+
+#[derive(Args)]
+struct DrillArgs {
+    /// region-loss, partition, slow-link, crash-soak or clock-skew.
+    scenario: meridian_chaos::drill::Scenario,
+    /// A running deployment's cluster.json (started by `meridian up`, whose control API the
+    /// drill uses); without it, a deployment of --regions is started for the drill.
+    #[arg(long)]
+    cluster: Option<PathBuf>,
+    /// The regions of the deployment the drill starts (without --cluster).
+    #[arg(long, value_delimiter = ',', default_value = "us,eu,ap")]
+    regions: Vec<String>,
+    /// How long the workload runs, faults included (e.g. 60s, 10m).
+    #[arg(long, value_parser = up::parse_duration, default_value = "60s")]
+    duration: Duration,
+    /// Where the run's folder (<scenario>-<UTC time>/report.json, report.svg) goes.
+    #[arg(long, default_value = "drills")]
+    out: PathBuf,
+    /// Sends per second, all regions together.
+    #[arg(long, default_value_t = 50.0)]
+    rate: f64,
+    /// Simulated users per region (each with one device and a WebSocket).
+    #[arg(long, default_value_t = 4)]
+    users_per_region: usize,
+    /// The region the fault hits (region-loss, partition, clock-skew) [default: the second].
+    #[arg(long)]
+    target: Option<String>,
+    /// region-loss: hang the region with SIGSTOP instead of killing it.
+    #[arg(long)]
+    hang: bool,
+    /// clock-skew: the target region's clock offset in ms (negative: behind).
+    #[arg(long, default_value_t = 5_000, allow_hyphen_values = true)]
+    skew_ms: i64,
+    /// slow-link: one-way delay added between two regions.
+    #[arg(long, value_parser = up::parse_duration, default_value = "150ms")]
+    delay: Duration,
+    /// slow-link: extra one-way delay, up to this much per chunk.
+    #[arg(long, value_parser = up::parse_duration, default_value = "50ms")]
+    jitter: Duration,
+    /// slow-link: probability (0.0-1.0) a chunk between two regions is lost (and costs a
+    /// retransmission timeout).
+    #[arg(long, default_value_t = 0.02)]
+    loss: f64,
+    /// crash-soak: mean time between two kills.
+    #[arg(long, value_parser = up::parse_duration, default_value = "5s")]
+    crash_every: Duration,
+    /// How long the regions get to converge after the workload stops.
+    #[arg(long, value_parser = up::parse_duration, default_value = "120s")]
+    converge_timeout: Duration,
+    /// Seed of the workload and the crash schedule [default: random, written in the report].
+    #[arg(long)]
+    seed: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -262,6 +321,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Bench(args) => run_bench(args, shutdown.clone()).await,
         Cmd::NatsAuth(args) => run_nats_auth(args),
         Cmd::Admin(cmd) => run_admin(cmd).await,
+        Cmd::Drill(args) => run_drill(args, shutdown.clone()).await,
     };
     signals.abort();
     // Last in the ordered stop: flush the spans the roles ended (blocking, hence the thread).
@@ -292,6 +352,65 @@ async fn run_up(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()>
         durability: args.durability,
     };
     up::run(opts, shutdown).await.context("meridian up")
+}
+
+async fn run_drill(args: DrillArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    use meridian_chaos::drill::{self, DrillOptions, LinkShape};
+    if !(0.0..=1.0).contains(&args.loss) {
+        bail!("--loss: {} is not a probability (0.0-1.0)", args.loss);
+    }
+    if !(args.rate > 0.0 && args.rate.is_finite()) {
+        bail!("--rate: must be a positive number of sends per second");
+    }
+    if args.users_per_region < 2 {
+        bail!("--users-per-region: at least 2 (users write to each other)");
+    }
+    // Without a deployment to drill, start one (stopped in order after the report).
+    let (cluster, admin_key, own) = match args.cluster {
+        Some(c) => {
+            // From the environment only: a flag would be shown to every user by `ps`.
+            let key = std::env::var("MERIDIAN_ADMIN_KEY").context(
+                "set MERIDIAN_ADMIN_KEY to the deployment's admin key (cluster.json does not hold it)",
+            )?;
+            (c, key, None)
+        }
+        None => {
+            let regions: Vec<&str> = args.regions.iter().map(|r| r.trim()).collect();
+            eprintln!("starting a deployment of {} for the drill", regions.join(","));
+            let own = bench::OwnDeployment::start(&shutdown, &regions).await?;
+            (own.cluster.clone(), own.admin_key.clone(), Some(own))
+        }
+    };
+    let mut opts = DrillOptions::new(args.scenario, cluster, admin_key);
+    opts.duration = args.duration;
+    opts.out = args.out;
+    opts.rate_per_s = args.rate;
+    opts.users_per_region = args.users_per_region;
+    opts.target = args.target;
+    opts.hang = args.hang;
+    opts.skew_ms = args.skew_ms;
+    opts.slow = LinkShape {
+        delay_ms: args.delay.as_millis() as u64,
+        jitter_ms: args.jitter.as_millis() as u64,
+        loss: args.loss,
+        cut: false,
+    };
+    opts.crash_every = args.crash_every;
+    opts.converge_timeout = args.converge_timeout;
+    if let Some(seed) = args.seed {
+        opts.seed = seed;
+    }
+    let result = drill::run(opts, shutdown.clone()).await;
+    if let Some(own) = own {
+        own.stop().await;
+    }
+    let outcome = result.context("drill")?;
+    println!("{}", outcome.report.summary());
+    println!("report: {}", outcome.dir.display());
+    if !outcome.report.passed() {
+        bail!("the drill found violations (report in {})", outcome.dir.display());
+    }
+    Ok(())
 }
 
 async fn run_admin(cmd: AdminCmd) -> anyhow::Result<()> {
