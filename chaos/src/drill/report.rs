@@ -70,7 +70,7 @@ pub struct Fault {
 /// `sent`, `acked`, `delivered` and `errors` count what happened within the interval ending
 /// at `t_s` (seconds since the start of the run); latency is send → first receipt by a
 /// recipient.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Sample {
     pub t_s: f64,
     pub sent: u64,
@@ -82,7 +82,7 @@ pub struct Sample {
 }
 
 /// One broken invariant with its evidence (the same fields as the checker's `Violation`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Violation {
     pub invariant: String,
     pub message_id: Option<String>,
@@ -94,7 +94,7 @@ pub struct Violation {
 }
 
 /// Everything a drill run found; serialized as `report.json` (see chaos/README.md).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Report {
     pub scenario: String,
     pub verdict: Verdict,
@@ -393,24 +393,36 @@ impl Report {
             area.draw(&Text::new(name, (x + 30, y), text_style.clone()))?;
             x += 30 + estimated_text_width(name, LEGEND_CHAR_PX) + 24;
         }
-        let mut kinds_drawn: Vec<&str> = Vec::new();
+        let mut kinds: Vec<&FaultWindow> = Vec::new();
         for window in windows {
-            if kinds_drawn.contains(&window.kind.as_str()) {
-                continue;
+            if !kinds.iter().any(|k| k.kind == window.kind) {
+                kinds.push(window);
             }
-            kinds_drawn.push(&window.kind);
+        }
+        let right_edge = PICTURE_SIZE.0 as i32 - 20;
+        for (drawn, window) in kinds.iter().enumerate() {
             let count = windows.iter().filter(|w| w.kind == window.kind).count();
             let name = if count == 1 {
                 format!("fault: {}", window.kind)
             } else {
                 format!("fault: {} ×{count}", window.kind)
             };
+            let width = 30 + estimated_text_width(&name, LEGEND_CHAR_PX);
+            // Room for this item, and for the "+N more" note unless this is the last kind.
+            let reserve = if drawn + 1 < kinds.len() { 160 } else { 0 };
+            if x + width + reserve > right_edge {
+                // No second legend row: the header has no room for one. report.json and the
+                // summary list every fault.
+                let more = format!("+{} more fault kinds", kinds.len() - drawn);
+                area.draw(&Text::new(more, (x, y), text_style.clone()))?;
+                break;
+            }
             area.draw(&Rectangle::new(
                 [(x, y - 8), (x + 24, y + 8)],
                 window.shade.mix(FAULT_SHADE_ALPHA).filled(),
             ))?;
             area.draw(&Text::new(name.as_str(), (x + 30, y), text_style.clone()))?;
-            x += 30 + estimated_text_width(&name, LEGEND_CHAR_PX) + 24;
+            x += width + 24;
         }
         Ok(())
     }
@@ -429,6 +441,7 @@ impl Report {
             .max(1.0);
         // Headroom above the highest line for the fault labels.
         let y_top = peak * 1.35;
+        let y_decimals = decimals_for(y_top);
         let mut chart = ChartBuilder::on(area)
             .margin_left(12)
             .margin_right(24)
@@ -445,7 +458,7 @@ impl Report {
             .y_desc("messages / s")
             .axis_desc_style(("sans-serif", 17))
             .label_style(("sans-serif", 15))
-            .y_label_formatter(&|v| format!("{v:.0}"))
+            .y_label_formatter(&|v| format!("{v:.y_decimals$}"))
             .draw()?;
         chart.draw_series(
             AreaSeries::new(rates.iter().map(|r| (r.t_s, r.errors)), 0.0, FAIL_RED.mix(0.2))
@@ -483,6 +496,7 @@ impl Report {
         } else {
             (1.0, 1000.0)
         };
+        let x_decimals = decimals_for(x_end);
         let mut chart = ChartBuilder::on(area)
             .margin_left(12)
             .margin_right(24)
@@ -501,7 +515,7 @@ impl Report {
             .axis_desc_style(("sans-serif", 17))
             .label_style(("sans-serif", 15))
             .y_label_formatter(&|v| format_ms(*v))
-            .x_label_formatter(&|v| format!("{v:.0}"))
+            .x_label_formatter(&|v| format!("{v:.x_decimals$}"))
             .draw()?;
         for (pick, style) in [
             (Percentile::P50, P50_BLUE.stroke_width(2)),
@@ -721,6 +735,15 @@ fn place_labels<'a>(
         });
     }
     placed
+}
+
+/// Decimals for axis labels on a range from 0 to `end`: none unless the range is short.
+fn decimals_for(end: f64) -> usize {
+    if end < 10.0 {
+        1
+    } else {
+        0
+    }
 }
 
 fn darker(color: RGBColor) -> RGBColor {
@@ -1026,11 +1049,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let report = sample_report();
         report.write(dir.path()).unwrap();
-        let read = Report::read(dir.path()).unwrap();
-        assert_eq!(
-            serde_json::to_value(&read).unwrap(),
-            serde_json::to_value(&report).unwrap()
-        );
+        assert_eq!(Report::read(dir.path()).unwrap(), report);
         let json: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.path().join(REPORT_JSON)).unwrap()).unwrap();
         let mut fields: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
@@ -1100,6 +1119,25 @@ mod tests {
         let labels = svg.matches("\neu/region-").count();
         assert!(labels > 0 && labels < 30 * 2, "{labels} labels");
         assert_eq!(svg_text_count(&svg, "fault: kill-process ×30"), 1, "legend");
+    }
+
+    #[test]
+    fn a_run_without_samples_or_faults_still_gets_its_picture() {
+        let dir = tempfile::tempdir().unwrap();
+        let report = Report {
+            verdict: Verdict::Pass,
+            duration_s: 0.0,
+            faults: Vec::new(),
+            samples: Vec::new(),
+            violations: Vec::new(),
+            ..sample_report()
+        };
+        report.write(dir.path()).unwrap();
+        let svg = std::fs::read_to_string(dir.path().join(REPORT_SVG)).unwrap();
+        assert_eq!(svg_text_count(&svg, "PASS"), 1);
+        assert_eq!(svg_text_count(&svg, "seconds since start"), 1);
+        assert!(report.summary(dir.path()).contains("faults: none"));
+        assert!(report.summary(dir.path()).contains("violations: none"));
     }
 
     #[test]
