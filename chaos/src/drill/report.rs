@@ -26,6 +26,8 @@ pub const REPORT_SVG: &str = "report.svg";
 
 /// The picture's size in pixels: readable at a glance on a laptop screen.
 const PICTURE_SIZE: (u32, u32) = (1200, 700);
+/// How many faults the terminal summary lists one by one (report.json has all of them).
+const SUMMARY_FAULTS: usize = 10;
 /// How many violations the terminal summary shows (report.json has all of them).
 const SUMMARY_VIOLATIONS: usize = 5;
 
@@ -107,8 +109,8 @@ pub struct Report {
     pub duplicated: u64,
     pub delivered: u64,
     pub faults: Vec<Fault>,
-    /// Seconds from the end of the workload until every region's digest was equal;
-    /// `None` = they did not converge within the checker's timeout.
+    /// Seconds from the start of the check (the workload stopped) until every region's digest
+    /// had settled and was equal; `None` = not within the checker's timeout.
     pub converge_s: Option<f64>,
     pub digests_equal: bool,
     /// Each region's digest at the end.
@@ -185,23 +187,25 @@ impl Report {
         let _ = writeln!(out, "  {converge}; {digests}");
         if self.faults.is_empty() {
             let _ = writeln!(out, "  faults: none");
-        } else {
+        } else if self.faults.len() <= SUMMARY_FAULTS {
             let _ = writeln!(out, "  faults:");
             for fault in &self.faults {
-                let recovery = match fault.recovery_s {
-                    Some(s) => format!("recovered in {s:.1} s"),
-                    None => "did not recover".to_string(),
-                };
-                let _ = writeln!(
-                    out,
-                    "    {} {}  {}  ({})  {}",
-                    fault.kind,
-                    fault.target,
-                    self.window_text(fault),
-                    fault.detail,
-                    recovery
-                );
+                let _ = writeln!(out, "    {}", self.fault_text(fault));
             }
+        } else {
+            // A crash soak injects hundreds: one line per kind, then the first few.
+            let _ = writeln!(out, "  faults: {}", self.faults.len());
+            for line in fault_kind_totals(&self.faults) {
+                let _ = writeln!(out, "    {line}");
+            }
+            for fault in self.faults.iter().take(SUMMARY_FAULTS) {
+                let _ = writeln!(out, "    {}", self.fault_text(fault));
+            }
+            let _ = writeln!(
+                out,
+                "    ... and {} more in {REPORT_JSON}",
+                self.faults.len() - SUMMARY_FAULTS
+            );
         }
         if self.violations.is_empty() {
             let _ = writeln!(out, "  violations: none");
@@ -221,6 +225,25 @@ impl Report {
         let _ = writeln!(out, "  report:  {}", dir.join(REPORT_JSON).display());
         let _ = write!(out, "  picture: {}", dir.join(&self.picture).display());
         out
+    }
+
+    /// "kill-region eu  15.0 s – 30.0 s (15.0 s)  (SIGKILL nats+region)  recovered in 1.2 s"
+    fn fault_text(&self, fault: &Fault) -> String {
+        let recovery = match fault.recovery_s {
+            Some(s) => format!("recovered in {s:.1} s"),
+            None => "did not recover".to_string(),
+        };
+        let detail = if fault.detail.is_empty() {
+            String::new()
+        } else {
+            format!("  ({})", fault.detail)
+        };
+        format!(
+            "{} {}  {}{detail}  {recovery}",
+            fault.kind,
+            fault.target,
+            self.window_text(fault)
+        )
     }
 
     /// "12.0 s – 32.0 s (20.0 s)" relative to the start of the run.
@@ -768,6 +791,36 @@ fn format_ms(ms: f64) -> String {
     }
 }
 
+/// "kill-process ×140: recovery mean 0.8 s, max 2.1 s, 3 did not recover", one per kind in
+/// order of first appearance.
+fn fault_kind_totals(faults: &[Fault]) -> Vec<String> {
+    let mut kinds: Vec<&str> = Vec::new();
+    for fault in faults {
+        if !kinds.contains(&fault.kind.as_str()) {
+            kinds.push(&fault.kind);
+        }
+    }
+    kinds
+        .into_iter()
+        .map(|kind| {
+            let of_kind: Vec<&Fault> = faults.iter().filter(|f| f.kind == kind).collect();
+            let recoveries: Vec<f64> = of_kind.iter().filter_map(|f| f.recovery_s).collect();
+            let mut line = format!("{kind} ×{}", of_kind.len());
+            if !recoveries.is_empty() {
+                let mean = recoveries.iter().sum::<f64>() / recoveries.len() as f64;
+                let max = recoveries.iter().copied().fold(0.0, f64::max);
+                let _ = write!(line, ": recovery mean {mean:.1} s, max {max:.1} s");
+            }
+            let unrecovered = of_kind.len() - recoveries.len();
+            if unrecovered > 0 {
+                let sep = if recoveries.is_empty() { ":" } else { "," };
+                let _ = write!(line, "{sep} {unrecovered} did not recover");
+            }
+            line
+        })
+        .collect()
+}
+
 fn list_or_none(items: &[String]) -> String {
     if items.is_empty() {
         "none".to_string()
@@ -1169,6 +1222,32 @@ mod tests {
         );
         assert!(summary.contains("/drills/region-loss-20261129T201242Z/report.json"));
         assert!(summary.contains("/drills/region-loss-20261129T201242Z/report.svg"));
+    }
+
+    #[test]
+    fn summary_totals_many_faults_by_kind() {
+        let mut report = sample_report();
+        report.faults = (0..40u64)
+            .map(|i| Fault {
+                kind: "kill-process".into(),
+                target: format!("p{i}"),
+                detail: String::new(),
+                start_ms: START_MS + i * 1000,
+                end_ms: Some(START_MS + i * 1000 + 500),
+                // 1.0 s and 3.0 s alternately, but every tenth (odd) never recovered: 20 × 1.0 s and
+                // 16 × 3.0 s.
+                recovery_s: (i % 10 != 9).then_some(if i % 2 == 0 { 1.0 } else { 3.0 }),
+            })
+            .collect();
+        let summary = report.summary(Path::new("out"));
+        assert!(summary.contains("  faults: 40\n"), "{summary}");
+        assert!(
+            summary.contains("kill-process ×40: recovery mean 1.9 s, max 3.0 s, 4 did not recover"),
+            "{summary}"
+        );
+        assert!(summary.contains("kill-process p9  9.0 s – 9.5 s (0.5 s)  did not recover"));
+        assert!(!summary.contains("kill-process p10 "), "{summary}");
+        assert!(summary.contains("... and 30 more in report.json"));
     }
 
     #[test]
