@@ -887,13 +887,15 @@ fn utc_timestamp(unix_ms: u64) -> String {
 }
 
 /// The line a running drill prints on stderr once a second: on a terminal it rewrites itself
-/// in place; otherwise (CI logs) it prints a plain line every [`ProgressLine::PLAIN_EVERY`].
+/// in place; otherwise (CI logs) it prints a plain line every [`ProgressLine::PLAIN_EVERY`]
+/// and whenever the phase changes.
 pub struct ProgressLine {
     total: Duration,
     started: Instant,
     terminal: bool,
     out: Box<dyn Write + Send>,
-    last_plain: Option<Instant>,
+    /// When the last plain line was printed, and its phase.
+    last_plain: Option<(Instant, String)>,
     drawn: bool,
 }
 
@@ -942,12 +944,13 @@ impl ProgressLine {
             let _ = write!(self.out, "\r\x1b[2K{line}");
             self.drawn = true;
         } else {
-            if let Some(last) = self.last_plain {
-                if now.saturating_duration_since(last) < Self::PLAIN_EVERY {
+            // A new phase (a fault starts or ends) is printed at once.
+            if let Some((last, last_phase)) = &self.last_plain {
+                if now.saturating_duration_since(*last) < Self::PLAIN_EVERY && last_phase == phase {
                     return;
                 }
             }
-            self.last_plain = Some(now);
+            self.last_plain = Some((now, phase.to_string()));
             let _ = writeln!(self.out, "{line}");
         }
         let _ = self.out.flush();
@@ -1348,6 +1351,32 @@ mod tests {
         assert!(lines[2].starts_with("[  10/60 s] steady"));
         assert!(lines[2].ends_with("p99 -"));
         assert!(!text.contains('\r'));
+    }
+
+    #[test]
+    fn progress_in_a_log_prints_a_new_phase_at_once() {
+        let out = Captured::default();
+        let mut progress = ProgressLine::new(Duration::from_secs(60), Box::new(out.clone()), false);
+        let start = progress.started;
+        let counts = ProgressCounts::default();
+        progress.update_at(start, "steady", &counts);
+        progress.update_at(start + Duration::from_secs(1), "fault: partition us-eu", &counts);
+        progress.update_at(start + Duration::from_secs(2), "fault: partition us-eu", &counts);
+        progress.update_at(start + Duration::from_secs(3), "recovering", &counts);
+        let text = out.text();
+        let phases: Vec<&str> = text
+            .lines()
+            .map(|line| line.split("  acked").next().unwrap())
+            .collect();
+        assert_eq!(
+            phases,
+            [
+                "[   0/60 s] steady",
+                "[   1/60 s] fault: partition us-eu",
+                "[   3/60 s] recovering"
+            ],
+            "{text}"
+        );
     }
 
     #[test]
