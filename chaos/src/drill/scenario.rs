@@ -16,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::check;
 use super::control::{Deployment, LinkShape};
-use super::report::{Fault, ProgressLine, Report};
+use super::record::WorkloadRecord;
+use super::report::{Fault, ProgressCounts, ProgressLine, Report, Verdict, REPORT_SVG};
+use super::check::CheckOutcome;
 use super::workload::{Workload, WorkloadConfig};
 use super::{now_ms, DrillError, DrillOptions, DrillOutcome, Scenario};
 
@@ -73,7 +75,7 @@ pub(super) async fn run(opts: DrillOptions, shutdown: CancellationToken) -> Resu
     )
     .await?;
     let mut drill = Drill {
-        progress: ProgressLine::new(opts.duration),
+        progress: ProgressLine::stderr(opts.duration),
         d,
         opts,
         workload,
@@ -89,17 +91,16 @@ pub(super) async fn run(opts: DrillOptions, shutdown: CancellationToken) -> Resu
     let record = drill.workload.stop().await;
     timeline?;
 
-    drill.phase = "converging".into();
-    eprintln!("\nworkload stopped; waiting for the regions to converge and checking the invariants");
+    drill.progress.update("converging and checking", &ProgressCounts::default());
+    drill.progress.finish();
     let outcome = check::check(&record, &targets, &drill.opts.admin_key, drill.opts.converge_timeout).await?;
     let ended_at_ms = now_ms();
-    let report = Report::from_run(
-        drill.opts.scenario.as_str(),
+    let report = report_of(
+        &drill.opts,
         targets.iter().map(|t| t.region.clone()).collect(),
-        started_at_ms,
         ended_at_ms,
         drill.faults,
-        &record,
+        record,
         outcome,
     );
     let dir = drill.opts.out.join(format!(
@@ -160,7 +161,13 @@ impl Drill {
 
     fn tick(&mut self) {
         let p = self.workload.progress();
-        self.progress.tick(self.elapsed(), &self.phase, p.acked, p.errors, p.delivered, p.last_p99_ms);
+        let counts = ProgressCounts {
+            acked: p.acked,
+            errors: p.errors,
+            delivered: p.delivered,
+            last_p99_ms: p.last_p99_ms,
+        };
+        self.progress.update(&self.phase, &counts);
     }
 
     /// Opens a fault; its index in `faults`.
@@ -407,6 +414,43 @@ impl Drill {
                 eprintln!("drill: could not undo {u:?}: {e}");
             }
         }
+    }
+}
+
+/// The report of a finished drill: pass when the checker found nothing.
+fn report_of(
+    opts: &DrillOptions,
+    regions: Vec<String>,
+    ended_at_ms: u64,
+    faults: Vec<Fault>,
+    record: WorkloadRecord,
+    outcome: CheckOutcome,
+) -> Report {
+    let clean = outcome.violations.is_empty()
+        && outcome.lost == 0
+        && outcome.duplicated == 0
+        && outcome.digests_equal;
+    let delivered = record.receipts.len() as u64;
+    let duration_s = record.samples.last().map_or(0.0, |s| s.t_s);
+    Report {
+        scenario: opts.scenario.as_str().to_string(),
+        verdict: if clean { Verdict::Pass } else { Verdict::Fail },
+        started_at_ms: record.started_at_ms,
+        ended_at_ms,
+        duration_s,
+        regions,
+        acked: outcome.acked,
+        lost: outcome.lost,
+        duplicated: outcome.duplicated,
+        delivered,
+        faults,
+        converge_s: outcome.converge_s,
+        digests_equal: outcome.digests_equal,
+        digests: outcome.digests,
+        violations: outcome.violations,
+        samples: record.samples,
+        counts: record.counts,
+        picture: REPORT_SVG.to_string(),
     }
 }
 

@@ -405,9 +405,8 @@ async fn run_drill(args: DrillArgs, shutdown: CancellationToken) -> anyhow::Resu
         own.stop().await;
     }
     let outcome = result.context("drill")?;
-    println!("{}", outcome.report.summary());
-    println!("report: {}", outcome.dir.display());
-    if !outcome.report.passed() {
+    println!("{}", outcome.report.summary(&outcome.dir));
+    if outcome.report.verdict != drill::report::Verdict::Pass {
         bail!("the drill found violations (report in {})", outcome.dir.display());
     }
     Ok(())
