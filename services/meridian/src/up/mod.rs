@@ -65,7 +65,7 @@ use meridian_bus::{
     nats_hub_config, nats_server_auth_config, nats_server_config, BusRole, Durability, HubSpec, LeafRemote,
     NatsServerSpec, RoleCredentials,
 };
-use meridian_chaos::{LinkConfig, LinkProxy};
+use meridian_chaos::{LinkConfig, LinkHandle, LinkProxy};
 use meridian_model::RegionId;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -76,10 +76,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::RegionConfig;
 
+mod control;
 mod plan;
 mod process;
 mod supervise;
 
+use control::*;
 use plan::*;
 use process::*;
 use supervise::*;
@@ -258,6 +260,7 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> Result<(), UpE
         check_port_free(hub.port, "client port", "hub")?;
         check_port_free(hub.leaf_port, "leafnode port", "hub")?;
     }
+    check_port_free(layout.control_port, "control API", "the launcher")?;
     let jwt_secret_file = layout.data_dir.join("jwt_secret");
     let jwt_secret = load_or_create_jwt_secret(&jwt_secret_file)?;
     let cluster_path = layout.data_dir.join("cluster.json");
@@ -308,7 +311,7 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> Result<(), UpE
     );
     // The links stop last, after every process that uses them: their own token.
     let links_stop = CancellationToken::new();
-    let links = match start_links(&layout, opts.wan, &links_stop).await {
+    let (links, link_handles) = match start_links(&layout, opts.wan, &links_stop).await {
         Ok(links) => links,
         Err(e) => {
             links_stop.cancel();
@@ -333,12 +336,29 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> Result<(), UpE
         }
     }
 
+    // Bound before cluster.json names it, so whoever reads the file finds it listening.
+    let control_addr = (std::net::Ipv4Addr::LOCALHOST, layout.control_port);
+    let control_listener = match tokio::net::TcpListener::bind(control_addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            stop_all(running, hub).await;
+            stop_links(links, links_stop).await;
+            return Err(UpError::Invalid {
+                option: "--port-base",
+                reason: format!(
+                    "port {} (control API of the launcher) is not free: {e}",
+                    layout.control_port
+                ),
+            });
+        }
+    };
     let cluster = Arc::new(Cluster {
         path: cluster_path,
         doc: tokio::sync::Mutex::new(ClusterDoc {
             jwt_secret_file: jwt_secret_file.display().to_string(),
             data_dir: layout.data_dir.display().to_string(),
             launcher_pid: std::process::id(),
+            control: format!("http://127.0.0.1:{}", layout.control_port),
             hub: layout.hub.as_ref().map(|h| HubEntry {
                 nats: h.nats_url(),
                 leaf_port: h.leaf_port,
@@ -369,19 +389,59 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> Result<(), UpE
     }
     print_ready(&layout, &cluster.path);
 
+    // The supervisors stop after the control API, so a call in flight is carried out (or
+    // refused) by a supervisor still there to answer it, and none starts a process after.
+    let supervisors_stop = CancellationToken::new();
+    let mut control = ControlState {
+        admin_key: opts.admin_key.clone(),
+        regions: BTreeMap::new(),
+        hub: None,
+    };
     let hub_supervisor = layout.hub.clone().map(|plan| {
+        let (controlled, supervised) = control_channel(ProcStatus::of(&hub));
+        control.hub = Some(controlled);
         tokio::spawn(supervise_hub(
             hub.take(),
+            supervised,
             plan,
             launcher.clone(),
             cluster.clone(),
-            shutdown.clone(),
+            supervisors_stop.clone(),
         ))
     });
     let supervisors: Vec<_> = running
         .into_iter()
-        .map(|r| tokio::spawn(supervise(r, launcher.clone(), cluster.clone(), shutdown.clone())))
+        .map(|r| {
+            let (controlled, supervised) = control_channel(RegionStatus::of(&r));
+            let name = r.plan.region.to_string();
+            let entry = ControlledRegion {
+                plan: r.plan.clone(),
+                supervisor: controlled,
+                link: link_handles.get(&name).cloned(),
+            };
+            control.regions.insert(name, entry);
+            tokio::spawn(supervise(
+                r,
+                supervised,
+                launcher.clone(),
+                cluster.clone(),
+                supervisors_stop.clone(),
+            ))
+        })
         .collect();
+    let mut control_server = tokio::spawn(control::serve(control_listener, control, shutdown.clone()));
+    // The control API stops first (it ends on `shutdown`), then the supervisors.
+    shutdown.cancelled().await;
+    if tokio::time::timeout(CONTROL_STOP_TIMEOUT, &mut control_server)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "the control API did not finish its calls within {CONTROL_STOP_TIMEOUT:?}; dropping them"
+        );
+        control_server.abort();
+    }
+    supervisors_stop.cancel();
     // Each supervisor stops its region process on shutdown and hands back its nats-server,
     // so every region process is gone before the first nats-server is asked to stop.
     let mut nats = Vec::new();
@@ -406,14 +466,14 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> Result<(), UpE
     Ok(())
 }
 
+/// The link proxies' tasks, and their handles by region (for the control API).
+type Links = (Vec<tokio::task::JoinHandle<()>>, BTreeMap<String, LinkHandle>);
+
 /// Binds and starts each region's link proxy (region nats-server -> hub leafnode port).
-async fn start_links(
-    layout: &Layout,
-    wan: WanOptions,
-    stop: &CancellationToken,
-) -> Result<Vec<tokio::task::JoinHandle<()>>, UpError> {
+async fn start_links(layout: &Layout, wan: WanOptions, stop: &CancellationToken) -> Result<Links, UpError> {
+    let mut handles = BTreeMap::new();
     let Some(hub) = &layout.hub else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), handles));
     };
     let mut links = Vec::new();
     for plan in &layout.regions {
@@ -439,9 +499,10 @@ async fn start_links(
                 )
             }
         );
+        handles.insert(plan.region.to_string(), proxy.handle());
         links.push(tokio::spawn(proxy.run(stop.clone())));
     }
-    Ok(links)
+    Ok((links, handles))
 }
 
 /// Before any region process starts (and creates its mirrors): creates each region's own
