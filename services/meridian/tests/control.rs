@@ -179,16 +179,10 @@ impl Control {
     /// POST /control/signal, which must answer 200; the pid signalled.
     async fn signal(&self, target: &str, signal: &str) -> Result<u64> {
         let (st, body) = self
-            .post(
-                "/control/signal",
-                json!({"target": target, "signal": signal}),
-            )
+            .post("/control/signal", json!({"target": target, "signal": signal}))
             .await?;
         ensure!(st == StatusCode::OK, "{signal} {target}: {st} {body}");
-        ensure!(
-            body["target"] == target && body["signal"] == signal,
-            "{body}"
-        );
+        ensure!(body["target"] == target && body["signal"] == signal, "{body}");
         body["pid"].as_u64().context("pid")
     }
 
@@ -216,15 +210,14 @@ impl Control {
     /// Waits until the region process of `region` runs with a pid other than `old`, and its
     /// gateway answers /readyz with 200; the new pid.
     async fn back_up(&self, region: &str, old: u64, endpoint: &str, bound: Duration) -> Result<u64> {
-        let pid = eventually(
-            &format!("{region}'s region process restarted"),
-            bound,
-            || async {
-                let (pid, state) = self.proc(region, "region").await?;
-                ensure!(pid.is_some_and(|p| p != old) && state == "running", "{pid:?} {state}");
-                Ok(pid.context("pid")?)
-            },
-        )
+        let pid = eventually(&format!("{region}'s region process restarted"), bound, || async {
+            let (pid, state) = self.proc(region, "region").await?;
+            ensure!(
+                pid.is_some_and(|p| p != old) && state == "running",
+                "{pid:?} {state}"
+            );
+            pid.context("pid")
+        })
         .await?;
         eventually(&format!("{region} ready again"), bound, || async {
             let st = self.http.get(format!("{endpoint}/readyz")).send().await?.status();
@@ -263,7 +256,12 @@ async fn control_api_kills_holds_shapes_links_and_skews_clocks() -> Result<()> {
             .context("cluster.json names the control API")?
             .to_string(),
     };
-    let endpoint = |r: &str| cluster["regions"][r]["endpoint"].as_str().unwrap_or_default().to_string();
+    let endpoint = |r: &str| {
+        cluster["regions"][r]["endpoint"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
     let (us, eu) = (endpoint("us"), endpoint("eu"));
 
     // Without the key, or with another, nothing: 401 JSON, on unknown paths too.
@@ -306,10 +304,7 @@ async fn control_api_kills_holds_shapes_links_and_skews_clocks() -> Result<()> {
     let bad = StatusCode::BAD_REQUEST;
     for target in ["ap/region", "us/applier", "us", "hubs"] {
         let answer = ctl
-            .post(
-                "/control/signal",
-                json!({"target": target, "signal": "KILL"}),
-            )
+            .post("/control/signal", json!({"target": target, "signal": "KILL"}))
             .await?;
         is_error(&answer, not_found, "unknown_target")?;
     }
@@ -363,7 +358,11 @@ async fn control_api_kills_holds_shapes_links_and_skews_clocks() -> Result<()> {
     .await?;
     is_error(&not_json, bad, "invalid_request")?;
     is_error(
-        &call(http.delete(format!("{}/control", ctl.url)).header("X-Admin-Key", KEY)).await?,
+        &call(
+            http.delete(format!("{}/control", ctl.url))
+                .header("X-Admin-Key", KEY),
+        )
+        .await?,
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
     )?;
@@ -377,10 +376,11 @@ async fn control_api_kills_holds_shapes_links_and_skews_clocks() -> Result<()> {
         "{first}"
     );
     let killed = Instant::now();
-    let second = ctl
-        .back_up("us", first, &us, Duration::from_secs(30))
-        .await?;
-    eprintln!("killed us region {first}: back as {second} after {:?}", killed.elapsed());
+    let second = ctl.back_up("us", first, &us, Duration::from_secs(30)).await?;
+    eprintln!(
+        "killed us region {first}: back as {second} after {:?}",
+        killed.elapsed()
+    );
 
     // Held, a killed region stays down, and a signal finds nothing to signal.
     ctl.hold("us", true).await?;
@@ -411,9 +411,7 @@ async fn control_api_kills_holds_shapes_links_and_skews_clocks() -> Result<()> {
         "not_running",
     )?;
     ctl.hold("us", false).await?;
-    let third = ctl
-        .back_up("us", second, &us, Duration::from_secs(30))
-        .await?;
+    let third = ctl.back_up("us", second, &us, Duration::from_secs(30)).await?;
     eprintln!("released: us region back as {third}");
 
     // SIGSTOP shows as stopped, SIGCONT as running again; the same process throughout.
@@ -425,7 +423,10 @@ async fn control_api_kills_holds_shapes_links_and_skews_clocks() -> Result<()> {
     // A user each side and a conversation between them.
     let admin = |req: reqwest::RequestBuilder| req.header("X-Admin-Key", KEY);
     for (endpoint, user, home) in [(&us, "ann", "us"), (&eu, "bob", "eu")] {
-        let (st, body) = call(admin(http.put(format!("{endpoint}/v1/admin/users/{user}"))).json(&json!({"home_region": home}))).await?;
+        let (st, body) = call(
+            admin(http.put(format!("{endpoint}/v1/admin/users/{user}"))).json(&json!({"home_region": home})),
+        )
+        .await?;
         ensure!(st == StatusCode::OK, "provision {user}: {st} {body}");
     }
     let token = |endpoint: String, user: &'static str| {
@@ -443,16 +444,20 @@ async fn control_api_kills_holds_shapes_links_and_skews_clocks() -> Result<()> {
     };
     let ann = token(us.clone(), "ann").await?;
     let bob = token(eu.clone(), "bob").await?;
-    let cid = eventually("ann opens a conversation with bob", Duration::from_secs(20), || async {
-        let (st, body) = call(
-            http.post(format!("{us}/v1/conversations"))
-                .bearer_auth(&ann)
-                .json(&json!({"kind": "direct", "members": ["bob"]})),
-        )
-        .await?;
-        ensure!(st.is_success(), "{st} {body}");
-        Ok(body["conversation_id"].as_str().context("cid")?.to_string())
-    })
+    let cid = eventually(
+        "ann opens a conversation with bob",
+        Duration::from_secs(20),
+        || async {
+            let (st, body) = call(
+                http.post(format!("{us}/v1/conversations"))
+                    .bearer_auth(&ann)
+                    .json(&json!({"kind": "direct", "members": ["bob"]})),
+            )
+            .await?;
+            ensure!(st.is_success(), "{st} {body}");
+            Ok(body["conversation_id"].as_str().context("cid")?.to_string())
+        },
+    )
     .await?;
     // Sends message `n` until accepted (through restarts and fences); the 202's body.
     let send = |n: u32| {
@@ -520,23 +525,22 @@ async fn control_api_kills_holds_shapes_links_and_skews_clocks() -> Result<()> {
     let healed = send(1).await?;
     in_eu(healed["message_id"].as_str().context("message_id")?.to_string()).await?;
     let crossed = sending.elapsed();
-    ensure!(crossed >= slow, "crossed in {crossed:?}, under the link's {slow:?}");
+    ensure!(
+        crossed >= slow,
+        "crossed in {crossed:?}, under the link's {slow:?}"
+    );
     eprintln!("after the heal a message crossed in {crossed:?}");
     let (st, link) = ctl.put("/control/links/us", json!({"delay_ms": 0})).await?;
     ensure!(st == StatusCode::OK && link["delay_ms"] == 0, "{st} {link}");
 
     // Clock skew: us's region process restarts with its HLC two minutes ahead.
     let offset: u64 = 120_000;
-    let (st, body) = ctl
-        .put("/control/clock/us", json!({"offset_ms": offset}))
-        .await?;
+    let (st, body) = ctl.put("/control/clock/us", json!({"offset_ms": offset})).await?;
     ensure!(
         st == StatusCode::OK && body["restarting_pid"] == third && body["clock_offset_ms"] == offset,
         "{st} {body}"
     );
-    let fourth = ctl
-        .back_up("us", third, &us, Duration::from_secs(30))
-        .await?;
+    let fourth = ctl.back_up("us", third, &us, Duration::from_secs(30)).await?;
     ensure!(ctl.get().await?["regions"]["us"]["clock_offset_ms"] == offset);
     let before = now_ms();
     let skewed = send(2).await?;

@@ -20,10 +20,33 @@
 //! `+0` is its nats-server client port, `+1` its gateway and `+2` its WAN link proxy (the
 //! address its nats-server's leafnode remote dials; only with two or more regions); the other
 //! seven are reserved (monitoring, more links) so adding them later moves no existing port.
-//! With two or more regions the hub owns the block after the last region's, `port_base +
-//! 10*n`: `+0` its client port, `+1` its leafnode port. With the default base 7000 and
-//! `--regions us,eu,ap`: us 7000/7001/7002, eu 7010/7011/7012, ap 7020/7021/7022, and the
-//! hub 7030 (clients) and 7031 (leafnodes).
+//! The block after the last region's, `port_base + 10*n`, is the launcher's: with two or
+//! more regions `+0` is the hub's client port and `+1` its leafnode port; `+2` is the
+//! control API (always, one region too). With the default base 7000 and `--regions
+//! us,eu,ap`: us 7000/7001/7002, eu 7010/7011/7012, ap 7020/7021/7022, the hub 7030
+//! (clients) and 7031 (leafnodes), and the control API 7032.
+//!
+//! # Control API (the drills' hands; docs/api.md has the shapes)
+//! `http://127.0.0.1:<port_base + 10*n + 2>`, named `control` in cluster.json, every call
+//! with `X-Admin-Key` (the deployment's admin key, compared in constant time; 401 without):
+//! - `GET /control`: per region the pid and state (`running`, `stopped` by SIGSTOP, `down`)
+//!   of its nats-server and region process, whether it is held, its clock offset and its
+//!   link's shape; the hub's pid and state.
+//! - `POST /control/signal {target: "<r>/nats"|"<r>/region"|"hub", signal: KILL|TERM|STOP|CONT}`:
+//!   the supervisor that holds the process sends it, so the pid is never stale (a child is
+//!   reaped only by its supervisor); a killed process is restarted as any other that dies.
+//! - `POST /control/hold {region, hold}`: a held region's supervisor restarts nothing of
+//!   it; released, it restarts what is down, nats-server first.
+//! - `PUT /control/links/<r> {delay_ms?, jitter_ms?, loss?, cut?}`: the region's WAN link
+//!   proxy (`LinkHandle::set_shape`, `cut`, `heal`); the values are that one link's, one way.
+//! - `PUT /control/clock/<r> {offset_ms}`: kept for every later start of the region
+//!   process, which gets it as `MERIDIAN__GATEWAY__CLOCK_OFFSET_MS` (set by the launcher
+//!   whatever it inherited; its initial value is the launcher's own, else 0); the running
+//!   one is restarted now (SIGTERM, then its supervisor starts it again). The offset is
+//!   checked against the region file first, so a bad one is a 400, not a crash loop.
+//!
+//! The control server is a task of the launcher and stops first at shutdown; then the
+//! supervisors stop, so no call starts a process while the deployment is stopping.
 //!
 //! # Files (under the data dir; nothing is removed on exit, so a restart keeps all data)
 //! The data dir is created 0700 (an existing one open to other users is refused): it holds
@@ -32,7 +55,7 @@
 //! - `jwt_secret` (0600): the HS256 key, generated once so tokens survive restarts; a key
 //!   file others can read is refused (see `load_or_create_jwt_secret`).
 //! - `cluster.json` (0600): endpoints, pids, each region's streams (its own, then its
-//!   mirrors) and link proxy, and the hub; written (atomically) once every region is ready and
+//!   mirrors) and link proxy, the hub, and the control API's URL; written (atomically) once every region is ready and
 //!   again whenever a process is restarted. A stale one is removed at start, so its presence
 //!   means "this run is ready".
 //! - `<region>/nats.conf` (with the nkey user the server accepts: public key only, and the
@@ -45,7 +68,8 @@
 //!
 //! # Processes
 //! Children get their own process group, so a terminal's Ctrl-C reaches only the launcher,
-//! which then stops them in order: every region process first (SIGTERM, 10 s, SIGKILL),
+//! which then stops them in order: the control API first, then every region process
+//! (SIGTERM and SIGCONT, 10 s, SIGKILL),
 //! then every region's nats-server the same way, then the hub, and last the link proxies (so
 //! nothing sees its link cut while it shuts down). On Linux each child also gets
 //! `PR_SET_PDEATHSIG`, so even a SIGKILLed launcher leaves no orphans; `kill_on_drop` covers

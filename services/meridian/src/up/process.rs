@@ -177,8 +177,9 @@ impl Proc {
             return;
         }
         // The child is not reaped yet (we hold it), so the pid cannot have been reused.
-        // SAFETY: kill(2) with a pid we own and a valid signal number.
-        // SIGCONT after it: a SIGSTOPped child handles its SIGTERM only once it runs again.
+        // SIGCONT after the SIGTERM: a SIGSTOPped child (the control API) handles its
+        // SIGTERM only once it runs again.
+        // SAFETY: kill(2) with a pid we own and valid signal numbers.
         unsafe {
             libc::kill(self.pid as libc::pid_t, libc::SIGTERM);
             libc::kill(self.pid as libc::pid_t, libc::SIGCONT);
