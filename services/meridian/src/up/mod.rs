@@ -638,12 +638,14 @@ mod tests {
             .as_ref()
             .expect("three regions are linked through a hub");
         assert_eq!((hub.port, hub.leaf_port), (7030, 7031));
+        assert_eq!(layout.control_port, 7032, "the control API follows the hub");
         let mirrors: Vec<String> = layout.regions[1].mirrors.iter().map(|r| r.to_string()).collect();
         assert_eq!(mirrors, vec!["us", "ap"]);
 
         o.regions.truncate(1);
         let layout = Layout::new(&o).unwrap();
         assert!(layout.hub.is_none() && layout.regions[0].link_port.is_none());
+        assert_eq!(layout.control_port, 7012, "one region: the block after it all the same");
         assert!(layout.regions[0].mirrors.is_empty());
         o.wan.delay = Duration::from_millis(40);
         let err = Layout::new(&o)
