@@ -11,4 +11,4 @@
 pub mod drill;
 pub mod link;
 
-pub use link::{LinkConfig, LinkError, LinkHandle, LinkProxy};
+pub use link::{LinkConfig, LinkError, LinkHandle, LinkProxy, LinkShape};

@@ -37,6 +37,13 @@
 //!   what follows it. A chunk is what one `read` returned (up to 16 KiB), not a segment, so
 //!   `loss` is per chunk: the right order of magnitude, not a packet-level simulation.
 //!
+//! # Changing the shape while it runs
+//! [`LinkHandle::set_shape`] changes delay, jitter and loss of a running link (a slow-link
+//! drill turns them up and back down). Each chunk reads the shape when it is read, so the
+//! new shape applies to every chunk read after the call, on open connections too; chunks
+//! already waiting keep their due time, and a chunk is still never written ahead of the one
+//! before it (so lowering the delay lets the queue drain in order, not overtake).
+//!
 //! # What a cut looks like
 //! [`LinkHandle::cut`]: every connection through the link is reset (RST on both sides; bytes
 //! inside the proxy are discarded), and new connections are accepted and reset at once, which
@@ -121,40 +128,66 @@ impl LinkConfig {
     }
 
     pub fn validate(&self) -> Result<(), LinkError> {
+        self.shape().validate()?;
+        check_duration("retransmit_delay", self.retransmit_delay)
+    }
+
+    /// The delay, jitter and loss the link starts with.
+    pub fn shape(&self) -> LinkShape {
+        LinkShape {
+            delay: self.delay,
+            jitter: self.jitter,
+            loss: self.loss,
+        }
+    }
+}
+
+/// What a link does to its chunks; changeable while it runs ([`LinkHandle::set_shape`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LinkShape {
+    /// One-way delay, the floor of every chunk's delay.
+    pub delay: Duration,
+    /// Extra one-way delay, uniform in `0..=jitter` per chunk.
+    pub jitter: Duration,
+    /// Probability (0.0..=1.0) that a chunk is "lost": held back `retransmit_delay` more.
+    pub loss: f64,
+}
+
+impl LinkShape {
+    pub fn validate(&self) -> Result<(), LinkError> {
         if !(0.0..=1.0).contains(&self.loss) {
             return Err(LinkError::Invalid {
                 field: "loss",
                 reason: format!("{} is not a probability in 0.0..=1.0", self.loss),
             });
         }
-        // Far beyond any WAN; also keeps `Instant + delay` from overflowing.
-        let day = Duration::from_secs(24 * 3600);
-        for (field, d) in [
-            ("delay", self.delay),
-            ("jitter", self.jitter),
-            ("retransmit_delay", self.retransmit_delay),
-        ] {
-            if d > day {
-                return Err(LinkError::Invalid {
-                    field,
-                    reason: format!("{d:?} is more than a day"),
-                });
-            }
-        }
-        Ok(())
+        check_duration("delay", self.delay)?;
+        check_duration("jitter", self.jitter)
     }
 
     /// When a chunk read at `now` may be written, ignoring the chunks ahead of it.
-    fn due(&self, now: Instant, rng: &mut StdRng) -> Instant {
+    fn due(&self, now: Instant, retransmit_delay: Duration, rng: &mut StdRng) -> Instant {
         let mut due = now + self.delay;
         if !self.jitter.is_zero() {
             due += self.jitter.mul_f64(rng.gen_range(0.0..=1.0));
         }
         if self.loss > 0.0 && rng.gen_bool(self.loss) {
-            due += self.retransmit_delay;
+            due += retransmit_delay;
         }
         due
     }
+}
+
+/// Far beyond any WAN; also keeps `Instant + delay` from overflowing.
+fn check_duration(field: &'static str, d: Duration) -> Result<(), LinkError> {
+    let day = Duration::from_secs(24 * 3600);
+    if d > day {
+        return Err(LinkError::Invalid {
+            field,
+            reason: format!("{d:?} is more than a day"),
+        });
+    }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +206,8 @@ pub enum LinkError {
 #[derive(Clone, Debug)]
 pub struct LinkHandle {
     cut: Arc<watch::Sender<bool>>,
+    /// Read once per chunk by every direction of every connection.
+    shape: Arc<watch::Sender<LinkShape>>,
     open: Arc<AtomicUsize>,
 }
 
@@ -192,6 +227,21 @@ impl LinkHandle {
         *self.cut.borrow()
     }
 
+    /// Changes delay, jitter and loss for every chunk read after this call, on open
+    /// connections and new ones alike (see the module docs). An invalid shape is refused
+    /// and the link keeps its old one.
+    pub fn set_shape(&self, delay: Duration, jitter: Duration, loss: f64) -> Result<(), LinkError> {
+        let shape = LinkShape { delay, jitter, loss };
+        shape.validate()?;
+        self.shape.send_replace(shape);
+        Ok(())
+    }
+
+    /// The delay, jitter and loss chunks read now get.
+    pub fn shape(&self) -> LinkShape {
+        *self.shape.borrow()
+    }
+
     /// Connections currently forwarded (accepted and connected upstream, not yet closed).
     pub fn open_connections(&self) -> usize {
         self.open.load(Ordering::Relaxed)
@@ -202,6 +252,7 @@ impl LinkHandle {
 pub struct LinkProxy {
     listener: TcpListener,
     local_addr: SocketAddr,
+    /// Where to dial, and what a lost chunk costs; the shape lives in the handle.
     config: Arc<LinkConfig>,
     handle: LinkHandle,
 }
@@ -217,12 +268,14 @@ impl LinkProxy {
         };
         let listener = TcpListener::bind(config.listen).await.map_err(bind_err)?;
         let local_addr = listener.local_addr().map_err(bind_err)?;
+        let shape = config.shape();
         Ok(LinkProxy {
             listener,
             local_addr,
             config: Arc::new(config),
             handle: LinkHandle {
                 cut: Arc::new(watch::Sender::new(false)),
+                shape: Arc::new(watch::Sender::new(shape)),
                 open: Arc::new(AtomicUsize::new(0)),
             },
         })
@@ -321,8 +374,8 @@ async fn forward(mut client: TcpStream, config: Arc<LinkConfig>, link: LinkHandl
         let (upstream_read, upstream_write) = upstream.split();
         let both_ways = async {
             tokio::try_join!(
-                pump(client_read, upstream_write, &config),
-                pump(upstream_read, client_write, &config),
+                pump(client_read, upstream_write, &link, config.retransmit_delay),
+                pump(upstream_read, client_write, &link, config.retransmit_delay),
             )
         };
         tokio::select! {
@@ -338,11 +391,13 @@ async fn forward(mut client: TcpStream, config: Arc<LinkConfig>, link: LinkHandl
 }
 
 /// Forwards `from` to `to`, each chunk at its due time and never ahead of the chunk read
-/// before it. On end of input it finishes the queued chunks and half-closes `to`.
+/// before it, with the link's shape as it is when the chunk is read. On end of input it
+/// finishes the queued chunks and half-closes `to`.
 async fn pump(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
-    config: &LinkConfig,
+    link: &LinkHandle,
+    retransmit_delay: Duration,
 ) -> io::Result<()> {
     let (queue, mut due_chunks) = mpsc::channel::<(Instant, Vec<u8>)>(IN_FLIGHT_CHUNKS);
     let read = async move {
@@ -356,7 +411,10 @@ async fn pump(
             }
             chunk.truncate(n);
             // Monotone due times keep the chunks in order (head-of-line blocking).
-            let due = config.due(Instant::now(), &mut rng).max(last_due);
+            let shape = link.shape();
+            let due = shape
+                .due(Instant::now(), retransmit_delay, &mut rng)
+                .max(last_due);
             last_due = due;
             if queue.send((due, chunk)).await.is_err() {
                 // The writer failed; its error ends the connection.
@@ -558,6 +616,68 @@ mod tests {
             .unwrap();
         assert!(is_dead(&mut s).await);
         assert_eq!(p.link.open_connections(), 0);
+    }
+
+    #[tokio::test]
+    async fn set_shape_applies_to_chunks_read_after_it_on_an_open_connection() {
+        let p = proxy_to_echo(|_| {}).await;
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        assert_eq!(round_trip(&mut s, b"fast").await.unwrap(), b"fast");
+        assert_eq!(p.link.shape().delay, Duration::ZERO);
+
+        let delay = Duration::from_millis(80);
+        let jitter = Duration::from_millis(3);
+        p.link.set_shape(delay, jitter, 0.25).unwrap();
+        assert_eq!(
+            p.link.shape(),
+            LinkShape {
+                delay,
+                jitter,
+                loss: 0.25
+            }
+        );
+        // The connection opened before the change gets the new delay, both ways.
+        for i in 0..3u8 {
+            let started = std::time::Instant::now();
+            assert_eq!(round_trip(&mut s, &[i]).await.unwrap(), vec![i]);
+            let rtt = started.elapsed();
+            assert!(
+                rtt >= 2 * delay,
+                "round trip {rtt:?} after raising the delay to {delay:?}"
+            );
+        }
+        // So does a new one.
+        let mut fresh = TcpStream::connect(p.addr).await.unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(round_trip(&mut fresh, b"new").await.unwrap(), b"new");
+        assert!(started.elapsed() >= 2 * delay, "{:?}", started.elapsed());
+
+        // Back to nothing: bytes still arrive intact.
+        p.link.set_shape(Duration::ZERO, Duration::ZERO, 0.0).unwrap();
+        assert_eq!(round_trip(&mut s, b"again").await.unwrap(), b"again");
+        p.shutdown.cancel();
+        p.task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_bad_shape_is_refused_and_the_old_one_kept() {
+        let p = proxy_to_echo(|c| c.delay = Duration::from_millis(5)).await;
+        let before = p.link.shape();
+        let err = p
+            .link
+            .set_shape(Duration::ZERO, Duration::ZERO, -0.1)
+            .expect_err("loss below 0")
+            .to_string();
+        assert!(err.contains("loss"), "{err}");
+        let err = p
+            .link
+            .set_shape(Duration::from_secs(2 * 24 * 3600), Duration::ZERO, 0.0)
+            .expect_err("two days of delay")
+            .to_string();
+        assert!(err.contains("delay"), "{err}");
+        assert_eq!(p.link.shape(), before);
+        p.shutdown.cancel();
+        p.task.await.unwrap();
     }
 
     #[tokio::test]

@@ -179,6 +179,10 @@ pub fn nats_hub_config(spec: &HubSpec) -> String {
     out.push_str("leafnodes {\n");
     out.push_str("  host: \"127.0.0.1\"\n");
     out.push_str(&format!("  port: {}\n", spec.leaf_port));
+    // Without it the hub tells each leafnode its own leafnode URL, and a remote that lost
+    // its connection reconnects there directly, around the WAN link it was configured to
+    // dial: delay, loss and cuts of that link would then stop applying after any reconnect.
+    out.push_str("  no_advertise: true\n");
     if !spec.leaf_users.is_empty() {
         out.push_str("  authorization {\n    users = [\n");
         out.push_str(&users("      "));
@@ -744,6 +748,7 @@ mod tests {
         });
         assert!(!hub.contains("jetstream"), "{hub}");
         assert!(hub.contains("  port: 7902\n"), "{hub}");
+        assert!(hub.contains("  no_advertise: true\n"), "{hub}");
         assert!(
             hub.contains("      { user: \"eu\", password: \"p\\\"w\" }\n"),
             "{hub}"

@@ -198,9 +198,10 @@ fn alive(pid: i32) -> bool {
     }
 }
 
-/// A port block in 20000-40000 whose nats and gateway ports are free right now.
+/// A port block in 20000-40000 whose nats and gateway ports are free right now, and the
+/// block after it (the launcher's control API).
 fn port_base() -> u16 {
-    port_base_for(1)
+    port_base_for(2)
 }
 
 /// A run of `blocks` port blocks in 20000-40000 whose first three ports (nats, gateway, link

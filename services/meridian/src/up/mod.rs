@@ -20,10 +20,33 @@
 //! `+0` is its nats-server client port, `+1` its gateway and `+2` its WAN link proxy (the
 //! address its nats-server's leafnode remote dials; only with two or more regions); the other
 //! seven are reserved (monitoring, more links) so adding them later moves no existing port.
-//! With two or more regions the hub owns the block after the last region's, `port_base +
-//! 10*n`: `+0` its client port, `+1` its leafnode port. With the default base 7000 and
-//! `--regions us,eu,ap`: us 7000/7001/7002, eu 7010/7011/7012, ap 7020/7021/7022, and the
-//! hub 7030 (clients) and 7031 (leafnodes).
+//! The block after the last region's, `port_base + 10*n`, is the launcher's: with two or
+//! more regions `+0` is the hub's client port and `+1` its leafnode port; `+2` is the
+//! control API (always, one region too). With the default base 7000 and `--regions
+//! us,eu,ap`: us 7000/7001/7002, eu 7010/7011/7012, ap 7020/7021/7022, the hub 7030
+//! (clients) and 7031 (leafnodes), and the control API 7032.
+//!
+//! # Control API (the drills' hands; docs/api.md has the shapes)
+//! `http://127.0.0.1:<port_base + 10*n + 2>`, named `control` in cluster.json, every call
+//! with `X-Admin-Key` (the deployment's admin key, compared in constant time; 401 without):
+//! - `GET /control`: per region the pid and state (`running`, `stopped` by SIGSTOP, `down`)
+//!   of its nats-server and region process, whether it is held, its clock offset and its
+//!   link's shape; the hub's pid and state.
+//! - `POST /control/signal {target: "<r>/nats"|"<r>/region"|"hub", signal: KILL|TERM|STOP|CONT}`:
+//!   the supervisor that holds the process sends it, so the pid is never stale (a child is
+//!   reaped only by its supervisor); a killed process is restarted as any other that dies.
+//! - `POST /control/hold {region, hold}`: a held region's supervisor restarts nothing of
+//!   it; released, it restarts what is down, nats-server first.
+//! - `PUT /control/links/<r> {delay_ms?, jitter_ms?, loss?, cut?}`: the region's WAN link
+//!   proxy (`LinkHandle::set_shape`, `cut`, `heal`); the values are that one link's, one way.
+//! - `PUT /control/clock/<r> {offset_ms}`: kept for every later start of the region
+//!   process, which gets it as `MERIDIAN__GATEWAY__CLOCK_OFFSET_MS` (set by the launcher
+//!   whatever it inherited; its initial value is the launcher's own, else 0); the running
+//!   one is restarted now (SIGTERM, then its supervisor starts it again). The offset is
+//!   checked against the region file first, so a bad one is a 400, not a crash loop.
+//!
+//! The control server is a task of the launcher and stops first at shutdown; then the
+//! supervisors stop, so no call starts a process while the deployment is stopping.
 //!
 //! # Files (under the data dir; nothing is removed on exit, so a restart keeps all data)
 //! The data dir is created 0700 (an existing one open to other users is refused): it holds
@@ -32,7 +55,7 @@
 //! - `jwt_secret` (0600): the HS256 key, generated once so tokens survive restarts; a key
 //!   file others can read is refused (see `load_or_create_jwt_secret`).
 //! - `cluster.json` (0600): endpoints, pids, each region's streams (its own, then its
-//!   mirrors) and link proxy, and the hub; written (atomically) once every region is ready and
+//!   mirrors) and link proxy, the hub, and the control API's URL; written (atomically) once every region is ready and
 //!   again whenever a process is restarted. A stale one is removed at start, so its presence
 //!   means "this run is ready".
 //! - `<region>/nats.conf` (with the nkey user the server accepts: public key only, and the
@@ -45,7 +68,8 @@
 //!
 //! # Processes
 //! Children get their own process group, so a terminal's Ctrl-C reaches only the launcher,
-//! which then stops them in order: every region process first (SIGTERM, 10 s, SIGKILL),
+//! which then stops them in order: the control API first, then every region process
+//! (SIGTERM and SIGCONT, 10 s, SIGKILL),
 //! then every region's nats-server the same way, then the hub, and last the link proxies (so
 //! nothing sees its link cut while it shuts down). On Linux each child also gets
 //! `PR_SET_PDEATHSIG`, so even a SIGKILLed launcher leaves no orphans; `kill_on_drop` covers
@@ -65,7 +89,7 @@ use meridian_bus::{
     nats_hub_config, nats_server_auth_config, nats_server_config, BusRole, Durability, HubSpec, LeafRemote,
     NatsServerSpec, RoleCredentials,
 };
-use meridian_chaos::{LinkConfig, LinkProxy};
+use meridian_chaos::{LinkConfig, LinkHandle, LinkProxy};
 use meridian_model::RegionId;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -76,10 +100,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::RegionConfig;
 
+mod control;
 mod plan;
 mod process;
 mod supervise;
 
+use control::*;
 use plan::*;
 use process::*;
 use supervise::*;
@@ -258,6 +284,7 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> Result<(), UpE
         check_port_free(hub.port, "client port", "hub")?;
         check_port_free(hub.leaf_port, "leafnode port", "hub")?;
     }
+    check_port_free(layout.control_port, "control API", "the launcher")?;
     let jwt_secret_file = layout.data_dir.join("jwt_secret");
     let jwt_secret = load_or_create_jwt_secret(&jwt_secret_file)?;
     let cluster_path = layout.data_dir.join("cluster.json");
@@ -308,7 +335,7 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> Result<(), UpE
     );
     // The links stop last, after every process that uses them: their own token.
     let links_stop = CancellationToken::new();
-    let links = match start_links(&layout, opts.wan, &links_stop).await {
+    let (links, link_handles) = match start_links(&layout, opts.wan, &links_stop).await {
         Ok(links) => links,
         Err(e) => {
             links_stop.cancel();
@@ -333,12 +360,29 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> Result<(), UpE
         }
     }
 
+    // Bound before cluster.json names it, so whoever reads the file finds it listening.
+    let control_addr = (std::net::Ipv4Addr::LOCALHOST, layout.control_port);
+    let control_listener = match tokio::net::TcpListener::bind(control_addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            stop_all(running, hub).await;
+            stop_links(links, links_stop).await;
+            return Err(UpError::Invalid {
+                option: "--port-base",
+                reason: format!(
+                    "port {} (control API of the launcher) is not free: {e}",
+                    layout.control_port
+                ),
+            });
+        }
+    };
     let cluster = Arc::new(Cluster {
         path: cluster_path,
         doc: tokio::sync::Mutex::new(ClusterDoc {
             jwt_secret_file: jwt_secret_file.display().to_string(),
             data_dir: layout.data_dir.display().to_string(),
             launcher_pid: std::process::id(),
+            control: format!("http://127.0.0.1:{}", layout.control_port),
             hub: layout.hub.as_ref().map(|h| HubEntry {
                 nats: h.nats_url(),
                 leaf_port: h.leaf_port,
@@ -369,19 +413,59 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> Result<(), UpE
     }
     print_ready(&layout, &cluster.path);
 
+    // The supervisors stop after the control API, so a call in flight is carried out (or
+    // refused) by a supervisor still there to answer it, and none starts a process after.
+    let supervisors_stop = CancellationToken::new();
+    let mut control = ControlState {
+        admin_key: opts.admin_key.clone(),
+        regions: BTreeMap::new(),
+        hub: None,
+    };
     let hub_supervisor = layout.hub.clone().map(|plan| {
+        let (controlled, supervised) = control_channel(ProcStatus::of(&hub));
+        control.hub = Some(controlled);
         tokio::spawn(supervise_hub(
             hub.take(),
+            supervised,
             plan,
             launcher.clone(),
             cluster.clone(),
-            shutdown.clone(),
+            supervisors_stop.clone(),
         ))
     });
     let supervisors: Vec<_> = running
         .into_iter()
-        .map(|r| tokio::spawn(supervise(r, launcher.clone(), cluster.clone(), shutdown.clone())))
+        .map(|r| {
+            let (controlled, supervised) = control_channel(RegionStatus::of(&r));
+            let name = r.plan.region.to_string();
+            let entry = ControlledRegion {
+                plan: r.plan.clone(),
+                supervisor: controlled,
+                link: link_handles.get(&name).cloned(),
+            };
+            control.regions.insert(name, entry);
+            tokio::spawn(supervise(
+                r,
+                supervised,
+                launcher.clone(),
+                cluster.clone(),
+                supervisors_stop.clone(),
+            ))
+        })
         .collect();
+    let mut control_server = tokio::spawn(control::serve(control_listener, control, shutdown.clone()));
+    // The control API stops first (it ends on `shutdown`), then the supervisors.
+    shutdown.cancelled().await;
+    if tokio::time::timeout(CONTROL_STOP_TIMEOUT, &mut control_server)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "the control API did not finish its calls within {CONTROL_STOP_TIMEOUT:?}; dropping them"
+        );
+        control_server.abort();
+    }
+    supervisors_stop.cancel();
     // Each supervisor stops its region process on shutdown and hands back its nats-server,
     // so every region process is gone before the first nats-server is asked to stop.
     let mut nats = Vec::new();
@@ -406,14 +490,14 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> Result<(), UpE
     Ok(())
 }
 
+/// The link proxies' tasks, and their handles by region (for the control API).
+type Links = (Vec<tokio::task::JoinHandle<()>>, BTreeMap<String, LinkHandle>);
+
 /// Binds and starts each region's link proxy (region nats-server -> hub leafnode port).
-async fn start_links(
-    layout: &Layout,
-    wan: WanOptions,
-    stop: &CancellationToken,
-) -> Result<Vec<tokio::task::JoinHandle<()>>, UpError> {
+async fn start_links(layout: &Layout, wan: WanOptions, stop: &CancellationToken) -> Result<Links, UpError> {
+    let mut handles = BTreeMap::new();
     let Some(hub) = &layout.hub else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), handles));
     };
     let mut links = Vec::new();
     for plan in &layout.regions {
@@ -439,9 +523,10 @@ async fn start_links(
                 )
             }
         );
+        handles.insert(plan.region.to_string(), proxy.handle());
         links.push(tokio::spawn(proxy.run(stop.clone())));
     }
-    Ok(links)
+    Ok((links, handles))
 }
 
 /// Before any region process starts (and creates its mirrors): creates each region's own
@@ -553,12 +638,14 @@ mod tests {
             .as_ref()
             .expect("three regions are linked through a hub");
         assert_eq!((hub.port, hub.leaf_port), (7030, 7031));
+        assert_eq!(layout.control_port, 7032, "the control API follows the hub");
         let mirrors: Vec<String> = layout.regions[1].mirrors.iter().map(|r| r.to_string()).collect();
         assert_eq!(mirrors, vec!["us", "ap"]);
 
         o.regions.truncate(1);
         let layout = Layout::new(&o).unwrap();
         assert!(layout.hub.is_none() && layout.regions[0].link_port.is_none());
+        assert_eq!(layout.control_port, 7012, "one region: the block after it all the same");
         assert!(layout.regions[0].mirrors.is_empty());
         o.wan.delay = Duration::from_millis(40);
         let err = Layout::new(&o)

@@ -9,6 +9,8 @@ pub(super) struct Layout {
     pub(super) regions: Vec<Arc<RegionPlan>>,
     /// With two or more regions: the hub their nats-servers are leafnodes of.
     pub(super) hub: Option<Arc<HubPlan>>,
+    /// The operator control API's port: `+2` of the block after the last region's.
+    pub(super) control_port: u16,
 }
 
 pub(super) struct RegionPlan {
@@ -93,8 +95,8 @@ impl Layout {
                 format!("{} is not a probability in 0.0..=1.0", opts.wan.loss),
             );
         }
-        // The hub's block follows the regions'.
-        let blocks = u32::try_from(opts.regions.len() + usize::from(linked)).unwrap_or(u32::MAX);
+        // The block after the regions' holds the hub (with two or more) and the control API.
+        let blocks = u32::try_from(opts.regions.len() + 1).unwrap_or(u32::MAX);
         let last_port = u32::from(opts.port_base) + u32::from(PORTS_PER_REGION) * blocks - 1;
         if opts.port_base < 1024 || last_port > u32::from(u16::MAX) {
             return invalid(
@@ -138,18 +140,19 @@ impl Layout {
                 })
             })
             .collect();
+        let after_regions = opts.port_base + PORTS_PER_REGION * opts.regions.len() as u16;
         let hub = linked.then(|| {
-            let base = opts.port_base + PORTS_PER_REGION * opts.regions.len() as u16;
             Arc::new(HubPlan {
                 dir: data_dir.join("hub"),
-                port: base,
-                leaf_port: base + 1,
+                port: after_regions,
+                leaf_port: after_regions + 1,
             })
         });
         Ok(Layout {
             data_dir,
             regions,
             hub,
+            control_port: after_regions + 2,
         })
     }
 }

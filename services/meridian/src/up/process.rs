@@ -46,15 +46,23 @@ impl Launcher {
         Proc::spawn(cmd, HUB, "the hub", hub.log())
     }
 
-    pub(super) fn spawn_region(&self, plan: &RegionPlan) -> Result<Proc, UpError> {
+    /// The region process, its HLC's wall clock `clock_offset_ms` off (the control API's
+    /// clock skew; 0 unless asked).
+    pub(super) fn spawn_region(&self, plan: &RegionPlan, clock_offset_ms: i64) -> Result<Proc, UpError> {
         let mut cmd = child_command(&self.exe, &plan.region_log(), "region")?;
         cmd.arg("region").arg("--config").arg(plan.region_toml());
         for (key, _) in std::env::vars_os() {
             let Some(k) = key.to_str() else { continue };
-            if OWNED_OVERRIDES.iter().any(|o| o.eq_ignore_ascii_case(k)) {
+            if OWNED_OVERRIDES.iter().any(|o| o.eq_ignore_ascii_case(k))
+                // Set below, whatever the launcher inherited; any other spelling would
+                // compete with it.
+                || k.eq_ignore_ascii_case(CLOCK_OFFSET_ENV)
+            {
                 cmd.env_remove(&key);
             }
         }
+        // After the removals: this one is the launcher's to decide (and to change).
+        cmd.env(CLOCK_OFFSET_ENV, clock_offset_ms.to_string());
         Proc::spawn(
             cmd,
             "region",
@@ -126,6 +134,8 @@ pub(super) struct Proc {
     pub(super) child: Child,
     pub(super) pid: u32,
     pub(super) started: Instant,
+    /// SIGSTOPped through the control API (and not SIGCONTinued since).
+    pub(super) stopped: bool,
 }
 
 impl Proc {
@@ -147,6 +157,7 @@ impl Proc {
             child,
             pid,
             started: Instant::now(),
+            stopped: false,
         })
     }
 
@@ -166,9 +177,12 @@ impl Proc {
             return;
         }
         // The child is not reaped yet (we hold it), so the pid cannot have been reused.
-        // SAFETY: kill(2) with a pid we own and a valid signal number.
+        // SIGCONT after the SIGTERM: a SIGSTOPped child (the control API) handles its
+        // SIGTERM only once it runs again.
+        // SAFETY: kill(2) with a pid we own and valid signal numbers.
         unsafe {
             libc::kill(self.pid as libc::pid_t, libc::SIGTERM);
+            libc::kill(self.pid as libc::pid_t, libc::SIGCONT);
         }
         match tokio::time::timeout(STOP_GRACE, self.child.wait()).await {
             Ok(status) => {
@@ -201,6 +215,10 @@ pub(super) struct RegionProcs {
     pub(super) plan: Arc<RegionPlan>,
     pub(super) nats: Option<Proc>,
     pub(super) region: Option<Proc>,
+    /// Held through the control API: its supervisor restarts nothing of the region.
+    pub(super) held: bool,
+    /// What the region process's HLC adds to the wall clock, at every (re)start.
+    pub(super) clock_offset_ms: i64,
 }
 
 /// Starts the hub (if any) and every nats-server, runs `prepare` once they all accept
@@ -243,6 +261,8 @@ pub(super) async fn start_all(
             plan: plan.clone(),
             nats: Some(nats),
             region: None,
+            held: false,
+            clock_offset_ms: inherited_clock_offset(),
         });
     }
     for r in running.iter_mut() {
@@ -258,7 +278,7 @@ pub(super) async fn start_all(
         prepared = prepare => prepared?,
     }
     for r in running.iter_mut() {
-        let region = launcher.spawn_region(&r.plan)?;
+        let region = launcher.spawn_region(&r.plan, r.clock_offset_ms)?;
         println!(
             "  {}: region pid {}, gateway {} (log {})",
             r.plan.region,

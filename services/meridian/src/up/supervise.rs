@@ -10,6 +10,8 @@ pub(super) struct ClusterDoc {
     pub(super) jwt_secret_file: String,
     pub(super) data_dir: String,
     pub(super) launcher_pid: u32,
+    /// The operator control API (`http://127.0.0.1:<port>`).
+    pub(super) control: String,
     /// With two or more regions: the hub their nats-servers link through.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) hub: Option<HubEntry>,
@@ -177,10 +179,12 @@ fn walk_through_regions(out: &mut String, home: &RegionPlan, away: &RegionPlan, 
 pub(super) type ReadyWatch = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Keeps one region's processes running until `shutdown`, restarting whichever dies (the
-/// nats-server first), then stops the region process and returns the nats-server for the
+/// nats-server first) unless the control API holds the region, and carries out the control
+/// API's commands; then stops the region process and returns the nats-server for the
 /// caller to stop after every region process is gone.
 pub(super) async fn supervise(
     mut r: RegionProcs,
+    mut control: RegionSupervised,
     launcher: Arc<Launcher>,
     cluster: Arc<Cluster>,
     shutdown: CancellationToken,
@@ -188,11 +192,13 @@ pub(super) async fn supervise(
     let region = r.plan.region.clone();
     let mut nats_restart = Restart::default();
     let mut region_restart = Restart::default();
+    // The region process was stopped to be restarted (a new clock offset): not a crash.
+    let mut region_restart_asked = false;
     // Resolves when a restarted region answers /readyz again; only for the operator's log.
     let mut ready_watch: Option<ReadyWatch> = None;
     loop {
         let now = Instant::now();
-        if r.nats.is_none() && now >= nats_restart.due {
+        if !r.held && r.nats.is_none() && now >= nats_restart.due {
             match launcher.spawn_nats(&r.plan) {
                 Ok(mut p) => {
                     tracing::warn!(%region, pid = p.pid, "nats-server restarted");
@@ -212,8 +218,13 @@ pub(super) async fn supervise(
             }
         }
         // The region process needs its nats-server; with both down, nats goes first.
-        if r.region.is_none() && r.nats.is_some() && now >= region_restart.due && !shutdown.is_cancelled() {
-            match launcher.spawn_region(&r.plan) {
+        if !r.held
+            && r.region.is_none()
+            && r.nats.is_some()
+            && now >= region_restart.due
+            && !shutdown.is_cancelled()
+        {
+            match launcher.spawn_region(&r.plan, r.clock_offset_ms) {
                 Ok(p) => {
                     tracing::warn!(%region, pid = p.pid, "region process restarted");
                     cluster.set_pid(&region, p.what, p.pid).await;
@@ -232,6 +243,7 @@ pub(super) async fn supervise(
                 }
             }
         }
+        control.publish(RegionStatus::of(&r));
         let next_due = [
             r.nats.is_none().then_some(nats_restart.due),
             // Without its nats-server the region waits for that one's restart, not its own
@@ -240,7 +252,9 @@ pub(super) async fn supervise(
         ]
         .into_iter()
         .flatten()
-        .min();
+        .min()
+        // Held: nothing is due until the hold is released (a command wakes the loop).
+        .filter(|_| !r.held);
         tokio::select! {
             _ = shutdown.cancelled() => break,
             status = wait_opt(&mut r.nats) => {
@@ -249,15 +263,56 @@ pub(super) async fn supervise(
             }
             status = wait_opt(&mut r.region) => {
                 let p = r.region.take().expect("waited on a running process");
-                region_restart.exited(&p, &status);
+                if std::mem::take(&mut region_restart_asked) {
+                    tracing::info!(%region, pid = p.pid, "region process stopped to restart with a new clock offset");
+                    region_restart.due = Instant::now();
+                } else {
+                    region_restart.exited(&p, &status);
+                }
                 ready_watch = None;
             }
+            Some(command) = control.commands.recv() => match command {
+                RegionCommand::Signal(which, req) => {
+                    let slot = match which {
+                        Which::Nats => &mut r.nats,
+                        Which::Region => &mut r.region,
+                    };
+                    let pid = signal_proc(slot, req.sig);
+                    control.publish(RegionStatus::of(&r));
+                    let _ = req.reply.send(pid);
+                }
+                RegionCommand::Hold { hold, reply } => {
+                    if r.held && !hold {
+                        // Released: what is down comes back now, nats first (the loop's order).
+                        nats_restart.due = Instant::now();
+                        region_restart.due = Instant::now();
+                    }
+                    r.held = hold;
+                    tracing::warn!(%region, held = hold, "hold changed by the control API");
+                    control.publish(RegionStatus::of(&r));
+                    let _ = reply.send(());
+                }
+                RegionCommand::ClockOffset { offset_ms, reply } => {
+                    r.clock_offset_ms = offset_ms;
+                    let pid = signal_proc(&mut r.region, Sig::Term);
+                    if pid.is_some() {
+                        region_restart_asked = true;
+                        // A SIGSTOPped process handles its SIGTERM only once it runs again.
+                        signal_proc(&mut r.region, Sig::Cont);
+                    }
+                    tracing::warn!(%region, offset_ms, restarting = ?pid, "clock offset changed by the control API");
+                    control.publish(RegionStatus::of(&r));
+                    let _ = reply.send(pid);
+                }
+            },
             _ = async { ready_watch.as_mut().expect("guarded").await }, if ready_watch.is_some() => {
                 ready_watch = None;
             }
             _ = tokio::time::sleep_until(next_due.unwrap_or(now)), if next_due.is_some() => {}
         }
     }
+    // Calls still queued get "shutting down" rather than waiting out the region's stop.
+    drop(control);
     if let Some(p) = r.region.take() {
         p.stop().await;
     }
@@ -269,6 +324,7 @@ pub(super) async fn supervise(
 /// every region's nats-server.
 pub(super) async fn supervise_hub(
     mut hub: Option<Proc>,
+    mut control: HubSupervised,
     plan: Arc<HubPlan>,
     launcher: Arc<Launcher>,
     cluster: Arc<Cluster>,
@@ -293,12 +349,18 @@ pub(super) async fn supervise_hub(
                 }
             }
         }
+        control.publish(ProcStatus::of(&hub));
         let next_due = hub.is_none().then_some(restart.due);
         tokio::select! {
             _ = shutdown.cancelled() => break,
             status = wait_opt(&mut hub) => {
                 let p = hub.take().expect("waited on a running process");
                 restart.exited(&p, &status);
+            }
+            Some(req) = control.commands.recv() => {
+                let pid = signal_proc(&mut hub, req.sig);
+                control.publish(ProcStatus::of(&hub));
+                let _ = req.reply.send(pid);
             }
             _ = tokio::time::sleep_until(next_due.unwrap_or(now)), if next_due.is_some() => {}
         }
