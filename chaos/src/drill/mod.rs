@@ -5,3 +5,7 @@
 //! - `check`: the invariants checked at the end of every drill.
 //! - `report`: report.json, report.svg and the terminal summary.
 //! - `control`: the client of the launcher's control API (faults) and the admin API.
+
+pub mod check;
+pub mod record;
+pub mod workload;
