@@ -118,10 +118,22 @@ pub async fn check(
         digests.clear();
         last_problem.clear();
         for r in regions {
-            match admin_call(&http, &r.endpoint, admin_key, reqwest::Method::GET, "/v1/admin/digest", None).await {
+            match admin_call(
+                &http,
+                &r.endpoint,
+                admin_key,
+                reqwest::Method::GET,
+                "/v1/admin/digest",
+                None,
+            )
+            .await
+            {
                 Ok((200, b)) => {
                     settled &= b["settled"].as_bool().unwrap_or(false);
-                    digests.insert(r.region.clone(), b["digest"].as_str().unwrap_or_default().to_string());
+                    digests.insert(
+                        r.region.clone(),
+                        b["digest"].as_str().unwrap_or_default().to_string(),
+                    );
                 }
                 Ok((st, b)) => {
                     settled = false;
@@ -133,7 +145,8 @@ pub async fn check(
                 }
             }
         }
-        let equal = digests.len() == regions.len() && digests.values().all(|d| Some(d) == digests.values().next());
+        let equal =
+            digests.len() == regions.len() && digests.values().all(|d| Some(d) == digests.values().next());
         if settled && equal {
             converge_s = Some(started.elapsed().as_secs_f64());
             break;
@@ -167,7 +180,10 @@ pub async fn check(
     // 2: every acked message stored exactly once in every region.
     let mut by_conversation: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, a) in record.acked.iter().enumerate() {
-        by_conversation.entry(a.conversation_id.as_str()).or_default().push(i);
+        by_conversation
+            .entry(a.conversation_id.as_str())
+            .or_default()
+            .push(i);
     }
     let mut lost = vec![false; record.acked.len()];
     let mut duplicated = vec![false; record.acked.len()];
@@ -185,7 +201,11 @@ pub async fn check(
             };
             for &i in acked {
                 let a = &record.acked[i];
-                let by_id = stored.by_id.get(&a.message_id).map(Vec::as_slice).unwrap_or_default();
+                let by_id = stored
+                    .by_id
+                    .get(&a.message_id)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
                 // The same send stored again under another id (a retry not deduplicated)
                 // is a duplicate too.
                 let others: Vec<String> = stored
@@ -278,7 +298,12 @@ pub async fn check(
                 let mut v = violation(
                     "inbox_gap_free",
                     format!("device {device} handed seq {} of epoch {epoch} next", held + 1),
-                    format!("next seq handed was {} (seqs {}..={} never handed)", s.after + 1, held + 1, s.after),
+                    format!(
+                        "next seq handed was {} (seqs {}..={} never handed)",
+                        s.after + 1,
+                        held + 1,
+                        s.after
+                    ),
                 );
                 v.user = Some(user.to_string());
                 f.push(v);
@@ -289,7 +314,11 @@ pub async fn check(
 
     // 5: read indexes never moved back.
     for line in &record.read_regressions {
-        f.push(violation("read_index_monotonic", "a read index that never moves back", line.clone()));
+        f.push(violation(
+            "read_index_monotonic",
+            "a read index that never moves back",
+            line.clone(),
+        ));
     }
 
     let lost_n = lost.iter().filter(|x| **x).count() as u64;
@@ -350,7 +379,10 @@ async fn read_timeline(
                 m["client_msg_id"].as_str().unwrap_or_default().to_string(),
             );
             out.by_id.entry(id.clone()).or_default().push(describe(m));
-            out.by_client_msg_id.entry(key).or_default().push((id, describe(m)));
+            out.by_client_msg_id
+                .entry(key)
+                .or_default()
+                .push((id, describe(m)));
             out.messages += 1;
         }
         match body["next_cursor"].as_str() {

@@ -3,7 +3,7 @@
 //! (open loop: a send that cannot start because too many are in flight is shed and
 //! counted, not queued), and mixing in history reads, read indexes (read back and compared
 //! with what the user saw before), recalls of their own messages and reconnects (the sync
-//! stream dropped and resumed from its checkpoint every 10-20 s).
+//! stream dropped and resumed from its checkpoint every 10-20 s, see [`WorkloadTuning`]).
 //!
 //! It records every acknowledged send and every received message ([`WorkloadRecord`]); the
 //! checker ([`super::check`]) judges the record. Clients follow `421 wrong_region` and
@@ -25,8 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::record::{
-    admin_call, now_ms, AckedSend, DrillError, InboxSpan, Receipt, RegionTarget, Sample, Via,
-    WorkloadRecord,
+    admin_call, now_ms, AckedSend, DrillError, InboxSpan, Receipt, RegionTarget, Sample, Via, WorkloadRecord,
 };
 
 /// What to run.
@@ -40,6 +39,22 @@ pub struct WorkloadConfig {
     pub seed: u64,
     /// Prefix of every user id, so reruns against the same deployment never collide.
     pub run_id: String,
+}
+
+/// Knobs a drill keeps at their defaults and a short test turns.
+#[derive(Clone, Copy, Debug)]
+pub struct WorkloadTuning {
+    /// Each device drops its sync stream and resumes from its checkpoint after a time drawn
+    /// uniformly from this range (default 10-20 s).
+    pub reconnect_every: (Duration, Duration),
+}
+
+impl Default for WorkloadTuning {
+    fn default() -> Self {
+        Self {
+            reconnect_every: (Duration::from_secs(10), Duration::from_secs(20)),
+        }
+    }
 }
 
 /// The progress line's figures (cumulative, except the last second's p99).
@@ -61,8 +76,6 @@ const OPS_PER_SEND: f64 = 0.25;
 const SETUP_WAIT: Duration = Duration::from_secs(60);
 /// How long `stop` waits for sends in flight, and then for receipts.
 const DRAIN_WAIT: Duration = Duration::from_secs(30);
-/// A reconnect every this many seconds per user (uniform in the range).
-const RECONNECT_EVERY_S: (u64, u64) = (10, 20);
 /// The recall window the gateway applies by default is far longer; recall only fresh ones.
 const RECALL_MAX_AGE_MS: u64 = 60_000;
 /// Recalls at most this many messages per user.
@@ -171,11 +184,23 @@ impl Workload {
     /// conversations (a direct one from each user to the same-numbered user of the next
     /// region, and one group of everyone), starts every device's sync loop, then the senders.
     pub async fn start(cfg: WorkloadConfig, shutdown: CancellationToken) -> Result<Workload, DrillError> {
+        Self::start_tuned(cfg, WorkloadTuning::default(), shutdown).await
+    }
+
+    /// [`Workload::start`] with other [`WorkloadTuning`].
+    pub async fn start_tuned(
+        cfg: WorkloadConfig,
+        tuning: WorkloadTuning,
+        shutdown: CancellationToken,
+    ) -> Result<Workload, DrillError> {
         if cfg.regions.is_empty() || cfg.users_per_region == 0 {
             return Err(DrillError::Setup("no regions or no users".into()));
         }
         if !(cfg.rate_per_s > 0.0 && cfg.rate_per_s.is_finite()) {
-            return Err(DrillError::Setup(format!("rate_per_s {} is not positive", cfg.rate_per_s)));
+            return Err(DrillError::Setup(format!(
+                "rate_per_s {} is not positive",
+                cfg.rate_per_s
+            )));
         }
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
@@ -197,7 +222,15 @@ impl Workload {
         for (id, home) in &ids {
             let body = json!({"home_region": home});
             let path = format!("/v1/admin/users/{id}");
-            let (st, b) = admin_retry(&http, &endpoint_of(home), &cfg.admin_key, reqwest::Method::PUT, &path, Some(&body)).await?;
+            let (st, b) = admin_retry(
+                &http,
+                &endpoint_of(home),
+                &cfg.admin_key,
+                reqwest::Method::PUT,
+                &path,
+                Some(&body),
+            )
+            .await?;
             if st != 200 {
                 return Err(DrillError::Setup(format!("provisioning {id}: {st} {b}")));
             }
@@ -213,12 +246,21 @@ impl Workload {
         let mut users: Vec<User> = ids
             .iter()
             .map(|(id, home)| {
-                let provider = token_provider(http.clone(), cfg.regions.clone(), cfg.admin_key.clone(), id.clone());
+                let provider = token_provider(
+                    http.clone(),
+                    cfg.regions.clone(),
+                    cfg.admin_key.clone(),
+                    id.clone(),
+                );
                 User {
                     id: id.clone(),
                     home: home.clone(),
-                    client: Client::with_http(endpoint_of(home), tokens[&(home.clone(), id.clone())].clone(), http.clone())
-                        .with_token_provider(provider),
+                    client: Client::with_http(
+                        endpoint_of(home),
+                        tokens[&(home.clone(), id.clone())].clone(),
+                        http.clone(),
+                    )
+                    .with_token_provider(provider),
                     conversations: Vec::new(),
                 }
             })
@@ -287,12 +329,28 @@ impl Workload {
                 seq: 0,
             };
             let rng = StdRng::seed_from_u64(cfg.seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-            loops.push(tokio::spawn(device_loop(shared.clone(), i, cp, rng, stop_all.clone())));
+            loops.push(tokio::spawn(device_loop(
+                shared.clone(),
+                i,
+                cp,
+                rng,
+                tuning.reconnect_every,
+                stop_all.clone(),
+            )));
         }
         let sends = Arc::new(Semaphore::new(MAX_IN_FLIGHT_SENDS));
         let schedulers = vec![
-            tokio::spawn(send_scheduler(shared.clone(), sends.clone(), StdRng::seed_from_u64(cfg.seed), stop_sending.clone())),
-            tokio::spawn(ops_scheduler(shared.clone(), StdRng::seed_from_u64(cfg.seed.rotate_left(17) ^ 0x0b5), stop_sending.clone())),
+            tokio::spawn(send_scheduler(
+                shared.clone(),
+                sends.clone(),
+                StdRng::seed_from_u64(cfg.seed),
+                stop_sending.clone(),
+            )),
+            tokio::spawn(ops_scheduler(
+                shared.clone(),
+                StdRng::seed_from_u64(cfg.seed.rotate_left(17) ^ 0x0b5),
+                stop_sending.clone(),
+            )),
             tokio::spawn(sampler(shared.clone(), stop_all.clone())),
         ];
         Ok(Workload {
@@ -323,7 +381,8 @@ impl Workload {
         self.stop_sending.cancel();
         let deadline = tokio::time::Instant::now() + DRAIN_WAIT;
         // Every permit back: no send in flight (or the bound passed).
-        let _all = tokio::time::timeout_at(deadline, self.sends.acquire_many(MAX_IN_FLIGHT_SENDS as u32)).await;
+        let _all =
+            tokio::time::timeout_at(deadline, self.sends.acquire_many(MAX_IN_FLIGHT_SENDS as u32)).await;
         let deadline = tokio::time::Instant::now() + DRAIN_WAIT;
         while !self.stop_all.is_cancelled() && tokio::time::Instant::now() < deadline {
             if self.undelivered() == 0 {
@@ -397,11 +456,24 @@ async fn admin_retry(
 }
 
 /// A token for `user` from `endpoint`, waiting (bounded) until that region knows the user.
-async fn mint_token(http: &reqwest::Client, endpoint: &str, key: &str, user: &str) -> Result<String, DrillError> {
+async fn mint_token(
+    http: &reqwest::Client,
+    endpoint: &str,
+    key: &str,
+    user: &str,
+) -> Result<String, DrillError> {
     let deadline = Instant::now() + SETUP_WAIT;
     let body = json!({"user_id": user, "device_id": DEVICE});
     loop {
-        let (st, b) = admin_retry(http, endpoint, key, reqwest::Method::POST, "/v1/admin/tokens", Some(&body)).await?;
+        let (st, b) = admin_retry(
+            http,
+            endpoint,
+            key,
+            reqwest::Method::POST,
+            "/v1/admin/tokens",
+            Some(&body),
+        )
+        .await?;
         if st == 200 {
             return b["token"]
                 .as_str()
@@ -409,21 +481,37 @@ async fn mint_token(http: &reqwest::Client, endpoint: &str, key: &str, user: &st
                 .ok_or_else(|| DrillError::Setup(format!("token answer without a token: {b}")));
         }
         if st != 404 || Instant::now() > deadline {
-            return Err(DrillError::Setup(format!("token for {user} at {endpoint}: {st} {b}")));
+            return Err(DrillError::Setup(format!(
+                "token for {user} at {endpoint}: {st} {b}"
+            )));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 /// Fresh tokens from whichever region answers (during a fault the home may be down).
-fn token_provider(http: reqwest::Client, regions: Vec<RegionTarget>, key: String, user: String) -> TokenProvider {
+fn token_provider(
+    http: reqwest::Client,
+    regions: Vec<RegionTarget>,
+    key: String,
+    user: String,
+) -> TokenProvider {
     Arc::new(move || {
         let (http, regions, key, user) = (http.clone(), regions.clone(), key.clone(), user.clone());
         Box::pin(async move {
             let body = json!({"user_id": user, "device_id": DEVICE});
             let mut last = String::new();
             for r in &regions {
-                match admin_call(&http, &r.endpoint, &key, reqwest::Method::POST, "/v1/admin/tokens", Some(&body)).await {
+                match admin_call(
+                    &http,
+                    &r.endpoint,
+                    &key,
+                    reqwest::Method::POST,
+                    "/v1/admin/tokens",
+                    Some(&body),
+                )
+                .await
+                {
                     Ok((200, b)) => {
                         if let Some(t) = b["token"].as_str() {
                             return Ok(t.to_string());
@@ -433,7 +521,9 @@ fn token_provider(http: reqwest::Client, regions: Vec<RegionTarget>, key: String
                     Err(e) => last = e.to_string(),
                 }
             }
-            Err(ClientError::Transport(format!("no region minted a token for {user}: {last}")))
+            Err(ClientError::Transport(format!(
+                "no region minted a token for {user}: {last}"
+            )))
         })
     })
 }
@@ -450,7 +540,8 @@ where
         match call().await {
             Ok(v) => return Ok(v),
             Err(e) if Instant::now() > deadline => return Err(DrillError::Client(e)),
-            Err(ClientError::Api { status, .. }) if status == 404 || status == 400 || status >= 500 || status == 429 => {}
+            Err(ClientError::Api { status, .. })
+                if status == 404 || status == 400 || status >= 500 || status == 429 => {}
             Err(ClientError::Transport(_)) | Err(ClientError::WrongRegion { .. }) => {}
             Err(e) => return Err(DrillError::Client(e)),
         }
@@ -459,7 +550,12 @@ where
 }
 
 /// Sends at the configured total rate until told to stop.
-async fn send_scheduler(shared: Arc<Shared>, sends: Arc<Semaphore>, mut rng: StdRng, stop: CancellationToken) {
+async fn send_scheduler(
+    shared: Arc<Shared>,
+    sends: Arc<Semaphore>,
+    mut rng: StdRng,
+    stop: CancellationToken,
+) {
     let period = Duration::from_secs_f64(1.0 / shared.cfg.rate_per_s);
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -601,7 +697,15 @@ async fn mark_read(shared: &Shared, ui: usize, ci: usize) {
         shared.error(&format!("mark_read_failed_{}", error_kind(&e)));
         return;
     }
-    let back = match u.client.call(reqwest::Method::GET, &format!("/v1/conversations/{cid}/read"), None).await {
+    let back = match u
+        .client
+        .call(
+            reqwest::Method::GET,
+            &format!("/v1/conversations/{cid}/read"),
+            None,
+        )
+        .await
+    {
         Ok(v) => v,
         Err(e) => {
             shared.error(&format!("read_back_failed_{}", error_kind(&e)));
@@ -623,7 +727,9 @@ async fn mark_read(shared: &Shared, ui: usize, ci: usize) {
         Some((k, c)) if *k > newest_key => (k.clone(), c.clone(), "read back before"),
         _ => (newest_key.clone(), newest.clone(), "just set"),
     };
-    let read_back = mine.as_deref().and_then(|c| Cursor::parse(c).ok().map(|k| (k, c.to_string())));
+    let read_back = mine
+        .as_deref()
+        .and_then(|c| Cursor::parse(c).ok().map(|k| (k, c.to_string())));
     match read_back {
         Some((k, c)) if k >= floor.0 => {
             state.read = Some((k, c));
@@ -650,16 +756,22 @@ async fn recall(shared: &Shared, ui: usize) {
             return;
         }
         let now = now_ms();
-        b.own
-            .get(&u.id)
-            .and_then(|own| own.iter().rev().find(|(_, _, at)| now.saturating_sub(*at) < RECALL_MAX_AGE_MS).cloned())
+        b.own.get(&u.id).and_then(|own| {
+            own.iter()
+                .rev()
+                .find(|(_, _, at)| now.saturating_sub(*at) < RECALL_MAX_AGE_MS)
+                .cloned()
+        })
     };
     let Some((cid, mid, _)) = target else { return };
     {
         let mut b = shared.book();
         b.count("recall");
         *b.recalls_by_user.entry(u.id.clone()).or_insert(0) += 1;
-        b.own.entry(u.id.clone()).or_default().retain(|(_, m, _)| *m != mid);
+        b.own
+            .entry(u.id.clone())
+            .or_default()
+            .retain(|(_, m, _)| *m != mid);
     }
     match u.client.recall(&cid, &mid).await {
         Ok(()) => shared.book().recalled.push(mid),
@@ -691,7 +803,8 @@ async fn sampler(shared: Arc<Shared>, stop: CancellationToken) {
             (!lat.is_empty()).then(|| lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1])
         };
         let (p50, p99) = (pct(0.50), pct(0.99));
-        c.last_p99_bits.store(p99.map_or(u64::MAX, f64::to_bits), Ordering::Relaxed);
+        c.last_p99_bits
+            .store(p99.map_or(u64::MAX, f64::to_bits), Ordering::Relaxed);
         b.samples.push(Sample {
             t_s: shared.started.elapsed().as_secs_f64(),
             sent: now[0] - last[0],
@@ -748,7 +861,14 @@ impl Spans {
 
 /// One user's device: the SDK's sync loop, recording every message it hands out, dropped
 /// and resumed from its checkpoint every 10-20 s.
-async fn device_loop(shared: Arc<Shared>, ui: usize, mut cp: Checkpoint, mut rng: StdRng, stop: CancellationToken) {
+async fn device_loop(
+    shared: Arc<Shared>,
+    ui: usize,
+    mut cp: Checkpoint,
+    mut rng: StdRng,
+    reconnect_every: (Duration, Duration),
+    stop: CancellationToken,
+) {
     let u = &shared.users[ui];
     let mut timelines = meridian_client::Timelines::default();
     let mut spans = Spans {
@@ -759,7 +879,11 @@ async fn device_loop(shared: Arc<Shared>, ui: usize, mut cp: Checkpoint, mut rng
     loop {
         spans.start(&mut shared.book(), &epoch, cp.seq);
         let mut stream: SyncStream = u.client.sync_with_timelines(cp.clone(), timelines.clone());
-        let reconnect_in = Duration::from_secs(rng.gen_range(RECONNECT_EVERY_S.0..=RECONNECT_EVERY_S.1));
+        let (lo, hi) = (
+            reconnect_every.0.as_millis() as u64,
+            reconnect_every.1.as_millis() as u64,
+        );
+        let reconnect_in = Duration::from_millis(rng.gen_range(lo..=hi.max(lo)));
         let reconnect = tokio::time::sleep(reconnect_in);
         tokio::pin!(reconnect);
         let stopped = loop {
@@ -798,8 +922,19 @@ fn on_event(shared: &Shared, u: &User, spans: &mut Spans, epoch: &mut String, ev
             }
             let Some(mid) = e.message_id else { return };
             // A WebSocket frame keeps its `op`; an inbox page read over HTTP has none.
-            let via = if e.raw["op"] == "entry" { Via::Live } else { Via::Sync };
-            (via, Some(e.seq), e.conversation_id, mid, e.sender.unwrap_or_default(), e.cursor)
+            let via = if e.raw["op"] == "entry" {
+                Via::Live
+            } else {
+                Via::Sync
+            };
+            (
+                via,
+                Some(e.seq),
+                e.conversation_id,
+                mid,
+                e.sender.unwrap_or_default(),
+                e.cursor,
+            )
         }
         SyncEvent::Recovered {
             conversation_id,
