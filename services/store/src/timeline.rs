@@ -210,6 +210,7 @@ impl Store {
             return Ok(None);
         };
         let entry: TimelineEntry = decode(&key, &bytes)?;
-        self.visible_message(txn.as_mut(), cid, Some(viewer), okey, entry).await
+        self.visible_message(txn.as_mut(), cid, Some(viewer), okey, entry)
+            .await
     }
 }

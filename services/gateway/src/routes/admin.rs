@@ -468,7 +468,9 @@ pub async fn get_timeline(
     }
     let h = s.store.timeline_as_stored(&cid, page, limit).await?;
     let next = if h.more {
-        h.messages.last().map(|m| m.order_key.cursor().as_str().to_string())
+        h.messages
+            .last()
+            .map(|m| m.order_key.cursor().as_str().to_string())
     } else {
         None
     };
