@@ -345,6 +345,7 @@ impl Workload {
                 sends.clone(),
                 StdRng::seed_from_u64(cfg.seed),
                 stop_sending.clone(),
+                stop_all.clone(),
             )),
             tokio::spawn(ops_scheduler(
                 shared.clone(),
@@ -555,6 +556,7 @@ async fn send_scheduler(
     sends: Arc<Semaphore>,
     mut rng: StdRng,
     stop: CancellationToken,
+    abandon: CancellationToken,
 ) {
     let period = Duration::from_secs_f64(1.0 / shared.cfg.rate_per_s);
     let mut tick = tokio::time::interval(period);
@@ -578,9 +580,14 @@ async fn send_scheduler(
         n += 1;
         let client_msg_id = format!("{}-{ui}-{n}", shared.cfg.run_id);
         let shared = shared.clone();
+        let abandon = abandon.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            send_one(&shared, ui, ci, client_msg_id).await;
+            // Abandoned only when the whole workload is (then the record is not judged).
+            tokio::select! {
+                _ = abandon.cancelled() => {}
+                _ = send_one(&shared, ui, ci, client_msg_id) => {}
+            }
         });
     }
 }
@@ -689,7 +696,17 @@ async fn mark_read(shared: &Shared, ui: usize, ci: usize) {
     let u = &shared.users[ui];
     let cid = &u.conversations[ci].0;
     let key = (u.id.clone(), cid.clone());
-    let Some((newest_key, newest)) = shared.book().read.get(&key).and_then(|r| r.newest.clone()) else {
+    // What the user saw before this operation began (a concurrent one may read back an
+    // index set after this one's read: that one is not "before").
+    let (newest, before) = {
+        let b = shared.book();
+        let state = b.read.get(&key);
+        (
+            state.and_then(|r| r.newest.clone()),
+            state.and_then(|r| r.read.clone()),
+        )
+    };
+    let Some((newest_key, newest)) = newest else {
         return;
     };
     shared.book().count("mark_read");
@@ -722,17 +739,19 @@ async fn mark_read(shared: &Shared, ui: usize, ci: usize) {
     let region = shared.region_of(&u.client, &u.home);
     let mut b = shared.book();
     let state = b.read.entry(key).or_default();
-    // What the user saw before this read: the highest index read back, and the one just set.
-    let floor = match &state.read {
-        Some((k, c)) if *k > newest_key => (k.clone(), c.clone(), "read back before"),
-        _ => (newest_key.clone(), newest.clone(), "just set"),
+    // The floor: the highest index read back before, or the one just set.
+    let floor = match before {
+        Some((k, c)) if k > newest_key => (k, c, "read back before"),
+        _ => (newest_key, newest, "just set"),
     };
     let read_back = mine
         .as_deref()
         .and_then(|c| Cursor::parse(c).ok().map(|k| (k, c.to_string())));
     match read_back {
         Some((k, c)) if k >= floor.0 => {
-            state.read = Some((k, c));
+            if state.read.as_ref().is_none_or(|(r, _)| k > *r) {
+                state.read = Some((k, c));
+            }
         }
         other => {
             let found = other.map_or_else(|| "no read index".to_string(), |(_, c)| format!("cursor {c}"));
