@@ -21,11 +21,12 @@ pub mod workload;
 
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 pub use control::{Deployment, LinkShape};
+pub use record::now_ms;
 pub use report::Report;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,10 @@ pub enum DrillError {
     Setup(String),
     #[error("call: {0}")]
     Call(String),
+    #[error("calling {endpoint}: {message}")]
+    Http { endpoint: String, message: String },
+    #[error(transparent)]
+    Client(#[from] meridian_client::ClientError),
     #[error("{0}")]
     Fault(String),
     #[error("cancelled")]
@@ -156,13 +161,6 @@ impl DrillOptions {
 pub struct DrillOutcome {
     pub report: Report,
     pub dir: PathBuf,
-}
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
 }
 
 /// Runs one drill against the deployment of `opts.cluster`: workload, faults, invariants,

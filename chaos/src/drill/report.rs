@@ -68,32 +68,10 @@ pub struct Fault {
     pub recovery_s: Option<f64>,
 }
 
-/// One second of the workload (the same fields as the drill record's `Sample`).
-/// `sent`, `acked`, `delivered` and `errors` count what happened within the interval ending
-/// at `t_s` (seconds since the start of the run); latency is send → first receipt by a
-/// recipient.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Sample {
-    pub t_s: f64,
-    pub sent: u64,
-    pub acked: u64,
-    pub delivered: u64,
-    pub errors: u64,
-    pub p50_ms: Option<f64>,
-    pub p99_ms: Option<f64>,
-}
-
-/// One broken invariant with its evidence (the same fields as the checker's `Violation`).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Violation {
-    pub invariant: String,
-    pub message_id: Option<String>,
-    pub conversation_id: Option<String>,
-    pub region: Option<String>,
-    pub user: Option<String>,
-    pub expected: String,
-    pub found: String,
-}
+// One second of the workload, and one broken invariant with its evidence: the record's and
+// the checker's types, written into the report as they are.
+pub use super::check::Violation;
+pub use super::record::Sample;
 
 /// Everything a drill run found; serialized as `report.json` (see chaos/README.md).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -61,8 +61,12 @@ const GAP_PAGE: usize = 500;
 /// The app's end of the sync loop. Dropping it stops the loop.
 pub struct SyncStream {
     rx: mpsc::Receiver<Result<SyncEvent, ClientError>>,
+    /// The loop's own position and timelines: ahead of the app by what is buffered.
     checkpoint: Arc<Mutex<Checkpoint>>,
     timelines: Arc<Mutex<Timelines>>,
+    /// What the app has taken: a resume from these hands out exactly what it has not.
+    handed: Checkpoint,
+    handed_timelines: Timelines,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -75,6 +79,8 @@ impl Drop for SyncStream {
 impl SyncStream {
     pub(crate) fn new(client: Client, checkpoint: Checkpoint, timelines: Timelines) -> SyncStream {
         let (tx, rx) = mpsc::channel(BUFFER);
+        let handed = checkpoint.clone();
+        let handed_timelines = timelines.clone();
         let checkpoint = Arc::new(Mutex::new(checkpoint));
         let timelines = Arc::new(Mutex::new(timelines));
         let task = tokio::spawn(run(client, checkpoint.clone(), timelines.clone(), tx));
@@ -82,23 +88,78 @@ impl SyncStream {
             rx,
             checkpoint,
             timelines,
+            handed,
+            handed_timelines,
             task,
         }
     }
 
-    /// What the device holds of the storage timelines (persist it with the checkpoint).
+    /// What the device holds of the storage timelines, as of the last event the app took
+    /// (persist it with the checkpoint).
     pub fn timelines(&self) -> Timelines {
-        self.timelines.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.handed_timelines.clone()
     }
 
     /// The next event; `None` only if the loop ended (it runs until dropped).
     pub async fn next(&mut self) -> Option<Result<SyncEvent, ClientError>> {
-        self.rx.recv().await
+        let ev = self.rx.recv().await;
+        if let Some(Ok(ev)) = &ev {
+            self.took(ev);
+        }
+        ev
     }
 
-    /// The checkpoint after the last entry handed out.
+    /// The checkpoint after the last entry the app took (not what the loop has buffered:
+    /// resuming from it after a drop hands the buffered entries out again).
     pub fn checkpoint(&self) -> Checkpoint {
-        self.checkpoint.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.handed.clone()
+    }
+
+    /// Moves the app's checkpoint and timelines past `ev`, as the loop moved its own when it
+    /// emitted it.
+    fn took(&mut self, ev: &SyncEvent) {
+        match ev {
+            SyncEvent::Entry(e) => {
+                if self.handed.epoch.is_none() {
+                    // The loop learns the epoch before it hands out the first entry.
+                    self.handed.epoch = self
+                        .checkpoint
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .epoch
+                        .clone();
+                }
+                self.handed.seq = e.seq;
+                if let (true, Some(id)) = (e.kind == "message", &e.message_id) {
+                    self.handed_timelines.seen.insert(id.clone());
+                }
+            }
+            SyncEvent::Recovered {
+                conversation_id,
+                message,
+            } => {
+                self.handed_timelines.seen.insert(message.message_id.clone());
+                self.handed_timelines
+                    .cursors
+                    .insert(conversation_id.clone(), message.cursor.clone());
+            }
+            SyncEvent::ResyncRequired { epoch, head } => {
+                self.handed = Checkpoint {
+                    epoch: Some(epoch.clone()),
+                    seq: *head,
+                };
+                // The resync read each timeline to its end (past messages the device had):
+                // its cursors are where a later resync starts.
+                let cursors = self
+                    .timelines
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .cursors
+                    .clone();
+                self.handed_timelines.cursors.extend(cursors);
+            }
+            SyncEvent::Signal(_) | SyncEvent::Disconnected(_) => {}
+        }
     }
 }
 

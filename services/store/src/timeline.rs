@@ -60,6 +60,28 @@ impl Store {
         page: HistoryPage,
         limit: usize,
     ) -> Result<History> {
+        self.history_page(cid, Some(viewer), page, limit).await
+    }
+
+    /// A page of a conversation's storage timeline as stored, for operators: every message
+    /// whoever deleted it for themselves (recalled ones as tombstones, as history shows them).
+    pub async fn timeline_as_stored(
+        &self,
+        cid: &ConversationId,
+        page: HistoryPage,
+        limit: usize,
+    ) -> Result<History> {
+        self.history_page(cid, None, page, limit).await
+    }
+
+    /// `viewer`: leave out what they deleted for themselves; `None`: leave out nothing.
+    async fn history_page(
+        &self,
+        cid: &ConversationId,
+        viewer: Option<&UserId>,
+        page: HistoryPage,
+        limit: usize,
+    ) -> Result<History> {
         let keys = self.keys();
         let prefix = keys.timeline_prefix(cid);
         let end = prefix_end(&prefix);
@@ -120,20 +142,20 @@ impl Store {
         &self,
         txn: &mut dyn KvTxn,
         cid: &ConversationId,
-        viewer: &UserId,
+        viewer: Option<&UserId>,
         okey: OrderKey,
         entry: TimelineEntry,
     ) -> Result<Option<MessageView>> {
         let id = okey.event_id;
-        let lookups = [
-            self.keys().hidden_message(cid, viewer, &id),
-            self.keys().recall(cid, &id),
-        ];
+        let mut lookups = vec![self.keys().recall(cid, &id)];
+        if let Some(viewer) = viewer {
+            lookups.push(self.keys().hidden_message(cid, viewer, &id));
+        }
         let found = txn.batch_get(&lookups).await?;
-        if found[0].is_some() {
+        if found.get(1).is_some_and(Option::is_some) {
             return Ok(None);
         }
-        let recalled = found[1].is_some();
+        let recalled = found[0].is_some();
         Ok(Some(MessageView {
             message_id: id,
             sender: entry.actor,
@@ -188,6 +210,7 @@ impl Store {
             return Ok(None);
         };
         let entry: TimelineEntry = decode(&key, &bytes)?;
-        self.visible_message(txn.as_mut(), cid, viewer, okey, entry).await
+        self.visible_message(txn.as_mut(), cid, Some(viewer), okey, entry)
+            .await
     }
 }

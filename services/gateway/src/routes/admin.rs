@@ -1,5 +1,5 @@
 //! Admin calls (`X-Admin-Key`): provisioning users, minting tokens, region status, digests,
-//! failover and failback.
+//! failover and failback, storage timelines as stored.
 
 use std::sync::Arc;
 
@@ -8,14 +8,15 @@ use axum::Json;
 use meridian_model::events::{
     event_envelope::Body, RegionFailback, RegionFailover, StreamPosition, UserUpserted,
 };
-use meridian_model::{DeviceId, EventId, RegionId, UserId};
+use meridian_model::{ConversationId, Cursor, DeviceId, EventId, RegionId, UserId};
 use meridian_store::directory::RegionServing;
+use meridian_store::timeline::HistoryPage;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::{self, Claims};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Admin, ApiJson, ApiPath};
+use crate::extract::{Admin, ApiJson, ApiPath, ApiQuery};
 use crate::health;
 use crate::state::AppState;
 
@@ -421,4 +422,60 @@ pub async fn post_failback(
     let (after, done) = wait_serving(&s, &region, &region).await?;
     tracing::info!(%region, epoch = %after.epoch, "failback");
     Ok(Json(move_answer(&after, true, done)))
+}
+
+/// Largest page of [`get_timeline`].
+pub const MAX_TIMELINE_LIMIT: usize = 1000;
+const DEFAULT_TIMELINE_LIMIT: usize = 100;
+
+#[derive(Deserialize)]
+pub struct TimelineQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/admin/conversations/{cid}/messages?after&limit`: this region's storage timeline of
+/// a conversation as stored, oldest first, recalled messages included as tombstones, for no
+/// member in particular (nothing anyone deleted for themselves is left out). The drill's
+/// checker reads it in every region to prove each acknowledged message is stored exactly
+/// once everywhere.
+pub async fn get_timeline(
+    _: Admin,
+    State(s): State<Arc<AppState>>,
+    ApiPath(cid): ApiPath<String>,
+    ApiQuery(q): ApiQuery<TimelineQuery>,
+) -> ApiResult<Json<Value>> {
+    let cid = ConversationId::parse(cid)?;
+    let limit = q.limit.unwrap_or(DEFAULT_TIMELINE_LIMIT);
+    if !(1..=MAX_TIMELINE_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_argument",
+            format!("limit must be between 1 and {MAX_TIMELINE_LIMIT}"),
+        )
+        .with("field", "limit"));
+    }
+    let page = match q.after.as_deref() {
+        None | Some("") => HistoryPage::After(None),
+        Some(a) => HistoryPage::After(Some(
+            Cursor::parse(a).map_err(|e| ApiError::from(e).with("field", "after"))?,
+        )),
+    };
+    if s.store.conversation(&cid).await?.is_none() {
+        return Err(ApiError::not_found(
+            "not_found",
+            format!("no conversation {cid} in region {}", s.cfg.region),
+        ));
+    }
+    let h = s.store.timeline_as_stored(&cid, page, limit).await?;
+    let next = if h.more {
+        h.messages
+            .last()
+            .map(|m| m.order_key.cursor().as_str().to_string())
+    } else {
+        None
+    };
+    Ok(Json(json!({
+        "messages": h.messages.iter().map(crate::render::message).collect::<Vec<_>>(),
+        "next_cursor": next,
+    })))
 }

@@ -69,6 +69,7 @@ api! {
     get "/v1/admin/regions" => admin::get_regions, spec::admin_regions, Admin, 200, "Every region's status; per stream this region applies (own and mirrors): apply lag, mirror lag, active age.";
     get "/v1/admin/digest" => admin::get_digest, spec::admin_digest, Admin, 200, "Replica digest with the applied position of every stream.";
     post "/v1/admin/failover" => admin::post_failover, spec::admin_failover, Admin, 200, "Fail a region's users over to the answering region: {region, to}; idempotent.";
+    get "/v1/admin/conversations/{cid}/messages" => admin::get_timeline, spec::admin_timeline, Admin, 200, "A conversation's storage timeline in this region as stored, oldest first, recalled messages included, no membership check (?after, ?limit up to 1000); 404 not_found for a conversation this region does not hold.";
     post "/v1/admin/failback" => admin::post_failback, spec::admin_failback, Admin, 200, "Bring a region's users home: {region}, answered by that region; 409 not_caught_up until it has applied every stream up to the failover point.";
     get "/v1/me" => sync::me, spec::me, User, 200, "The caller: user, device, home and serving region.";
     post "/v1/conversations" => conversations::create, spec::create_conversation, User, 201, "Create a conversation: {kind: direct|group, name, members}. An existing direct conversation answers 200. Idempotency-Key makes retries safe.";

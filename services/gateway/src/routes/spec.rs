@@ -419,6 +419,40 @@ pub fn admin_failback(_: &DocContext) -> OpSpec {
     }
 }
 
+pub fn admin_timeline(_: &DocContext) -> OpSpec {
+    let mut links = Map::new();
+    links.insert(
+        "NextPage".into(),
+        link(
+            "get_v1_admin_conversations__cid__messages",
+            json!({"cid": "$request.path.cid", "after": "$response.body#/next_cursor"}),
+            "Continue forward.",
+        ),
+    );
+    OpSpec {
+        params: vec![
+            query(
+                "after",
+                false,
+                json!({"anyOf": [r("Cursor"), {"const": ""}]}),
+                "Messages strictly after this cursor of this conversation, oldest first; empty or absent: from the beginning.",
+            ),
+            query(
+                "limit",
+                false,
+                int_range(1, crate::routes::admin::MAX_TIMELINE_LIMIT, 100),
+                "Page size.",
+            ),
+        ],
+        response: Some(json!({"type": "object", "required": ["messages", "next_cursor"], "properties": {
+            "messages": {"type": "array", "items": r("Message")},
+            "next_cursor": {"type": ["string", "null"]}}})),
+        errors: vec![404],
+        links,
+        ..Default::default()
+    }
+}
+
 pub fn me(_: &DocContext) -> OpSpec {
     let s = json!({"type": "string"});
     OpSpec {

@@ -383,6 +383,7 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> Result<(), UpE
             data_dir: layout.data_dir.display().to_string(),
             launcher_pid: std::process::id(),
             control: format!("http://127.0.0.1:{}", layout.control_port),
+            region_order: layout.regions.iter().map(|p| p.region.to_string()).collect(),
             hub: layout.hub.as_ref().map(|h| HubEntry {
                 nats: h.nats_url(),
                 leaf_port: h.leaf_port,

@@ -16,6 +16,8 @@ pub(super) struct ClusterDoc {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) hub: Option<HubEntry>,
     pub(super) regions: BTreeMap<String, RegionEntry>,
+    /// The regions in `--regions` order (`regions` is keyed, so sorted by name).
+    pub(super) region_order: Vec<String>,
 }
 
 #[derive(Serialize)]
