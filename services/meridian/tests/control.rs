@@ -98,7 +98,8 @@ fn free_port_base() -> u16 {
         .map_or(0, |d| u64::from(d.subsec_nanos()));
     let mut pick = pid.wrapping_mul(0x9E37_79B9) ^ nanos;
     for _ in 0..50 {
-        let base = 40_000 + (pick % 2_000) as u16 * 10;
+        // Below Linux's ephemeral ports (32768 up), so no outgoing connection holds one.
+        let base = 20_000 + (pick % 1_200) as u16 * 10;
         let free = (0..3u16)
             .flat_map(|block| (0..3u16).map(move |p| base + 10 * block + p))
             .all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());

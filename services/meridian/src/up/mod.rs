@@ -646,7 +646,10 @@ mod tests {
         o.regions.truncate(1);
         let layout = Layout::new(&o).unwrap();
         assert!(layout.hub.is_none() && layout.regions[0].link_port.is_none());
-        assert_eq!(layout.control_port, 7012, "one region: the block after it all the same");
+        assert_eq!(
+            layout.control_port, 7012,
+            "one region: the block after it all the same"
+        );
         assert!(layout.regions[0].mirrors.is_empty());
         o.wan.delay = Duration::from_millis(40);
         let err = Layout::new(&o)
