@@ -17,7 +17,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What a WAN link does to traffic (one region's link to the hub).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct LinkShape {
+pub struct LinkSetting {
     pub delay_ms: u64,
     pub jitter_ms: u64,
     pub loss: f64,
@@ -32,6 +32,15 @@ pub struct DeployedRegion {
     pub endpoint: String,
     /// Whether the region has a WAN link proxy (two or more regions).
     pub has_link: bool,
+}
+
+/// Where one region is in one stream it applies.
+#[derive(Clone, Debug)]
+pub struct StreamPosition {
+    /// The region whose events the stream holds.
+    pub origin: String,
+    pub last_seq: Option<u64>,
+    pub applied: u64,
 }
 
 /// A running deployment (`meridian up`) and the calls a drill makes to it.
@@ -200,13 +209,13 @@ impl Deployment {
         .map(drop)
     }
 
-    pub async fn link(&self, region: &str) -> Result<LinkShape, DrillError> {
+    pub async fn link(&self, region: &str) -> Result<LinkSetting, DrillError> {
         let s = self.status().await?;
         serde_json::from_value(s["regions"][region]["link"].clone())
             .map_err(|e| DrillError::Call(format!("the link of {region}: {e}")))
     }
 
-    pub async fn set_link(&self, region: &str, shape: LinkShape) -> Result<(), DrillError> {
+    pub async fn set_link(&self, region: &str, shape: LinkSetting) -> Result<(), DrillError> {
         self.control(
             reqwest::Method::PUT,
             &format!("/control/links/{region}"),
@@ -249,6 +258,29 @@ impl Deployment {
         };
         let url = format!("{base}/readyz{}", if local { "?scope=local" } else { "" });
         matches!(self.http.get(url).send().await, Ok(r) if r.status().as_u16() == 200)
+    }
+
+    /// Every stream `region` applies, as `(origin region, stream's last seq, applied seq)`,
+    /// from its `/v1/admin/regions`.
+    pub async fn stream_positions(&self, region: &str) -> Result<Vec<StreamPosition>, DrillError> {
+        let url = format!("{}/v1/admin/regions", self.endpoint(region)?);
+        let a = self.call(reqwest::Method::GET, url.clone(), None).await?;
+        if a.status != 200 {
+            return Err(DrillError::Call(format!("{url}: {} {}", a.status, a.body)));
+        }
+        let streams = a.body["regions"]
+            .as_array()
+            .and_then(|all| all.iter().find(|r| r["region"] == region))
+            .and_then(|r| r["streams"].as_object())
+            .ok_or_else(|| DrillError::Call(format!("{url}: no streams of {region} in {}", a.body)))?;
+        Ok(streams
+            .values()
+            .map(|h| StreamPosition {
+                origin: h["origin"].as_str().unwrap_or_default().to_string(),
+                last_seq: h["last_seq"].as_u64(),
+                applied: h["applied"].as_u64().unwrap_or(0),
+            })
+            .collect())
     }
 
     /// Whether every region is ready, mirrors included.

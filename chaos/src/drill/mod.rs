@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-pub use control::{Deployment, LinkShape};
+pub use control::{Deployment, LinkSetting};
 pub use record::now_ms;
 pub use report::Report;
 
@@ -124,7 +124,7 @@ pub struct DrillOptions {
     /// clock-skew: the offset of the target region's clock (negative: behind).
     pub skew_ms: i64,
     /// slow-link: what every region-to-region path gets (split over its two links).
-    pub slow: LinkShape,
+    pub slow: LinkSetting,
     /// crash-soak: the mean interval between two kills.
     pub crash_every: Duration,
     /// How long the regions get to converge after the workload stops.
@@ -145,7 +145,7 @@ impl DrillOptions {
             target: None,
             hang: false,
             skew_ms: 5_000,
-            slow: LinkShape {
+            slow: LinkSetting {
                 delay_ms: 150,
                 jitter_ms: 50,
                 loss: 0.02,

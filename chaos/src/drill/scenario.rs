@@ -7,6 +7,7 @@
 //! exit path, a cancelled or failed drill included, so a drill never leaves a running
 //! deployment broken.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -15,7 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::check;
-use super::control::{Deployment, LinkShape};
+use super::control::{Deployment, LinkSetting};
 use super::record::WorkloadRecord;
 use super::report::{Fault, ProgressCounts, ProgressLine, Report, Verdict, REPORT_SVG};
 use super::check::CheckOutcome;
@@ -32,7 +33,7 @@ const POLL: Duration = Duration::from_millis(250);
 enum Undo {
     Hold(String),
     Stopped(String),
-    Link(String, LinkShape),
+    Link(String, LinkSetting),
     Clock(String),
 }
 
@@ -193,11 +194,28 @@ impl Drill {
         Ok(())
     }
 
-    /// Seconds until every region answers `/readyz` 200; None past the limit.
+    /// Seconds until the deployment is whole again: every region has applied every event
+    /// each region's own stream held when the fault ended (those positions are taken from
+    /// each region as soon as it answers: a region brought back answers once restarted), and
+    /// every region answers `/readyz` 200 (store and NATS reachable, every mirror active).
+    /// None past the limit.
     async fn recovered(&mut self) -> Result<Option<f64>, DrillError> {
         let from = Instant::now();
+        let regions: Vec<String> = self.d.regions.iter().map(|r| r.region.clone()).collect();
+        let mut marks: BTreeMap<String, u64> = BTreeMap::new();
         while from.elapsed() < RECOVERY_LIMIT {
-            if self.d.all_ready().await {
+            if marks.len() < regions.len() {
+                for r in &regions {
+                    if marks.contains_key(r) {
+                        continue;
+                    }
+                    if let Ok(positions) = self.d.stream_positions(r).await {
+                        if let Some(own) = positions.iter().find(|p| p.origin == *r).and_then(|p| p.last_seq) {
+                            marks.insert(r.clone(), own);
+                        }
+                    }
+                }
+            } else if self.caught_up(&regions, &marks).await && self.d.all_ready().await {
                 return Ok(Some(from.elapsed().as_secs_f64()));
             }
             self.tick();
@@ -207,6 +225,22 @@ impl Drill {
             }
         }
         Ok(None)
+    }
+
+    /// Whether every region has applied every stream up to `marks` (origin -> seq).
+    async fn caught_up(&self, regions: &[String], marks: &BTreeMap<String, u64>) -> bool {
+        for r in regions {
+            let Ok(positions) = self.d.stream_positions(r).await else {
+                return false;
+            };
+            for (origin, mark) in marks {
+                match positions.iter().find(|p| p.origin == *origin) {
+                    Some(p) if p.applied >= *mark => {}
+                    _ => return false,
+                }
+            }
+        }
+        true
     }
 
     /// A whole region lost: held (so the launcher does not restart it), killed or hung,
@@ -273,6 +307,7 @@ impl Drill {
         }
         self.d.hold(&lost, false).await?;
         self.undo.retain(|u| !matches!(u, Undo::Hold(r) if *r == lost));
+        let back = Instant::now();
         self.end_fault(i).await?;
 
         // Failback, retried while the home region has not caught up (409 not_caught_up).
@@ -291,8 +326,9 @@ impl Drill {
                 }
             }
         }
+        // The failover's recovery: from the region's return to its users being home.
         self.faults[f].end_ms = Some(now_ms());
-        self.faults[f].recovery_s = Some(from.elapsed().as_secs_f64());
+        self.faults[f].recovery_s = Some(back.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -302,7 +338,7 @@ impl Drill {
         let before = self.d.link(&region).await?;
         let i = self.fault("partition", &region, format!("WAN link of {region} cut"));
         self.undo.push(Undo::Link(region.clone(), before));
-        self.d.set_link(&region, LinkShape { cut: true, ..before }).await?;
+        self.d.set_link(&region, LinkSetting { cut: true, ..before }).await?;
         let heal_at = self.elapsed() + self.opts.duration * 4 / 10;
         self.wait_until(heal_at).await?;
         self.d.set_link(&region, before).await?;
@@ -314,7 +350,7 @@ impl Drill {
     /// delay and jitter, and the loss that, met twice, gives the asked loss.
     async fn slow_link(&mut self) -> Result<(), DrillError> {
         let slow = self.opts.slow;
-        let per_link = LinkShape {
+        let per_link = LinkSetting {
             delay_ms: slow.delay_ms / 2,
             jitter_ms: slow.jitter_ms / 2,
             loss: 1.0 - (1.0 - slow.loss.clamp(0.0, 1.0)).sqrt(),
@@ -348,7 +384,8 @@ impl Drill {
     }
 
     /// kill -9 of a random process (a region process, a nats-server, the hub) every few
-    /// seconds; each fault lasts until the launcher has it running again.
+    /// seconds; each fault lasts until the launcher has it running again, and its recovery
+    /// time runs from the kill until its region serves again.
     async fn crash_soak(&mut self) -> Result<(), DrillError> {
         let mut rng = StdRng::seed_from_u64(self.opts.seed);
         let procs = self.d.processes();
@@ -373,7 +410,18 @@ impl Drill {
                     }
                 }
             }
-            self.end_fault(i).await?;
+            self.faults[i].end_ms = Some(now_ms());
+            // Recovered when its region serves again (`/readyz?scope=local`: store and own
+            // stream); a killed hub is recovered once it runs. Replication catching up is
+            // not waited for here, or a slow mirror re-attach would space the crashes out;
+            // the invariants at the end check that it did.
+            if let Some((region, _)) = target.split_once('/') {
+                while !self.d.ready(region, true).await && from.elapsed() < RECOVERY_LIMIT {
+                    self.tick();
+                    tokio::time::sleep(POLL).await;
+                }
+            }
+            self.faults[i].recovery_s = Some(from.elapsed().as_secs_f64());
             let pause = mean.mul_f64(rng.gen_range(0.5..1.5));
             let next = (self.elapsed() + pause).min(stop_at);
             self.wait_until(next).await?;

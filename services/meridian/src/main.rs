@@ -355,7 +355,7 @@ async fn run_up(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()>
 }
 
 async fn run_drill(args: DrillArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    use meridian_chaos::drill::{self, DrillOptions, LinkShape};
+    use meridian_chaos::drill::{self, DrillOptions, LinkSetting};
     if !(0.0..=1.0).contains(&args.loss) {
         bail!("--loss: {} is not a probability (0.0-1.0)", args.loss);
     }
@@ -389,7 +389,7 @@ async fn run_drill(args: DrillArgs, shutdown: CancellationToken) -> anyhow::Resu
     opts.target = args.target;
     opts.hang = args.hang;
     opts.skew_ms = args.skew_ms;
-    opts.slow = LinkShape {
+    opts.slow = LinkSetting {
         delay_ms: args.delay.as_millis() as u64,
         jitter_ms: args.jitter.as_millis() as u64,
         loss: args.loss,
