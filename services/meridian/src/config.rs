@@ -118,6 +118,12 @@ impl RegionConfig {
                 t.entry("region").or_insert(region.clone());
             }
         }
+        // The `[console]` table configures the gateway's console, which serves it.
+        if let Some(console) = doc.remove("console") {
+            if let Some(toml::Value::Table(g)) = doc.get_mut("gateway") {
+                g.insert("console".into(), console);
+            }
+        }
         let mut cfg: RegionConfig = toml::Value::Table(doc)
             .try_into()
             .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
