@@ -68,11 +68,12 @@ try {
   for (const r of [region, to]) {
     await page.locator(`article.region[data-region="${r}"] [data-field="status"]`).filter({ hasText: "active" }).waitFor({ timeout: WAIT });
   }
-  await page.locator('#convergence[data-state="converged"]').waitFor({ timeout: WAIT });
-  // Sparklines fill for a few seconds before the picture.
+  // Sparklines fill with the test's traffic for a few seconds before the picture.
   await page.waitForFunction(() => document.querySelectorAll("#streams tbody tr").length >= 4, null, { timeout: WAIT });
-  await page.waitForTimeout(4000);
+  await page.waitForTimeout(8000);
   await page.screenshot({ path: join(shots, "console.png"), fullPage: true });
+  await step("loaded");
+  await page.locator('#convergence[data-state="converged"]').waitFor({ timeout: WAIT });
   // Reloading the tab keeps the key (session storage): no second prompt.
   await page.reload();
   await page.locator('#convergence[data-state="converged"]').waitFor({ timeout: WAIT });

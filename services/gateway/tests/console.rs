@@ -16,7 +16,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use common::{eventually, Cluster, Session, ADMIN_KEY};
+use common::{eventually, eventually_some, Cluster, Session, ADMIN_KEY};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -108,6 +108,7 @@ async fn item6_console_in_a_browser_fails_a_region_over_and_back_and_shows_a_dri
     })
     .await?;
     c.provision_in(&["us"], "bob", "us").await?;
+    c.provision_in(&["eu"], "ann", "eu").await?;
     for r in ["us", "eu"] {
         eventually(WAIT, &format!("{r} ready and knows bob"), || async {
             let ready = c.admin(r, reqwest::Method::GET, "/readyz", None).await?.0 == 200;
@@ -124,6 +125,31 @@ async fn item6_console_in_a_browser_fails_a_region_over_and_back_and_shows_a_dri
     let bob_eu = c.session("eu", "bob").await?;
     let (st, body) = me(&bob_us).await?;
     ensure!(st == 200 && body["serving_region"] == "us", "{st} {body}");
+
+    // Traffic while the page fills its sparklines: bob (us) writes to ann, live at eu, so
+    // both regions show sends, deliveries and a p99. Stopped before convergence is judged.
+    let ann = eventually_some(WAIT, "ann known at eu", || async { Ok(c.session("eu", "ann").await.ok()) }).await?;
+    let cid = eventually_some(WAIT, "bob's conversation with ann", || async { Ok(bob_us.direct("ann").await.ok()) }).await?;
+    let mut ann_ws = ann.ws().await?;
+    ann_ws.hello().await?;
+    let traffic = tokio::spawn({
+        let bob = c.session("us", "bob").await?;
+        async move {
+            for i in 0..10_000u32 {
+                let _ = bob
+                    .post(
+                        &format!("/v1/conversations/{cid}/messages"),
+                        json!({"client_msg_id": format!("t{i}"), "type": "text", "body": {"text": format!("hello {i}")}}),
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    let reader = tokio::spawn(async move {
+        // Reading keeps ann's socket live; its frames are not checked here.
+        while ann_ws.next(Duration::from_secs(600)).await.is_ok() {}
+    });
 
     let mut child = tokio::process::Command::new("node")
         .arg(&driver)
@@ -151,7 +177,10 @@ async fn item6_console_in_a_browser_fails_a_region_over_and_back_and_shows_a_dri
     });
 
     let steps = async {
-        // 1. Loaded, both regions shown, converged.
+        // 1. Loaded with traffic flowing, then (traffic stopped) both regions converged.
+        next_step(&mut lines, "loaded").await?;
+        traffic.abort();
+        stdin.write_all(b"go\n").await?;
         next_step(&mut lines, "converged").await?;
         stdin.write_all(b"go\n").await?;
 
@@ -204,6 +233,7 @@ async fn item6_console_in_a_browser_fails_a_region_over_and_back_and_shows_a_dri
         anyhow::Ok(())
     };
     let outcome = tokio::time::timeout(RUN_LIMIT, steps).await;
+    reader.abort();
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
     let driver_errors = errors.await.unwrap_or_default();
     match outcome {
