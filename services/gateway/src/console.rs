@@ -197,14 +197,12 @@ pub async fn events(_: Admin, State(s): State<Arc<AppState>>) -> Response {
         }
     });
     // Graceful shutdown waits for requests in flight: the feed ends with the gateway.
-    let stream = first
-        .chain(live)
-        .take_until(s.shutdown.clone().cancelled_owned());
-    let mut resp = Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response();
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    let stream = first.chain(live).take_until(s.shutdown.clone().cancelled_owned());
+    let mut resp = Sse::new(stream).keep_alive(KeepAlive::default()).into_response();
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
     resp
 }
 
@@ -249,7 +247,13 @@ fn parse_metrics(text: &str) -> MetricPoint {
                     .split("le=\"")
                     .nth(1)
                     .and_then(|r| r.split('"').next())
-                    .map(|le| if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::NAN) });
+                    .map(|le| {
+                        if le == "+Inf" {
+                            f64::INFINITY
+                        } else {
+                            le.parse().unwrap_or(f64::NAN)
+                        }
+                    });
                 if let Some(le) = le.filter(|le| !le.is_nan()) {
                     p.delivery_buckets.push((le, value));
                 }
@@ -328,7 +332,10 @@ async fn fetch_json(s: &AppState, base: &str, path: &str) -> Result<Value, Strin
         .await
         .map_err(|e| format!("{path}: {}", without_url(&e)))?;
     if !status.is_success() {
-        return Err(format!("{path}: {status} {}", body["error"].as_str().unwrap_or("")));
+        return Err(format!(
+            "{path}: {status} {}",
+            body["error"].as_str().unwrap_or("")
+        ));
     }
     Ok(body)
 }
@@ -364,7 +371,11 @@ fn without_url(e: &reqwest::Error) -> String {
 async fn region_answers(
     s: &Arc<AppState>,
     region: &str,
-) -> (Result<Value, String>, Result<Value, String>, Result<String, String>) {
+) -> (
+    Result<Value, String>,
+    Result<Value, String>,
+    Result<String, String>,
+) {
     if region == s.cfg.region.as_str() {
         let regions = admin::regions_json(s).await.map_err(|e| e.message);
         let digest = admin::digest_json(s).await.map_err(|e| e.message);
@@ -402,8 +413,7 @@ fn deployment(s: &AppState) -> Vec<String> {
 impl Sampler {
     async fn sample(&mut self, s: &Arc<AppState>) -> Value {
         let regions = deployment(s);
-        let answers =
-            futures::future::join_all(regions.iter().map(|r| region_answers(s, r))).await;
+        let answers = futures::future::join_all(regions.iter().map(|r| region_answers(s, r))).await;
         let at_ms = now_ms();
         // The directory as this region has it: who serves whom.
         let local_view: Option<&Value> = answers[0].0.as_ref().ok();
@@ -418,7 +428,9 @@ impl Sampler {
                     .as_array()
                     .and_then(|a| a.iter().find(|x| x["region"] == region.as_str()).cloned())
             };
-            let dir = local_view.and_then(listed).or_else(|| regions_answer.as_ref().ok().and_then(listed));
+            let dir = local_view
+                .and_then(listed)
+                .or_else(|| regions_answer.as_ref().ok().and_then(listed));
             if let Some(d) = dir {
                 for k in ["status", "serving", "serving_for", "epoch"] {
                     entry[k] = d[k].clone();
@@ -448,9 +460,7 @@ impl Sampler {
                         .as_object()
                         .into_iter()
                         .flatten()
-                        .filter_map(|(stream, seq)| {
-                            Some((origin_of.get(stream)?.clone(), seq.as_u64()?))
-                        })
+                        .filter_map(|(stream, seq)| Some((origin_of.get(stream)?.clone(), seq.as_u64()?)))
                         .collect();
                     if d["settled"] == true && !by_origin.is_empty() {
                         position = d["digest"].as_str().map(|x| (by_origin, x.to_string()));
@@ -512,12 +522,12 @@ fn convergence(positions: &[Option<(BTreeMap<String, u64>, String)>]) -> (&'stat
         return ("catching_up", "regions have applied different positions".into());
     }
     if all.iter().any(|(_, d)| d != &first.1) {
-        return (
-            "diverged",
-            "digests differ at equal applied positions".into(),
-        );
+        return ("diverged", "digests differ at equal applied positions".into());
     }
-    ("converged", format!("digest {}", &first.1[..first.1.len().min(12)]))
+    (
+        "converged",
+        format!("digest {}", &first.1[..first.1.len().min(12)]),
+    )
 }
 
 /// The sampler: a sample per [`SAMPLE_EVERY`] while a page watches, until `shutdown`.
@@ -632,8 +642,8 @@ async fn act(
                     .await;
                 match sent {
                     Ok(resp) => {
-                        let status = StatusCode::from_u16(resp.status().as_u16())
-                            .unwrap_or(StatusCode::BAD_GATEWAY);
+                        let status =
+                            StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
                         let v = resp.json::<Value>().await.unwrap_or(Value::Null);
                         if status.is_server_error() || !v.is_object() {
                             (
@@ -660,7 +670,11 @@ async fn act(
             answer["serving"].as_str().unwrap_or("?"),
             region,
             answer["epoch"].as_str().unwrap_or("?"),
-            if answer["changed"] == false { " (already so)" } else { "" }
+            if answer["changed"] == false {
+                " (already so)"
+            } else {
+                ""
+            }
         )
     } else {
         format!(
@@ -700,7 +714,16 @@ pub async fn failover(
     let region = admin::deployment_region(&s, req.region, "region")?;
     let to = admin::deployment_region(&s, req.to, "to")?;
     let body = json!({"region": region.as_str(), "to": to.as_str()});
-    Ok(act(&s, &who, "failover", to.as_str(), region.as_str(), to.as_str(), body).await)
+    Ok(act(
+        &s,
+        &who,
+        "failover",
+        to.as_str(),
+        region.as_str(),
+        to.as_str(),
+        body,
+    )
+    .await)
 }
 
 /// `POST /v1/admin/console/failback {region}` with `X-Operator`: `POST /v1/admin/failback`
@@ -714,7 +737,16 @@ pub async fn failback(
     let who = operator_required(&headers)?;
     let region = admin::deployment_region(&s, req.region, "region")?;
     let body = json!({"region": region.as_str()});
-    Ok(act(&s, &who, "failback", region.as_str(), region.as_str(), region.as_str(), body).await)
+    Ok(act(
+        &s,
+        &who,
+        "failback",
+        region.as_str(),
+        region.as_str(),
+        region.as_str(),
+        body,
+    )
+    .await)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -845,7 +877,10 @@ pub async fn drill_picture(
         [
             (header::CONTENT_TYPE, "image/svg+xml"),
             // An SVG may hold script: never run it in this origin.
-            (header::CONTENT_SECURITY_POLICY, "default-src 'none'; style-src 'unsafe-inline'"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; style-src 'unsafe-inline'",
+            ),
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         ],
         svg,
@@ -862,7 +897,17 @@ mod tests {
         for ok in ["region-loss-20261129T201500Z", "a", "x.y_z-1"] {
             assert!(valid_run(ok), "{ok}");
         }
-        for bad in ["", "..", ".", ".hidden", "a/b", "a\\b", "../etc", "a\0", &"x".repeat(129)] {
+        for bad in [
+            "",
+            "..",
+            ".",
+            ".hidden",
+            "a/b",
+            "a\\b",
+            "../etc",
+            "a\0",
+            &"x".repeat(129),
+        ] {
             assert!(!valid_run(bad), "{bad:?}");
         }
     }

@@ -36,8 +36,10 @@ fn write_drill_run(dir: &Path) -> Result<()> {
     let run = dir.join(DRILL_RUN);
     std::fs::create_dir_all(&run)?;
     let samples: Vec<Value> = (0..60)
-        .map(|t| json!({"t_s": t as f64, "sent": 50, "acked": 50, "delivered": 50, "errors": 0,
-                        "p50_ms": 4.0, "p99_ms": if (20..24).contains(&t) { 900.0 } else { 12.0 }}))
+        .map(|t| {
+            json!({"t_s": t as f64, "sent": 50, "acked": 50, "delivered": 50, "errors": 0,
+                        "p50_ms": 4.0, "p99_ms": if (20..24).contains(&t) { 900.0 } else { 12.0 }})
+        })
         .collect();
     let report = json!({
         "scenario": "region-loss", "verdict": "pass",
@@ -112,11 +114,15 @@ async fn item6_console_in_a_browser_fails_a_region_over_and_back_and_shows_a_dri
     for r in ["us", "eu"] {
         eventually(WAIT, &format!("{r} ready and knows bob"), || async {
             let ready = c.admin(r, reqwest::Method::GET, "/readyz", None).await?.0 == 200;
-            let known = c
-                .admin(r, reqwest::Method::POST, "/v1/admin/tokens", Some(json!({"user_id": "bob", "device_id": "d1"})))
+            let known =
+                c.admin(
+                    r,
+                    reqwest::Method::POST,
+                    "/v1/admin/tokens",
+                    Some(json!({"user_id": "bob", "device_id": "d1"})),
+                )
                 .await?
-                .0
-                == 200;
+                .0 == 200;
             Ok(ready && known)
         })
         .await?;
@@ -128,8 +134,14 @@ async fn item6_console_in_a_browser_fails_a_region_over_and_back_and_shows_a_dri
 
     // Traffic while the page fills its sparklines: bob (us) writes to ann, live at eu, so
     // both regions show sends, deliveries and a p99. Stopped before convergence is judged.
-    let ann = eventually_some(WAIT, "ann known at eu", || async { Ok(c.session("eu", "ann").await.ok()) }).await?;
-    let cid = eventually_some(WAIT, "bob's conversation with ann", || async { Ok(bob_us.direct("ann").await.ok()) }).await?;
+    let ann = eventually_some(WAIT, "ann known at eu", || async {
+        Ok(c.session("eu", "ann").await.ok())
+    })
+    .await?;
+    let cid = eventually_some(WAIT, "bob's conversation with ann", || async {
+        Ok(bob_us.direct("ann").await.ok())
+    })
+    .await?;
     let mut ann_ws = ann.ws().await?;
     ann_ws.hello().await?;
     let traffic = tokio::spawn({
@@ -188,14 +200,22 @@ async fn item6_console_in_a_browser_fails_a_region_over_and_back_and_shows_a_dri
         let said = next_step(&mut lines, "failed-over").await?;
         ensure!(said.contains("eu serves us's users"), "{said}");
         let (st, body) = me(&bob_eu).await?;
-        ensure!(st == 200 && body["serving_region"] == "eu", "bob at eu: {st} {body}");
-        eventually(WAIT, "us answers bob 421", || async { Ok(me(&bob_us).await?.0 == 421) }).await?;
+        ensure!(
+            st == 200 && body["serving_region"] == "eu",
+            "bob at eu: {st} {body}"
+        );
+        eventually(WAIT, "us answers bob 421", || async {
+            Ok(me(&bob_us).await?.0 == 421)
+        })
+        .await?;
 
         // eu's nats-server goes down: us cannot tell what eu accepted for bob since, so a
         // failback must be refused. Wait until us's mirror of eu has been quiet past the bound.
         c.nats.linked().region_mut("eu").kill();
         eventually(WAIT, "us notices eu is quiet", || async {
-            let (_, regions) = c.admin("us", reqwest::Method::GET, "/v1/admin/regions", None).await?;
+            let (_, regions) = c
+                .admin("us", reqwest::Method::GET, "/v1/admin/regions", None)
+                .await?;
             Ok(!regions["regions"][0]["mirror_problems"]
                 .as_array()
                 .is_none_or(Vec::is_empty))
@@ -206,7 +226,10 @@ async fn item6_console_in_a_browser_fails_a_region_over_and_back_and_shows_a_dri
         // 3. Refused in the page with its reason; bob still served by eu.
         let refusal = next_step(&mut lines, "failback-refused").await?;
         ensure!(refusal.contains("not_caught_up"), "{refusal}");
-        ensure!(me(&bob_eu).await?.0 == 200, "bob moved although the failback was refused");
+        ensure!(
+            me(&bob_eu).await?.0 == 200,
+            "bob moved although the failback was refused"
+        );
 
         // eu comes back; once us hears it again the failback is accepted.
         c.nats.linked().region_mut("eu").restart()?;
@@ -223,12 +246,18 @@ async fn item6_console_in_a_browser_fails_a_region_over_and_back_and_shows_a_dri
             Ok(st == 200 && body["serving_region"] == "us")
         })
         .await?;
-        eventually(WAIT, "eu answers bob 421", || async { Ok(me(&bob_eu).await?.0 == 421) }).await?;
+        eventually(WAIT, "eu answers bob 421", || async {
+            Ok(me(&bob_eu).await?.0 == 421)
+        })
+        .await?;
         stdin.write_all(b"go\n").await?;
 
         // 5. The drill run, with its figures.
         let detail = next_step(&mut lines, "drill-shown").await?;
-        ensure!(detail.contains("acked 3000") && detail.contains("lost 0"), "{detail}");
+        ensure!(
+            detail.contains("acked 3000") && detail.contains("lost 0"),
+            "{detail}"
+        );
         stdin.write_all(b"go\n").await?;
         anyhow::Ok(())
     };
@@ -245,7 +274,9 @@ async fn item6_console_in_a_browser_fails_a_region_over_and_back_and_shows_a_dri
     ensure!(status.success(), "browser driver: {status}: {driver_errors}");
 
     // The drill listing through the API: the run, not the folder without a report or the file.
-    let (st, list) = c.admin("eu", reqwest::Method::GET, "/v1/admin/drills", None).await?;
+    let (st, list) = c
+        .admin("eu", reqwest::Method::GET, "/v1/admin/drills", None)
+        .await?;
     ensure!(st == 200, "{list}");
     let runs: Vec<&str> = list["runs"]
         .as_array()
@@ -256,7 +287,12 @@ async fn item6_console_in_a_browser_fails_a_region_over_and_back_and_shows_a_dri
     ensure!(runs == [DRILL_RUN], "{list}");
     for bad in ["..", "..%2F..%2Fetc", ".hidden", "in-progress-20261129T203000Z"] {
         let (st, body) = c
-            .admin("us", reqwest::Method::GET, &format!("/v1/admin/drills/{bad}/report"), None)
+            .admin(
+                "us",
+                reqwest::Method::GET,
+                &format!("/v1/admin/drills/{bad}/report"),
+                None,
+            )
             .await?;
         ensure!(st == 404 && body["error"] == "not_found", "{bad}: {st} {body}");
     }

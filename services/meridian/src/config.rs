@@ -306,6 +306,39 @@ admin_key = "admin-key-admin-key"
     }
 
     #[test]
+    fn the_console_table_and_its_env_override_reach_the_gateway() {
+        let cfg = RegionConfig::from_toml(
+            &format!("{FILE}[console]\ndrills_dir = \"/srv/drills\"\n"),
+            "test",
+            vec![],
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.gateway.console.drills_dir.as_deref(),
+            Some(Path::new("/srv/drills"))
+        );
+        let env = vec![(
+            "MERIDIAN__CONSOLE__DRILLS_DIR".to_string(),
+            "/tmp/runs".to_string(),
+        )];
+        let cfg = RegionConfig::from_toml(FILE, "test", env).unwrap();
+        assert_eq!(
+            cfg.gateway.console.drills_dir.as_deref(),
+            Some(Path::new("/tmp/runs"))
+        );
+        assert!(RegionConfig::from_toml(FILE, "test", vec![])
+            .unwrap()
+            .gateway
+            .console
+            .drills_dir
+            .is_none());
+        let err = RegionConfig::from_toml(&format!("{FILE}[console]\ndrill_dir = \"x\"\n"), "test", vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("drill_dir"), "{err}");
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let env = vec![("MERIDIAN__GATEWAY__JWT_SECRET".to_string(), "short".to_string())];
         let err = RegionConfig::from_toml(FILE, "test", env)
