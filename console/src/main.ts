@@ -27,6 +27,7 @@ interface RegionSample {
   errors: string[];
   streams?: Record<string, StreamHealth>;
   mirror_problems?: string[];
+  search?: { documents: number; lag_events: number; rebuilding: boolean; last_commit_ms: number | null };
   digest?: string;
   settled?: boolean;
   metrics?: {
@@ -243,8 +244,17 @@ function renderRegions(last: Sample) {
   const cards = last.regions.map((r) => {
     const m = r.metrics ?? {};
     const lagItems = Object.entries(m.lags ?? {}).map(([k, v]) =>
-      el("li", {}, `${k.replace(/^meridian_/, "")}: ${num(v)}`),
+      el("li", {}, `${k.replace(/^meridian_/, "").replace(/_/g, " ")}: ${num(v)}`),
     );
+    if (r.search) {
+      lagItems.push(
+        el(
+          "li",
+          { "data-field": "search" },
+          `search lag: ${r.search.lag_events} events (${r.search.documents} documents${r.search.rebuilding ? ", rebuilding" : ""})`,
+        ),
+      );
+    }
     const buttons: HTMLElement[] = [];
     if (r.status === "failed") {
       const b = el("button", { "data-action": "failback", "data-region": r.region }, `Fail back ${r.region}`);
@@ -302,7 +312,19 @@ function renderRegions(last: Sample) {
 function renderStreams(last: Sample) {
   const rows: HTMLElement[] = [];
   for (const r of last.regions) {
-    for (const [name, h] of Object.entries(r.streams ?? {})) {
+    // An unreachable region keeps its last known rows, marked stale.
+    let streams = r.streams;
+    let staleSince: number | null = null;
+    if (!streams) {
+      for (let i = samples.length - 1; i >= 0 && !streams; i--) {
+        const older = samples[i].regions.find((x) => x.region === r.region);
+        if (older?.streams) {
+          streams = older.streams;
+          staleSince = samples[i].at_ms;
+        }
+      }
+    }
+    for (const [name, h] of Object.entries(streams ?? {})) {
       const pick = (f: (h: StreamHealth) => number | null) =>
         series(r.region, (x) => {
           const s = x.streams?.[name];
@@ -324,7 +346,9 @@ function renderStreams(last: Sample) {
             " ",
             h.mirror ? sparkline(pick((s) => s.active_age_ms)) : null,
           ),
-          el("td", { class: h.error ? "error" : "" }, h.error ?? "ok"),
+          staleSince !== null
+            ? el("td", { class: "warn" }, `no answer since ${time(staleSince)}`)
+            : el("td", { class: h.error ? "error" : "" }, h.error ?? "ok"),
         ),
       );
     }

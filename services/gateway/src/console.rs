@@ -442,6 +442,10 @@ impl Sampler {
                     let own = listed(v).unwrap_or_default();
                     entry["streams"] = own["streams"].clone();
                     entry["mirror_problems"] = own["mirror_problems"].clone();
+                    // The search index's state, where the region has one (issue 12).
+                    if !own["search"].is_null() {
+                        entry["search"] = own["search"].clone();
+                    }
                     for (name, h) in own["streams"].as_object().into_iter().flatten() {
                         if let Some(o) = h["origin"].as_str() {
                             origin_of.insert(name.clone(), o.to_string());

@@ -440,7 +440,7 @@ pub fn console_events(_: &DocContext) -> OpSpec {
         content_type: Some("text/event-stream"),
         extra: {
             let mut m = Map::new();
-            m.insert("x-events".into(), json!("history: {samples: [sample...]} (the last minutes), then sample: {at_ms, region, regions: [{region, status, serving, serving_for, epoch, reachable, errors, streams, mirror_problems, digest, settled, applied, metrics: {published_per_s, delivered_per_s, applied_per_s, p99_delivery_ms, deliveries_in_window, lags}}], convergence: {state: converged|catching_up|diverged|unknown, since_ms, detail}, actions: [{at_ms, operator, action, region, to, acting, status, outcome, answer}]} about every second."));
+            m.insert("x-events".into(), json!("history: {samples: [sample...]} (the last minutes), then sample: {at_ms, region, regions: [{region, status, serving, serving_for, epoch, reachable, errors, streams, mirror_problems, search?, digest, settled, applied, metrics: {published_per_s, delivered_per_s, applied_per_s, p99_delivery_ms, deliveries_in_window, lags}}], convergence: {state: converged|catching_up|diverged|unknown, since_ms, detail}, actions: [{at_ms, operator, action, region, to, acting, status, outcome, answer}]} about every second."));
             m
         },
         ..Default::default()
