@@ -298,3 +298,148 @@ async fn item6_console_in_a_browser_fails_a_region_over_and_back_and_shows_a_dri
     }
     Ok(())
 }
+
+/// Reads server-sent events from `resp` until `want` of them arrived: (event, data) pairs.
+async fn read_events(mut resp: reqwest::Response, want: usize) -> Result<Vec<(String, Value)>> {
+    let mut buf = String::new();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while out.len() < want {
+        let chunk = tokio::time::timeout_at(deadline, resp.chunk())
+            .await
+            .with_context(|| format!("{} of {want} events within {WAIT:?}", out.len()))??
+            .context("the feed ended")?;
+        buf.push_str(std::str::from_utf8(&chunk)?);
+        while let Some(cut) = buf.find("\n\n") {
+            let block: String = buf.drain(..cut + 2).collect();
+            let mut event = String::new();
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(e) = line.strip_prefix("event:") {
+                    event = e.trim().to_string();
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    data.push_str(d.trim_start());
+                }
+            }
+            if !data.is_empty() {
+                out.push((event, serde_json::from_str(&data)?));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The feed and the actions through the API alone (no browser): the feed opens with the kept
+/// history and then samples both regions, converged; an action needs an operator, is sent
+/// to the region that must answer it, answers as that region answered, and is logged in the
+/// feed with who and when.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item2_item3_the_feed_samples_every_region_and_actions_are_sent_where_they_belong() -> Result<()> {
+    let c = Cluster::start_linked(&["us", "eu"], |_| {}).await?;
+    c.provision_in(&["eu"], "ann", "eu").await?;
+    let feed = |r: &str| {
+        c.http
+            .get(format!("{}/v1/admin/console/events", c.region(r).base))
+            .header("X-Admin-Key", ADMIN_KEY)
+            .send()
+    };
+    let resp = feed("us").await?;
+    ensure!(resp.status() == 200, "{}", resp.status());
+    let content_type = resp.headers()["content-type"].to_str()?.to_string();
+    ensure!(content_type.starts_with("text/event-stream"), "{content_type}");
+    // history first (nothing kept yet: no page watched before), then samples.
+    let events = read_events(resp, 3).await?;
+    ensure!(events[0].0 == "history", "{:?}", events[0]);
+    let sample = &events[2].1;
+    ensure!(events[1].0 == "sample" && events[2].0 == "sample", "{events:?}");
+    let regions: Vec<&str> = sample["regions"]
+        .as_array()
+        .context("regions")?
+        .iter()
+        .filter_map(|r| r["region"].as_str())
+        .collect();
+    ensure!(regions == ["us", "eu"], "{sample}");
+    for r in sample["regions"].as_array().context("regions")? {
+        ensure!(r["reachable"] == true && r["status"] == "active", "{r}");
+        ensure!(r["digest"].as_str().is_some_and(|d| d.len() == 64), "{r}");
+        ensure!(r["streams"].as_object().is_some_and(|s| s.len() == 2), "{r}");
+        ensure!(
+            r["metrics"]["published_per_s"].is_number() || r["metrics"]["published_per_s"].is_null(),
+            "{r}"
+        );
+    }
+    // Converged once both have applied the provisioning (a few samples at most).
+    let resp = feed("eu").await?;
+    let events = read_events(resp, 15).await?;
+    ensure!(
+        events
+            .iter()
+            .any(|(_, s)| s["convergence"]["state"] == "converged"),
+        "never converged: {:?}",
+        events.last()
+    );
+    // A page opened later gets the kept samples at once.
+    let resp = feed("us").await?;
+    let history = read_events(resp, 1).await?;
+    ensure!(
+        history[0].1["samples"].as_array().is_some_and(|s| s.len() >= 2),
+        "{:?}",
+        history[0]
+    );
+
+    // Without an operator: refused; a name that breaks the pattern too.
+    let post = |r: &str, path: &str, operator: Option<&str>, body: Value| {
+        let mut req = c
+            .http
+            .post(format!("{}{path}", c.region(r).base))
+            .header("X-Admin-Key", ADMIN_KEY)
+            .json(&body);
+        if let Some(o) = operator {
+            req = req.header("X-Operator", o);
+        }
+        async move { common::answer(req.send().await?).await }
+    };
+    let body = json!({"region": "eu", "to": "us"});
+    for operator in [None, Some("-dash-first"), Some("semi;colon")] {
+        let (st, answer) = post("eu", "/v1/admin/console/failover", operator, body.clone()).await?;
+        ensure!(
+            st == 400 && answer["field"] == "X-Operator",
+            "{operator:?}: {st} {answer}"
+        );
+    }
+    // Asked of eu's console, the failover of eu to us is sent to us (the acting region).
+    let (st, answer) = post("eu", "/v1/admin/console/failover", Some("kim"), body).await?;
+    ensure!(
+        st == 200 && answer["serving"] == "us" && answer["changed"] == true,
+        "{st} {answer}"
+    );
+    // Failback of eu asked of us's console is sent to eu; once caught up it is accepted.
+    eventually(WAIT, "failback of eu accepted", || async {
+        let (st, answer) = post(
+            "us",
+            "/v1/admin/console/failback",
+            Some("lee"),
+            json!({"region": "eu"}),
+        )
+        .await?;
+        ensure!(
+            st == 200 || (st == 409 && answer["error"] == "not_caught_up"),
+            "{st} {answer}"
+        );
+        Ok(st == 200 && answer["serving"] == "eu")
+    })
+    .await?;
+    // eu's feed lists kim's failover; us's lists lee's failback(s).
+    for (r, who, action) in [("eu", "kim", "failover"), ("us", "lee", "failback")] {
+        let resp = feed(r).await?;
+        let events = read_events(resp, 2).await?;
+        let actions = &events[1].1["actions"];
+        ensure!(
+            actions.as_array().is_some_and(|a| a
+                .iter()
+                .any(|x| x["operator"] == who && x["action"] == action && x["at_ms"].as_u64().is_some())),
+            "{r}: {actions}"
+        );
+    }
+    Ok(())
+}
