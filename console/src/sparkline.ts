@@ -10,6 +10,14 @@ export function sparkline(values: (number | null)[]): SVGSVGElement {
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   svg.setAttribute("width", String(W));
   svg.setAttribute("height", String(H));
+  // The zero line, so a flat series reads as "at zero" or "at its maximum".
+  const base = document.createElementNS(ns, "line");
+  base.setAttribute("class", "base");
+  base.setAttribute("x1", "0");
+  base.setAttribute("x2", String(W));
+  base.setAttribute("y1", String(H - 0.5));
+  base.setAttribute("y2", String(H - 0.5));
+  svg.append(base);
   const finite = values.filter((v): v is number => v !== null && Number.isFinite(v));
   if (finite.length === 0) return svg;
   const max = Math.max(...finite, 1e-9);
