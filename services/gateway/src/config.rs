@@ -82,6 +82,10 @@ pub struct GatewayConfig {
     /// `503 not_geo_durable` (stored here; a retry with the same client_msg_id is safe).
     #[serde(default = "default_geo_ack_timeout_ms")]
     pub geo_ack_timeout_ms: u64,
+    /// The operator console (`[console]` of the region file, which the region process copies
+    /// here): where drill reports are.
+    #[serde(default)]
+    pub console: crate::console::ConsoleConfig,
 }
 
 /// The longest `mirror_unhealthy_after_s`: beyond a day a dead link would go unnoticed.
@@ -159,6 +163,7 @@ impl GatewayConfig {
             durability: meridian_bus::Durability::default(),
             group_commit_window_us: default_group_commit_window_us(),
             geo_ack_timeout_ms: default_geo_ack_timeout_ms(),
+            console: Default::default(),
         }
     }
 

@@ -21,9 +21,11 @@
 //!   of users now served by another region.
 //! - [`regions`]: typing and presence across regions (core NATS, never stored).
 //! - [`render`]: store views as API JSON.
+//! - [`console`]: the operator console at `/console`, its live feed, actions and drill reports.
 
 pub mod auth;
 pub mod config;
+pub mod console;
 pub mod durability;
 pub mod error;
 pub mod extract;
@@ -115,6 +117,7 @@ impl Gateway {
             shutdown,
             registry,
             fence: Default::default(),
+            console: Default::default(),
         };
         Ok(Gateway {
             listener,
@@ -159,6 +162,7 @@ impl Gateway {
         ));
         let state = Arc::new(self.state);
         let fence_after_hang = tokio::spawn(fence::watch(state.clone(), shutdown.clone()));
+        let console_sampler = tokio::spawn(console::run_sampler(state.clone(), shutdown.clone()));
         let app = router(state);
         tracing::info!(addr = %self.listener.local_addr().map_err(GatewayError::Serve)?, "gateway listening");
         // Small frames in both directions: without TCP_NODELAY, Nagle's algorithm meeting
@@ -177,6 +181,7 @@ impl Gateway {
         let _ = fence.await;
         let _ = presence.await;
         let _ = fence_after_hang.await;
+        let _ = console_sampler.await;
         served
     }
 }
@@ -193,6 +198,10 @@ pub async fn run(
 
 pub fn router(state: Arc<AppState>) -> Router {
     routes::routes()
+        // The console page is HTML for a browser, not an API call: outside the route table
+        // and the OpenAPI document (what it reads and does are documented admin calls).
+        .route("/console", axum::routing::get(console::index))
+        .route("/console/{asset}", axum::routing::get(console::asset))
         .fallback(|| async { ApiError::not_found("not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

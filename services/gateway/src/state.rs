@@ -40,6 +40,8 @@ pub struct AppState {
     pub registry: Registry,
     /// Refuses writes while this region cannot tell whether its users were failed over.
     pub fence: crate::fence::Fence,
+    /// The operator console's samples, feed and action log.
+    pub console: crate::console::Console,
 }
 
 /// An event the stream has acknowledged.

@@ -118,6 +118,12 @@ impl RegionConfig {
                 t.entry("region").or_insert(region.clone());
             }
         }
+        // The `[console]` table configures the gateway's console, which serves it.
+        if let Some(console) = doc.remove("console") {
+            if let Some(toml::Value::Table(g)) = doc.get_mut("gateway") {
+                g.insert("console".into(), console);
+            }
+        }
         let mut cfg: RegionConfig = toml::Value::Table(doc)
             .try_into()
             .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
@@ -297,6 +303,39 @@ admin_key = "admin-key-admin-key"
         assert_eq!(cfg.applier.region.as_str(), "us");
         assert_eq!(cfg.gateway.listen.port(), 9999);
         assert_eq!(cfg.applier.batch_max, 64);
+    }
+
+    #[test]
+    fn the_console_table_and_its_env_override_reach_the_gateway() {
+        let cfg = RegionConfig::from_toml(
+            &format!("{FILE}[console]\ndrills_dir = \"/srv/drills\"\n"),
+            "test",
+            vec![],
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.gateway.console.drills_dir.as_deref(),
+            Some(Path::new("/srv/drills"))
+        );
+        let env = vec![(
+            "MERIDIAN__CONSOLE__DRILLS_DIR".to_string(),
+            "/tmp/runs".to_string(),
+        )];
+        let cfg = RegionConfig::from_toml(FILE, "test", env).unwrap();
+        assert_eq!(
+            cfg.gateway.console.drills_dir.as_deref(),
+            Some(Path::new("/tmp/runs"))
+        );
+        assert!(RegionConfig::from_toml(FILE, "test", vec![])
+            .unwrap()
+            .gateway
+            .console
+            .drills_dir
+            .is_none());
+        let err = RegionConfig::from_toml(&format!("{FILE}[console]\ndrill_dir = \"x\"\n"), "test", vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("drill_dir"), "{err}");
     }
 
     #[test]

@@ -118,6 +118,11 @@ pub async fn post_token(
 /// whose users it serves for them (`serving_for`); this region's entry also has every
 /// stream it applies, its own and each mirror (see [`crate::health`]).
 pub async fn get_regions(_: Admin, State(s): State<Arc<AppState>>) -> ApiResult<Json<Value>> {
+    Ok(Json(regions_json(&s).await?))
+}
+
+/// The answer of [`get_regions`] (the console's feed samples it too).
+pub async fn regions_json(s: &AppState) -> ApiResult<Value> {
     // This region first, then the others by name.
     let mut known = vec![s.cfg.region.clone()];
     known.extend(
@@ -131,7 +136,7 @@ pub async fn get_regions(_: Admin, State(s): State<Arc<AppState>>) -> ApiResult<
     for r in &known {
         serving.push(s.store.region_serving(r).await?);
     }
-    let streams = health::streams(&s).await?;
+    let streams = health::streams(s).await?;
     let regions: Vec<Value> = serving
         .iter()
         .map(|rs| {
@@ -159,10 +164,10 @@ pub async fn get_regions(_: Admin, State(s): State<Arc<AppState>>) -> ApiResult<
             entry
         })
         .collect();
-    Ok(Json(json!({
+    Ok(json!({
         "region": s.cfg.region.as_str(),
         "regions": regions,
-    })))
+    }))
 }
 
 /// The digest of the replicated state (a store digest: it covers whatever every applied
@@ -171,6 +176,11 @@ pub async fn get_regions(_: Admin, State(s): State<Arc<AppState>>) -> ApiResult<
 /// before and after the digest and the answer says whether they held still (`settled`), so
 /// a digest taken while the applier moves is not compared as if it were not.
 pub async fn get_digest(_: Admin, State(s): State<Arc<AppState>>) -> ApiResult<Json<Value>> {
+    Ok(Json(digest_json(&s).await?))
+}
+
+/// The answer of [`get_digest`] (the console's feed samples it too).
+pub async fn digest_json(s: &Arc<AppState>) -> ApiResult<Value> {
     let streams = s.bus.applied_streams();
     let positions = |s: Arc<AppState>, streams: Vec<String>| async move {
         let mut applied = serde_json::Map::new();
@@ -193,26 +203,51 @@ pub async fn get_digest(_: Admin, State(s): State<Arc<AppState>>) -> ApiResult<J
         }
     }
     let (applied, digest, settled) = answer.expect("at least one try");
-    Ok(Json(json!({
+    Ok(json!({
         "region": s.cfg.region.as_str(),
         "applied": applied,
         "digest": digest,
         "settled": settled,
-    })))
+    }))
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FailoverRequest {
-    region: String,
+    pub region: String,
     /// The acting region; default: this one. Another region's answer is `421` to it.
-    to: Option<String>,
+    pub to: Option<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FailbackRequest {
-    region: String,
+    pub region: String,
+}
+
+/// Who asked for a failover or failback (`X-Operator`, optional: the console always sends
+/// it), for the region log. A name, not a credential.
+pub const OPERATOR_HEADER: &str = "x-operator";
+
+/// The operator named in `headers`, validated (`^[A-Za-z0-9][A-Za-z0-9 _.@-]{0,63}$`).
+pub fn operator(headers: &axum::http::HeaderMap) -> ApiResult<Option<String>> {
+    let Some(v) = headers.get(OPERATOR_HEADER) else {
+        return Ok(None);
+    };
+    let name = v.to_str().unwrap_or_default();
+    let valid = (1..=64).contains(&name.len())
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b' ' | b'_' | b'.' | b'@' | b'-'));
+    if !valid {
+        return Err(ApiError::bad_request(
+            "invalid_argument",
+            "X-Operator must be 1-64 characters of [A-Za-z0-9 _.@-], starting with a letter or digit",
+        )
+        .with("field", "X-Operator"));
+    }
+    Ok(Some(name.to_string()))
 }
 
 /// One failover or failback at a time in this process: with the event ids derived from the
@@ -223,7 +258,7 @@ static REGION_MOVES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// answering (the event is in the stream already: the answer then says `applied: false`).
 const MOVE_APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-fn deployment_region(s: &AppState, name: String, field: &str) -> ApiResult<RegionId> {
+pub(crate) fn deployment_region(s: &AppState, name: String, field: &str) -> ApiResult<RegionId> {
     let r = RegionId::parse(name).map_err(|e| ApiError::from(e).with("field", field))?;
     if r != s.cfg.region && !s.cfg.region_endpoints.contains_key(r.as_str()) {
         return Err(
@@ -299,11 +334,18 @@ fn move_answer(rs: &RegionServing, changed: bool, applied: bool) -> Value {
 pub async fn post_failover(
     _: Admin,
     State(s): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<FailoverRequest>,
 ) -> ApiResult<Json<Value>> {
-    let region = deployment_region(&s, req.region, "region")?;
+    let who = operator(&headers)?;
+    Ok(Json(failover(&s, req, who.as_deref()).await?))
+}
+
+/// What [`post_failover`] does, for `operator` (logged with the move).
+pub async fn failover(s: &AppState, req: FailoverRequest, operator: Option<&str>) -> ApiResult<Value> {
+    let region = deployment_region(s, req.region, "region")?;
     let to = match req.to {
-        Some(t) => deployment_region(&s, t, "to")?,
+        Some(t) => deployment_region(s, t, "to")?,
         None => s.cfg.region.clone(),
     };
     if to == region {
@@ -325,7 +367,8 @@ pub async fn post_failover(
     let _one = REGION_MOVES.lock().await;
     let before = s.store.region_serving(&region).await?;
     if before.serving == to {
-        return Ok(Json(move_answer(&before, false, true)));
+        tracing::info!(%region, %to, operator = operator.unwrap_or("-"), "failover repeated: already so");
+        return Ok(move_answer(&before, false, true));
     }
     let own = s.bus.stream();
     let mut applied = Vec::new();
@@ -347,9 +390,9 @@ pub async fn post_failover(
         }),
     )
     .await?;
-    let (after, done) = wait_serving(&s, &region, &to).await?;
-    tracing::info!(%region, %to, epoch = %after.epoch, "failover");
-    Ok(Json(move_answer(&after, true, done)))
+    let (after, done) = wait_serving(s, &region, &to).await?;
+    tracing::info!(%region, %to, epoch = %after.epoch, operator = operator.unwrap_or("-"), "failover");
+    Ok(move_answer(&after, true, done))
 }
 
 /// `POST /v1/admin/failback {"region"}`, answered by the home region `region` (elsewhere
@@ -361,15 +404,22 @@ pub async fn post_failover(
 pub async fn post_failback(
     _: Admin,
     State(s): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<FailbackRequest>,
 ) -> ApiResult<Json<Value>> {
-    let region = deployment_region(&s, req.region, "region")?;
+    let who = operator(&headers)?;
+    Ok(Json(failback(&s, req, who.as_deref()).await?))
+}
+
+/// What [`post_failback`] does, for `operator` (logged with the move or the refusal).
+pub async fn failback(s: &AppState, req: FailbackRequest, operator: Option<&str>) -> ApiResult<Value> {
+    let region = deployment_region(s, req.region, "region")?;
     if region != s.cfg.region {
         return Err(crate::extract::WrongRegion::to(&s.cfg, region).into());
     }
     let _one = REGION_MOVES.lock().await;
     let rs = s.store.region_serving(&region).await?;
-    let streams = health::streams(&s).await?;
+    let streams = health::streams(s).await?;
     let mut lag = serde_json::Map::new();
     let mut behind = |stream: &str, target: u64, applied: u64| {
         if applied < target {
@@ -384,7 +434,7 @@ pub async fn post_failback(
     // Every mirror applied up to what its origin holds now (the acting region's: what the
     // moved users sent meanwhile), and heard from lately: a mirror that has not re-attached
     // since a restart reports a stale position and lag 0.
-    let mut reasons = s.fence.unsure(&s).await;
+    let mut reasons = s.fence.unsure(s).await;
     let bound_ms = s.cfg.fence_after_s.saturating_mul(1000);
     for h in streams.iter().filter(|h| h.mirror) {
         behind(&h.stream, h.last_seq.unwrap_or(0) + h.mirror_lag, h.applied);
@@ -396,6 +446,7 @@ pub async fn post_failback(
         }
     }
     if !lag.is_empty() || !reasons.is_empty() {
+        tracing::info!(%region, operator = operator.unwrap_or("-"), lag = ?lag, reasons = ?reasons, "failback refused: not caught up");
         return Err(ApiError::new(
             axum::http::StatusCode::CONFLICT,
             "not_caught_up",
@@ -409,7 +460,8 @@ pub async fn post_failback(
         .retry_after(1));
     }
     if rs.serving == region {
-        return Ok(Json(move_answer(&rs, false, true)));
+        tracing::info!(%region, operator = operator.unwrap_or("-"), "failback repeated: already home");
+        return Ok(move_answer(&rs, false, true));
     }
     s.publish_and_apply_as(
         None,
@@ -419,9 +471,9 @@ pub async fn post_failback(
         }),
     )
     .await?;
-    let (after, done) = wait_serving(&s, &region, &region).await?;
-    tracing::info!(%region, epoch = %after.epoch, "failback");
-    Ok(Json(move_answer(&after, true, done)))
+    let (after, done) = wait_serving(s, &region, &region).await?;
+    tracing::info!(%region, epoch = %after.epoch, operator = operator.unwrap_or("-"), "failback");
+    Ok(move_answer(&after, true, done))
 }
 
 /// Largest page of [`get_timeline`].

@@ -71,6 +71,12 @@ api! {
     post "/v1/admin/failover" => admin::post_failover, spec::admin_failover, Admin, 200, "Fail a region's users over to the answering region: {region, to}; idempotent.";
     get "/v1/admin/conversations/{cid}/messages" => admin::get_timeline, spec::admin_timeline, Admin, 200, "A conversation's storage timeline in this region as stored, oldest first, recalled messages included, no membership check (?after, ?limit up to 1000); 404 not_found for a conversation this region does not hold.";
     post "/v1/admin/failback" => admin::post_failback, spec::admin_failback, Admin, 200, "Bring a region's users home: {region}, answered by that region; 409 not_caught_up until it has applied every stream up to the failover point.";
+    get "/v1/admin/console/events" => crate::console::events, spec::console_events, Admin, 200, "The operator console's live feed (server-sent events): a history event with the kept samples, then a sample of every region (status, streams, digest, rates, p99 delivery latency, convergence, actions) about every second.";
+    post "/v1/admin/console/failover" => crate::console::failover, spec::console_failover, Admin, 200, "Failover on behalf of an operator (X-Operator): POST /v1/admin/failover {region, to} sent to the acting region `to`, answered as it answers; logged with who and when.";
+    post "/v1/admin/console/failback" => crate::console::failback, spec::console_failback, Admin, 200, "Failback on behalf of an operator (X-Operator): POST /v1/admin/failback {region} sent to the home region, answered as it answers (409 not_caught_up with the reasons); logged with who and when.";
+    get "/v1/admin/drills" => crate::console::drills, spec::drills, Admin, 200, "Drill runs found in console.drills_dir, newest first, each with its verdict and summary figures.";
+    get "/v1/admin/drills/{run}/report" => crate::console::drill_report, spec::drill_report, Admin, 200, "A drill run's report.json as written.";
+    get "/v1/admin/drills/{run}/picture" => crate::console::drill_picture, spec::drill_picture, Admin, 200, "A drill run's report.svg.";
     get "/v1/me" => sync::me, spec::me, User, 200, "The caller: user, device, home and serving region.";
     post "/v1/conversations" => conversations::create, spec::create_conversation, User, 201, "Create a conversation: {kind: direct|group, name, members}. An existing direct conversation answers 200. Idempotency-Key makes retries safe.";
     get "/v1/conversations" => conversations::list, spec::list_conversations, User, 200, "The caller's conversations, most recent activity first (?limit, ?cursor).";
@@ -146,6 +152,8 @@ pub fn openapi_document(cfg: &GatewayConfig) -> Value {
                 "content": {"application/json": {"schema": schema}}}),
             (None, "/metrics") => json!({"description": "success",
                 "content": {"application/openmetrics-text": {"schema": {"type": "string"}}}}),
+            (None, _) if spec.content_type.is_some() => json!({"description": "success",
+                "content": {spec.content_type.unwrap_or_default(): {"schema": {"type": "string"}}}}),
             (None, _) => json!({"description": "success, no body"}),
         };
         let mut responses = Map::new();

@@ -48,6 +48,8 @@ pub struct OpSpec {
     pub links: Map<String, Value>,
     /// Extra keywords for the operation object (`x-...`).
     pub extra: Map<String, Value>,
+    /// The success answer's media type when it is not JSON (`response` is then `None`).
+    pub content_type: Option<&'static str>,
 }
 
 fn r(name: &str) -> Value {
@@ -386,6 +388,7 @@ fn region_move_answer() -> Value {
 
 pub fn admin_failover(_: &DocContext) -> OpSpec {
     OpSpec {
+        params: vec![operator_header(false)],
         body: Some(object(
             &["region"],
             json!({"region": {"allOf": [r("Region")], "description": "The failed region whose users move."},
@@ -404,6 +407,7 @@ pub fn admin_failover(_: &DocContext) -> OpSpec {
 
 pub fn admin_failback(_: &DocContext) -> OpSpec {
     OpSpec {
+        params: vec![operator_header(false)],
         body: Some(object(
             &["region"],
             json!({"region": {"allOf": [r("Region")], "description": "The home region taking its users back; only it answers (others: 421 wrong_region naming it)."}}),
@@ -449,6 +453,104 @@ pub fn admin_timeline(_: &DocContext) -> OpSpec {
             "next_cursor": {"type": ["string", "null"]}}})),
         errors: vec![404],
         links,
+        ..Default::default()
+    }
+}
+
+fn operator_header(required: bool) -> Value {
+    json!({"name": "X-Operator", "in": "header", "required": required,
+           "schema": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9][A-Za-z0-9 _.@-]{0,63}$"},
+           "description": "Who acts (a name, not a credential): logged with the move."})
+}
+
+fn conflict(text: &str) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("x-conflict".into(), json!(text));
+    m
+}
+
+pub fn console_events(_: &DocContext) -> OpSpec {
+    OpSpec {
+        content_type: Some("text/event-stream"),
+        extra: {
+            let mut m = Map::new();
+            m.insert("x-events".into(), json!("history: {samples: [sample...]} (the last minutes), then sample: {at_ms, region, regions: [{region, status, serving, serving_for, epoch, reachable, errors, streams, mirror_problems, search?, digest, settled, applied, metrics: {published_per_s, delivered_per_s, applied_per_s, p99_delivery_ms, deliveries_in_window, lags}}], convergence: {state: converged|catching_up|diverged|unknown, since_ms, detail}, actions: [{at_ms, operator, action, region, to, acting, status, outcome, answer}]} about every second."));
+            m
+        },
+        ..Default::default()
+    }
+}
+
+pub fn console_failover(_: &DocContext) -> OpSpec {
+    OpSpec {
+        params: vec![operator_header(true)],
+        body: Some(object(
+            &["region", "to"],
+            json!({"region": {"allOf": [r("Region")], "description": "The region whose users move."},
+                   "to": {"allOf": [r("Region")], "description": "The acting region, which serves them from now on (the call is sent to it)."}}),
+        )),
+        response: Some(region_move_answer()),
+        errors: vec![400, 409, 421],
+        extra: conflict("409 as POST /v1/admin/failover answers it (failover_to_itself)."),
+        ..Default::default()
+    }
+}
+
+pub fn console_failback(_: &DocContext) -> OpSpec {
+    OpSpec {
+        params: vec![operator_header(true)],
+        body: Some(object(
+            &["region"],
+            json!({"region": {"allOf": [r("Region")], "description": "The home region taking its users back (the call is sent to it)."}}),
+        )),
+        response: Some(region_move_answer()),
+        errors: vec![400, 409, 421],
+        extra: conflict("409 not_caught_up as POST /v1/admin/failback answers it: {lag, reasons}; retry."),
+        ..Default::default()
+    }
+}
+
+fn run_param() -> Vec<(&'static str, Value)> {
+    vec![(
+        "run",
+        json!({"type": "string", "pattern": crate::console::RUN_PATTERN, "minLength": 1, "maxLength": 128,
+               "description": "A run folder's name as GET /v1/admin/drills lists it."}),
+    )]
+}
+
+pub fn drills(_: &DocContext) -> OpSpec {
+    let n = json!({"type": ["number", "null"]});
+    let run = json!({"type": "object", "required": ["run", "verdict"], "properties": {
+        "run": {"type": "string"}, "scenario": {"type": ["string", "null"]},
+        "verdict": {"type": ["string", "null"], "description": "pass, fail, or unreadable (report.json is not JSON)."},
+        "started_at_ms": n, "duration_s": n, "regions": {"type": ["array", "null"], "items": {"type": "string"}},
+        "acked": n, "lost": n, "duplicated": n, "delivered": n, "converge_s": n,
+        "digests_equal": {"type": ["boolean", "null"]}, "faults": {"type": "integer"}, "violations": {"type": "integer"}}});
+    OpSpec {
+        response: Some(object(
+            &["configured", "runs"],
+            json!({"configured": {"type": "boolean", "description": "Whether console.drills_dir is set."},
+                   "runs": {"type": "array", "items": run}}),
+        )),
+        ..Default::default()
+    }
+}
+
+pub fn drill_report(_: &DocContext) -> OpSpec {
+    OpSpec {
+        path: run_param(),
+        response: Some(json!({"type": "object", "description": "report.json as the drill wrote it."})),
+        errors: vec![404, 409],
+        extra: conflict("409 report_unreadable: the run's report.json is not JSON."),
+        ..Default::default()
+    }
+}
+
+pub fn drill_picture(_: &DocContext) -> OpSpec {
+    OpSpec {
+        path: run_param(),
+        content_type: Some("image/svg+xml"),
+        errors: vec![404],
         ..Default::default()
     }
 }

@@ -108,6 +108,13 @@ pub(super) fn print_ready(layout: &Layout, cluster: &Path) {
         );
     }
     let _ = writeln!(out, "  cluster  {}", cluster.display());
+    if let Some(first) = layout.regions.first() {
+        let _ = writeln!(
+            out,
+            "  console  {}/console   (every region's gateway serves it; sign in with the admin key)",
+            first.endpoint()
+        );
+    }
     let _ = writeln!(
         out,
         "  logs     {}/<region>/{{region,nats}}.log",
