@@ -80,9 +80,11 @@ struct DrillArgs {
     /// How long the workload runs, faults included (e.g. 60s, 10m).
     #[arg(long, value_parser = up::parse_duration, default_value = "60s")]
     duration: Duration,
-    /// Where the run's folder (<scenario>-<UTC time>/report.json, report.svg) goes.
-    #[arg(long, default_value = "drills")]
-    out: PathBuf,
+    /// Where the run's folder (<scenario>-<UTC time>/report.json, report.svg) goes
+    /// [default: with --cluster, the deployment's <data dir>/drills, which its console
+    /// lists; else ./drills].
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Sends per second, all regions together.
     #[arg(long, default_value_t = 50.0)]
     rate: f64,
@@ -381,9 +383,14 @@ async fn run_drill(args: DrillArgs, shutdown: CancellationToken) -> anyhow::Resu
             (own.cluster.clone(), own.admin_key.clone(), Some(own))
         }
     };
+    let out = match args.out {
+        Some(out) => out,
+        None if own.is_none() => drills_dir_of(&cluster)?,
+        None => PathBuf::from("drills"),
+    };
     let mut opts = DrillOptions::new(args.scenario, cluster, admin_key);
     opts.duration = args.duration;
-    opts.out = args.out;
+    opts.out = out;
     opts.rate_per_s = args.rate;
     opts.users_per_region = args.users_per_region;
     opts.target = args.target;
@@ -410,6 +417,17 @@ async fn run_drill(args: DrillArgs, shutdown: CancellationToken) -> anyhow::Resu
         bail!("the drill found violations (report in {})", outcome.dir.display());
     }
     Ok(())
+}
+
+/// `<data dir>/drills` of the deployment of `cluster` (the folder its console lists).
+fn drills_dir_of(cluster: &Path) -> anyhow::Result<PathBuf> {
+    let text = std::fs::read_to_string(cluster).with_context(|| format!("reading {}", cluster.display()))?;
+    let doc: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", cluster.display()))?;
+    let data_dir = doc["data_dir"]
+        .as_str()
+        .with_context(|| format!("{} names no data_dir; pass --out", cluster.display()))?;
+    Ok(Path::new(data_dir).join("drills"))
 }
 
 async fn run_admin(cmd: AdminCmd) -> anyhow::Result<()> {

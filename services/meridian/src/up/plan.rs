@@ -279,6 +279,13 @@ impl RegionPlan {
         doc.insert("gateway".into(), gateway.into());
         // Every applier field at its default; listed so the file shows where to tune it.
         doc.insert("applier".into(), toml::Table::new().into());
+        // The console lists the drill runs `meridian drill --cluster` writes here (its default
+        // --out for this deployment).
+        if let Some(data_dir) = self.dir.parent() {
+            let mut console = toml::Table::new();
+            console.insert("drills_dir".into(), data_dir.join("drills").display().to_string().into());
+            doc.insert("console".into(), console.into());
+        }
         let body = toml::to_string(&doc).map_err(|e| UpError::Invalid {
             option: "region file",
             reason: e.to_string(),
