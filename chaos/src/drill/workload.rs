@@ -392,7 +392,7 @@ impl Workload {
 
     /// Stops sending, waits (bounded) for the sends in flight, then for every acked message
     /// to reach every recipient (bounded), stops the devices and returns the record.
-    pub async fn stop(self) -> WorkloadRecord {
+    pub async fn stop(mut self) -> WorkloadRecord {
         self.stop_sending.cancel();
         let deadline = tokio::time::Instant::now() + DRAIN_WAIT;
         // Every permit back: no send in flight (or the bound passed).
@@ -406,7 +406,10 @@ impl Workload {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         self.stop_all.cancel();
-        for t in self.schedulers.into_iter().chain(self.loops) {
+        let tasks = std::mem::take(&mut self.schedulers)
+            .into_iter()
+            .chain(std::mem::take(&mut self.loops));
+        for t in tasks {
             // Each task ends at the token; the bound guards against one stuck in a call.
             let abort = t.abort_handle();
             if tokio::time::timeout(Duration::from_secs(15), t).await.is_err() {
@@ -444,6 +447,13 @@ impl Workload {
                     .count()
             })
             .sum()
+    }
+}
+
+/// A workload dropped without `stop` ends its tasks (and records nothing).
+impl Drop for Workload {
+    fn drop(&mut self) {
+        self.stop_all.cancel();
     }
 }
 
