@@ -113,6 +113,9 @@ pub async fn check(
     let mut digests = BTreeMap::new();
     let mut converge_s = None;
     let mut last_problem = String::new();
+    // The first reading of a run of settled, equal digests: a run of two readings counts
+    // (one could catch every region between the same two events of a stream still moving).
+    let mut equal_since: Option<(f64, String)> = None;
     loop {
         let mut settled = true;
         digests.clear();
@@ -148,8 +151,16 @@ pub async fn check(
         let equal =
             digests.len() == regions.len() && digests.values().all(|d| Some(d) == digests.values().next());
         if settled && equal {
-            converge_s = Some(started.elapsed().as_secs_f64());
-            break;
+            let digest = digests.values().next().cloned().unwrap_or_default();
+            match &equal_since {
+                Some((at, d)) if *d == digest => {
+                    converge_s = Some(*at);
+                    break;
+                }
+                _ => equal_since = Some((started.elapsed().as_secs_f64(), digest)),
+            }
+        } else {
+            equal_since = None;
         }
         if started.elapsed() >= converge_timeout {
             break;

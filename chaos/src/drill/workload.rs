@@ -7,15 +7,16 @@
 //!
 //! It records every acknowledged send and every received message ([`WorkloadRecord`]); the
 //! checker ([`super::check`]) judges the record. Clients follow `421 wrong_region` and
-//! reconnect by themselves (the SDK does); a send the SDK finally gives up on is counted
-//! as an error and expected nowhere.
+//! reconnect by themselves (the SDK does). Every failed attempt (connection refused, 5xx,
+//! a 421 not followed) and every dropped socket counts as an error; a send is retried with
+//! its `client_msg_id` as the SDK would, and one that finally fails is expected nowhere.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use meridian_client::{Checkpoint, Client, ClientError, SyncEvent, SyncStream, TokenProvider};
+use meridian_client::{Checkpoint, Client, ClientError, RetryPolicy, SyncEvent, SyncStream, TokenProvider};
 use meridian_model::{Cursor, OrderKey};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -68,6 +69,10 @@ pub struct Progress {
 
 /// The device id every simulated user's one device has.
 const DEVICE: &str = "d1";
+/// Attempts of one send, and the backoff between them (the SDK's defaults).
+const SEND_ATTEMPTS: u32 = 20;
+const SEND_FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const SEND_MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Sends in flight at most (each may retry for a while during a fault).
 const MAX_IN_FLIGHT_SENDS: usize = 64;
 /// Other operations (history, read index, recall) per send.
@@ -97,6 +102,9 @@ struct User {
     id: String,
     home: String,
     client: Client,
+    /// The same client (clones share the endpoint and token) making one attempt per send:
+    /// the workload retries itself, so every failed attempt is counted.
+    sender: Client,
     /// The user's conversations: id and the other members.
     conversations: Vec<(String, Vec<String>)>,
 }
@@ -252,15 +260,21 @@ impl Workload {
                     cfg.admin_key.clone(),
                     id.clone(),
                 );
+                let client = Client::with_http(
+                    endpoint_of(home),
+                    tokens[&(home.clone(), id.clone())].clone(),
+                    http.clone(),
+                )
+                .with_token_provider(provider);
+                let sender = client.clone().with_retry(RetryPolicy {
+                    attempts: 1,
+                    ..RetryPolicy::default()
+                });
                 User {
                     id: id.clone(),
                     home: home.clone(),
-                    client: Client::with_http(
-                        endpoint_of(home),
-                        tokens[&(home.clone(), id.clone())].clone(),
-                        http.clone(),
-                    )
-                    .with_token_provider(provider),
+                    client,
+                    sender,
                     conversations: Vec::new(),
                 }
             })
@@ -378,7 +392,7 @@ impl Workload {
 
     /// Stops sending, waits (bounded) for the sends in flight, then for every acked message
     /// to reach every recipient (bounded), stops the devices and returns the record.
-    pub async fn stop(self) -> WorkloadRecord {
+    pub async fn stop(mut self) -> WorkloadRecord {
         self.stop_sending.cancel();
         let deadline = tokio::time::Instant::now() + DRAIN_WAIT;
         // Every permit back: no send in flight (or the bound passed).
@@ -392,7 +406,10 @@ impl Workload {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         self.stop_all.cancel();
-        for t in self.schedulers.into_iter().chain(self.loops) {
+        let tasks = std::mem::take(&mut self.schedulers)
+            .into_iter()
+            .chain(std::mem::take(&mut self.loops));
+        for t in tasks {
             // Each task ends at the token; the bound guards against one stuck in a call.
             let abort = t.abort_handle();
             if tokio::time::timeout(Duration::from_secs(15), t).await.is_err() {
@@ -430,6 +447,13 @@ impl Workload {
                     .count()
             })
             .sum()
+    }
+}
+
+/// A workload dropped without `stop` ends its tasks (and records nothing).
+impl Drop for Workload {
+    fn drop(&mut self) {
+        self.stop_all.cancel();
     }
 }
 
@@ -599,7 +623,27 @@ async fn send_one(shared: &Shared, ui: usize, ci: usize, client_msg_id: String) 
     shared.book().count("send");
     let sent_at_ms = now_ms();
     let body = json!({"text": format!("drill {client_msg_id}")});
-    match u.client.send(cid, &client_msg_id, "text", &body).await {
+    // As the SDK retries a send (same client_msg_id, backoff), but counting each failure;
+    // a 421 that could not be followed (the regions disagree for a moment during a
+    // failover) is retried too.
+    let mut backoff = SEND_FIRST_BACKOFF;
+    let mut attempt = 1;
+    let answer = loop {
+        match u.sender.send(cid, &client_msg_id, "text", &body).await {
+            Err(e)
+                if attempt < SEND_ATTEMPTS
+                    && ((e.is_retryable() && !e.is_rate_limited())
+                        || matches!(e, ClientError::WrongRegion { .. })) =>
+            {
+                shared.error(&format!("send_error_{}", error_kind(&e)));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(SEND_MAX_BACKOFF);
+                attempt += 1;
+            }
+            other => break other,
+        }
+    };
+    match answer {
         Ok(acc) => {
             let acked_at_ms = now_ms();
             let region = shared.region_of(&u.client, &u.home);
@@ -974,7 +1018,8 @@ fn on_event(shared: &Shared, u: &User, spans: &mut Spans, epoch: &mut String, ev
             return;
         }
         SyncEvent::Disconnected(_) => {
-            shared.book().count("disconnected");
+            // The socket dropped (a fault, or a 421 moving the user): the SDK reconnects.
+            shared.error("sync_disconnected");
             return;
         }
         SyncEvent::Signal(_) => return,
