@@ -247,3 +247,52 @@ async fn item2_a_resumed_stream_hands_out_what_the_dropped_one_had_buffered() ->
     assert_eq!(got, ["m2", "m3", "m4", "m5"]);
     Ok(())
 }
+
+/// Found by the region-loss drill (issue 11): a message a device already had from a resync
+/// also reaches the new epoch's inbox; the SDK rightly does not hand it out twice, but it
+/// skipped its seq in silence, so the app saw seqs jump (…, 181, 183) and could not tell a
+/// deduplicated entry from a lost one. Every seq now reaches the app: the message it already
+/// had as `AlreadyHad`, the others as entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item3_a_message_the_device_already_had_keeps_its_seq() -> Result<()> {
+    let mut r = TestRegion::start().await?;
+    let ann_s = r.user("ann", "laptop").await?;
+    let bob_s = r.user("bob", "phone").await?;
+    let ann = Client::new(&r.base, &ann_s.token);
+    let bob = Client::new(&r.base, &bob_s.token);
+    let conv = ann.create_direct("bob").await?;
+    let cid = conv.conversation_id.clone();
+    let had = ann.send(&cid, "had-1", "text", &json!({"text": "had"})).await?;
+    ann.send(&cid, "new-1", "text", &json!({"text": "new"})).await?;
+
+    // Bob's inbox: 1 conversation_created, 2 "had", 3 "new". The device holds "had" already
+    // (as after a resync that read it from the timeline) and resumes after seq 1.
+    let mut first = bob.sync(Checkpoint::default());
+    let created = next_entry(&mut first).await?;
+    assert_eq!(created.seq, 1);
+    let cp = first.checkpoint();
+    drop(first);
+    let mut timelines = meridian_client::Timelines::default();
+    timelines.seen.insert(had.message_id.clone());
+    let mut sync = bob.sync_with_timelines(cp, timelines);
+    let mut seqs = Vec::new();
+    let mut texts = Vec::new();
+    while seqs.len() < 2 {
+        match tokio::time::timeout(WAIT, sync.next()).await? {
+            Some(Ok(SyncEvent::Entry(e))) => {
+                seqs.push(e.seq);
+                texts.push(e.body["text"].as_str().unwrap_or_default().to_string());
+            }
+            Some(Ok(SyncEvent::AlreadyHad { seq, message_id, .. })) => {
+                assert_eq!(message_id, had.message_id);
+                seqs.push(seq);
+            }
+            Some(Ok(SyncEvent::Signal(_) | SyncEvent::Disconnected(_))) => continue,
+            other => bail!("expected an entry, got {other:?}"),
+        }
+    }
+    assert_eq!(seqs, [2, 3], "every seq reaches the app, in order");
+    assert_eq!(texts, ["new"], "the message it had is not handed out again");
+    assert_eq!(sync.checkpoint().seq, 3);
+    r.stop().await
+}

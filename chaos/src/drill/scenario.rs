@@ -23,6 +23,8 @@ use super::check::CheckOutcome;
 use super::workload::{Workload, WorkloadConfig};
 use super::{now_ms, DrillError, DrillOptions, DrillOutcome, Scenario};
 
+/// The workload's whole record, written next to the report when the drill fails.
+pub const RECORD_JSON: &str = "record.json";
 /// How long a fault's recovery is waited for before it is reported as not recovered.
 const RECOVERY_LIMIT: Duration = Duration::from_secs(120);
 /// How often readiness is polled while waiting for recovery.
@@ -96,6 +98,18 @@ pub(super) async fn run(opts: DrillOptions, shutdown: CancellationToken) -> Resu
     drill.progress.finish();
     let outcome = check::check(&record, &targets, &drill.opts.admin_key, drill.opts.converge_timeout).await;
     let ended_at_ms = now_ms();
+    let dir = drill.opts.out.join(format!(
+        "{}-{}",
+        drill.opts.scenario,
+        utc_stamp(started_at_ms / 1000)
+    ));
+    std::fs::create_dir_all(&dir)?;
+    if !outcome.passed() {
+        // The whole record, as evidence beyond the violations' lines: every send, receipt
+        // and inbox span (large for a long drill, so only when something is wrong).
+        let text = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
+        std::fs::write(dir.join(RECORD_JSON), text)?;
+    }
     let report = report_of(
         &drill.opts,
         targets.iter().map(|t| t.region.clone()).collect(),
@@ -104,12 +118,6 @@ pub(super) async fn run(opts: DrillOptions, shutdown: CancellationToken) -> Resu
         record,
         outcome,
     );
-    let dir = drill.opts.out.join(format!(
-        "{}-{}",
-        drill.opts.scenario,
-        utc_stamp(started_at_ms / 1000)
-    ));
-    std::fs::create_dir_all(&dir)?;
     report.write(&dir)?;
     Ok(DrillOutcome { report, dir })
 }

@@ -1022,6 +1022,11 @@ fn on_event(shared: &Shared, u: &User, spans: &mut Spans, epoch: &mut String, ev
             shared.error("sync_disconnected");
             return;
         }
+        // A message this device already had from a resync: its seq counts, no receipt.
+        SyncEvent::AlreadyHad { seq, .. } => {
+            spans.entry(&mut shared.book(), seq);
+            return;
+        }
         SyncEvent::Signal(_) => return,
     };
     let mut b = shared.book();

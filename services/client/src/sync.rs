@@ -41,6 +41,15 @@ pub enum SyncEvent {
         conversation_id: String,
         message: crate::Message,
     },
+    /// The next inbox entry (seq = checkpoint + 1) is a message this device already has: it
+    /// read it from a storage timeline while resyncing, and the message reached the new
+    /// epoch's inbox too. Not handed out again, but its seq is, so an app that follows seqs
+    /// sees every one and can tell a deduplicated entry from a missing one.
+    AlreadyHad {
+        seq: u64,
+        conversation_id: String,
+        message_id: String,
+    },
     /// The inbox epoch changed: the loop has read the storage timelines (the `Recovered`
     /// events before this one) and continues from `head` of `epoch`.
     ResyncRequired { epoch: String, head: u64 },
@@ -115,24 +124,33 @@ impl SyncStream {
         self.handed.clone()
     }
 
+    /// The loop learns the epoch before it hands out the first entry; the app's checkpoint
+    /// takes it with that entry.
+    fn learn_epoch(&mut self) {
+        if self.handed.epoch.is_none() {
+            self.handed.epoch = self
+                .checkpoint
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .epoch
+                .clone();
+        }
+    }
+
     /// Moves the app's checkpoint and timelines past `ev`, as the loop moved its own when it
     /// emitted it.
     fn took(&mut self, ev: &SyncEvent) {
         match ev {
             SyncEvent::Entry(e) => {
-                if self.handed.epoch.is_none() {
-                    // The loop learns the epoch before it hands out the first entry.
-                    self.handed.epoch = self
-                        .checkpoint
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .epoch
-                        .clone();
-                }
+                self.learn_epoch();
                 self.handed.seq = e.seq;
                 if let (true, Some(id)) = (e.kind == "message", &e.message_id) {
                     self.handed_timelines.seen.insert(id.clone());
                 }
+            }
+            SyncEvent::AlreadyHad { seq, .. } => {
+                self.learn_epoch();
+                self.handed.seq = *seq;
             }
             SyncEvent::Recovered {
                 conversation_id,
@@ -368,7 +386,13 @@ impl Loop {
         cp.seq = entry.seq;
         self.set_cp(cp);
         if !fresh {
-            return Ok(());
+            return self
+                .emit(SyncEvent::AlreadyHad {
+                    seq: entry.seq,
+                    conversation_id: entry.conversation_id,
+                    message_id: entry.message_id.unwrap_or_default(),
+                })
+                .await;
         }
         self.emit(SyncEvent::Entry(entry)).await
     }
