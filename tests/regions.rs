@@ -527,3 +527,61 @@ async fn item10_killed_nats_server_restarted_while_others_send_loses_and_doubles
     assert_eq!(wait_history(&cat, &group, n_group).await?.len(), n_group);
     rs.stop().await
 }
+
+/// Found by the region-loss drill (issue 11): a user of a lost region could not keep
+/// messaging after the failover. Their gateway is gone (connection refused), so nothing can
+/// answer them `421` with the acting region; the SDK kept calling the dead endpoint. Given
+/// every region's endpoint, it now asks the others who serves the user and follows the one
+/// that does — and, before any failover, follows nobody (the others name the lost home).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn item4_the_sdk_finds_the_acting_region_when_its_home_region_is_unreachable() -> Result<()> {
+    let mut regions = TestRegions::start(&["us", "eu"]).await?;
+    let ann = regions.user("us", "ann", "laptop").await?;
+    regions.provision("us", "bob", "eu").await?;
+    regions.wait_directory(&["ann", "bob"]).await?;
+    let (st, conv) = ann
+        .post("/v1/conversations", json!({"kind": "direct", "members": ["bob"]}))
+        .await?;
+    if st != 201 && st != 200 {
+        bail!("create: {st} {conv}");
+    }
+    let cid = conv["conversation_id"].as_str().context("cid")?.to_string();
+    // Bob's token (any region mints it with the shared key); then his home region, eu, is
+    // lost: nothing listens at its endpoint any more.
+    let bob_token = regions.session_at("us", "bob", "phone").await?.token;
+    let lost = regions.node("eu").base.clone();
+    let us = regions.node("us").base.clone();
+    regions.stop_region("eu").await?;
+    // Two attempts per send: the refused one before the failover fails fast.
+    let retry = meridian_client::RetryPolicy {
+        attempts: 2,
+        ..Default::default()
+    };
+    let bob = meridian_client::Client::new(&lost, &bob_token)
+        .with_retry(retry)
+        .with_region_endpoints([us.clone(), lost.clone()]);
+
+    // No failover yet: us says eu serves Bob, so the SDK stays (and the call fails).
+    match bob.send_text(&cid, "before the failover").await {
+        Err(meridian_client::ClientError::Transport(_)) => {}
+        other => bail!("expected a transport error before the failover, got {other:?}"),
+    }
+    assert_eq!(bob.base_url(), lost, "nobody else serves Bob yet");
+
+    let (st, body) = regions
+        .admin(
+            "us",
+            reqwest::Method::POST,
+            "/v1/admin/failover",
+            Some(json!({"region": "eu", "to": "us"})),
+        )
+        .await?;
+    if st != 200 {
+        bail!("failover: {st} {body}");
+    }
+    let sent = bob.send_text(&cid, "after the failover").await?;
+    assert_eq!(bob.base_url(), us, "the SDK follows the acting region");
+    let history = wait_history(&ann, &cid, 1).await?;
+    assert_eq!(history, ["after the failover"], "sent {}", sent.message_id);
+    regions.stop().await
+}

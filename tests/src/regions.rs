@@ -331,6 +331,20 @@ impl TestRegions {
             .with_context(|| format!("restarting the nats-server of {region}"))
     }
 
+    /// Stops `region`'s process (gateway, applier, push; its nats-server keeps running): a
+    /// lost region as its users see it, nothing listening at its endpoint.
+    pub async fn stop_region(&mut self, region: &str) -> Result<()> {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.id.as_str() == region)
+            .with_context(|| format!("no region {region}"))?;
+        if let Some(r) = node.running.take() {
+            r.stop().await?;
+        }
+        Ok(())
+    }
+
     /// Stops every region in order (the servers die when `self` drops).
     pub async fn stop(mut self) -> Result<()> {
         for n in &mut self.nodes {

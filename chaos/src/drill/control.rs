@@ -62,10 +62,9 @@ impl Deployment {
     /// Reads cluster.json. The admin key is not in it (see `meridian up`).
     pub fn load(cluster: &Path, admin_key: &str) -> Result<Deployment, DrillError> {
         let at = cluster.display();
-        let text = std::fs::read_to_string(cluster)
-            .map_err(|e| DrillError::Setup(format!("reading {at}: {e}")))?;
-        let doc: Value =
-            serde_json::from_str(&text).map_err(|e| DrillError::Setup(format!("{at}: {e}")))?;
+        let text =
+            std::fs::read_to_string(cluster).map_err(|e| DrillError::Setup(format!("reading {at}: {e}")))?;
+        let doc: Value = serde_json::from_str(&text).map_err(|e| DrillError::Setup(format!("{at}: {e}")))?;
         let control = doc["control"]
             .as_str()
             .ok_or_else(|| {
@@ -143,8 +142,16 @@ impl Deployment {
         all
     }
 
-    async fn call(&self, method: reqwest::Method, url: String, body: Option<Value>) -> Result<Answer, DrillError> {
-        let mut req = self.http.request(method, &url).header("X-Admin-Key", &self.admin_key);
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        url: String,
+        body: Option<Value>,
+    ) -> Result<Answer, DrillError> {
+        let mut req = self
+            .http
+            .request(method, &url)
+            .header("X-Admin-Key", &self.admin_key);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -183,7 +190,9 @@ impl Deployment {
             Some((region, what)) => &s["regions"][region][what],
             None => &s[target],
         };
-        Ok((entry["state"] == "running").then(|| entry["pid"].as_u64()).flatten())
+        Ok((entry["state"] == "running")
+            .then(|| entry["pid"].as_u64())
+            .flatten())
     }
 
     /// Sends `signal` (KILL, TERM, STOP, CONT) to a process; its pid.
@@ -239,8 +248,12 @@ impl Deployment {
     /// `POST /v1/admin/failover`, answered by the acting region `to`.
     pub async fn failover(&self, region: &str, to: &str) -> Result<Answer, DrillError> {
         let url = format!("{}/v1/admin/failover", self.endpoint(to)?);
-        self.call(reqwest::Method::POST, url, Some(json!({"region": region, "to": to})))
-            .await
+        self.call(
+            reqwest::Method::POST,
+            url,
+            Some(json!({"region": region, "to": to})),
+        )
+        .await
     }
 
     /// `POST /v1/admin/failback`, answered by the home region (409 while not caught up).

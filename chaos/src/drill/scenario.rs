@@ -16,10 +16,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::check;
+use super::check::CheckOutcome;
 use super::control::{Deployment, LinkSetting};
 use super::record::WorkloadRecord;
 use super::report::{Fault, ProgressCounts, ProgressLine, Report, Verdict, REPORT_SVG};
-use super::check::CheckOutcome;
 use super::workload::{Workload, WorkloadConfig};
 use super::{now_ms, DrillError, DrillOptions, DrillOutcome, Scenario};
 
@@ -54,8 +54,10 @@ struct Drill {
 pub(super) async fn run(opts: DrillOptions, shutdown: CancellationToken) -> Result<DrillOutcome, DrillError> {
     let d = Deployment::load(&opts.cluster, &opts.admin_key)?;
     let targets = d.targets();
-    if matches!(opts.scenario, Scenario::RegionLoss | Scenario::Partition | Scenario::SlowLink)
-        && targets.len() < 2
+    if matches!(
+        opts.scenario,
+        Scenario::RegionLoss | Scenario::Partition | Scenario::SlowLink
+    ) && targets.len() < 2
     {
         return Err(DrillError::Setup(format!(
             "{} needs two or more regions; the deployment has {}",
@@ -94,9 +96,17 @@ pub(super) async fn run(opts: DrillOptions, shutdown: CancellationToken) -> Resu
     let record = drill.workload.stop().await;
     timeline?;
 
-    drill.progress.update("converging and checking", &ProgressCounts::default());
+    drill
+        .progress
+        .update("converging and checking", &ProgressCounts::default());
     drill.progress.finish();
-    let outcome = check::check(&record, &targets, &drill.opts.admin_key, drill.opts.converge_timeout).await;
+    let outcome = check::check(
+        &record,
+        &targets,
+        &drill.opts.admin_key,
+        drill.opts.converge_timeout,
+    )
+    .await;
     let ended_at_ms = now_ms();
     let dir = drill.opts.out.join(format!(
         "{}-{}",
@@ -218,7 +228,8 @@ impl Drill {
                         continue;
                     }
                     if let Ok(positions) = self.d.stream_positions(r).await {
-                        if let Some(own) = positions.iter().find(|p| p.origin == *r).and_then(|p| p.last_seq) {
+                        if let Some(own) = positions.iter().find(|p| p.origin == *r).and_then(|p| p.last_seq)
+                        {
                             marks.insert(r.clone(), own);
                         }
                     }
@@ -310,7 +321,8 @@ impl Drill {
             for what in ["nats", "region"] {
                 let target = format!("{lost}/{what}");
                 self.d.signal(&target, "CONT").await?;
-                self.undo.retain(|u| !matches!(u, Undo::Stopped(t) if *t == target));
+                self.undo
+                    .retain(|u| !matches!(u, Undo::Stopped(t) if *t == target));
             }
         }
         self.d.hold(&lost, false).await?;
@@ -325,7 +337,10 @@ impl Drill {
             match self.d.failback(&lost).await {
                 Ok(a) if a.status == 200 => break,
                 Ok(a) if from.elapsed() > RECOVERY_LIMIT => {
-                    return Err(DrillError::Fault(format!("failback of {lost} refused: {} {}", a.status, a.body)))
+                    return Err(DrillError::Fault(format!(
+                        "failback of {lost} refused: {} {}",
+                        a.status, a.body
+                    )))
                 }
                 Err(e) if from.elapsed() > RECOVERY_LIMIT => return Err(e),
                 _ => {
@@ -346,11 +361,14 @@ impl Drill {
         let before = self.d.link(&region).await?;
         let i = self.fault("partition", &region, format!("WAN link of {region} cut"));
         self.undo.push(Undo::Link(region.clone(), before));
-        self.d.set_link(&region, LinkSetting { cut: true, ..before }).await?;
+        self.d
+            .set_link(&region, LinkSetting { cut: true, ..before })
+            .await?;
         let heal_at = self.elapsed() + self.opts.duration * 4 / 10;
         self.wait_until(heal_at).await?;
         self.d.set_link(&region, before).await?;
-        self.undo.retain(|u| !matches!(u, Undo::Link(r, _) if *r == region));
+        self.undo
+            .retain(|u| !matches!(u, Undo::Link(r, _) if *r == region));
         self.end_fault(i).await
     }
 
@@ -364,7 +382,13 @@ impl Drill {
             loss: 1.0 - (1.0 - slow.loss.clamp(0.0, 1.0)).sqrt(),
             cut: false,
         };
-        let regions: Vec<String> = self.d.regions.iter().filter(|r| r.has_link).map(|r| r.region.clone()).collect();
+        let regions: Vec<String> = self
+            .d
+            .regions
+            .iter()
+            .filter(|r| r.has_link)
+            .map(|r| r.region.clone())
+            .collect();
         let i = self.fault(
             "slow-link",
             "all",
@@ -410,7 +434,9 @@ impl Drill {
                 match self.d.pid(&target).await {
                     Ok(Some(pid)) if pid != old => break,
                     _ if from.elapsed() > RECOVERY_LIMIT => {
-                        return Err(DrillError::Fault(format!("{target} not restarted within {RECOVERY_LIMIT:?}")))
+                        return Err(DrillError::Fault(format!(
+                            "{target} not restarted within {RECOVERY_LIMIT:?}"
+                        )))
                     }
                     _ => {
                         self.tick();
@@ -445,7 +471,11 @@ impl Drill {
         let i = self.fault(
             "clock-skew",
             &region,
-            format!("clock {} by {} ms", if skew >= 0 { "ahead" } else { "behind" }, skew.abs()),
+            format!(
+                "clock {} by {} ms",
+                if skew >= 0 { "ahead" } else { "behind" },
+                skew.abs()
+            ),
         );
         self.undo.push(Undo::Clock(region.clone()));
         self.d.set_clock(&region, skew).await?;

@@ -265,7 +265,10 @@ impl Workload {
                     tokens[&(home.clone(), id.clone())].clone(),
                     http.clone(),
                 )
-                .with_token_provider(provider);
+                .with_token_provider(provider)
+                // As a real app knows every region's endpoint: when its home region is lost,
+                // the SDK finds the region that took its users over.
+                .with_region_endpoints(cfg.regions.iter().map(|r| r.endpoint.clone()));
                 let sender = client.clone().with_retry(RetryPolicy {
                     attempts: 1,
                     ..RetryPolicy::default()

@@ -226,7 +226,14 @@ pub struct Client {
     token_provider: Option<TokenProvider>,
     http: reqwest::Client,
     retry: RetryPolicy,
+    /// Every region's gateway, asked who serves the user when the current one cannot be
+    /// reached at all (see [`Client::with_region_endpoints`]).
+    regions: Arc<Vec<String>>,
 }
+
+/// How long each region may take to say whether it serves the user, while the current
+/// gateway is unreachable.
+const ASK_REGION_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Client {
     pub fn new(base_url: impl Into<String>, token: impl Into<String>) -> Client {
@@ -246,7 +253,58 @@ impl Client {
             token_provider: None,
             http,
             retry: RetryPolicy::default(),
+            regions: Arc::new(Vec::new()),
         }
+    }
+
+    /// The gateways of every region. A lost region cannot answer `421` to point its users at
+    /// the region that took them over: with these, a call whose gateway cannot be reached at
+    /// all asks each other region `GET /v1/me`, follows the one that serves the user (200,
+    /// or a 421 naming another reachable region) and is made once more there. While no
+    /// failover has happened the others answer 421 naming the unreachable home, and the
+    /// call fails as before: a user is never served by a region that does not own them.
+    pub fn with_region_endpoints<I, S>(mut self, endpoints: I) -> Client
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.regions = Arc::new(
+            endpoints
+                .into_iter()
+                .map(|e| e.into().trim_end_matches('/').to_string())
+                .collect(),
+        );
+        self
+    }
+
+    /// Asks the other regions which one serves the user now and follows it; whether it did.
+    async fn find_serving_region(&self) -> bool {
+        let current = self.base_url();
+        for endpoint in self.regions.iter().filter(|e| **e != current) {
+            let answer = self
+                .http
+                .get(format!("{endpoint}/v1/me"))
+                .bearer_auth(self.token())
+                .timeout(ASK_REGION_TIMEOUT)
+                .send()
+                .await;
+            let Ok(resp) = answer else { continue };
+            let status = resp.status().as_u16();
+            let body: Value = resp.json().await.unwrap_or_default();
+            let serving = match status {
+                200 => endpoint.clone(),
+                421 => body["endpoint"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .trim_end_matches('/')
+                    .to_string(),
+                _ => continue,
+            };
+            if serving != current && self.follow(&serving) {
+                return true;
+            }
+        }
+        false
     }
 
     pub fn with_retry(mut self, retry: RetryPolicy) -> Client {
@@ -298,7 +356,8 @@ impl Client {
     /// made again (see [`RetryPolicy`]); a 401 is retried once with a fresh token when a
     /// [`TokenProvider`] is set; a `421 wrong_region` switches the client to the serving
     /// region's endpoint and is made once more there ([`ClientError::WrongRegion`] if that
-    /// cannot be done).
+    /// cannot be done); a gateway that cannot be reached at all makes the client ask the
+    /// other regions who serves the user, when it knows them ([`Client::with_region_endpoints`]).
     pub async fn call(
         &self,
         method: reqwest::Method,
@@ -307,6 +366,7 @@ impl Client {
     ) -> Result<Value, ClientError> {
         let mut refreshed = false;
         let mut followed = false;
+        let mut asked_regions = false;
         let mut rate_limited = 0;
         let mut backoff = self.retry.first_backoff;
         loop {
@@ -316,6 +376,12 @@ impl Client {
                         return Err(ClientError::WrongRegion { region, endpoint });
                     }
                     followed = true;
+                }
+                Err(ClientError::Transport(e)) if !asked_regions && !self.regions.is_empty() => {
+                    asked_regions = true;
+                    if !self.find_serving_region().await {
+                        return Err(ClientError::Transport(e));
+                    }
                 }
                 Err(ClientError::Api { status: 401, .. }) if !refreshed && self.token_provider.is_some() => {
                     self.refresh_token().await?;

@@ -11,7 +11,16 @@ use serde_json::Value;
 
 fn drill(out: &Path, scenario: &str, extra: &[&str]) -> Value {
     let status = Command::new(env!("CARGO_BIN_EXE_meridian"))
-        .args(["drill", scenario, "--regions", "us,eu", "--duration", "20s", "--rate", "30"])
+        .args([
+            "drill",
+            scenario,
+            "--regions",
+            "us,eu",
+            "--duration",
+            "20s",
+            "--rate",
+            "30",
+        ])
         .args(["--converge-timeout", "90s", "--out"])
         .arg(out)
         .args(extra)
@@ -20,7 +29,11 @@ fn drill(out: &Path, scenario: &str, extra: &[&str]) -> Value {
     let runs: Vec<_> = std::fs::read_dir(out)
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{scenario}-")))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{scenario}-"))
+        })
         .collect();
     assert_eq!(runs.len(), 1, "one run folder for {scenario}");
     let dir = runs[0].path();
@@ -33,7 +46,10 @@ fn drill(out: &Path, scenario: &str, extra: &[&str]) -> Value {
     );
     assert_eq!(report["scenario"], scenario);
     assert_eq!(report["verdict"], "pass", "{report:#}");
-    assert!(report["acked"].as_u64().unwrap() > 0, "the workload sent: {report:#}");
+    assert!(
+        report["acked"].as_u64().unwrap() > 0,
+        "the workload sent: {report:#}"
+    );
     assert_eq!(report["lost"], 0);
     assert_eq!(report["duplicated"], 0);
     assert_eq!(report["digests_equal"], true);
@@ -52,13 +68,22 @@ fn short_drill_of_every_scenario_passes_its_invariants() {
     let out = dir.path();
 
     let r = drill(out, "region-loss", &[]);
-    let kinds: Vec<&str> = r["faults"].as_array().unwrap().iter().map(|f| f["kind"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = r["faults"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["kind"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds, ["region-loss", "failover"], "{r:#}");
 
     let r = drill(out, "partition", &[]);
     assert_eq!(r["faults"][0]["target"], "eu");
 
-    drill(out, "slow-link", &["--delay", "100ms", "--jitter", "20ms", "--loss", "0.02"]);
+    drill(
+        out,
+        "slow-link",
+        &["--delay", "100ms", "--jitter", "20ms", "--loss", "0.02"],
+    );
 
     let r = drill(out, "crash-soak", &["--crash-every", "3s", "--seed", "7"]);
     assert!(

@@ -283,7 +283,10 @@ impl RegionPlan {
         // --out for this deployment).
         if let Some(data_dir) = self.dir.parent() {
             let mut console = toml::Table::new();
-            console.insert("drills_dir".into(), data_dir.join("drills").display().to_string().into());
+            console.insert(
+                "drills_dir".into(),
+                data_dir.join("drills").display().to_string().into(),
+            );
             doc.insert("console".into(), console.into());
         }
         let body = toml::to_string(&doc).map_err(|e| UpError::Invalid {
