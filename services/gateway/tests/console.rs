@@ -30,33 +30,52 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// A drill run folder as the drills write it (report.json per docs/console.md's schema,
-/// report.svg), made up here: the lead swaps in a real drill's output once drills land.
+/// A drill run folder written by the drills' own report writer (`meridian_chaos::drill`),
+/// so the console is tested on exactly what `meridian drill` writes: report.json and the
+/// plotted report.svg.
 fn write_drill_run(dir: &Path) -> Result<()> {
+    use meridian_chaos::drill::report::{Fault, Report, Sample, Verdict, REPORT_SVG};
     let run = dir.join(DRILL_RUN);
     std::fs::create_dir_all(&run)?;
-    let samples: Vec<Value> = (0..60)
-        .map(|t| {
-            json!({"t_s": t as f64, "sent": 50, "acked": 50, "delivered": 50, "errors": 0,
-                        "p50_ms": 4.0, "p99_ms": if (20..24).contains(&t) { 900.0 } else { 12.0 }})
-        })
-        .collect();
-    let report = json!({
-        "scenario": "region-loss", "verdict": "pass",
-        "started_at_ms": 1_795_983_300_000u64, "ended_at_ms": 1_795_983_360_000u64,
-        "duration_s": 60.0, "regions": ["us", "eu"],
-        "acked": 3000, "lost": 0, "duplicated": 0, "delivered": 3000,
-        "faults": [{"kind": "kill-region", "target": "eu", "detail": "SIGKILL nats+region",
-                    "start_ms": 1_795_983_320_000u64, "end_ms": 1_795_983_324_000u64, "recovery_s": 1.2}],
-        "converge_s": 3.1, "digests_equal": true, "digests": {"us": "ab", "eu": "ab"},
-        "violations": [], "samples": samples, "counts": {"send": 3000},
-        "picture": "report.svg"
-    });
-    std::fs::write(run.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
-    std::fs::write(
-        run.join("report.svg"),
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="600" height="120" viewBox="0 0 600 120"><rect width="600" height="120" fill="#fff"/><polyline fill="none" stroke="#1f6feb" stroke-width="2" points="0,100 200,100 220,20 260,20 280,100 600,100"/><text x="8" y="16" font-size="12">region-loss: p99 ms</text></svg>"##,
-    )?;
+    let started_at_ms = 1_795_983_300_000u64;
+    let report = Report {
+        scenario: "region-loss".into(),
+        verdict: Verdict::Pass,
+        started_at_ms,
+        ended_at_ms: started_at_ms + 60_000,
+        duration_s: 60.0,
+        regions: vec!["us".into(), "eu".into()],
+        acked: 3000,
+        lost: 0,
+        duplicated: 0,
+        delivered: 3000,
+        faults: vec![Fault {
+            kind: "region-loss".into(),
+            target: "eu".into(),
+            detail: "killed (SIGKILL) nats-server and region process".into(),
+            start_ms: started_at_ms + 20_000,
+            end_ms: Some(started_at_ms + 24_000),
+            recovery_s: Some(1.2),
+        }],
+        converge_s: Some(3.1),
+        digests_equal: true,
+        digests: [("us".to_string(), "ab".to_string()), ("eu".to_string(), "ab".to_string())].into(),
+        violations: vec![],
+        samples: (1..=60)
+            .map(|t| Sample {
+                t_s: f64::from(t),
+                sent: 50,
+                acked: 50,
+                delivered: 50,
+                errors: 0,
+                p50_ms: Some(4.0),
+                p99_ms: Some(if (20..24).contains(&t) { 900.0 } else { 12.0 }),
+            })
+            .collect(),
+        counts: [("send".to_string(), 3000u64)].into(),
+        picture: REPORT_SVG.into(),
+    };
+    report.write(&run)?;
     // A folder that is not a run (no report yet) and a file are not listed.
     std::fs::create_dir_all(dir.join("in-progress-20261129T203000Z"))?;
     std::fs::write(dir.join("notes.txt"), "not a run")?;
