@@ -255,7 +255,7 @@ async fn item2_a_resumed_stream_hands_out_what_the_dropped_one_had_buffered() ->
 /// had as `AlreadyHad`, the others as entries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item3_a_message_the_device_already_had_keeps_its_seq() -> Result<()> {
-    let mut r = TestRegion::start().await?;
+    let r = TestRegion::start().await?;
     let ann_s = r.user("ann", "laptop").await?;
     let bob_s = r.user("bob", "phone").await?;
     let ann = Client::new(&r.base, &ann_s.token);

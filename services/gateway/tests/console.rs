@@ -59,7 +59,11 @@ fn write_drill_run(dir: &Path) -> Result<()> {
         }],
         converge_s: Some(3.1),
         digests_equal: true,
-        digests: [("us".to_string(), "ab".to_string()), ("eu".to_string(), "ab".to_string())].into(),
+        digests: [
+            ("us".to_string(), "ab".to_string()),
+            ("eu".to_string(), "ab".to_string()),
+        ]
+        .into(),
         violations: vec![],
         samples: (1..=60)
             .map(|t| Sample {
