@@ -40,6 +40,9 @@ pub struct AppState {
     pub registry: Registry,
     /// Refuses writes while this region cannot tell whether its users were failed over.
     pub fence: crate::fence::Fence,
+    /// The region's search index, where this process runs it (beside the applier); `None`
+    /// answers `GET /v1/search` with 503.
+    pub search: Option<meridian_search::Search>,
 }
 
 /// An event the stream has acknowledged.

@@ -12,6 +12,7 @@ use meridian_bus::BusConfig;
 use meridian_gateway::GatewayConfig;
 use meridian_model::RegionId;
 use meridian_push::{PushConfig, WEBHOOK_URL_ENV};
+use meridian_search::SearchConfig;
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,9 @@ pub struct RegionConfig {
     /// set (which `meridian up` passes on to its region processes).
     #[serde(default)]
     pub push: Option<PushConfig>,
+    /// Full-text search (`[search]`, all optional): the index runs beside the applier.
+    #[serde(default)]
+    pub search: SearchConfig,
 }
 
 fn default_inbox_ttl_s() -> u64 {
@@ -190,7 +194,24 @@ impl RegionConfig {
         self.applier
             .validate()
             .map_err(|e| invalid("applier", e.to_string()))?;
+        self.search.validate().map_err(|e| match e {
+            meridian_search::SearchError::Config { field, reason } => invalid(&format!("search.{field}"), reason),
+            other => invalid("search", other.to_string()),
+        })?;
         Ok(())
+    }
+}
+
+impl RegionConfig {
+    /// Where the search index lives: `search.index_dir`, else beside an embedded store
+    /// (`<store dir>.search`); `None` with a TiKV store and no directory set.
+    pub fn search_index_dir(&self) -> Option<std::path::PathBuf> {
+        if let Some(d) = &self.search.index_dir {
+            return Some(d.clone());
+        }
+        let dir = self.store.strip_prefix("embedded://")?;
+        let dir = dir.split('?').next().unwrap_or(dir).trim_end_matches('/');
+        Some(std::path::PathBuf::from(format!("{dir}.search")))
     }
 }
 

@@ -37,13 +37,19 @@ pub use indexer::Indexer;
 pub use metrics::SearchMetrics;
 pub use query::{Highlight, Hit, HitPage, SearchQuery};
 
-/// How the region's index is kept.
+/// How the region's index is kept (the region file's `[search]` table; every field has a
+/// default).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SearchConfig {
-    /// The index directory (created if missing). Deleting it rebuilds the index from the
+    /// Off: no index, and `GET /v1/search` answers 503.
+    #[serde(default = "default_enabled")]
+    pub enabled: bool,
+    /// The index directory (created if missing). Unset, the region process puts it beside
+    /// an embedded store (`<store dir>.search`). Deleting it rebuilds the index from the
     /// store at the next start.
-    pub index_dir: PathBuf,
+    #[serde(default)]
+    pub index_dir: Option<PathBuf>,
     /// How often the indexer commits what it added (and so how stale results may be).
     #[serde(default = "default_commit_interval_ms")]
     pub commit_interval_ms: u64,
@@ -58,6 +64,9 @@ pub struct SearchConfig {
     pub writer_memory_mb: usize,
 }
 
+fn default_enabled() -> bool {
+    true
+}
 fn default_commit_interval_ms() -> u64 {
     1_000
 }
@@ -71,21 +80,33 @@ fn default_writer_memory_mb() -> usize {
     64
 }
 
-impl SearchConfig {
-    pub fn new(index_dir: impl Into<PathBuf>) -> Self {
+impl Default for SearchConfig {
+    fn default() -> Self {
         Self {
-            index_dir: index_dir.into(),
+            enabled: default_enabled(),
+            index_dir: None,
             commit_interval_ms: default_commit_interval_ms(),
             batch: default_batch(),
             poll_interval_ms: default_poll_interval_ms(),
             writer_memory_mb: default_writer_memory_mb(),
         }
     }
+}
 
-    /// Checks every field, naming the bad one.
+impl SearchConfig {
+    /// The defaults with the index in `index_dir`.
+    pub fn new(index_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            index_dir: Some(index_dir.into()),
+            ..Self::default()
+        }
+    }
+
+    /// Checks every field, naming the bad one (an unset `index_dir` is for the caller to
+    /// fill in; [`Search::open`] refuses it).
     pub fn validate(&self) -> Result<(), SearchError> {
         let bad = |field: &'static str, reason: String| Err(SearchError::Config { field, reason });
-        if self.index_dir.as_os_str().is_empty() {
+        if self.index_dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
             return bad("index_dir", "must name a directory".into());
         }
         if !(10..=600_000).contains(&self.commit_interval_ms) {
@@ -167,7 +188,11 @@ impl Search {
     /// from `store`.
     pub fn open(cfg: SearchConfig, store: Store, metrics: Arc<SearchMetrics>) -> Result<Search, SearchError> {
         cfg.validate()?;
-        let index = Arc::new(index::SearchIndex::open(&cfg.index_dir)?);
+        let dir = cfg.index_dir.clone().ok_or_else(|| SearchError::Config {
+            field: "index_dir",
+            reason: "not set (and the store is not embedded, so there is no default)".into(),
+        })?;
+        let index = Arc::new(index::SearchIndex::open(&dir)?);
         let status = Arc::new(SharedStatus::default());
         status
             .documents
