@@ -323,3 +323,46 @@ async fn item4_two_regions_answer_the_same_query_the_same_after_convergence() ->
     }
     regions.stop().await
 }
+
+/// The Rust SDK's search: typed hits, filters, paging with the cursor, typed errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item1_the_sdk_searches_and_pages() -> Result<()> {
+    use meridian_client::{Client, ClientError, SearchRequest};
+    let r = TestRegion::start().await?;
+    let ann_s = r.user("ann", "laptop").await?;
+    let bob_s = r.user("bob", "phone").await?;
+    let ann = Client::new(&r.base, &ann_s.token);
+    let bob = Client::new(&r.base, &bob_s.token);
+    let conv = ann.create_direct("bob").await?;
+    for i in 0..5 {
+        ann.send(&conv.conversation_id, &format!("c{i}"), "text", &json!({"text": format!("Ünïcode & spaces {i}")}))
+            .await?;
+    }
+    caught_up(&r).await?;
+    let mut req = SearchRequest {
+        limit: Some(2),
+        conversation_id: Some(conv.conversation_id.clone()),
+        sender: Some("ann".into()),
+        ..SearchRequest::new("unicode &")
+    };
+    let mut texts = Vec::new();
+    for _ in 0..10 {
+        let page = bob.search(&req).await?;
+        for hit in &page.items {
+            assert_eq!(hit.conversation_id, conv.conversation_id);
+            assert_eq!(hit.highlights[0].ranges[0], [0, 7], "{hit:?}");
+            texts.push(hit.message.body.as_ref().and_then(|b| b["text"].as_str()).unwrap_or_default().to_string());
+        }
+        match page.next_cursor {
+            Some(c) => req.cursor = Some(c),
+            None => break,
+        }
+    }
+    let want: Vec<String> = (0..5).rev().map(|i| format!("Ünïcode & spaces {i}")).collect();
+    assert_eq!(texts, want);
+    match bob.search(&SearchRequest::new("")).await {
+        Err(ClientError::Api { status: 400, code, .. }) => assert_eq!(code, "invalid_argument"),
+        other => panic!("expected 400, got {other:?}"),
+    }
+    r.stop().await
+}

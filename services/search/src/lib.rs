@@ -257,6 +257,46 @@ impl Search {
     }
 }
 
+/// Builds an index in bulk without a store (benchmarks and tools): documents go straight
+/// to a writer with as many threads as given. The index it leaves is one [`Search::open`]
+/// opens; its checkpoint names no stream, so an indexer run on it would follow every
+/// stream's feed from the start.
+pub struct IndexBuilder {
+    index: index::SearchIndex,
+    writer: tantivy::IndexWriter,
+}
+
+impl IndexBuilder {
+    pub fn create(dir: &std::path::Path, threads: usize, writer_memory_mb: usize) -> Result<Self, SearchError> {
+        let index = index::SearchIndex::open(dir)?;
+        let writer = index
+            .index
+            .writer_with_num_threads(threads.max(1), writer_memory_mb * 1024 * 1024 * threads.max(1))?;
+        Ok(Self { index, writer })
+    }
+
+    /// Adds (or replaces) one message.
+    pub fn add(&mut self, m: &meridian_store::search_feed::IndexableMessage) -> Result<(), SearchError> {
+        self.writer.delete_term(self.index.id_term(m));
+        self.writer.add_document(self.index.document(m))?;
+        Ok(())
+    }
+
+    pub fn commit(&mut self) -> Result<(), SearchError> {
+        let mut prepared = self.writer.prepare_commit()?;
+        prepared.set_payload(&index::IndexCheckpoint::default().encode());
+        prepared.commit()?;
+        Ok(())
+    }
+
+    /// Commits, then waits for the background merges to finish.
+    pub fn finish(mut self) -> Result<(), SearchError> {
+        self.commit()?;
+        self.writer.wait_merging_threads()?;
+        Ok(())
+    }
+}
+
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
