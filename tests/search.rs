@@ -50,7 +50,10 @@ async fn wait_texts(s: &Session, q: &str, extra: &str, want: &[&str]) -> Result<
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("{} searching {q:?}{extra}: found {got:?}, expected {want:?}", s.user);
+            bail!(
+                "{} searching {q:?}{extra}: found {got:?}, expected {want:?}",
+                s.user
+            );
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -62,7 +65,11 @@ async fn caught_up(r: &TestRegion) -> Result<()> {
     loop {
         let (st, body) = r.admin(Method::GET, "/v1/admin/regions", None).await?;
         let s = &body["regions"][0]["search"];
-        if st == 200 && s["lag_events"] == 0 && s["rebuilding"] == false && s["last_commit_ms"].as_u64() > Some(0) {
+        if st == 200
+            && s["lag_events"] == 0
+            && s["rebuilding"] == false
+            && s["last_commit_ms"].as_u64() > Some(0)
+        {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
@@ -84,21 +91,41 @@ async fn item4_members_find_their_messages_and_nobody_else_does() -> Result<()> 
     bob.send(&cid, "c2", "Thanks for the REPORT").await?;
     carol.send(&other, "c3", "Another report, for ann only").await?;
 
-    wait_texts(&bob, "report", "", &["Thanks for the REPORT", "The Quarterly report is ready"]).await?;
+    wait_texts(
+        &bob,
+        "report",
+        "",
+        &["Thanks for the REPORT", "The Quarterly report is ready"],
+    )
+    .await?;
     // Ann is in both conversations; carol only in hers.
     wait_texts(
         &ann,
         "report",
         "",
-        &["Another report, for ann only", "Thanks for the REPORT", "The Quarterly report is ready"],
+        &[
+            "Another report, for ann only",
+            "Thanks for the REPORT",
+            "The Quarterly report is ready",
+        ],
     )
     .await?;
     wait_texts(&carol, "report", "", &["Another report, for ann only"]).await?;
     // A conversation the caller is not in is not found, as everywhere in the API.
     let (st, body) = search(&carol, "report", &format!("&conversation_id={cid}")).await?;
-    assert_eq!((st, body["error"].as_str()), (404, Some("conversation_not_found")), "{body}");
+    assert_eq!(
+        (st, body["error"].as_str()),
+        (404, Some("conversation_not_found")),
+        "{body}"
+    );
     // Filters: conversation, sender, time.
-    wait_texts(&ann, "report", &format!("&conversation_id={cid}&sender=bob"), &["Thanks for the REPORT"]).await?;
+    wait_texts(
+        &ann,
+        "report",
+        &format!("&conversation_id={cid}&sender=bob"),
+        &["Thanks for the REPORT"],
+    )
+    .await?;
     let (_, page) = search(&ann, "quarterly", "").await?;
     let hit = &page["messages"][0];
     assert_eq!(hit["conversation_id"], cid.as_str());
@@ -110,7 +137,13 @@ async fn item4_members_find_their_messages_and_nobody_else_does() -> Result<()> 
     assert_eq!(h["ranges"], json!([[4, 13]]), "{hit}");
     let sent_at = hit["sent_at"].as_u64().unwrap_or_default();
     wait_texts(&ann, "quarterly", &format!("&before={sent_at}"), &[]).await?;
-    wait_texts(&ann, "quarterly", &format!("&after={}", sent_at - 1), &["The Quarterly report is ready"]).await?;
+    wait_texts(
+        &ann,
+        "quarterly",
+        &format!("&after={}", sent_at - 1),
+        &["The Quarterly report is ready"],
+    )
+    .await?;
 
     // Bad input: 400 with the field named.
     for (query, field) in [
@@ -142,18 +175,30 @@ async fn item4_recalled_and_deleted_for_me_messages_never_appear() -> Result<()>
     let recalled = ann.send(&cid, "c1", "secret plan A").await?;
     let hidden = ann.send(&cid, "c2", "secret plan B").await?;
     ann.send(&cid, "c3", "secret plan C").await?;
-    wait_texts(&bob, "secret", "", &["secret plan C", "secret plan B", "secret plan A"]).await?;
+    wait_texts(
+        &bob,
+        "secret",
+        "",
+        &["secret plan C", "secret plan B", "secret plan A"],
+    )
+    .await?;
     caught_up(&r).await?;
 
     let (st, body) = ann
         .post(
-            &format!("/v1/conversations/{cid}/messages/{}/recall", recalled["message_id"].as_str().unwrap_or_default()),
+            &format!(
+                "/v1/conversations/{cid}/messages/{}/recall",
+                recalled["message_id"].as_str().unwrap_or_default()
+            ),
             json!({}),
         )
         .await?;
     assert_eq!(st, 200, "{body}");
     let (st, body) = bob
-        .delete(&format!("/v1/conversations/{cid}/messages/{}", hidden["message_id"].as_str().unwrap_or_default()))
+        .delete(&format!(
+            "/v1/conversations/{cid}/messages/{}",
+            hidden["message_id"].as_str().unwrap_or_default()
+        ))
         .await?;
     assert_eq!(st, 204, "{body}");
     // Bob deleted B for himself; A was recalled for everyone.
@@ -222,7 +267,9 @@ async fn item4_pages_newest_first_without_gaps_or_repeats() -> Result<()> {
     let cid = ann.direct("bob").await?;
     let mut sent = Vec::new();
     for i in 0..25 {
-        let b = ann.send(&cid, &format!("c{i}"), &format!("weekly sync number {i}")).await?;
+        let b = ann
+            .send(&cid, &format!("c{i}"), &format!("weekly sync number {i}"))
+            .await?;
         sent.push(b["message_id"].as_str().unwrap_or_default().to_string());
         ann.send(&cid, &format!("x{i}"), "unrelated").await?;
     }
@@ -266,10 +313,19 @@ async fn item2_restart_and_reindex_keep_every_message_searchable() -> Result<()>
     }
     caught_up(&r).await?;
     r.restart().await?;
-    let bob = Session { base: r.base.clone(), ..bob };
+    let bob = Session {
+        base: r.base.clone(),
+        ..bob
+    };
     let found: BTreeSet<String> = {
         let (_, body) = search(&bob, "invoice", "&limit=100").await?;
-        body["messages"].as_array().cloned().unwrap_or_default().iter().map(|m| m["body"]["text"].to_string()).collect()
+        body["messages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|m| m["body"]["text"].to_string())
+            .collect()
     };
     assert_eq!(found.len(), 30);
     let (st, body) = r.admin(Method::POST, "/v1/admin/search/reindex", None).await?;
@@ -290,7 +346,8 @@ async fn item4_two_regions_answer_the_same_query_the_same_after_convergence() ->
     regions.wait_directory(&["ann", "bob"]).await?;
     let cid = ann.direct("bob").await?;
     for i in 0..6 {
-        ann.send(&cid, &format!("a{i}"), &format!("budget draft {i} 预算")).await?;
+        ann.send(&cid, &format!("a{i}"), &format!("budget draft {i} 预算"))
+            .await?;
     }
     // Bob's own region waits for the conversation to arrive before he writes to it.
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -301,7 +358,8 @@ async fn item4_two_regions_answer_the_same_query_the_same_after_convergence() ->
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     for i in 0..6 {
-        bob.send(&cid, &format!("b{i}"), &format!("预算 budget reply {i}")).await?;
+        bob.send(&cid, &format!("b{i}"), &format!("预算 budget reply {i}"))
+            .await?;
     }
     regions.wait_converged().await?;
     // Ann reads us's index, bob eu's; both are members of the one conversation, so both
@@ -335,8 +393,13 @@ async fn item1_the_sdk_searches_and_pages() -> Result<()> {
     let bob = Client::new(&r.base, &bob_s.token);
     let conv = ann.create_direct("bob").await?;
     for i in 0..5 {
-        ann.send(&conv.conversation_id, &format!("c{i}"), "text", &json!({"text": format!("Ünïcode & spaces {i}")}))
-            .await?;
+        ann.send(
+            &conv.conversation_id,
+            &format!("c{i}"),
+            "text",
+            &json!({"text": format!("Ünïcode & spaces {i}")}),
+        )
+        .await?;
     }
     caught_up(&r).await?;
     let mut req = SearchRequest {
@@ -351,7 +414,14 @@ async fn item1_the_sdk_searches_and_pages() -> Result<()> {
         for hit in &page.items {
             assert_eq!(hit.conversation_id, conv.conversation_id);
             assert_eq!(hit.highlights[0].ranges[0], [0, 7], "{hit:?}");
-            texts.push(hit.message.body.as_ref().and_then(|b| b["text"].as_str()).unwrap_or_default().to_string());
+            texts.push(
+                hit.message
+                    .body
+                    .as_ref()
+                    .and_then(|b| b["text"].as_str())
+                    .unwrap_or_default()
+                    .to_string(),
+            );
         }
         match page.next_cursor {
             Some(c) => req.cursor = Some(c),
@@ -361,7 +431,9 @@ async fn item1_the_sdk_searches_and_pages() -> Result<()> {
     let want: Vec<String> = (0..5).rev().map(|i| format!("Ünïcode & spaces {i}")).collect();
     assert_eq!(texts, want);
     match bob.search(&SearchRequest::new("")).await {
-        Err(ClientError::Api { status: 400, code, .. }) => assert_eq!(code, "invalid_argument"),
+        Err(ClientError::Api {
+            status: 400, code, ..
+        }) => assert_eq!(code, "invalid_argument"),
         other => panic!("expected 400, got {other:?}"),
     }
     r.stop().await

@@ -195,7 +195,9 @@ impl RegionConfig {
             .validate()
             .map_err(|e| invalid("applier", e.to_string()))?;
         self.search.validate().map_err(|e| match e {
-            meridian_search::SearchError::Config { field, reason } => invalid(&format!("search.{field}"), reason),
+            meridian_search::SearchError::Config { field, reason } => {
+                invalid(&format!("search.{field}"), reason)
+            }
             other => invalid("search", other.to_string()),
         })?;
         Ok(())

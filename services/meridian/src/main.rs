@@ -313,9 +313,8 @@ async fn run_up(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()>
 async fn run_admin(cmd: AdminCmd) -> anyhow::Result<()> {
     // From the environment only, as `meridian bench` reads it.
     let admin_key = || {
-        std::env::var("MERIDIAN_ADMIN_KEY").context(
-            "set MERIDIAN_ADMIN_KEY to the deployment's admin key (cluster.json does not hold it)",
-        )
+        std::env::var("MERIDIAN_ADMIN_KEY")
+            .context("set MERIDIAN_ADMIN_KEY to the deployment's admin key (cluster.json does not hold it)")
     };
     let (what, args) = match cmd {
         AdminCmd::Failover(a) => (meridian::admin::Move::Failover, a),

@@ -347,7 +347,9 @@ impl Api {
             if let Some(c) = &cursor {
                 query.push(("cursor", c.clone()));
             }
-            let (st, body) = self.call(self.http.get(&url).bearer_auth(token).query(&query)).await?;
+            let (st, body) = self
+                .call(self.http.get(&url).bearer_auth(token).query(&query))
+                .await?;
             ensure!(st == StatusCode::OK, "search: {st} {body}");
             all.extend(body["messages"].as_array().context("messages")?.iter().cloned());
             match body["next_cursor"].as_str() {

@@ -58,16 +58,24 @@ pub(crate) struct SearchIndex {
 
 impl SearchIndex {
     pub fn open(dir: &Path) -> Result<Self, SearchError> {
-        std::fs::create_dir_all(dir).map_err(|e| SearchError::Directory(format!("{}: {e}", dir.display())))?;
-        let directory =
-            MmapDirectory::open(dir).map_err(|e| SearchError::Directory(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| SearchError::Directory(format!("{}: {e}", dir.display())))?;
+        let directory = MmapDirectory::open(dir)
+            .map_err(|e| SearchError::Directory(format!("{}: {e}", dir.display())))?;
         let (schema, fields) = schema();
         let index = Index::open_or_create(directory, schema)?;
         index.tokenizers().register(ANALYZER, analyzer());
         // Reloaded by the indexer after each commit, so a query never sees a half-written
         // commit and the indexer decides when results move.
-        let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
-        Ok(Self { index, reader, fields })
+        let reader = index
+            .reader_builder()
+            .reload_policy(ReloadPolicy::Manual)
+            .try_into()?;
+        Ok(Self {
+            index,
+            reader,
+            fields,
+        })
     }
 
     pub fn document(&self, m: &IndexableMessage) -> TantivyDocument {
@@ -191,7 +199,8 @@ mod tests {
     #[test]
     fn checkpoints_round_trip_through_the_payload() {
         let mut cp = IndexCheckpoint::default();
-        cp.streams.insert("SYNC_us".into(), FeedPos { instance: 7, seq: 42 });
+        cp.streams
+            .insert("SYNC_us".into(), FeedPos { instance: 7, seq: 42 });
         cp.rebuild_after = Some(hex_encode(b"T/abc"));
         let back: IndexCheckpoint = serde_json::from_str(&cp.encode()).unwrap();
         assert_eq!(back, cp);

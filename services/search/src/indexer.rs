@@ -103,9 +103,14 @@ impl Indexer {
                 }
                 Err(e) => return Err(e),
             };
-            if self.pending > 0 && (self.last_commit.elapsed() >= interval || self.pending >= MAX_PENDING_DOCS) {
+            if self.pending > 0
+                && (self.last_commit.elapsed() >= interval || self.pending >= MAX_PENDING_DOCS)
+            {
                 self.commit().await?;
-            } else if self.pending == 0 && self.state != self.committed && self.last_commit.elapsed() >= interval {
+            } else if self.pending == 0
+                && self.state != self.committed
+                && self.last_commit.elapsed() >= interval
+            {
                 // Positions moved over events that are not messages: commit them too, so
                 // the lag reads zero and a restart does not re-read them.
                 self.commit().await?;
@@ -144,7 +149,9 @@ impl Indexer {
                 match page.last_seq {
                     Some(last) => {
                         self.add(page.messages).await?;
-                        self.state.streams.insert(stream.clone(), FeedPos { seq: last, ..pos });
+                        self.state
+                            .streams
+                            .insert(stream.clone(), FeedPos { seq: last, ..pos });
                     }
                     None => {
                         self.drained.push((stream.clone(), pos.instance));

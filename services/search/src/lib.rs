@@ -249,7 +249,11 @@ impl Search {
     }
 
     /// Where `q` matches in each of `texts` (message texts, see [`message_text`]).
-    pub async fn highlights(&self, q: SearchQuery, texts: Vec<String>) -> Result<Vec<Vec<Highlight>>, SearchError> {
+    pub async fn highlights(
+        &self,
+        q: SearchQuery,
+        texts: Vec<String>,
+    ) -> Result<Vec<Vec<Highlight>>, SearchError> {
         let index = self.index.clone();
         tokio::task::spawn_blocking(move || query::highlights(&index, &q, &texts))
             .await
@@ -267,7 +271,11 @@ pub struct IndexBuilder {
 }
 
 impl IndexBuilder {
-    pub fn create(dir: &std::path::Path, threads: usize, writer_memory_mb: usize) -> Result<Self, SearchError> {
+    pub fn create(
+        dir: &std::path::Path,
+        threads: usize,
+        writer_memory_mb: usize,
+    ) -> Result<Self, SearchError> {
         let index = index::SearchIndex::open(dir)?;
         let writer = index
             .index

@@ -35,7 +35,11 @@ impl Default for SearchMetrics {
 impl SearchMetrics {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("meridian_search");
-        r.register("documents", "Messages in the committed search index", self.documents.clone());
+        r.register(
+            "documents",
+            "Messages in the committed search index",
+            self.documents.clone(),
+        );
         r.register(
             "lag_events",
             "Events applied to the store and not yet in the committed search index",
@@ -46,7 +50,11 @@ impl SearchMetrics {
             "1 while the search index is rebuilt from the store",
             self.rebuilding.clone(),
         );
-        r.register("indexed", "Messages handed to the index writer", self.indexed.clone());
+        r.register(
+            "indexed",
+            "Messages handed to the index writer",
+            self.indexed.clone(),
+        );
         r.register("commits", "Search index commits", self.commits.clone());
         r.register(
             "commit_seconds",

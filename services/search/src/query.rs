@@ -5,7 +5,9 @@ use std::ops::Bound;
 
 use meridian_model::{ConversationId, EventId, OrderKey};
 use tantivy::collector::TopDocs;
-use tantivy::query::{AllQuery, BooleanQuery, Occur, PhraseQuery, Query, RangeQuery, TermQuery, TermSetQuery};
+use tantivy::query::{
+    AllQuery, BooleanQuery, Occur, PhraseQuery, Query, RangeQuery, TermQuery, TermSetQuery,
+};
 use tantivy::schema::{IndexRecordOption, Value};
 use tantivy::snippet::SnippetGenerator;
 use tantivy::{Order, TantivyDocument, Term};
@@ -87,12 +89,12 @@ fn build(index: &SearchIndex, q: &SearchQuery, below: Option<&OrderKey>) -> Opti
         ));
     }
     if q.sent_after_ms.is_some() || q.sent_before_ms.is_some() {
-        let lo = q
-            .sent_after_ms
-            .map_or(Bound::Unbounded, |v| Bound::Excluded(Term::from_field_u64(f.sent_at, v)));
-        let hi = q
-            .sent_before_ms
-            .map_or(Bound::Unbounded, |v| Bound::Excluded(Term::from_field_u64(f.sent_at, v)));
+        let lo = q.sent_after_ms.map_or(Bound::Unbounded, |v| {
+            Bound::Excluded(Term::from_field_u64(f.sent_at, v))
+        });
+        let hi = q.sent_before_ms.map_or(Bound::Unbounded, |v| {
+            Bound::Excluded(Term::from_field_u64(f.sent_at, v))
+        });
         must.push((Occur::Must, Box::new(RangeQuery::new(lo, hi))));
     }
     if let Some(k) = below {
@@ -178,7 +180,11 @@ pub(crate) fn run(
     }
 }
 
-pub(crate) fn highlights(index: &SearchIndex, q: &SearchQuery, texts: &[String]) -> Result<Vec<Vec<Highlight>>, SearchError> {
+pub(crate) fn highlights(
+    index: &SearchIndex,
+    q: &SearchQuery,
+    texts: &[String],
+) -> Result<Vec<Vec<Highlight>>, SearchError> {
     let query: Box<dyn Query> = match build(index, q, None) {
         Some(query) => query,
         None => Box::new(AllQuery),

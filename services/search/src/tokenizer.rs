@@ -222,7 +222,10 @@ mod tests {
 
     #[test]
     fn words_are_lowercased_and_folded() {
-        let t: Vec<String> = tokens("Café RÉSUMÉ, naïve-Straße 42").into_iter().map(|t| t.0).collect();
+        let t: Vec<String> = tokens("Café RÉSUMÉ, naïve-Straße 42")
+            .into_iter()
+            .map(|t| t.0)
+            .collect();
         assert_eq!(t, ["cafe", "resume", "naive", "strasse", "42"]);
     }
 

@@ -85,13 +85,21 @@ async fn follows_the_feed_and_pages_newest_first() -> anyhow::Result<()> {
     let (cid, created) = f.direct("alice", "bob");
     let mut events = vec![f.user("alice", "us"), f.user("bob", "us"), created];
     for i in 0..40 {
-        let text = if i % 2 == 0 { format!("Café number {i}") } else { format!("tea {i}") };
+        let text = if i % 2 == 0 {
+            format!("Café number {i}")
+        } else {
+            format!("tea {i}")
+        };
         events.push(f.message("alice", &cid, &format!("m{i}"), &text));
     }
     let cfg = apply_config("us");
-    t.store.apply_batch(&cfg, "SYNC_us", &sequenced(&events[..20], 1)).await?;
+    t.store
+        .apply_batch(&cfg, "SYNC_us", &sequenced(&events[..20], 1))
+        .await?;
     let running = start(config(dir.path()), &t.store)?;
-    t.store.apply_batch(&cfg, "SYNC_us", &sequenced(&events[20..], 21)).await?;
+    t.store
+        .apply_batch(&cfg, "SYNC_us", &sequenced(&events[20..], 21))
+        .await?;
     wait_for_documents(&running.search, 40).await?;
 
     let hits = all_hits(&running.search, &query("CAFE", &[&cid]), 3).await?;
@@ -103,8 +111,12 @@ async fn follows_the_feed_and_pages_newest_first() -> anyhow::Result<()> {
     assert_eq!(hits, expected, "every café, newest first, across pages of 3");
     // Another conversation's filter finds nothing; a word that is nowhere finds nothing.
     let other = ConversationId::direct(&user("carol"), &user("dave"));
-    assert!(all_hits(&running.search, &query("cafe", &[&other]), 5).await?.is_empty());
-    assert!(all_hits(&running.search, &query("coffee", &[&cid]), 5).await?.is_empty());
+    assert!(all_hits(&running.search, &query("cafe", &[&other]), 5)
+        .await?
+        .is_empty());
+    assert!(all_hits(&running.search, &query("coffee", &[&cid]), 5)
+        .await?
+        .is_empty());
     running.stop().await
 }
 
@@ -120,7 +132,9 @@ async fn item2_a_crash_of_the_indexer_resumes_from_its_committed_checkpoint() ->
         events.push(f.message("bob", &cid, &format!("m{i}"), &format!("report {i}")));
     }
     let cfg = apply_config("us");
-    t.store.apply_batch(&cfg, "SYNC_us", &sequenced(&events[..30], 1)).await?;
+    t.store
+        .apply_batch(&cfg, "SYNC_us", &sequenced(&events[..30], 1))
+        .await?;
     let mut slow = config(dir.path());
     // Commits far apart: what is added after the first catch-up is uncommitted at the crash.
     slow.commit_interval_ms = 600_000;
@@ -128,7 +142,9 @@ async fn item2_a_crash_of_the_indexer_resumes_from_its_committed_checkpoint() ->
     wait_for_documents(&running.search, 27).await?;
     running.stop().await?;
     let running = start(slow, &t.store)?;
-    t.store.apply_batch(&cfg, "SYNC_us", &sequenced(&events[30..], 31)).await?;
+    t.store
+        .apply_batch(&cfg, "SYNC_us", &sequenced(&events[30..], 31))
+        .await?;
     // Let the indexer read the new entries into its writer, then kill it without a commit.
     tokio::time::sleep(Duration::from_millis(200)).await;
     running.task.abort();
@@ -153,7 +169,9 @@ async fn item2_the_index_is_rebuilt_from_the_store() -> anyhow::Result<()> {
         events.push(f.message("alice", &cid, &format!("m{i}"), &format!("lunch {i}")));
     }
     let cfg = apply_config("us");
-    t.store.apply_batch(&cfg, "SYNC_us", &sequenced(&events, 1)).await?;
+    t.store
+        .apply_batch(&cfg, "SYNC_us", &sequenced(&events, 1))
+        .await?;
     // An index that never existed starts from the timelines.
     let running = start(config(dir.path()), &t.store)?;
     wait_for_documents(&running.search, 25).await?;
@@ -162,9 +180,16 @@ async fn item2_the_index_is_rebuilt_from_the_store() -> anyhow::Result<()> {
     let more: Vec<_> = (25..40)
         .map(|i| f.message("alice", &cid, &format!("m{i}"), &format!("lunch {i}")))
         .collect();
-    t.store.apply_batch(&cfg, "SYNC_us", &sequenced(&more, 29)).await?;
+    t.store
+        .apply_batch(&cfg, "SYNC_us", &sequenced(&more, 29))
+        .await?;
     wait_for_documents(&running.search, 40).await?;
-    assert_eq!(all_hits(&running.search, &query("lunch", &[&cid]), 50).await?.len(), 40);
+    assert_eq!(
+        all_hits(&running.search, &query("lunch", &[&cid]), 50)
+            .await?
+            .len(),
+        40
+    );
     running.stop().await
 }
 

@@ -171,7 +171,10 @@ impl Keys {
 
     /// The search feed entry of a message applied from `stream`'s `instance` at `seq`.
     pub fn search_feed(&self, stream: &str, instance: u64, seq: u64) -> Vec<u8> {
-        self.key(b'F', &[stream.as_bytes(), &instance.to_be_bytes(), &seq.to_be_bytes()])
+        self.key(
+            b'F',
+            &[stream.as_bytes(), &instance.to_be_bytes(), &seq.to_be_bytes()],
+        )
     }
     pub fn search_feed_prefix(&self, stream: &str, instance: u64) -> Vec<u8> {
         self.prefix(b'F', &[stream.as_bytes(), &instance.to_be_bytes()])

@@ -77,9 +77,17 @@ impl Store {
 
     /// Up to `limit` feed entries of `stream`'s `instance` after `after_seq`, resolved to
     /// the messages they name.
-    pub async fn search_feed(&self, stream: &str, instance: u64, after_seq: u64, limit: usize) -> Result<FeedPage> {
+    pub async fn search_feed(
+        &self,
+        stream: &str,
+        instance: u64,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<FeedPage> {
         let prefix = self.keys().search_feed_prefix(stream, instance);
-        let start = self.keys().search_feed(stream, instance, after_seq.saturating_add(1));
+        let start = self
+            .keys()
+            .search_feed(stream, instance, after_seq.saturating_add(1));
         let end = prefix_end(&prefix);
         let mut txn = self.kv().begin_read().await?;
         let rows = txn.scan(&start, &end, limit.max(1), ScanOrder::Forward).await?;

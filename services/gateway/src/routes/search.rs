@@ -44,9 +44,8 @@ pub async fn search(
     State(s): State<Arc<AppState>>,
     ApiQuery(p): ApiQuery<SearchParams>,
 ) -> ApiResult<Json<Value>> {
-    let text = p
-        .q
-        .ok_or_else(|| ApiError::bad_request("invalid_argument", "q is required").with("field", "q"))?;
+    let text =
+        p.q.ok_or_else(|| ApiError::bad_request("invalid_argument", "q is required").with("field", "q"))?;
     if text.is_empty() || text.chars().count() > MAX_QUERY_CHARS {
         return Err(ApiError::bad_request(
             "invalid_argument",
@@ -90,13 +89,19 @@ pub async fn search(
     let mut found = Vec::with_capacity(limit);
     let mut exhausted = false;
     'rounds: for _ in 0..MAX_ROUNDS {
-        let page = search.query(query.clone(), below.clone(), limit - found.len()).await?;
+        let page = search
+            .query(query.clone(), below.clone(), limit - found.len())
+            .await?;
         for hit in page.hits {
             if found.len() == limit {
                 break 'rounds;
             }
             below = Some(hit.order_key.clone());
-            let Some(m) = s.store.message(&hit.conversation_id, &caller.user, &hit.message_id).await? else {
+            let Some(m) = s
+                .store
+                .message(&hit.conversation_id, &caller.user, &hit.message_id)
+                .await?
+            else {
                 continue; // deleted for the caller (or not applied here yet)
             };
             if m.recalled {

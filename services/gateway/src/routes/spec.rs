@@ -428,10 +428,12 @@ pub fn admin_failback(_: &DocContext) -> OpSpec {
 
 pub fn admin_search_reindex(_: &DocContext) -> OpSpec {
     OpSpec {
-        response: Some(json!({"type": "object", "required": ["region", "requested", "rebuilding"], "properties": {
+        response: Some(
+            json!({"type": "object", "required": ["region", "requested", "rebuilding"], "properties": {
             "region": {"type": "string"},
             "requested": {"type": "boolean", "description": "false when a rebuild was already asked for and has not started: it covers this request."},
-            "rebuilding": {"type": "boolean"}}})),
+            "rebuilding": {"type": "boolean"}}}),
+        ),
         ..Default::default()
     }
 }
