@@ -171,6 +171,9 @@ async fn feed_pipeline(corpus: &Corpus, n: usize) -> anyhow::Result<(f64, f64)> 
     ))
 }
 
+/// Makes one query text of a kind.
+type QueryMaker<'a> = Box<dyn Fn(&mut StdRng) -> String + 'a>;
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
@@ -243,7 +246,7 @@ fn main() -> anyhow::Result<()> {
             Arc::new(SearchMetrics::default()),
         )?;
         let mut rng = StdRng::seed_from_u64(99);
-        let kinds: Vec<(&str, Box<dyn Fn(&mut StdRng) -> String>)> = vec![
+        let kinds: Vec<(&str, QueryMaker)> = vec![
             ("common word", Box::new(|_: &mut StdRng| corpus.words[0].clone())),
             (
                 "mid-frequency word",

@@ -19,7 +19,7 @@ use tantivy::{IndexWriter, TantivyDocument};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::index::{hex_encode, FeedPos, IndexCheckpoint, SearchIndex};
+use crate::index::{FeedPos, IndexCheckpoint, SearchIndex};
 use crate::{now_ms, SearchConfig, SearchError, SearchMetrics, SharedStatus};
 
 /// Commit early once this many documents wait, whatever the interval.
@@ -197,7 +197,7 @@ impl Indexer {
         let (messages, next) = self.store.scan_messages(after.as_ref(), self.cfg.batch).await?;
         self.add(messages).await?;
         self.state.rebuild_after = match next {
-            Some(pos) => Some(hex_encode(pos.key())),
+            Some(pos) => Some(hex::encode(pos.key())),
             None => {
                 tracing::info!("search index rebuilt from the store; following the feed");
                 None
