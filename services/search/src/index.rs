@@ -19,7 +19,8 @@ use crate::SearchError;
 /// has it), which keeps the index small.
 #[derive(Clone, Copy)]
 pub(crate) struct Fields {
-    /// The message id (hyphenated), stored: the key of re-adds (delete, then add).
+    /// The message id (hyphenated): the key of re-adds (delete, then add). Not stored: the
+    /// stored order key holds it.
     pub message_id: Field,
     pub conversation_id: Field,
     pub sender: Field,
@@ -39,7 +40,7 @@ pub(crate) fn schema() -> (Schema, Fields) {
             .set_index_option(IndexRecordOption::WithFreqsAndPositions),
     );
     let fields = Fields {
-        message_id: b.add_text_field("message_id", STRING | STORED),
+        message_id: b.add_text_field("message_id", STRING),
         conversation_id: b.add_text_field("conversation_id", STRING | STORED),
         sender: b.add_text_field("sender", STRING),
         hlc: b.add_u64_field("hlc", INDEXED | FAST),
@@ -60,10 +61,24 @@ impl SearchIndex {
     pub fn open(dir: &Path) -> Result<Self, SearchError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| SearchError::Directory(format!("{}: {e}", dir.display())))?;
-        let directory = MmapDirectory::open(dir)
-            .map_err(|e| SearchError::Directory(format!("{}: {e}", dir.display())))?;
         let (schema, fields) = schema();
-        let index = Index::open_or_create(directory, schema)?;
+        let open = || -> Result<Index, SearchError> {
+            let directory = MmapDirectory::open(dir)
+                .map_err(|e| SearchError::Directory(format!("{}: {e}", dir.display())))?;
+            Ok(Index::open_or_create(directory, schema.clone())?)
+        };
+        let index = match open() {
+            // An index written with another schema (an older version of this crate) is
+            // derived data: start it again, and the indexer rebuilds it from the store.
+            Err(SearchError::Index(tantivy::TantivyError::SchemaError(e))) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "search index of another schema: rebuilding it");
+                std::fs::remove_dir_all(dir)
+                    .and_then(|()| std::fs::create_dir_all(dir))
+                    .map_err(|e| SearchError::Directory(format!("{}: {e}", dir.display())))?;
+                open()?
+            }
+            other => other?,
+        };
         index.tokenizers().register(ANALYZER, analyzer());
         // Reloaded by the indexer after each commit, so a query never sees a half-written
         // commit and the indexer decides when results move.

@@ -219,3 +219,28 @@ async fn a_recreated_stream_is_followed_from_its_start() -> anyhow::Result<()> {
     wait_for_documents(&running.search, 15).await?;
     running.stop().await
 }
+
+/// An index written with another schema is derived data: it is started again and rebuilt
+/// from the store instead of stopping the region.
+#[tokio::test]
+async fn an_index_of_another_schema_is_rebuilt_from_the_store() -> anyhow::Result<()> {
+    let t = TempStore::open()?;
+    let dir = tempfile::tempdir()?;
+    {
+        use tantivy::schema::{Schema, STRING};
+        let mut b = Schema::builder();
+        b.add_text_field("something_else", STRING);
+        let index = tantivy::Index::create_in_dir(dir.path(), b.build())?;
+        let mut w: tantivy::IndexWriter = index.writer_with_num_threads(1, 15_000_000)?;
+        w.commit()?;
+    }
+    let f = EventFactory::new("us");
+    let (cid, created) = f.direct("alice", "bob");
+    let mut events = vec![f.user("alice", "us"), f.user("bob", "us"), created];
+    events.push(f.message("alice", &cid, "m0", "kept in the store"));
+    t.store.apply_batch(&apply_config("us"), "SYNC_us", &sequenced(&events, 1)).await?;
+    let running = start(config(dir.path()), &t.store)?;
+    wait_for_documents(&running.search, 1).await?;
+    assert_eq!(all_hits(&running.search, &query("store", &[&cid]), 5).await?.len(), 1);
+    running.stop().await
+}
