@@ -332,7 +332,7 @@ fn main() -> anyhow::Result<()> {
         text_bytes as f64 / n as f64
     );
     println!(
-        "| query ({MEMBER_OF} conversations of {CONVERSATIONS}) | p50 | p99 | hits per query (of 21 asked) |"
+        "| query ({MEMBER_OF} conversations of {CONVERSATIONS}) | p50 | p99 | hits returned (21 asked, up to 39 fetched) |"
     );
     println!("|---|---|---|---|");
     for (name, p50, p99, hits) in figures {
