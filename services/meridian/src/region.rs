@@ -210,7 +210,16 @@ pub async fn start(cfg: RegionConfig, roles: Roles) -> Result<RunningRegion, Reg
         let token = CancellationToken::new();
         let task = tokio::spawn({
             let token = token.clone();
-            async move { search.run(token).await }
+            // An indexer that fails stops indexing, not the region: delivery goes on,
+            // search answers from the last commit, and the lag shows it (the next start
+            // resumes from the committed checkpoint).
+            async move {
+                let ended = search.run(token).await;
+                if let Err(e) = &ended {
+                    tracing::error!(error = %e, "search indexer stopped; search results fall behind until the region restarts");
+                }
+                ended
+            }
         });
         let task = tokio::spawn(async move {
             task.await
@@ -290,9 +299,6 @@ impl RunningRegion {
             }
             if self.push.as_ref().is_some_and(|(_, t)| t.is_finished()) {
                 return "push";
-            }
-            if self.search.as_ref().is_some_and(|(_, t)| t.is_finished()) {
-                return "search";
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

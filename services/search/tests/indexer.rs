@@ -238,9 +238,16 @@ async fn an_index_of_another_schema_is_rebuilt_from_the_store() -> anyhow::Resul
     let (cid, created) = f.direct("alice", "bob");
     let mut events = vec![f.user("alice", "us"), f.user("bob", "us"), created];
     events.push(f.message("alice", &cid, "m0", "kept in the store"));
-    t.store.apply_batch(&apply_config("us"), "SYNC_us", &sequenced(&events, 1)).await?;
+    t.store
+        .apply_batch(&apply_config("us"), "SYNC_us", &sequenced(&events, 1))
+        .await?;
     let running = start(config(dir.path()), &t.store)?;
     wait_for_documents(&running.search, 1).await?;
-    assert_eq!(all_hits(&running.search, &query("store", &[&cid]), 5).await?.len(), 1);
+    assert_eq!(
+        all_hits(&running.search, &query("store", &[&cid]), 5)
+            .await?
+            .len(),
+        1
+    );
     running.stop().await
 }
