@@ -323,6 +323,31 @@ admin_key = "admin-key-admin-key"
     }
 
     #[test]
+    fn search_is_on_beside_an_embedded_store_and_its_bad_fields_are_named() {
+        let cfg = RegionConfig::from_toml(FILE, "test", vec![]).unwrap();
+        assert!(cfg.search.enabled);
+        let dir = cfg.search_index_dir().unwrap();
+        assert!(dir.to_string_lossy().ends_with(".search"), "{}", dir.display());
+        let env = vec![(
+            "MERIDIAN__SEARCH__COMMIT_INTERVAL_MS".to_string(),
+            "0".to_string(),
+        )];
+        let err = RegionConfig::from_toml(FILE, "test", env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("search.commit_interval_ms"), "{err}");
+        let env = vec![(
+            "MERIDIAN__SEARCH__INDEX_DIR".to_string(),
+            "/srv/index".to_string(),
+        )];
+        let cfg = RegionConfig::from_toml(FILE, "test", env).unwrap();
+        assert_eq!(
+            cfg.search_index_dir().unwrap(),
+            std::path::PathBuf::from("/srv/index")
+        );
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let env = vec![("MERIDIAN__GATEWAY__JWT_SECRET".to_string(), "short".to_string())];
         let err = RegionConfig::from_toml(FILE, "test", env)
