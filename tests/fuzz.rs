@@ -71,6 +71,8 @@ struct Pools {
     /// (message id, cursor) per conversation.
     messages: BTreeMap<String, Vec<(String, String)>>,
     list_cursors: Vec<String>,
+    /// next_cursor values of searches (`search-cursor`).
+    search_cursors: Vec<String>,
 }
 
 /// A `^...$` pattern made of literals, escapes and `[...]` classes with `{m,n}`, `{n}`, `+`,
@@ -224,6 +226,7 @@ impl<'a> Doc<'a> {
                 "message-id" => rng.pick(&messages).map(|m| m.0.clone()),
                 "cursor" => rng.pick(&messages).map(|m| m.1.clone()),
                 "list-cursor" => rng.pick(&pools.list_cursors).cloned(),
+                "search-cursor" => rng.pick(&pools.search_cursors).cloned(),
                 _ => None,
             };
             if let Some(v) = pooled {
@@ -696,6 +699,11 @@ fn harvest(pools: &mut Pools, op_id: &str, case: &Case, body: &Value) {
                 pools.list_cursors.push(c.to_string());
             }
         }
+        "get_v1_search" => {
+            if let Some(c) = body["next_cursor"].as_str() {
+                pools.search_cursors.push(c.to_string());
+            }
+        }
         _ => {}
     }
 }
@@ -752,6 +760,20 @@ async fn item9_fuzz_from_the_openapi_document() -> Result<()> {
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+    }
+    // A search cursor: the seeded messages searchable (the index commits on its own
+    // cadence), then a page of one.
+    loop {
+        let (_, found) = ann.get("/v1/search?q=seed&limit=1").await?;
+        if let Some(c) = found["next_cursor"].as_str() {
+            pools.search_cursors.push(c.to_string());
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "seed messages not searchable: {found}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let (_, list) = ann.get("/v1/conversations?limit=1").await?;
     if let Some(c) = list["next_cursor"].as_str() {

@@ -23,6 +23,16 @@ pub use regions::{RegionNode, TestRegions};
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
 pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef0123";
 
+/// Search as the tests run it: commits every 50 ms, so results follow sends quickly.
+pub fn fast_search() -> meridian_search::SearchConfig {
+    meridian_search::SearchConfig {
+        commit_interval_ms: 50,
+        poll_interval_ms: 10,
+        writer_memory_mb: 16,
+        ..Default::default()
+    }
+}
+
 pub struct TestRegion {
     pub nats: NatsServer,
     pub cfg: RegionConfig,
@@ -56,6 +66,7 @@ impl TestRegion {
             gateway: GatewayConfig::new(region.clone(), JWT_SECRET, ADMIN_KEY),
             applier: meridian_applier::ApplierConfig::new(region),
             push: None,
+            search: fast_search(),
         };
         tweak(&mut cfg);
         cfg.validate()?;

@@ -105,6 +105,7 @@ impl TestRegions {
                 gateway,
                 applier: meridian_applier::ApplierConfig::new(id.clone()),
                 push: None,
+                search: crate::fast_search(),
             };
             cfg.validate()?;
             let running = region::start(cfg.clone(), Roles::ALL)

@@ -136,6 +136,68 @@ pub struct Message {
     pub recalled: bool,
 }
 
+/// What to search for (`GET /v1/search`): `SearchRequest::new("words")`, then the filters.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SearchRequest {
+    pub q: String,
+    pub conversation_id: Option<String>,
+    pub sender: Option<String>,
+    /// Sent before / after this time (ms since the epoch, exclusive).
+    pub before_ms: Option<u64>,
+    pub after_ms: Option<u64>,
+    /// 1–100; the server's default (20) when `None`.
+    pub limit: Option<usize>,
+    /// The `next_cursor` of the previous page of the same query.
+    pub cursor: Option<String>,
+}
+
+impl SearchRequest {
+    pub fn new(q: impl Into<String>) -> Self {
+        Self {
+            q: q.into(),
+            ..Default::default()
+        }
+    }
+
+    fn path(&self) -> String {
+        let mut url = reqwest::Url::parse("http://search.invalid/v1/search").expect("a fixed valid URL");
+        {
+            let mut pairs = url.query_pairs_mut();
+            pairs.append_pair("q", &self.q);
+            let mut opt = |k: &str, v: Option<String>| {
+                if let Some(v) = v {
+                    pairs.append_pair(k, &v);
+                }
+            };
+            opt("conversation_id", self.conversation_id.clone());
+            opt("sender", self.sender.clone());
+            opt("before", self.before_ms.map(|v| v.to_string()));
+            opt("after", self.after_ms.map(|v| v.to_string()));
+            opt("limit", self.limit.map(|v| v.to_string()));
+            opt("cursor", self.cursor.clone());
+        }
+        format!("/v1/search?{}", url.query().unwrap_or_default())
+    }
+}
+
+/// One search result: the message as history shows it, its conversation, and where the
+/// query matched.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct SearchHit {
+    #[serde(flatten)]
+    pub message: Message,
+    pub conversation_id: String,
+    pub highlights: Vec<Highlight>,
+}
+
+/// A fragment of a message's text and the matched ranges in it (`[start, end)`, in
+/// characters from the fragment's start).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct Highlight {
+    pub fragment: String,
+    pub ranges: Vec<[usize; 2]>,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Page<T> {
     pub items: Vec<T>,
@@ -563,6 +625,13 @@ impl Client {
             path.push_str(&format!("&before={b}"));
         }
         let v = self.call(reqwest::Method::GET, &path, None).await?;
+        page(v, "messages")
+    }
+
+    /// Full-text search over the caller's conversations, newest first (`GET /v1/search`).
+    /// Continue with `SearchRequest { cursor: page.next_cursor, ..req }` until it is `None`.
+    pub async fn search(&self, req: &SearchRequest) -> Result<Page<SearchHit>, ClientError> {
+        let v = self.call(reqwest::Method::GET, &req.path(), None).await?;
         page(v, "messages")
     }
 

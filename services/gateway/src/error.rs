@@ -138,6 +138,18 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<meridian_search::SearchError> for ApiError {
+    fn from(e: meridian_search::SearchError) -> Self {
+        match e {
+            meridian_search::SearchError::Store(s) => s.into(),
+            other => {
+                tracing::error!(error = %other, "search failed");
+                ApiError::unavailable("search is unavailable, retry later")
+            }
+        }
+    }
+}
+
 impl From<BusError> for ApiError {
     fn from(e: BusError) -> Self {
         tracing::error!(error = %e, "publish failed");

@@ -118,6 +118,7 @@ impl Gateway {
             registry,
             fence: Default::default(),
             console: Default::default(),
+            search: None,
         };
         Ok(Gateway {
             listener,
@@ -135,6 +136,11 @@ impl Gateway {
     /// Who is connected here: the region process hands it to push as its presence source.
     pub fn hub(&self) -> Arc<live::Hub> {
         self.state.hub.clone()
+    }
+
+    /// Serves `GET /v1/search` from this index (the region process runs its indexer).
+    pub fn set_search(&mut self, search: meridian_search::Search) {
+        self.state.search = Some(search);
     }
 
     /// The process's metrics registry, which `/metrics` encodes: roles running beside the

@@ -42,6 +42,9 @@ pub struct AppState {
     pub fence: crate::fence::Fence,
     /// The operator console's samples, feed and action log.
     pub console: crate::console::Console,
+    /// The region's search index, where this process runs it (beside the applier); `None`
+    /// answers `GET /v1/search` with 503.
+    pub search: Option<meridian_search::Search>,
 }
 
 /// An event the stream has acknowledged.

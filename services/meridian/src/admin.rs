@@ -1,6 +1,8 @@
 //! `meridian admin failover|failback --cluster cluster.json --region us [--to eu]`: the
 //! operator's region moves (docs/design.md §7), against a running deployment's endpoints,
-//! printing each answer and waiting (bounded) until the move is done.
+//! printing each answer and waiting (bounded) until the move is done; and `meridian admin
+//! reindex --region us`: rebuild a region's search index from its store, waiting until it
+//! has caught up.
 //!
 //! - failover: `POST /v1/admin/failover {"region", "to"}` to the acting region `to`, then
 //!   waits until its `/v1/admin/regions` shows `region` served by `to`.
@@ -180,4 +182,79 @@ pub async fn run(what: Move, opts: &MoveOptions, mut say: impl FnMut(String)) ->
             }
         }
     }
+}
+
+/// `meridian admin reindex`: which region, and how long to wait for the rebuild.
+pub struct ReindexOptions {
+    pub cluster: PathBuf,
+    pub admin_key: String,
+    pub region: String,
+    pub wait: Duration,
+}
+
+/// Asks `region` to rebuild its search index from its store (`POST
+/// /v1/admin/search/reindex`), then follows `search` in its `/v1/admin/regions` entry until
+/// the rebuild is done and the index has caught up; the last `search` status.
+pub async fn reindex(opts: &ReindexOptions, mut say: impl FnMut(String)) -> Result<Value, AdminError> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|source| AdminError::Http {
+            path: "client".into(),
+            source,
+        })?;
+    let started = Instant::now();
+    let started_ms = now_ms();
+    let deadline = started + opts.wait;
+    let base = endpoint(&opts.cluster, &opts.region)?;
+    say(format!("POST {base}/v1/admin/search/reindex"));
+    let (st, answer) = call(
+        &http,
+        &opts.admin_key,
+        reqwest::Method::POST,
+        format!("{base}/v1/admin/search/reindex"),
+        None,
+    )
+    .await?;
+    say(format!("{st} {answer}"));
+    if st != 200 {
+        return Err(AdminError::Refused {
+            what: "reindex".into(),
+            status: st,
+            body: answer,
+        });
+    }
+    // The rebuild starts at the indexer's next step: seen rebuilding, or caught up after
+    // the request (a small index rebuilds between two polls).
+    let mut last = Value::Null;
+    loop {
+        let (st, regions) = call(
+            &http,
+            &opts.admin_key,
+            reqwest::Method::GET,
+            format!("{base}/v1/admin/regions"),
+            None,
+        )
+        .await?;
+        let search = regions["regions"][0]["search"].clone();
+        if search != last {
+            say(format!("{} ms: {search}", started.elapsed().as_millis()));
+            last = search.clone();
+        }
+        let committed_since = search["last_commit_ms"].as_u64().is_some_and(|t| t >= started_ms);
+        if st == 200 && search["rebuilding"] == false && search["lag_events"] == 0 && committed_since {
+            return Ok(search);
+        }
+        if Instant::now() >= deadline {
+            return Err(AdminError::Timeout(opts.wait, format!("{st} {search}")));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

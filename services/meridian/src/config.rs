@@ -12,6 +12,7 @@ use meridian_bus::BusConfig;
 use meridian_gateway::GatewayConfig;
 use meridian_model::RegionId;
 use meridian_push::{PushConfig, WEBHOOK_URL_ENV};
+use meridian_search::SearchConfig;
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,9 @@ pub struct RegionConfig {
     /// set (which `meridian up` passes on to its region processes).
     #[serde(default)]
     pub push: Option<PushConfig>,
+    /// Full-text search (`[search]`, all optional): the index runs beside the applier.
+    #[serde(default)]
+    pub search: SearchConfig,
 }
 
 fn default_inbox_ttl_s() -> u64 {
@@ -196,7 +200,26 @@ impl RegionConfig {
         self.applier
             .validate()
             .map_err(|e| invalid("applier", e.to_string()))?;
+        self.search.validate().map_err(|e| match e {
+            meridian_search::SearchError::Config { field, reason } => {
+                invalid(&format!("search.{field}"), reason)
+            }
+            other => invalid("search", other.to_string()),
+        })?;
         Ok(())
+    }
+}
+
+impl RegionConfig {
+    /// Where the search index lives: `search.index_dir`, else beside an embedded store
+    /// (`<store dir>.search`); `None` with a TiKV store and no directory set.
+    pub fn search_index_dir(&self) -> Option<std::path::PathBuf> {
+        if let Some(d) = &self.search.index_dir {
+            return Some(d.clone());
+        }
+        let dir = self.store.strip_prefix("embedded://")?;
+        let dir = dir.split('?').next().unwrap_or(dir).trim_end_matches('/');
+        Some(std::path::PathBuf::from(format!("{dir}.search")))
     }
 }
 
@@ -336,6 +359,31 @@ admin_key = "admin-key-admin-key"
             .unwrap_err()
             .to_string();
         assert!(err.contains("drill_dir"), "{err}");
+    }
+
+    #[test]
+    fn search_is_on_beside_an_embedded_store_and_its_bad_fields_are_named() {
+        let cfg = RegionConfig::from_toml(FILE, "test", vec![]).unwrap();
+        assert!(cfg.search.enabled);
+        let dir = cfg.search_index_dir().unwrap();
+        assert!(dir.to_string_lossy().ends_with(".search"), "{}", dir.display());
+        let env = vec![(
+            "MERIDIAN__SEARCH__COMMIT_INTERVAL_MS".to_string(),
+            "0".to_string(),
+        )];
+        let err = RegionConfig::from_toml(FILE, "test", env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("search.commit_interval_ms"), "{err}");
+        let env = vec![(
+            "MERIDIAN__SEARCH__INDEX_DIR".to_string(),
+            "/srv/index".to_string(),
+        )];
+        let cfg = RegionConfig::from_toml(FILE, "test", env).unwrap();
+        assert_eq!(
+            cfg.search_index_dir().unwrap(),
+            std::path::PathBuf::from("/srv/index")
+        );
     }
 
     #[test]

@@ -55,7 +55,8 @@ enum Cmd {
     /// configuration.
     NatsAuth(NatsAuthArgs),
     /// Operator commands against a running deployment (its cluster.json; the admin key in
-    /// MERIDIAN_ADMIN_KEY): region failover and failback, waiting and printing progress.
+    /// MERIDIAN_ADMIN_KEY): region failover and failback, search reindex, waiting and
+    /// printing progress.
     #[command(subcommand)]
     Admin(AdminCmd),
     /// A chaos drill (chaos/README.md): a workload in every region, one scenario's faults
@@ -127,6 +128,21 @@ enum AdminCmd {
     Failover(MoveArgs),
     /// Bring a region's users home; retried while the home region is not caught up.
     Failback(MoveArgs),
+    /// Rebuild a region's search index from its store; waits until it has caught up.
+    Reindex(ReindexArgs),
+}
+
+#[derive(Args)]
+struct ReindexArgs {
+    /// The deployment's cluster.json (regions and their endpoints).
+    #[arg(long)]
+    cluster: PathBuf,
+    /// The region whose index is rebuilt.
+    #[arg(long)]
+    region: String,
+    /// Give up waiting after this many seconds (the rebuild goes on).
+    #[arg(long, default_value_t = 600)]
+    wait_secs: u64,
 }
 
 #[derive(Args)]
@@ -431,16 +447,28 @@ fn drills_dir_of(cluster: &Path) -> anyhow::Result<PathBuf> {
 }
 
 async fn run_admin(cmd: AdminCmd) -> anyhow::Result<()> {
+    // From the environment only, as `meridian bench` reads it.
+    let admin_key = || {
+        std::env::var("MERIDIAN_ADMIN_KEY")
+            .context("set MERIDIAN_ADMIN_KEY to the deployment's admin key (cluster.json does not hold it)")
+    };
     let (what, args) = match cmd {
         AdminCmd::Failover(a) => (meridian::admin::Move::Failover, a),
         AdminCmd::Failback(a) => (meridian::admin::Move::Failback, a),
+        AdminCmd::Reindex(a) => {
+            let opts = meridian::admin::ReindexOptions {
+                cluster: a.cluster,
+                admin_key: admin_key()?,
+                region: a.region,
+                wait: Duration::from_secs(a.wait_secs),
+            };
+            meridian::admin::reindex(&opts, |line| println!("{line}")).await?;
+            return Ok(());
+        }
     };
     let opts = meridian::admin::MoveOptions {
         cluster: args.cluster,
-        // From the environment only, as `meridian bench` reads it.
-        admin_key: std::env::var("MERIDIAN_ADMIN_KEY").context(
-            "set MERIDIAN_ADMIN_KEY to the deployment's admin key (cluster.json does not hold it)",
-        )?,
+        admin_key: admin_key()?,
         region: args.region,
         to: args.to,
         wait: Duration::from_secs(args.wait_secs),

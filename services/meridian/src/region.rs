@@ -3,8 +3,8 @@
 //!
 //! Stop order: the gateway stops accepting and finishes requests in flight (their publishes
 //! complete or fail back to the client), then the applier commits the batch it holds, then
-//! the sweeper (which runs where the applier runs) ends, and the store is closed last when
-//! its handles drop.
+//! push, then the search indexer (which commits what it added), then the sweeper (which
+//! runs where the applier runs) ends, and the store is closed last when its handles drop.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,6 +31,8 @@ pub enum RegionError {
     Applier(#[from] meridian_applier::ApplierError),
     #[error("push: {0}")]
     Push(#[from] meridian_push::PushError),
+    #[error("search: {0}")]
+    Search(#[from] meridian_search::SearchError),
     #[error("role task {0} panicked")]
     Panicked(&'static str),
 }
@@ -59,6 +61,7 @@ pub struct RunningRegion {
     gateway: Option<(CancellationToken, JoinHandle<Result<(), RegionError>>)>,
     applier: Option<(CancellationToken, JoinHandle<Result<(), RegionError>>)>,
     push: Option<(CancellationToken, JoinHandle<Result<(), RegionError>>)>,
+    search: Option<(CancellationToken, JoinHandle<Result<(), RegionError>>)>,
     sweeper: Option<(CancellationToken, JoinHandle<()>)>,
 }
 
@@ -90,6 +93,26 @@ pub async fn start(cfg: RegionConfig, roles: Roles) -> Result<RunningRegion, Reg
         bus.ensure_stream().await?;
         bus.ensure_mirrors().await?;
     }
+
+    // The search index runs where the applier runs (one indexer per region, like the
+    // sweeper), opened before any role starts so a bad index directory stops nothing.
+    let search_metrics = Arc::new(meridian_search::SearchMetrics::default());
+    let search = match (roles.applier && cfg.search.enabled, cfg.search_index_dir()) {
+        (true, Some(dir)) => {
+            let mut search_cfg = cfg.search.clone();
+            search_cfg.index_dir = Some(dir);
+            Some(meridian_search::Search::open(
+                search_cfg,
+                store.clone(),
+                search_metrics.clone(),
+            )?)
+        }
+        (true, None) => {
+            tracing::warn!("search is off: set search.index_dir (the store is not embedded)");
+            None
+        }
+        (false, _) => None,
+    };
 
     let applier_metrics = Arc::new(ApplierMetrics::default());
     let applier = if roles.applier {
@@ -129,6 +152,10 @@ pub async fn start(cfg: RegionConfig, roles: Roles) -> Result<RunningRegion, Reg
             }
         };
         let addr = gw.local_addr();
+        if let Some(search) = &search {
+            gw.set_search(search.clone());
+            search_metrics.register(gw.metrics_registry());
+        }
         // One registry for the process, encoded by the gateway's /metrics.
         if roles.applier {
             applier_metrics.register(gw.metrics_registry());
@@ -179,6 +206,29 @@ pub async fn start(cfg: RegionConfig, roles: Roles) -> Result<RunningRegion, Reg
         (None, None)
     };
 
+    let search = search.map(|search| {
+        let token = CancellationToken::new();
+        let task = tokio::spawn({
+            let token = token.clone();
+            // An indexer that fails stops indexing, not the region: delivery goes on,
+            // search answers from the last commit, and the lag shows it (the next start
+            // resumes from the committed checkpoint).
+            async move {
+                let ended = search.run(token).await;
+                if let Err(e) = &ended {
+                    tracing::error!(error = %e, "search indexer stopped; search results fall behind until the region restarts");
+                }
+                ended
+            }
+        });
+        let task = tokio::spawn(async move {
+            task.await
+                .map_err(|_| RegionError::Panicked("search"))?
+                .map_err(RegionError::from)
+        });
+        (token, task)
+    });
+
     // The sweeper deletes inbox entries, which only the applier writes: running it with the
     // applier gives a region exactly as many sweepers as appliers, instead of one more per
     // gateway replica racing them on the same keys.
@@ -200,6 +250,7 @@ pub async fn start(cfg: RegionConfig, roles: Roles) -> Result<RunningRegion, Reg
         gateway,
         applier,
         push,
+        search,
         sweeper,
     })
 }
@@ -214,6 +265,7 @@ impl RunningRegion {
             ("gateway", self.gateway),
             ("applier", self.applier),
             ("push", self.push),
+            ("search", self.search),
         ] {
             if let Some((token, task)) = role {
                 token.cancel();

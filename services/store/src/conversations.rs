@@ -344,6 +344,30 @@ impl Store {
         })
     }
 
+    /// Every conversation `user` is a member of now (hidden ones included: hiding a direct
+    /// conversation does not end membership), in id order.
+    pub async fn member_conversation_ids(&self, user: &UserId) -> Result<Vec<ConversationId>> {
+        let prefix = self.keys().user_conversations_prefix(user);
+        let mut txn = self.kv().begin_read().await?;
+        let rows = Store::scan_all(txn.as_mut(), &prefix, &prefix_end(&prefix)).await?;
+        let cids: Vec<ConversationId> = rows
+            .iter()
+            .map(|(k, _)| ConversationId::parse(String::from_utf8_lossy(&k[prefix.len()..]).into_owned()))
+            .collect::<std::result::Result<_, _>>()?;
+        let lookups: Vec<Vec<u8>> = cids.iter().map(|c| self.keys().member(c, user)).collect();
+        let found = txn.batch_get(&lookups).await?;
+        txn.rollback().await?;
+        let mut out = Vec::with_capacity(cids.len());
+        for ((c, key), f) in cids.into_iter().zip(&lookups).zip(found) {
+            if let Some(b) = f {
+                if decode::<MemberRecord>(key, &b)?.is_member() {
+                    out.push(c);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The conversations `user` is a member of and has not hidden, most recent activity
     /// first, `limit` of them after `after` (the `activity` and id of the previous page's
     /// last item).

@@ -30,7 +30,9 @@
 //! from `B/cid/*` in the same transactions that change it, so fan-out is one point read
 //! instead of a range scan; conversations from before it existed fall back to the scan),
 //! `J/cid` the highest version of any membership change applied to the conversation (a max
-//! register: fan-out at an order key above it may use the current member list).
+//! register: fan-out at an order key above it may use the current member list),
+//! `F/stream/instance/seq` the search feed: a message the applier committed from that stream
+//! position, until the region's search indexer has committed it (see `search_feed.rs`).
 
 use meridian_model::{ConversationId, EventId, OrderKey, RegionId, UserId};
 
@@ -165,6 +167,17 @@ impl Keys {
     /// The highest membership-change version applied to `cid` (see the module table).
     pub fn membership_changed(&self, cid: &ConversationId) -> Vec<u8> {
         self.key(b'J', &[cid.as_str().as_bytes()])
+    }
+
+    /// The search feed entry of a message applied from `stream`'s `instance` at `seq`.
+    pub fn search_feed(&self, stream: &str, instance: u64, seq: u64) -> Vec<u8> {
+        self.key(
+            b'F',
+            &[stream.as_bytes(), &instance.to_be_bytes(), &seq.to_be_bytes()],
+        )
+    }
+    pub fn search_feed_prefix(&self, stream: &str, instance: u64) -> Vec<u8> {
+        self.prefix(b'F', &[stream.as_bytes(), &instance.to_be_bytes()])
     }
 
     pub fn member_list(&self, cid: &ConversationId) -> Vec<u8> {

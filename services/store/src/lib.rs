@@ -20,6 +20,8 @@
 //! - [`directory`]: users, serving regions, devices.
 //! - [`digest`]: per-conversation and per-region digests of the replicated state.
 //! - [`requests`]: client idempotency keys (region-local, written directly).
+//! - [`search_feed`]: the messages applied, per stream position, for the search indexer,
+//!   and the reads a rebuild of the search index makes.
 //! - `testing` (feature `testing`): fixtures for tests that apply events to a real store.
 //! - `versions`: the newest version a state change would overwrite, which the gateway's
 //!   clock observes before stamping it.
@@ -37,6 +39,7 @@ pub mod keys;
 pub mod kv;
 pub mod records;
 pub mod requests;
+pub mod search_feed;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod timeline;

@@ -160,6 +160,11 @@ pub async fn regions_json(s: &AppState) -> ApiResult<Value> {
                     &streams,
                     std::time::Duration::from_secs(s.cfg.mirror_unhealthy_after_s)
                 ));
+                if let Some(search) = &s.search {
+                    let st = search.status();
+                    entry["search"] = json!({"documents": st.documents, "lag_events": st.lag_events,
+                        "rebuilding": st.rebuilding, "last_commit_ms": st.last_commit_ms});
+                }
             }
             entry
         })
@@ -168,6 +173,22 @@ pub async fn regions_json(s: &AppState) -> ApiResult<Value> {
         "region": s.cfg.region.as_str(),
         "regions": regions,
     }))
+}
+
+/// Rebuilds this region's search index from the store (`meridian admin reindex`). The
+/// index keeps answering meanwhile, from what it held and what the rebuild has added;
+/// `GET /v1/admin/regions` shows `search.rebuilding` until it is done.
+pub async fn post_search_reindex(_: Admin, State(s): State<Arc<AppState>>) -> ApiResult<Json<Value>> {
+    let search = s
+        .search
+        .as_ref()
+        .ok_or_else(|| ApiError::unavailable("this process does not run the search index"))?;
+    let started = search.request_reindex();
+    Ok(Json(json!({
+        "region": s.cfg.region.as_str(),
+        "requested": started,
+        "rebuilding": search.status().rebuilding,
+    })))
 }
 
 /// The digest of the replicated state (a store digest: it covers whatever every applied

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod conversations;
 pub mod messages;
 pub mod ops;
+pub mod search;
 pub mod spec;
 pub mod sync;
 
@@ -77,6 +78,7 @@ api! {
     get "/v1/admin/drills" => crate::console::drills, spec::drills, Admin, 200, "Drill runs found in console.drills_dir, newest first, each with its verdict and summary figures.";
     get "/v1/admin/drills/{run}/report" => crate::console::drill_report, spec::drill_report, Admin, 200, "A drill run's report.json as written.";
     get "/v1/admin/drills/{run}/picture" => crate::console::drill_picture, spec::drill_picture, Admin, 200, "A drill run's report.svg.";
+    post "/v1/admin/search/reindex" => admin::post_search_reindex, spec::admin_search_reindex, Admin, 200, "Rebuild this region's search index from the store; search answers meanwhile, and /v1/admin/regions shows search.rebuilding until done.";
     get "/v1/me" => sync::me, spec::me, User, 200, "The caller: user, device, home and serving region.";
     post "/v1/conversations" => conversations::create, spec::create_conversation, User, 201, "Create a conversation: {kind: direct|group, name, members}. An existing direct conversation answers 200. Idempotency-Key makes retries safe.";
     get "/v1/conversations" => conversations::list, spec::list_conversations, User, 200, "The caller's conversations, most recent activity first (?limit, ?cursor).";
@@ -93,6 +95,7 @@ api! {
     delete "/v1/conversations/{cid}/messages/{mid}" => messages::delete_for_me, spec::none, User, 204, "Hide a message for the caller only.";
     put "/v1/conversations/{cid}/read" => messages::put_read, spec::put_read, User, 200, "Set the caller's read index: {cursor} of this conversation; never moves back.";
     get "/v1/conversations/{cid}/read" => messages::get_read, spec::get_read, User, 200, "Every current member's read index (seen by).";
+    get "/v1/search" => search::search, spec::search, User, 200, "Full-text search over the caller's conversations, newest first (?q, ?conversation_id, ?sender, ?before, ?after, ?limit, ?cursor); recalled and deleted-for-me messages never appear.";
     get "/v1/sync" => sync::sync, spec::sync, User, 200, "Inbox entries after a seq (?after, ?epoch, ?limit); 409 resync_required.";
     get "/v1/ws" => crate::ws::upgrade, spec::ws, User, 101, "WebSocket: hello/send/typing/ping frames in, entry/ack/error/typing frames out; a user served by another region gets a wrong_region frame and close code 4421.";
     get "/v1/presence" => sync::presence, spec::presence, User, 200, "Presence of users who share a conversation with the caller (?user_ids=a,b); others read as never seen.";

@@ -12,6 +12,7 @@ use serde_json::{json, Map, Value};
 use super::admin::{DEFAULT_TOKEN_TTL_S, MAX_DISPLAY_NAME_CHARS};
 use super::conversations::{MAX_ANNOUNCEMENT_CHARS, MAX_LIST_LIMIT, MAX_MEMBERS_PER_CALL, MAX_NAME_CHARS};
 use super::messages::{MAX_CLIENT_MSG_ID, MAX_HISTORY_LIMIT, MAX_TYPE};
+use super::search::{MAX_QUERY_CHARS, MAX_SEARCH_LIMIT};
 use super::sync::{MAX_DEVICE_TOKEN_BYTES, MAX_PRESENCE_USERS, MAX_SYNC_LIMIT, PUSH_PLATFORMS};
 use crate::idempotency::MAX_KEY_LEN;
 use crate::GatewayConfig;
@@ -102,6 +103,8 @@ pub fn components(ctx: &DocContext) -> Value {
             "description": "A message id (UUID), as the send answers and history lists."},
         "Cursor": {"type": "string", "format": "cursor", "pattern": "^[A-Za-z0-9_-]{1,512}$",
             "description": "An opaque position in a conversation's timeline: the cursor of a message (send answer, history) or of a sync entry that is in the conversation's timeline (message, recall, member and conversation changes). Made-up values are refused 400."},
+        "SearchCursor": {"type": "string", "format": "search-cursor", "pattern": "^[A-Za-z0-9_-]{1,512}$",
+            "description": "Opaque: the next_cursor of the previous page of GET /v1/search with the same query. Made-up values are refused 400."},
         "ListCursor": {"type": "string", "format": "list-cursor", "pattern": "^[A-Za-z0-9_-]{1,512}$",
             "description": "Opaque: the next_cursor of the previous page of GET /v1/conversations."},
         "Error": {
@@ -347,7 +350,11 @@ pub fn admin_regions(_: &DocContext) -> OpSpec {
         "epoch": s,
         "streams": {"type": "object", "additionalProperties": r("StreamHealth"),
             "description": "Only in the answering region's entry: every stream it applies (its own and each mirror), by name."},
-        "mirror_problems": {"type": "array", "items": s, "description": "Only in the answering region's entry: unhealthy mirrors, as /readyz reports them."}}});
+        "mirror_problems": {"type": "array", "items": s, "description": "Only in the answering region's entry: unhealthy mirrors, as /readyz reports them."},
+        "search": {"type": "object", "required": ["documents", "lag_events", "rebuilding", "last_commit_ms"],
+            "description": "Only in the answering region's entry, when it runs the search index: messages searchable, events applied but not yet searchable, whether a rebuild from the store runs, and when the index last committed (ms since the epoch, 0: not yet).",
+            "properties": {"documents": {"type": "integer", "minimum": 0}, "lag_events": {"type": "integer", "minimum": 0},
+                "rebuilding": {"type": "boolean"}, "last_commit_ms": {"type": "integer", "minimum": 0}}}}});
     OpSpec {
         response: Some(
             json!({"type": "object", "required": ["region", "regions"], "properties": {
@@ -551,6 +558,18 @@ pub fn drill_picture(_: &DocContext) -> OpSpec {
         path: run_param(),
         content_type: Some("image/svg+xml"),
         errors: vec![404],
+        ..Default::default()
+    }
+}
+
+pub fn admin_search_reindex(_: &DocContext) -> OpSpec {
+    OpSpec {
+        response: Some(
+            json!({"type": "object", "required": ["region", "requested", "rebuilding"], "properties": {
+            "region": {"type": "string"},
+            "requested": {"type": "boolean", "description": "false when a rebuild was already asked for and has not started: it covers this request."},
+            "rebuilding": {"type": "boolean"}}}),
+        ),
         ..Default::default()
     }
 }
@@ -811,6 +830,61 @@ pub fn history(_: &DocContext) -> OpSpec {
             "next_cursor": {"type": ["string", "null"]}}})),
         links,
         extra,
+        ..Default::default()
+    }
+}
+
+pub fn search(_: &DocContext) -> OpSpec {
+    let mut links = Map::new();
+    links.insert(
+        "NextPage".into(),
+        link(
+            "get_v1_search",
+            json!({"q": "$request.query.q", "cursor": "$response.body#/next_cursor"}),
+            "The next (older) page, while next_cursor is not null.",
+        ),
+    );
+    let hit = json!({"allOf": [r("Message"), {"type": "object", "required": ["conversation_id", "highlights"], "properties": {
+        "conversation_id": {"type": "string"},
+        "highlights": {"type": "array", "description": "Where the query matched: a fragment of the message's text and the matched ranges in it, as [start, end) in characters (Unicode scalar values) from the fragment's start.",
+            "items": {"type": "object", "required": ["fragment", "ranges"], "properties": {
+                "fragment": {"type": "string"},
+                "ranges": {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 2, "maxItems": 2}}}}}}}]});
+    OpSpec {
+        params: vec![
+            query(
+                "q",
+                true,
+                json!({"type": "string", "minLength": 1, "maxLength": MAX_QUERY_CHARS}),
+                "The words to find; every word must match (case- and accent-insensitive; Chinese, Japanese and Korean by their characters). Punctuation separates words; a query of punctuation only finds nothing.",
+            ),
+            query(
+                "conversation_id",
+                false,
+                json!({"allOf": [r("ConversationId")], "description": "Only this conversation (404 conversation_not_found unless the caller is a member)."}),
+                "Only this conversation.",
+            ),
+            query("sender", false, r("UserId"), "Only messages this user sent."),
+            query(
+                "before",
+                false,
+                json!({"type": "integer", "minimum": 0}),
+                "Only messages sent before this time (ms since the Unix epoch).",
+            ),
+            query(
+                "after",
+                false,
+                json!({"type": "integer", "minimum": 0}),
+                "Only messages sent after this time (ms since the Unix epoch).",
+            ),
+            query("limit", false, int_range(1, MAX_SEARCH_LIMIT, 20), "Page size."),
+            query("cursor", false, r("SearchCursor"), "Continue after the previous page."),
+        ],
+        response: Some(json!({"type": "object", "required": ["messages", "next_cursor"], "properties": {
+            "messages": {"type": "array", "items": hit, "description": "Newest first. A page may hold fewer than limit messages while next_cursor is not null."},
+            "next_cursor": {"type": ["string", "null"]}}})),
+        errors: vec![404],
+        links,
         ..Default::default()
     }
 }

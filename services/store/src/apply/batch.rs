@@ -1,6 +1,8 @@
 //! `Store::apply_batch`: one transaction per batch with the stream checkpoint, bounded by
 //! the batch budget.
 
+use meridian_model::events::event_envelope::Body;
+
 use crate::budget::BatchBudget;
 use crate::checkpoint::{self, StreamRef};
 use crate::{Result, Store};
@@ -79,6 +81,9 @@ impl Store {
             }
             let plan = plan_event(txn.as_mut(), keys, cfg, now_ms, &ev.envelope).await?;
             budget.charge(&plan);
+            let new_message = !plan.duplicate
+                && plan.rejected.is_none()
+                && matches!(ev.envelope.body, Some(Body::MessageSent(_)));
             if plan.duplicate {
                 report.duplicates += 1;
             } else if let Some(reason) = &plan.rejected {
@@ -95,6 +100,11 @@ impl Store {
                     Write::Put(k, v) => txn.put(k, v).await?,
                     Write::Delete(k) => txn.delete(k).await?,
                 }
+            }
+            if new_message {
+                // The search indexer reads committed messages from here (search_feed.rs).
+                let feed = keys.search_feed(stream.name, next.instance, ev.stream_seq);
+                txn.put(feed, ev.envelope.event_id.clone()).await?;
             }
             report.deliveries.extend(plan.deliveries);
             report.checkpoint = ev.stream_seq;
