@@ -253,7 +253,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "us" => number / 1e6,
         "ms" => number / 1e3,
         "s" => number,
-        _ => return Err(format!("{text:?}: unit {unit:?} is not one of us, ms, s")),
+        "m" | "min" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => return Err(format!("{text:?}: unit {unit:?} is not one of us, ms, s, m, h")),
     };
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
 }
@@ -621,7 +623,9 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
-        for bad in ["40", "ms", "4h", "-1ms", "1e3ms"] {
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["40", "ms", "4d", "-1ms", "1e3ms"] {
             assert!(parse_duration(bad).is_err(), "{bad} parsed");
         }
     }
