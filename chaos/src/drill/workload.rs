@@ -753,14 +753,32 @@ async fn mark_read(shared: &Shared, ui: usize, ci: usize) {
             state.and_then(|r| r.read.clone()),
         )
     };
-    let Some((newest_key, newest)) = newest else {
+    let Some((_, newest)) = newest else {
         return;
     };
     shared.book().count("mark_read");
-    if let Err(e) = u.client.mark_read(cid, &newest).await {
-        shared.error(&format!("mark_read_failed_{}", error_kind(&e)));
-        return;
-    }
+    // The answer names the read index as the server holds it after the PUT. That, not the
+    // cursor asked for, is what a later read must not fall below: the PUT waits for the
+    // applier only up to a bound (read-your-writes), so while the applier is held up (a
+    // crash, a restarting nats-server) the answer and a read right after may still show the
+    // older index, which is late, not moved back.
+    let answered = match u
+        .client
+        .call(
+            reqwest::Method::PUT,
+            &format!("/v1/conversations/{cid}/read"),
+            Some(&serde_json::json!({"cursor": newest})),
+        )
+        .await
+    {
+        Ok(v) => v["cursor"]
+            .as_str()
+            .and_then(|c| Cursor::parse(c).ok().map(|k| (k, c.to_string()))),
+        Err(e) => {
+            shared.error(&format!("mark_read_failed_{}", error_kind(&e)));
+            return;
+        }
+    };
     let back = match u
         .client
         .call(
@@ -786,10 +804,15 @@ async fn mark_read(shared: &Shared, ui: usize, ci: usize) {
     let region = shared.region_of(&u.client, &u.home);
     let mut b = shared.book();
     let state = b.read.entry(key).or_default();
-    // The floor: the highest index read back before, or the one just set.
-    let floor = match before {
-        Some((k, c)) if k > newest_key => (k, c, "read back before"),
-        _ => (newest_key, newest, "just set"),
+    // The floor: the highest index seen before (read back) or answered by the PUT.
+    let floor = match (before, answered) {
+        (Some((k, c)), Some((a, _))) if k > a => Some((k, c, "read back before")),
+        (_, Some((a, c))) => Some((a, c, "answered by the PUT")),
+        (Some((k, c)), None) => Some((k, c, "read back before")),
+        (None, None) => None,
+    };
+    let Some(floor) = floor else {
+        return;
     };
     let read_back = mine
         .as_deref()
