@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::record::RegionTarget;
+use super::record::{admin_call, RegionTarget};
 use super::DrillError;
 
 /// How long one control or admin call may take. A SIGSTOPped region does not answer at all:
@@ -142,45 +142,42 @@ impl Deployment {
         all
     }
 
+    /// An admin call (`X-Admin-Key`) to `base` (a region's gateway or the control API).
     async fn call(
         &self,
         method: reqwest::Method,
-        url: String,
+        base: &str,
+        path: &str,
         body: Option<Value>,
     ) -> Result<Answer, DrillError> {
-        let mut req = self
-            .http
-            .request(method, &url)
-            .header("X-Admin-Key", &self.admin_key);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| DrillError::Call(format!("{url}: {e}")))?;
-        let status = resp.status().as_u16();
-        let body = resp.json().await.unwrap_or(Value::Null);
+        let (status, body) =
+            admin_call(&self.http, base, &self.admin_key, method, path, body.as_ref()).await?;
         Ok(Answer { status, body })
     }
 
-    async fn control(&self, method: reqwest::Method, path: &str, body: Value) -> Result<Value, DrillError> {
-        let url = format!("{}{path}", self.control);
-        let a = self.call(method, url.clone(), Some(body)).await?;
+    /// [`Deployment::call`] that must answer 200; its body.
+    async fn call_ok(
+        &self,
+        method: reqwest::Method,
+        base: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, DrillError> {
+        let a = self.call(method, base, path, body).await?;
         if a.status != 200 {
-            return Err(DrillError::Call(format!("{url}: {} {}", a.status, a.body)));
+            return Err(DrillError::Call(format!("{base}{path}: {} {}", a.status, a.body)));
         }
         Ok(a.body)
+    }
+
+    async fn control(&self, method: reqwest::Method, path: &str, body: Value) -> Result<Value, DrillError> {
+        self.call_ok(method, &self.control, path, Some(body)).await
     }
 
     /// The launcher's view: every process's pid and state, holds, links, clock offsets.
     pub async fn status(&self) -> Result<Value, DrillError> {
-        let url = format!("{}/control", self.control);
-        let a = self.call(reqwest::Method::GET, url.clone(), None).await?;
-        if a.status != 200 {
-            return Err(DrillError::Call(format!("{url}: {} {}", a.status, a.body)));
-        }
-        Ok(a.body)
+        self.call_ok(reqwest::Method::GET, &self.control, "/control", None)
+            .await
     }
 
     /// The pid of a process ("us/region", "us/nats", "hub") when it runs.
@@ -247,20 +244,26 @@ impl Deployment {
 
     /// `POST /v1/admin/failover`, answered by the acting region `to`.
     pub async fn failover(&self, region: &str, to: &str) -> Result<Answer, DrillError> {
-        let url = format!("{}/v1/admin/failover", self.endpoint(to)?);
+        let body = json!({"region": region, "to": to});
         self.call(
             reqwest::Method::POST,
-            url,
-            Some(json!({"region": region, "to": to})),
+            self.endpoint(to)?,
+            "/v1/admin/failover",
+            Some(body),
         )
         .await
     }
 
     /// `POST /v1/admin/failback`, answered by the home region (409 while not caught up).
     pub async fn failback(&self, region: &str) -> Result<Answer, DrillError> {
-        let url = format!("{}/v1/admin/failback", self.endpoint(region)?);
-        self.call(reqwest::Method::POST, url, Some(json!({"region": region})))
-            .await
+        let body = json!({"region": region});
+        self.call(
+            reqwest::Method::POST,
+            self.endpoint(region)?,
+            "/v1/admin/failback",
+            Some(body),
+        )
+        .await
     }
 
     /// Whether a region answers `/readyz` with 200: store and NATS reachable, apply lag
@@ -276,16 +279,15 @@ impl Deployment {
     /// Every stream `region` applies, as `(origin region, stream's last seq, applied seq)`,
     /// from its `/v1/admin/regions`.
     pub async fn stream_positions(&self, region: &str) -> Result<Vec<StreamPosition>, DrillError> {
-        let url = format!("{}/v1/admin/regions", self.endpoint(region)?);
-        let a = self.call(reqwest::Method::GET, url.clone(), None).await?;
-        if a.status != 200 {
-            return Err(DrillError::Call(format!("{url}: {} {}", a.status, a.body)));
-        }
-        let streams = a.body["regions"]
+        let base = self.endpoint(region)?;
+        let body = self
+            .call_ok(reqwest::Method::GET, base, "/v1/admin/regions", None)
+            .await?;
+        let streams = body["regions"]
             .as_array()
             .and_then(|all| all.iter().find(|r| r["region"] == region))
             .and_then(|r| r["streams"].as_object())
-            .ok_or_else(|| DrillError::Call(format!("{url}: no streams of {region} in {}", a.body)))?;
+            .ok_or_else(|| DrillError::Call(format!("{base}: no streams of {region} in {body}")))?;
         Ok(streams
             .values()
             .map(|h| StreamPosition {
