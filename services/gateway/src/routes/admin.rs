@@ -480,6 +480,24 @@ pub async fn failback(s: &AppState, req: FailbackRequest, operator: Option<&str>
         .with("reasons", reasons)
         .retry_after(1));
     }
+    // The checks took a while: a failover applied meanwhile (its event reached this region
+    // through the mirror the checks waited for) makes the state read above stale, and
+    // answering from it would call a region "already home" that was just failed over. Ask
+    // again; the next call reads the failover and checks its point.
+    let now = s.store.region_serving(&region).await?;
+    if (&now.serving, &now.epoch) != (&rs.serving, &rs.epoch) {
+        return Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "not_caught_up",
+            format!("region {region}'s serving state changed while it was checked; retry"),
+        )
+        .with("lag", Value::Object(serde_json::Map::new()))
+        .with(
+            "reasons",
+            vec![format!("region {region} was moved while checking")],
+        )
+        .retry_after(1));
+    }
     if rs.serving == region {
         tracing::info!(%region, operator = operator.unwrap_or("-"), "failback repeated: already home");
         return Ok(move_answer(&rs, false, true));
