@@ -40,6 +40,9 @@ pub struct Indexer {
     /// Feed instances drained and left behind (a stream recreated), to delete after the
     /// next commit.
     drained: Vec<(String, u64)>,
+    /// Per stream, the (instance, seq) the feed was last trimmed through: the next trim
+    /// starts after it instead of walking the tombstones of every entry trimmed before.
+    trimmed: std::collections::HashMap<String, (u64, u64)>,
     pending: usize,
     last_commit: Instant,
 }
@@ -68,6 +71,7 @@ impl Indexer {
             state: IndexCheckpoint::default(),
             committed: IndexCheckpoint::default(),
             drained: Vec::new(),
+            trimmed: Default::default(),
             pending: 0,
             last_commit: Instant::now(),
         })
@@ -325,13 +329,27 @@ impl Indexer {
     /// read again after a restart and re-added harmlessly.
     async fn trim_feed(&mut self) {
         for (stream, instance) in std::mem::take(&mut self.drained) {
-            if let Err(e) = self.store.trim_search_feed(&stream, instance, u64::MAX).await {
+            if let Err(e) = self.store.trim_search_feed(&stream, instance, 0, u64::MAX).await {
                 tracing::warn!(stream, error = %e, "search feed: dropping a drained instance failed");
             }
         }
         for (stream, pos) in &self.committed.streams {
-            if let Err(e) = self.store.trim_search_feed(stream, pos.instance, pos.seq).await {
-                tracing::warn!(stream, error = %e, "search feed: trimming failed");
+            let after = match self.trimmed.get(stream) {
+                Some(&(instance, seq)) if instance == pos.instance => seq,
+                _ => 0,
+            };
+            if after >= pos.seq {
+                continue;
+            }
+            match self
+                .store
+                .trim_search_feed(stream, pos.instance, after, pos.seq)
+                .await
+            {
+                Ok(_) => {
+                    self.trimmed.insert(stream.clone(), (pos.instance, pos.seq));
+                }
+                Err(e) => tracing::warn!(stream, error = %e, "search feed: trimming failed"),
             }
         }
     }

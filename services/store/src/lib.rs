@@ -62,6 +62,9 @@ pub struct Store {
     keys: Keys,
     /// Member keys of direct conversations known to exist: see [`Store::send_check`].
     direct_members: Arc<conversations::DirectMemberCache>,
+    /// The highest HLC applied, kept in memory once this process applies: see
+    /// [`Store::max_applied_hlc`].
+    applied_hlc: Arc<checkpoint::AppliedWatermark>,
 }
 
 impl Store {
@@ -75,6 +78,7 @@ impl Store {
             kv,
             keys: Keys::new(namespace),
             direct_members: Default::default(),
+            applied_hlc: Default::default(),
         }
     }
 

@@ -125,21 +125,37 @@ impl Store {
         Ok(page)
     }
 
-    /// Deletes `stream`'s feed entries of `instance` up to and including `through_seq`
-    /// (all of them with `u64::MAX`): the indexer has committed them.
-    pub async fn trim_search_feed(&self, stream: &str, instance: u64, through_seq: u64) -> Result<usize> {
+    /// Deletes `stream`'s feed entries of `instance` after `after_seq` up to and including
+    /// `through_seq` (all of them from `after_seq` on with `u64::MAX`): the indexer has
+    /// committed them. The indexer passes what it trimmed last as `after_seq`: deleted
+    /// entries stay in the LSM as tombstones until compaction, and a trim scanning from the
+    /// start of the feed every time walked all of them (hundreds of thousands under load).
+    pub async fn trim_search_feed(
+        &self,
+        stream: &str,
+        instance: u64,
+        after_seq: u64,
+        through_seq: u64,
+    ) -> Result<usize> {
         let prefix = self.keys().search_feed_prefix(stream, instance);
         let end = if through_seq == u64::MAX {
             prefix_end(&prefix)
         } else {
             self.keys().search_feed(stream, instance, through_seq + 1)
         };
+        let start = match after_seq.checked_add(1) {
+            Some(first) if after_seq > 0 => self.keys().search_feed(stream, instance, first),
+            _ => prefix.clone(),
+        };
+        if start >= end {
+            return Ok(0);
+        }
         let mut deleted = 0;
         loop {
             // Read in one transaction, delete blindly in another: the applier's commits
             // never see a read of theirs invalidated, nor does this.
             let mut read = self.kv().begin_read().await?;
-            let rows = read.scan(&prefix, &end, 1024, ScanOrder::Forward).await?;
+            let rows = read.scan(&start, &end, 1024, ScanOrder::Forward).await?;
             read.rollback().await?;
             if rows.is_empty() {
                 return Ok(deleted);

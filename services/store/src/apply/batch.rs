@@ -115,6 +115,8 @@ impl Store {
             return Ok(report);
         }
         txn.put(cp_key, next.encode()).await?;
+        // Before the commit: once it is visible the watermark must already cover it.
+        self.raise_applied_hlc(next.max_hlc);
         txn.commit().await?;
         Ok(report)
     }
