@@ -35,6 +35,13 @@ pub struct ApplierConfig {
     /// Streams to apply; empty means the region's own stream only.
     #[serde(default)]
     pub streams: Vec<String>,
+    /// Retention of the streams this region holds (see `retention`): an event is trimmed
+    /// once this region has applied it, every other region's mirror holds it (for the
+    /// region's own stream), and it is older than this many seconds, and never sooner than
+    /// the bus's duplicate window (a retried publish must still meet its original). 0 keeps
+    /// every event until the stream's `max_age_s`.
+    #[serde(default = "default_retain_applied_s")]
+    pub retain_applied_s: u64,
 }
 
 fn default_batch_max() -> usize {
@@ -55,6 +62,9 @@ fn default_read_diffusion_threshold() -> usize {
 fn default_coalesce_window_ms() -> u64 {
     1_000
 }
+fn default_retain_applied_s() -> u64 {
+    300
+}
 fn default_durable_name() -> String {
     "applier".into()
 }
@@ -71,6 +81,7 @@ impl ApplierConfig {
             coalesce_window_ms: default_coalesce_window_ms(),
             durable_name: default_durable_name(),
             streams: Vec::new(),
+            retain_applied_s: default_retain_applied_s(),
         }
     }
 
@@ -103,6 +114,12 @@ impl ApplierConfig {
             return Err(ApplierError::config(
                 "read_diffusion_threshold",
                 "must be positive",
+            ));
+        }
+        if self.retain_applied_s > 365 * 24 * 3600 {
+            return Err(ApplierError::config(
+                "retain_applied_s",
+                "must be 0 (keep until max_age_s) or at most a year",
             ));
         }
         if !is_name(&self.durable_name) {
@@ -156,6 +173,7 @@ mod tests {
         assert_eq!(parsed.batch_max_bytes, 8 * 1024 * 1024);
         assert_eq!(parsed.batch_max_inbox_appends, 20_000);
         assert_eq!(parsed.durable_name, "applier");
+        assert_eq!(parsed.retain_applied_s, 300);
         assert!(parsed.streams.is_empty());
     }
 
@@ -180,6 +198,9 @@ mod tests {
         let mut c = base.clone();
         c.streams = vec!["SYNC_EU".into(), "SYNC_EU".into()];
         assert_eq!(field(&c), "streams");
+        let mut c = base.clone();
+        c.retain_applied_s = 400 * 24 * 3600;
+        assert_eq!(field(&c), "retain_applied_s");
         let mut c = base;
         c.read_diffusion_threshold = 0;
         assert_eq!(field(&c), "read_diffusion_threshold");

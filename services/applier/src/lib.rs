@@ -17,6 +17,8 @@
 //! - `config`: [`ApplierConfig`] and its validation.
 //! - `metrics`: [`ApplierMetrics`], prometheus-client metrics registered into the process
 //!   registry by whoever serves `/metrics`.
+//! - `retention`: trims from each stream the events this region applied, every mirror of
+//!   its own stream holds, and that are older than `retain_applied_s`.
 //! - `testing` (feature `testing`): a region of real parts (nats-server, bus, temporary
 //!   store) and the applier running on it, for this crate's and push's tests.
 //! - this file: [`run`] / [`run_with_metrics`], one owned, cancellable task per stream, and
@@ -26,6 +28,7 @@
 mod coalesce;
 mod config;
 mod metrics;
+mod retention;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -43,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::ApplierConfig;
 pub use metrics::ApplierMetrics;
+pub use retention::trim_applied;
 
 #[derive(Debug, Error)]
 pub enum ApplierError {
@@ -114,7 +118,7 @@ pub async fn run_with_metrics(
     // A child token: a failing stream stops its siblings without cancelling the caller's.
     let stop = shutdown.child_token();
     let mut tasks = JoinSet::new();
-    for stream in streams {
+    for stream in streams.clone() {
         let worker = StreamWorker {
             cfg: cfg.clone(),
             apply_cfg: apply_cfg.clone(),
@@ -125,6 +129,17 @@ pub async fn run_with_metrics(
             stop: stop.clone(),
         };
         tasks.spawn(worker.run());
+    }
+    if cfg.retain_applied_s > 0 {
+        // Never below the duplicate window: see `retention`.
+        let retain = cfg.retain_applied_s.max(bus.config().duplicate_window_s);
+        tasks.spawn(retention::run(
+            bus.clone(),
+            store.clone(),
+            streams.clone(),
+            Duration::from_secs(retain),
+            stop.clone(),
+        ));
     }
     // Read diffusion's trailing edge (meridian_store::coalesce): region-local, like fan-out.
     tasks.spawn(coalesce::run_flusher(

@@ -194,3 +194,133 @@ async fn item3_each_region_applies_its_mirrors_and_the_stores_converge() -> Resu
     }
     Ok(())
 }
+
+/// Stream retention (`meridian_applier::trim_applied`, issue 14): a region trims from its
+/// own stream what it applied and every other region's mirror holds, and from its mirrors
+/// what it applied; a region whose mirror cannot be asked holds the trimming of the
+/// origin's stream back. After trimming, every stream keeps flowing and the stores agree.
+/// The age rule (`retain_applied_s`) is the task's and is given as "everything" here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_trims_what_this_region_applied_and_every_mirror_holds() -> Result<()> {
+    let prefix = unique_prefix();
+    let cluster = NatsCluster::builder(&REGIONS)?
+        .roles(&prefix, &[BusRole::Region])
+        .start()?;
+    let regions = start(&cluster, &prefix).await?;
+    for (name, region) in &regions {
+        region
+            .bus
+            .publish_event(&region.events.user(&format!("{name}-user"), name))
+            .await?;
+    }
+    let cid = ConversationId::new_group();
+    let us = &regions["us"];
+    us.bus
+        .publish_event(&us.events.group("us-user", &cid, &["eu-user", "ap-user"]))
+        .await?;
+    const N: usize = 8;
+    for (name, region) in &regions {
+        let sender = format!("{name}-user");
+        let envs: Vec<_> = (0..N)
+            .map(|n| region.events.message(&sender, &cid, &format!("a{n}"), "before"))
+            .collect();
+        region.bus.publish_events(&envs).await?;
+    }
+    wait_applied(&regions).await?;
+
+    // Everything is applied everywhere and every mirror holds it: each region's own stream
+    // and its mirrors are trimmed to their ends.
+    for (name, region) in &regions {
+        for stream in region.bus.applied_streams() {
+            let before = region.bus.stream_state(&stream).await?;
+            let trimmed =
+                meridian_applier::trim_applied(&region.bus, &region.store, &stream, u64::MAX).await?;
+            assert_eq!(
+                trimmed.map(|(through, _)| through),
+                Some(before.last_seq),
+                "{name} trims {stream} to its end"
+            );
+            let after = region.bus.stream_state(&stream).await?;
+            assert_eq!(
+                (after.messages, after.first_seq),
+                (0, before.last_seq + 1),
+                "{name} {stream}"
+            );
+        }
+    }
+
+    // Nothing above what the age rule allows goes.
+    let eu = &regions["eu"];
+    eu.bus
+        .publish_event(&eu.events.message("eu-user", &cid, "aged", "young"))
+        .await?;
+    wait_applied(&regions).await?;
+    let own = eu.bus.stream();
+    let state = eu.bus.stream_state(&own).await?;
+    assert_eq!(
+        meridian_applier::trim_applied(&eu.bus, &eu.store, &own, state.last_seq - 1).await?,
+        None,
+        "eu trimmed what the age rule kept"
+    );
+
+    // eu's mirror of us gone (as if eu could not be asked): us keeps its own stream whole,
+    // though us applied all of it.
+    let mirror = us.bus.stream();
+    eu.admin.jetstream().delete_stream(&mirror).await?;
+    us.bus
+        .publish_event(
+            &us.events
+                .message("us-user", &cid, "held", "while eu's mirror is gone"),
+        )
+        .await?;
+    eventually(Duration::from_secs(30), "us applies its own event", || async {
+        let end = us.bus.stream_state(&mirror).await?.last_seq;
+        Ok(us.store.stream_checkpoint(&mirror).await?.seq >= end)
+    })
+    .await?;
+    if eu.bus.stream_state(&mirror).await.is_err() {
+        let before = us.bus.stream_state(&mirror).await?;
+        assert_eq!(
+            meridian_applier::trim_applied(&us.bus, &us.store, &mirror, u64::MAX).await?,
+            None,
+            "us trimmed its stream while eu's mirror of it was missing"
+        );
+        assert_eq!(us.bus.stream_state(&mirror).await?.messages, before.messages);
+    }
+
+    // The mirror comes back (the applier recreates it) and everything still flows: more
+    // messages from every region reach every store, and the stores agree.
+    eventually(Duration::from_secs(60), "eu's mirror of us is back", || async {
+        if eu.bus.stream_state(&mirror).await.is_err() {
+            eu.bus.ensure_mirrors().await?;
+        }
+        Ok(true)
+    })
+    .await?;
+    for (name, region) in &regions {
+        let sender = format!("{name}-user");
+        let envs: Vec<_> = (0..N)
+            .map(|n| region.events.message(&sender, &cid, &format!("b{n}"), "after"))
+            .collect();
+        region.bus.publish_events(&envs).await?;
+    }
+    wait_applied(&regions).await?;
+    let d = digests(&regions).await?;
+    ensure!(
+        d.values().all(|x| *x == d["us"]),
+        "digests differ after trimming: {d:?}"
+    );
+    for (name, region) in &regions {
+        assert_eq!(
+            history_len(&region.store, &cid, &format!("{name}-user")).await?,
+            3 * N + 1 + 1 + 3 * N,
+            "{name}"
+        );
+    }
+
+    for region in regions.into_values() {
+        region.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), region.task).await???;
+    }
+    Ok(())
+}

@@ -137,6 +137,8 @@ impl BusRole {
                 format!("{prefix}deliver.{region}.*.e"),
                 format!("$JS.API.STREAM.CREATE.{stream}"),
                 format!("$JS.API.STREAM.UPDATE.{stream}"),
+                // Retention: applied events are trimmed from the streams this region holds.
+                format!("$JS.API.STREAM.PURGE.{stream}"),
                 "$JS.API.STREAM.INFO.*".to_string(),
                 "$JS.API.STREAM.MSG.GET.*".to_string(),
                 "$JS.API.DIRECT.GET.>".to_string(),
@@ -148,8 +150,16 @@ impl BusRole {
                     format!("$JS.API.STREAM.CREATE.{m}"),
                     format!("$JS.API.STREAM.UPDATE.{m}"),
                     format!("$JS.API.STREAM.DELETE.{m}"),
+                    format!("$JS.API.STREAM.PURGE.{m}"),
                 ]);
             }
+            // Retention trims this region's stream only as far as every other region's
+            // mirror of it reaches, asked in that region's domain.
+            publish.extend(
+                mirrors
+                    .iter()
+                    .map(|m| format!("$JS.{m}.API.STREAM.INFO.{stream}")),
+            );
         }
         subscribe.push(format!("{}.>", self.inbox_prefix(prefix, region)));
         // The union role lists some subjects twice (the applier's wildcards cover the

@@ -292,6 +292,9 @@ impl Bus {
             // Deleting single events would punch holes that consumers take for lost events.
             deny_delete: true,
             allow_direct: true,
+            // S2 per message block: events repeat ids and field names, and a stream's bytes
+            // on disk count against every message until retention trims it.
+            compression: Some(jetstream::stream::Compression::S2),
             ..Default::default()
         }
     }
@@ -309,6 +312,22 @@ impl Bus {
             last_seq: info.state.last_sequence,
             consumer_count: info.state.consumer_count,
         })
+    }
+
+    /// Removes `stream`'s events up to and including `through_seq` (JetStream's purge "up
+    /// to but not including" `through_seq + 1`); answers how many went. Only the applier's
+    /// retention calls it, with a sequence every reader of the stream is known to be past
+    /// (meridian-applier's `retention`).
+    pub async fn trim_stream(&self, stream: &str, through_seq: u64) -> Result<u64, BusError> {
+        let s = self
+            .with_api_retry("get stream", || self.inner.js.get_stream_no_info(stream))
+            .await?;
+        let resp = s
+            .purge()
+            .sequence(through_seq.saturating_add(1))
+            .await
+            .map_err(|e| BusError::nats("purge stream", e))?;
+        Ok(resp.purged)
     }
 
     /// Publishes one event to the region's stream and returns once JetStream has acked it.

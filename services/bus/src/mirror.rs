@@ -264,5 +264,6 @@ fn limits_differ(found: &jetstream::stream::Config, want: &jetstream::stream::Co
         || found.discard != want.discard
         || found.deny_delete != want.deny_delete
         || found.allow_direct != want.allow_direct
+        || found.compression != want.compression
         || found.description != want.description
 }

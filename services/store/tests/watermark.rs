@@ -37,6 +37,18 @@ impl KvStore for Counted {
     }
 }
 
+/// Applies `events` from stream "S" (instance 1), the first at `first_seq`.
+async fn apply(store: &Store, events: &[meridian_model::events::EventEnvelope], first_seq: u64) {
+    store
+        .apply_batch(
+            &apply_config("us"),
+            StreamRef::new("S", 1),
+            &sequenced(events, first_seq),
+        )
+        .await
+        .unwrap();
+}
+
 fn counted_store(dir: &std::path::Path) -> (Arc<Counted>, Store) {
     let kv = Arc::new(Counted {
         inner: EmbeddedStore::open(dir, EngineKind::Fjall).unwrap(),
@@ -53,24 +65,14 @@ async fn a_process_that_applies_answers_the_watermark_without_reading_the_store(
     let f = EventFactory::new("us");
     let (cid, direct) = f.direct("ann", "bob");
     let setup = [f.user("ann", "us"), f.user("bob", "us"), direct];
-    store
-        .apply_batch(&apply_config("us"), StreamRef::new("S", 1), &sequenced(&setup, 1))
-        .await
-        .unwrap();
+    apply(&store, &setup, 1).await;
     // The first call reads the checkpoints once.
     let first = store.max_applied_hlc().await.unwrap().0;
     assert_eq!(first, setup.iter().map(|e| e.hlc).max().unwrap());
 
     for i in 0..20u64 {
         let m = f.message("ann", &cid, &format!("m{i}"), "hello");
-        store
-            .apply_batch(
-                &apply_config("us"),
-                StreamRef::new("S", 1),
-                &sequenced(std::slice::from_ref(&m), 4 + i),
-            )
-            .await
-            .unwrap();
+        apply(&store, std::slice::from_ref(&m), 4 + i).await;
         let before = kv.begun.load(Ordering::SeqCst);
         let hlc = store.max_applied_hlc().await.unwrap().0;
         assert_eq!(
@@ -100,20 +102,10 @@ async fn a_process_that_does_not_apply_reads_the_checkpoints_every_time() {
     let f = EventFactory::new("us");
     let (cid, direct) = f.direct("ann", "bob");
     let setup = [f.user("ann", "us"), f.user("bob", "us"), direct];
-    applier
-        .apply_batch(&apply_config("us"), StreamRef::new("S", 1), &sequenced(&setup, 1))
-        .await
-        .unwrap();
+    apply(&applier, &setup, 1).await;
     for i in 0..3u64 {
         let m = f.message("ann", &cid, &format!("m{i}"), "hello");
-        applier
-            .apply_batch(
-                &apply_config("us"),
-                StreamRef::new("S", 1),
-                &sequenced(std::slice::from_ref(&m), 4 + i),
-            )
-            .await
-            .unwrap();
+        apply(&applier, std::slice::from_ref(&m), 4 + i).await;
         let before = kv.begun.load(Ordering::SeqCst);
         assert_eq!(gateway.max_applied_hlc().await.unwrap().0, m.hlc);
         assert_eq!(kv.begun.load(Ordering::SeqCst), before + 1);
