@@ -6,7 +6,11 @@
 //!   buffered writes;
 //! - it records the keys it read and the ranges it scanned;
 //! - `commit` takes the commit lock, fails with `Conflict` if any transaction that committed
-//!   after our `begin` wrote into our read set, then writes the batch durably (one fsync).
+//!   after our `begin` wrote into our read set, then writes the batch durably (one fsync);
+//! - read-write transactions read through a cache of the latest committed values of the
+//!   keys read recently ([`ReadCache`]): the applier reads the same inbox heads, user and
+//!   region records and member lists for every message, and each LSM point read searches the
+//!   memtable and every table's filter.
 //!
 //! Two engines sit behind `Engine`: fjall (LSM, the default, chosen by measurement; see the
 //! crate README) and redb (copy-on-write B-tree). Both are pure Rust.
@@ -265,6 +269,59 @@ impl CommitLog {
 struct Shared {
     engine: Box<dyn Engine>,
     log: Mutex<CommitLog>,
+    cache: Mutex<ReadCache>,
+}
+
+/// Most keys [`ReadCache`] holds; when full it starts again empty (the keys in use are read
+/// back in at once).
+const READ_CACHE_KEYS: usize = 200_000;
+
+/// The latest committed value (or absence) of keys read-write transactions read.
+///
+/// Why reading the *latest* value instead of the snapshot's is safe for a read-write
+/// transaction: if the key was written after the transaction began, that write conflicts
+/// with the transaction's read at commit (the key is in its read set either way), so the
+/// transaction is planned again; if not, the latest value is the snapshot's. Read-only
+/// transactions (no conflict check) never use it.
+///
+/// Keeping it exact:
+/// - every commit, still holding the commit lock (so before any transaction can begin on
+///   top of it), overwrites the entries of the keys it wrote and moves `version` to its own;
+/// - a read that missed fills the entry from its snapshot only if no commit has happened
+///   since that snapshot (`version == begin`), checked under the cache lock. A fill racing a
+///   commit that wrote the same key (between its engine write and its cache update) is
+///   overwritten by that update before anyone can begin after the commit.
+#[derive(Default)]
+struct ReadCache {
+    version: u64,
+    values: std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl ReadCache {
+    fn get(&self, key: &[u8]) -> Option<Option<Vec<u8>>> {
+        self.values.get(key).cloned()
+    }
+
+    fn fill(&mut self, begin: u64, key: &[u8], value: &Option<Vec<u8>>) {
+        if self.version != begin {
+            return;
+        }
+        if self.values.len() >= READ_CACHE_KEYS {
+            self.values.clear();
+        }
+        self.values.insert(key.to_vec(), value.clone());
+    }
+
+    /// Called by a commit at `version`, under the commit lock: only keys already cached
+    /// are updated (a key written but never read, like a timeline entry, stays out).
+    fn committed(&mut self, version: u64, writes: &WriteSet) {
+        for (k, v) in writes {
+            if let Some(slot) = self.values.get_mut(k) {
+                slot.clone_from(v);
+            }
+        }
+        self.version = version;
+    }
 }
 
 /// The embedded store: one engine directory, opened by one process.
@@ -285,6 +342,7 @@ impl EmbeddedStore {
             shared: Arc::new(Shared {
                 engine,
                 log: Mutex::new(CommitLog::default()),
+                cache: Mutex::new(ReadCache::default()),
             }),
             kind,
         })
@@ -346,10 +404,20 @@ impl EmbeddedTxn {
         if let Some(v) = self.writes.get(key) {
             return Ok(v.clone());
         }
-        if self.tracked {
-            self.read_keys.insert(key.to_vec());
+        if !self.tracked {
+            return self.snapshot.get(key);
         }
-        self.snapshot.get(key)
+        self.read_keys.insert(key.to_vec());
+        if let Some(v) = self.shared.cache.lock().expect("read cache lock").get(key) {
+            return Ok(v);
+        }
+        let value = self.snapshot.get(key)?;
+        self.shared
+            .cache
+            .lock()
+            .expect("read cache lock")
+            .fill(self.begin, key, &value);
+        Ok(value)
     }
 
     fn conflicts_with(&self, written: &HashSet<Vec<u8>>) -> Option<Vec<u8>> {
@@ -479,6 +547,12 @@ impl KvTxn for EmbeddedTxn {
             shared.engine.write_durable(&writes)?;
             log.version += 1;
             let version = log.version;
+            // Still under the commit lock: see `ReadCache`.
+            shared
+                .cache
+                .lock()
+                .expect("read cache lock")
+                .committed(version, &writes);
             let keys: HashSet<Vec<u8>> = writes.into_iter().map(|(k, _)| k).collect();
             log.recent.push_back((version, Arc::new(keys)));
             drop(log);
@@ -492,5 +566,77 @@ impl KvTxn for EmbeddedTxn {
     async fn rollback(mut self: Box<Self>) -> Result<()> {
         self.finish();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open() -> (tempfile::TempDir, EmbeddedStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), EngineKind::Fjall).unwrap();
+        (dir, store)
+    }
+
+    async fn put(store: &EmbeddedStore, key: &[u8], value: &[u8]) {
+        let mut t = store.begin().await.unwrap();
+        t.put(key.to_vec(), value.to_vec()).await.unwrap();
+        t.commit().await.unwrap();
+    }
+
+    /// The read cache never hands a transaction a value older than its snapshot, and a
+    /// transaction that read a value written after it began still conflicts.
+    #[tokio::test]
+    async fn the_read_cache_serves_the_latest_committed_value_and_keeps_conflicts() {
+        let (_dir, store) = open();
+        put(&store, b"k", b"1").await;
+
+        // Cached by a read, then overwritten by a commit: a later transaction reads the new
+        // value, from the cache.
+        let mut t = store.begin().await.unwrap();
+        assert_eq!(t.get(b"k").await.unwrap().as_deref(), Some(&b"1"[..]));
+        t.rollback().await.unwrap();
+        put(&store, b"k", b"2").await;
+        let mut t = store.begin().await.unwrap();
+        assert_eq!(t.get(b"k").await.unwrap().as_deref(), Some(&b"2"[..]));
+        t.rollback().await.unwrap();
+
+        // A transaction that began before a commit and reads after it: its snapshot value
+        // must not be cached over the newer one (the fill is refused), and a transaction
+        // that begins afterwards reads the newer value.
+        let mut old = store.begin().await.unwrap();
+        put(&store, b"j", b"a").await;
+        assert_eq!(old.get(b"j").await.unwrap(), None);
+        let mut t = store.begin().await.unwrap();
+        assert_eq!(t.get(b"j").await.unwrap().as_deref(), Some(&b"a"[..]));
+        t.rollback().await.unwrap();
+        // ... and its write on top of what it read conflicts.
+        old.put(b"j".to_vec(), b"b".to_vec()).await.unwrap();
+        assert!(old.commit().await.unwrap_err().is_conflict());
+
+        // Two read-modify-writes of one key: the second to commit conflicts even though it
+        // read through the cache.
+        let mut a = store.begin().await.unwrap();
+        let mut b = store.begin().await.unwrap();
+        assert_eq!(a.get(b"k").await.unwrap().as_deref(), Some(&b"2"[..]));
+        assert_eq!(b.get(b"k").await.unwrap().as_deref(), Some(&b"2"[..]));
+        a.put(b"k".to_vec(), b"3".to_vec()).await.unwrap();
+        a.commit().await.unwrap();
+        b.put(b"k".to_vec(), b"3".to_vec()).await.unwrap();
+        assert!(b.commit().await.unwrap_err().is_conflict());
+
+        // Deletes reach the cache too.
+        let mut t = store.begin().await.unwrap();
+        t.delete(b"k".to_vec()).await.unwrap();
+        t.commit().await.unwrap();
+        let mut t = store.begin().await.unwrap();
+        assert_eq!(t.get(b"k").await.unwrap(), None);
+        t.rollback().await.unwrap();
+
+        // Read-only transactions keep their snapshot.
+        let mut r = store.begin_read().await.unwrap();
+        put(&store, b"k", b"4").await;
+        assert_eq!(r.get(b"k").await.unwrap(), None);
     }
 }
