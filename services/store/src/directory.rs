@@ -40,9 +40,16 @@ pub struct RegionServing {
 
 impl Store {
     pub async fn user(&self, user: &UserId) -> Result<Option<UserView>> {
+        // Every authenticated call and WebSocket frame asks this: two latest-value reads
+        // (the embedded backend serves them from its read cache) rather than a snapshot.
         let key = self.keys().user(user);
-        let mut txn = self.kv().begin_read().await?;
-        let Some(bytes) = txn.get(&key).await? else {
+        let Some(bytes) = self
+            .kv()
+            .get_latest(std::slice::from_ref(&key))
+            .await?
+            .pop()
+            .flatten()
+        else {
             return Ok(None);
         };
         let rec: UserRecord = decode(&key, &bytes)?;
@@ -50,7 +57,14 @@ impl Store {
             return Ok(None);
         };
         let home = RegionId::parse(home.value)?;
-        let serving = self.region_serving_in(txn.as_mut(), &home).await?;
+        let rkey = self.keys().region(&home);
+        let found = self
+            .kv()
+            .get_latest(std::slice::from_ref(&rkey))
+            .await?
+            .pop()
+            .flatten();
+        let serving = region_serving_from(&rkey, found.as_deref(), &home)?;
         Ok(Some(UserView {
             user_id: user.clone(),
             home_region: home,
@@ -101,8 +115,15 @@ async fn region_serving_in(
     region: &RegionId,
 ) -> Result<RegionServing> {
     let key = keys.region(region);
-    let rec: RegionRecord = match txn.get(&key).await? {
-        Some(b) => decode(&key, &b)?,
+    let found = txn.get(&key).await?;
+    region_serving_from(&key, found.as_deref(), region)
+}
+
+/// [`RegionServing`] from the region record's bytes (`None`: no record, the region serves
+/// its own users).
+fn region_serving_from(key: &[u8], found: Option<&[u8]>, region: &RegionId) -> Result<RegionServing> {
+    let rec: RegionRecord = match found {
+        Some(b) => decode(key, b)?,
         None => RegionRecord::default(),
     };
     let (serving, version) = match rec.serving {

@@ -69,16 +69,16 @@ impl Store {
             return Ok(None);
         };
         let keys = self.keys();
-        let mut txn = self.kv().begin_read().await?;
-        let found = match &source {
-            Source::Activity(c) => txn.batch_get(&[keys.activity(c)]).await,
-            Source::Settings(c, u) => txn.batch_get(&[keys.activity(c), keys.settings(c, u)]).await,
-            Source::User(u) => txn.batch_get(&[keys.user(u)]).await,
-            Source::Device(u, d) => txn.batch_get(&[keys.device(u, d)]).await,
-            Source::Region(r) => txn.batch_get(&[keys.region(r)]).await,
+        // The newest version of each, not a snapshot: read on every send, so through the
+        // backend's latest-value read (the embedded store's read cache).
+        let wanted = match &source {
+            Source::Activity(c) => vec![keys.activity(c)],
+            Source::Settings(c, u) => vec![keys.activity(c), keys.settings(c, u)],
+            Source::User(u) => vec![keys.user(u)],
+            Source::Device(u, d) => vec![keys.device(u, d)],
+            Source::Region(r) => vec![keys.region(r)],
         };
-        txn.rollback().await?;
-        let found = found?;
+        let found = self.kv().get_latest(&wanted).await?;
         let value = |i: usize| found.get(i).cloned().flatten();
         let versions: Vec<Option<u64>> = match &source {
             Source::Activity(_) => vec![value(0).and_then(|v| hlc_of(&v))],

@@ -71,6 +71,42 @@ async fn kv_reads_see_own_writes_and_scans_merge_them() {
     }
 }
 
+/// `get_latest`: each key's latest committed value, whatever the backend caches, and
+/// never a value older than one a transaction that began earlier read.
+#[tokio::test]
+async fn kv_get_latest_sees_every_commit() {
+    for b in backends().await {
+        let ns = b.store().keys().namespace().to_vec();
+        let (a, missing) = (k(&ns, "latest-a"), k(&ns, "latest-missing"));
+        assert_eq!(
+            b.kv.get_latest(std::slice::from_ref(&a)).await.unwrap(),
+            vec![None],
+            "{}",
+            b.name
+        );
+        for round in 0..3u8 {
+            // A read-write transaction reads the key (a backend may cache it), then a commit
+            // overwrites it.
+            let mut t = b.kv.begin().await.unwrap();
+            t.get(&a).await.unwrap();
+            t.rollback().await.unwrap();
+            let mut t = b.kv.begin().await.unwrap();
+            t.put(a.clone(), vec![round]).await.unwrap();
+            t.commit().await.unwrap();
+            assert_eq!(
+                b.kv.get_latest(&[a.clone(), missing.clone()]).await.unwrap(),
+                vec![Some(vec![round]), None],
+                "{} round {round}",
+                b.name
+            );
+        }
+        let mut t = b.kv.begin().await.unwrap();
+        t.delete(a.clone()).await.unwrap();
+        t.commit().await.unwrap();
+        assert_eq!(b.kv.get_latest(&[a]).await.unwrap(), vec![None], "{}", b.name);
+    }
+}
+
 #[tokio::test]
 async fn kv_commit_fails_when_a_read_key_was_written_concurrently() {
     for b in backends().await {

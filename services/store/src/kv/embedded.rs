@@ -378,6 +378,35 @@ impl KvStore for EmbeddedStore {
     async fn begin_read(&self) -> Result<Box<dyn KvTxn>> {
         Ok(Box::new(self.start(false)?))
     }
+    /// Served from the read cache where it holds the key (the latest committed value, see
+    /// [`ReadCache`]); a miss reads one snapshot and fills the cache under the same rule as
+    /// a read-write transaction.
+    async fn get_latest(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
+        let mut out = Vec::with_capacity(keys.len());
+        let mut snapshot: Option<(Box<dyn EngineSnapshot>, u64)> = None;
+        for key in keys {
+            if let Some(v) = self.shared.cache.lock().expect("read cache lock").get(key) {
+                out.push(v);
+                continue;
+            }
+            if snapshot.is_none() {
+                // As in `start`: the snapshot and its version under the commit lock.
+                let log = self.shared.log.lock().expect("commit log lock");
+                snapshot = Some((self.shared.engine.snapshot()?, log.version));
+            }
+            let Some((snap, version)) = snapshot.as_ref() else {
+                unreachable!("taken just above")
+            };
+            let value = snap.get(key)?;
+            self.shared
+                .cache
+                .lock()
+                .expect("read cache lock")
+                .fill(*version, key, &value);
+            out.push(value);
+        }
+        Ok(out)
+    }
     fn backend(&self) -> &'static str {
         match self.kind {
             EngineKind::Fjall => "embedded-fjall",
@@ -632,6 +661,25 @@ mod tests {
         t.commit().await.unwrap();
         let mut t = store.begin().await.unwrap();
         assert_eq!(t.get(b"k").await.unwrap(), None);
+        t.rollback().await.unwrap();
+
+        // `get_latest` reads the latest committed value, cached or not, and a read that
+        // missed fills the cache only from a snapshot no commit has passed.
+        put(&store, b"g", b"1").await;
+        assert_eq!(
+            store.get_latest(&[b"g".to_vec()]).await.unwrap(),
+            vec![Some(b"1".to_vec())]
+        );
+        put(&store, b"g", b"2").await;
+        assert_eq!(
+            store
+                .get_latest(&[b"g".to_vec(), b"none".to_vec()])
+                .await
+                .unwrap(),
+            vec![Some(b"2".to_vec()), None]
+        );
+        let mut t = store.begin().await.unwrap();
+        assert_eq!(t.get(b"g").await.unwrap().as_deref(), Some(&b"2"[..]));
         t.rollback().await.unwrap();
 
         // Read-only transactions keep their snapshot.

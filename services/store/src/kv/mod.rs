@@ -35,6 +35,16 @@ pub trait KvStore: Send + Sync + 'static {
     async fn begin_read(&self) -> Result<Box<dyn KvTxn>> {
         self.begin().await
     }
+    /// The latest committed value of each key. No snapshot spans the keys: each value is at
+    /// least as new as a snapshot taken when the call began. For single-record lookups on
+    /// hot paths (the caller's user record, the activity version the clock observes);
+    /// backends may serve it from a cache.
+    async fn get_latest(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
+        let mut txn = self.begin_read().await?;
+        let out = txn.batch_get(keys).await;
+        txn.rollback().await?;
+        out
+    }
     /// Backend name, for logs and the conformance suite.
     fn backend(&self) -> &'static str;
 }

@@ -102,6 +102,9 @@ impl KvStore for TalliedKv {
     async fn begin_read(&self) -> meridian_store::Result<Box<dyn meridian_store::KvTxn>> {
         self.inner.begin_read().await
     }
+    async fn get_latest(&self, keys: &[Vec<u8>]) -> meridian_store::Result<Vec<Option<Vec<u8>>>> {
+        self.inner.get_latest(keys).await
+    }
     fn backend(&self) -> &'static str {
         self.inner.backend()
     }
