@@ -22,7 +22,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use meridian_bus::Bus;
+use meridian_bus::{Bus, StreamState};
 use meridian_store::Store;
 use tokio_util::sync::CancellationToken;
 
@@ -72,7 +72,7 @@ async fn trim_once(
     let Some(aged) = ages.record(stream, state.instance, state.last_seq, Instant::now()) else {
         return Ok(None);
     };
-    trim_applied(bus, store, stream, aged).await
+    trim_within(bus, store, stream, &state, aged).await
 }
 
 /// Trims from `stream` the events up to `aged_through` (rule 3, the caller's) that this
@@ -87,6 +87,17 @@ pub async fn trim_applied(
     aged_through: u64,
 ) -> Result<Option<(u64, u64)>, ApplierError> {
     let state = bus.stream_state(stream).await?;
+    trim_within(bus, store, stream, &state, aged_through).await
+}
+
+/// [`trim_applied`] with the stream's extent already read (the task reads it once a pass).
+async fn trim_within(
+    bus: &Bus,
+    store: &Store,
+    stream: &str,
+    state: &StreamState,
+    aged_through: u64,
+) -> Result<Option<(u64, u64)>, ApplierError> {
     let cp = store.stream_checkpoint(stream).await?;
     if cp.instance != state.instance {
         // Another instance than the one checkpointed: the stream worker decides what to do.

@@ -107,8 +107,9 @@ impl AppState {
         // clock runs ahead has its events applied here, and what a user does after seeing one
         // must sort after it even in another conversation (the conversation list orders by
         // activity). The applier records the highest HLC it applied per stream with each
-        // checkpoint; reading those is one short scan (a key per stream), so every event
-        // observes them, with no window in which a stale clock could stamp.
+        // checkpoint, and a process that applies keeps their maximum in memory, raised before
+        // each commit (`Store::max_applied_hlc`), so every event observes it with no window
+        // in which a stale clock could stamp.
         let overwritten = self.store.overwritten_version(&body).await?;
         let applied = self.store.max_applied_hlc().await?;
         let hlc = self
